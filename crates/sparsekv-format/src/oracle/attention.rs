@@ -1,0 +1,243 @@
+//! Single-query (decode) attention in f64: over a compressed segment plus a dense window, and
+//! plain dense attention to check it against.
+//!
+//! Shapes: queries `[batch, q_heads, head_dim]` row-major; per sequence one cache entry per KV
+//! head; query head `h` attends to KV head `h / (q_heads / kv_heads)` (grouped-query
+//! attention); scores are scaled by `1 / sqrt(head_dim)`; the softmax runs over the segment's
+//! tokens followed by the window's. Output `[batch, q_heads, head_dim]`.
+
+use crate::error::{FormatError, Result};
+use crate::oracle::prune::{CompressedBlock, DenseBlock};
+use crate::params::HeadDim;
+
+/// One KV head of one sequence: compressed K and V segments of equal length, then dense K and
+/// V windows of equal length (either part may be empty, not both).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadCache {
+    /// Compressed keys (older tokens).
+    pub k_segment: CompressedBlock,
+    /// Compressed values, same tokens as `k_segment`.
+    pub v_segment: CompressedBlock,
+    /// Dense keys (recent tokens).
+    pub k_window: DenseBlock,
+    /// Dense values, same tokens as `k_window`.
+    pub v_window: DenseBlock,
+}
+
+/// Checks the query/cache shapes and returns `(batch, kv_heads, head_dim)`.
+fn check_shapes(
+    queries: &[f64],
+    q_heads: usize,
+    kv_heads_per_seq: impl Iterator<Item = usize>,
+    head_dims: impl Iterator<Item = HeadDim>,
+) -> Result<(usize, usize, HeadDim)> {
+    let counts: Vec<usize> = kv_heads_per_seq.collect();
+    let batch = counts.len();
+    if batch == 0 {
+        return Err(FormatError::Empty("batch of sequences"));
+    }
+    let kv_heads = counts[0];
+    if kv_heads == 0 {
+        return Err(FormatError::Empty("KV heads of a sequence"));
+    }
+    if let Some(&bad) = counts.iter().find(|&&c| c != kv_heads) {
+        return Err(FormatError::InvalidArgument(format!(
+            "sequences disagree on the number of KV heads ({kv_heads} vs {bad})"
+        )));
+    }
+    if q_heads == 0 || q_heads % kv_heads != 0 {
+        return Err(FormatError::InvalidArgument(format!(
+            "{q_heads} query heads is not a positive multiple of {kv_heads} KV heads"
+        )));
+    }
+    let mut dims = head_dims;
+    let Some(d) = dims.next() else {
+        return Err(FormatError::Empty("cache"));
+    };
+    if let Some(other) = dims.find(|&x| x != d) {
+        return Err(FormatError::InvalidArgument(format!(
+            "cache parts disagree on head_dim ({} vs {})",
+            d.get(),
+            other.get()
+        )));
+    }
+    let expected = batch * q_heads * d.get();
+    if queries.len() != expected {
+        return Err(FormatError::ShapeMismatch {
+            what: "queries",
+            expected,
+            actual: queries.len(),
+        });
+    }
+    Ok((batch, kv_heads, d))
+}
+
+/// `softmax(scores) · rows`, where `rows(i)` yields row `i` of the values as (index, value)
+/// pairs (all elements for dense rows, the kept ones for compressed rows).
+fn softmax_weighted_sum<'a, I>(
+    scores: &[f64],
+    head_dim: usize,
+    rows: impl Fn(usize) -> I,
+) -> Vec<f64>
+where
+    I: Iterator<Item = (usize, f64)> + 'a,
+{
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let mut out = vec![0.0; head_dim];
+    for (i, w) in weights.iter().enumerate() {
+        for (j, v) in rows(i) {
+            out[j] += w / total * v;
+        }
+    }
+    out
+}
+
+/// Decode attention over compressed segments plus dense windows, computed straight from the
+/// bitmaps and packed values.
+pub fn sparse_decode_attention(
+    queries: &[f64],
+    q_heads: usize,
+    cache: &[Vec<HeadCache>],
+) -> Result<Vec<f64>> {
+    let dims = cache.iter().flatten().flat_map(|h| {
+        [
+            h.k_segment.head_dim(),
+            h.v_segment.head_dim(),
+            h.k_window.head_dim(),
+            h.v_window.head_dim(),
+        ]
+    });
+    let (_, kv_heads, head_dim) = check_shapes(queries, q_heads, cache.iter().map(Vec::len), dims)?;
+    for (b, seq) in cache.iter().enumerate() {
+        for (h, head) in seq.iter().enumerate() {
+            if head.k_segment.tokens() != head.v_segment.tokens()
+                || head.k_window.tokens() != head.v_window.tokens()
+            {
+                return Err(FormatError::InvalidArgument(format!(
+                    "sequence {b}, KV head {h}: K and V hold different numbers of tokens"
+                )));
+            }
+            if head.k_segment.tokens() + head.k_window.tokens() == 0 {
+                return Err(FormatError::Empty(
+                    "cache of a sequence (attention needs a token)",
+                ));
+            }
+        }
+    }
+    let d = head_dim.get();
+    let group = q_heads / kv_heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = Vec::with_capacity(queries.len());
+    for (b, seq) in cache.iter().enumerate() {
+        for qh in 0..q_heads {
+            let head = &seq[qh / group];
+            let q = &queries[(b * q_heads + qh) * d..][..d];
+            let compressed = head.k_segment.tokens();
+            let mut scores = Vec::with_capacity(compressed + head.k_window.tokens());
+            for t in 0..compressed {
+                scores.push(
+                    head.k_segment
+                        .row_entries(t)
+                        .map(|(j, k)| q[j] * k)
+                        .sum::<f64>()
+                        * scale,
+                );
+            }
+            for t in 0..head.k_window.tokens() {
+                let k = head.k_window.row(t);
+                scores.push(q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scale);
+            }
+            let rows = |i: usize| -> Box<dyn Iterator<Item = (usize, f64)> + '_> {
+                if i < compressed {
+                    Box::new(head.v_segment.row_entries(i))
+                } else {
+                    Box::new(
+                        head.v_window
+                            .row(i - compressed)
+                            .iter()
+                            .copied()
+                            .enumerate(),
+                    )
+                }
+            };
+            out.extend(softmax_weighted_sum(&scores, d, rows));
+        }
+    }
+    Ok(out)
+}
+
+/// Plain decode attention over dense keys and values, `keys[b][h]` / `values[b][h]` being the
+/// whole cache of sequence `b`, KV head `h`.
+pub fn dense_decode_attention(
+    queries: &[f64],
+    q_heads: usize,
+    keys: &[Vec<DenseBlock>],
+    values: &[Vec<DenseBlock>],
+) -> Result<Vec<f64>> {
+    if keys.len() != values.len() {
+        return Err(FormatError::InvalidArgument(format!(
+            "{} key sequences but {} value sequences",
+            keys.len(),
+            values.len()
+        )));
+    }
+    let dims = keys
+        .iter()
+        .chain(values)
+        .flatten()
+        .map(DenseBlock::head_dim);
+    let (_, kv_heads, head_dim) = check_shapes(queries, q_heads, keys.iter().map(Vec::len), dims)?;
+    for (b, (ks, vs)) in keys.iter().zip(values).enumerate() {
+        if vs.len() != kv_heads {
+            return Err(FormatError::InvalidArgument(format!(
+                "sequence {b} has {kv_heads} key heads but {} value heads",
+                vs.len()
+            )));
+        }
+        for (k, v) in ks.iter().zip(vs) {
+            if k.tokens() != v.tokens() {
+                return Err(FormatError::InvalidArgument(format!(
+                    "sequence {b}: keys hold {} tokens but values {}",
+                    k.tokens(),
+                    v.tokens()
+                )));
+            }
+            if k.tokens() == 0 {
+                return Err(FormatError::Empty(
+                    "cache of a sequence (attention needs a token)",
+                ));
+            }
+        }
+    }
+    let d = head_dim.get();
+    let group = q_heads / kv_heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = Vec::with_capacity(queries.len());
+    for b in 0..keys.len() {
+        for qh in 0..q_heads {
+            let (k, v) = (&keys[b][qh / group], &values[b][qh / group]);
+            let q = &queries[(b * q_heads + qh) * d..][..d];
+            let scores: Vec<f64> = (0..k.tokens())
+                .map(|t| q.iter().zip(k.row(t)).map(|(a, b)| a * b).sum::<f64>() * scale)
+                .collect();
+            out.extend(softmax_weighted_sum(&scores, d, |i| {
+                v.row(i).iter().copied().enumerate()
+            }));
+        }
+    }
+    Ok(out)
+}
+
+/// Concatenates blocks of equal head_dim (segment then window) into one dense block.
+pub fn concat_blocks(first: &DenseBlock, second: &DenseBlock) -> Result<DenseBlock> {
+    if first.head_dim() != second.head_dim() {
+        return Err(FormatError::InvalidArgument(
+            "blocks disagree on head_dim".into(),
+        ));
+    }
+    let mut data = first.data().to_vec();
+    data.extend_from_slice(second.data());
+    DenseBlock::new(data, first.tokens() + second.tokens(), first.head_dim())
+}
