@@ -1,1 +1,73 @@
-//! placeholder
+//! CubeCL kernels for sparse KV caches, generic over the float type and the runtime:
+//! per-token magnitude prune+compress ([`prune_compress`]) and split-K decode attention over a
+//! compressed segment plus a dense window ([`decode_attention`]), whose dense variant is the
+//! baseline it is measured against.
+
+pub mod attention;
+pub mod compress;
+pub mod error;
+
+pub use attention::{AttentionArgs, DenseCacheArgs, SparseSegmentArgs, decode_attention};
+pub use compress::{CompressArgs, prune_compress};
+pub use error::{KernelError, Result};
+
+/// The CubeCL version the kernels are built with, for callers that create clients.
+pub use cubecl;
+
+use cubecl::prelude::*;
+
+/// The float types the kernels run on: `f32`, `half::f16`, `half::bf16`.
+pub trait FloatElement: Float + CubeElement {
+    /// Bytes per element.
+    fn size_bytes() -> usize;
+    /// Lower-case name.
+    fn name() -> &'static str;
+}
+
+impl FloatElement for f32 {
+    fn size_bytes() -> usize {
+        4
+    }
+    fn name() -> &'static str {
+        "f32"
+    }
+}
+
+impl FloatElement for half::f16 {
+    fn size_bytes() -> usize {
+        2
+    }
+    fn name() -> &'static str {
+        "f16"
+    }
+}
+
+impl FloatElement for half::bf16 {
+    fn size_bytes() -> usize {
+        2
+    }
+    fn name() -> &'static str {
+        "bf16"
+    }
+}
+
+/// Whether `client`'s device can run kernels on `F`.
+pub fn supports_type<R: Runtime, F: FloatElement>(client: &ComputeClient<R>) -> bool {
+    client
+        .properties()
+        .supports_type(F::as_type_native_unchecked())
+}
+
+/// A typed error if `client`'s device cannot run kernels on `F`.
+pub(crate) fn check_type_supported<R: Runtime, F: FloatElement>(
+    client: &ComputeClient<R>,
+) -> Result<()> {
+    if supports_type::<R, F>(client) {
+        Ok(())
+    } else {
+        Err(KernelError::UnsupportedType {
+            runtime: R::name(client).to_string(),
+            dtype: F::name(),
+        })
+    }
+}

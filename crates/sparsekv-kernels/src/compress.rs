@@ -1,0 +1,240 @@
+//! Per-token magnitude prune + compress: dense rows in, bitmap words and packed values out,
+//! written in place into preallocated stream storage (docs/FORMAT.md).
+//!
+//! A cube handles `ROW_BITS / head_dim` consecutive destination tokens of one stream, one unit
+//! per element. An element's rank is the number of elements of its row that beat it
+//! (larger magnitude key, or equal key and lower index); it is kept when its rank is below the
+//! keep count, which is exactly the oracle's rule. Tiles are aligned to destination bitmap
+//! words, so no two cubes write the same word; a word shared with tokens compressed earlier is
+//! updated by read-modify-write of the bits this cube owns.
+
+use cubecl::prelude::*;
+
+use crate::error::{KernelError, Result};
+use crate::{FloatElement, check_type_supported};
+use sparsekv_format::{HeadDim, Sparsity, keep_count};
+
+/// Bits (elements) a compress cube covers: one unit per element.
+const ROW_BITS: usize = 256;
+/// Magnitude key of NaN: above +Inf (0x7F80_0000); all NaNs tie.
+const NAN_KEY: u32 = 0x7F80_0001;
+
+#[cube(launch)]
+fn prune_compress_kernel<F: Float>(
+    src: &Array<F>,
+    src_start: &Array<u32>,
+    dst_start: &Array<u32>,
+    counts: &Array<u32>,
+    bitmap: &mut Array<u32>,
+    values: &mut Array<F>,
+    src_stride: u32,
+    bitmap_stride: u32,
+    values_stride: u32,
+    kv_heads: u32,
+    keep: u32,
+    #[comptime] head_dim: usize,
+) {
+    let rows = comptime!(ROW_BITS / head_dim);
+    let mut keys = SharedMemory::<u32>::new(ROW_BITS);
+    let mut kept = SharedMemory::<u32>::new(ROW_BITS);
+
+    let stream = CUBE_POS_Y as usize;
+    let seq = stream / kv_heads as usize;
+    let count = counts[seq] as usize;
+    let dst0 = dst_start[seq] as usize;
+    let tile_first = (dst0 / rows) * rows + CUBE_POS_X as usize * rows;
+    let unit = UNIT_POS as usize;
+    let row = unit / head_dim;
+    let elem = unit % head_dim;
+    let dst_token = tile_first + row;
+    let valid = dst_token >= dst0 && dst_token < dst0 + count;
+
+    let mut x = F::new(0.0);
+    let mut key = 0u32;
+    if valid {
+        let src_token = src_start[seq] as usize + (dst_token - dst0);
+        x = src[stream * src_stride as usize + src_token * head_dim + elem];
+        key = u32::reinterpret(f32::cast_from(x)) & 0x7FFF_FFFFu32;
+        if key > 0x7F80_0000u32 {
+            key = NAN_KEY;
+        }
+    }
+    keys[unit] = key;
+    sync_cube();
+
+    let row_base = row * head_dim;
+    let mut rank = 0u32;
+    for i in 0..head_dim {
+        let other = keys[row_base + i];
+        if other > key || (other == key && i < elem) {
+            rank += 1;
+        }
+    }
+    let is_kept = rank < keep;
+    kept[unit] = u32::cast_from(is_kept);
+    sync_cube();
+
+    if valid && is_kept {
+        let mut slot = 0u32;
+        for i in 0..elem {
+            slot += kept[row_base + i];
+        }
+        values[stream * values_stride as usize + dst_token * keep as usize + slot as usize] = x;
+    }
+
+    // One unit per bitmap word of the tile assembles and stores it.
+    if unit < comptime!(ROW_BITS / 32) {
+        let mut word = 0u32;
+        let mut mask = 0u32;
+        for b in 0..32usize {
+            let flat = unit * 32 + b;
+            let t = tile_first + flat / head_dim;
+            if t >= dst0 && t < dst0 + count {
+                mask |= 1u32 << b as u32;
+                word |= kept[flat] << b as u32;
+            }
+        }
+        if mask != 0u32 {
+            let index = stream * bitmap_stride as usize + (tile_first * head_dim) / 32 + unit;
+            let old = bitmap[index];
+            bitmap[index] = (old & !mask) | word;
+        }
+    }
+}
+
+/// Where a [`prune_compress`] call reads its dense rows and writes its compressed tokens.
+///
+/// Streams are numbered `sequence * kv_heads + kv_head`. Stream `s` reads token `i` from
+/// `src[s * src_stride + (src_start[seq] + i) * head_dim ..]` and writes it as compressed
+/// token `dst_start[seq] + i` of its stream, for `i < counts[seq]`.
+#[derive(Debug, Clone)]
+pub struct CompressArgs<'a> {
+    /// Sequences in the batch.
+    pub sequences: usize,
+    /// KV heads per sequence.
+    pub kv_heads: usize,
+    /// Elements per row.
+    pub head_dim: HeadDim,
+    /// Fraction of each row pruned.
+    pub sparsity: Sparsity,
+    /// Elements between the starts of consecutive source streams.
+    pub src_stride: usize,
+    /// First source token of each sequence.
+    pub src_start: &'a [u32],
+    /// First destination token of each sequence.
+    pub dst_start: &'a [u32],
+    /// Tokens to compress, per sequence.
+    pub counts: &'a [u32],
+    /// Bitmap words per destination stream (its capacity).
+    pub bitmap_stride: usize,
+    /// Values per destination stream (its capacity).
+    pub values_stride: usize,
+}
+
+/// Prunes and compresses dense rows into preallocated streams, on the device, without
+/// synchronising with the host.
+///
+/// `src` holds `F` elements; `bitmap` holds `u32` words and `values` `F` elements laid out
+/// as [`CompressArgs`] describes. Lengths of the handles are checked against the strides.
+pub fn prune_compress<R: Runtime, F: FloatElement>(
+    client: &ComputeClient<R>,
+    args: &CompressArgs<'_>,
+    src: &cubecl::server::Handle,
+    bitmap: &cubecl::server::Handle,
+    values: &cubecl::server::Handle,
+) -> Result<()> {
+    check_type_supported::<R, F>(client)?;
+    let d = args.head_dim.get();
+    let keep = keep_count(args.sparsity, args.head_dim);
+    let streams = args.sequences * args.kv_heads;
+    for (name, v) in [
+        ("src_start", args.src_start),
+        ("dst_start", args.dst_start),
+        ("counts", args.counts),
+    ] {
+        if v.len() != args.sequences {
+            return Err(KernelError::InvalidArguments(format!(
+                "{name} has {} entries for {} sequences",
+                v.len(),
+                args.sequences
+            )));
+        }
+    }
+    if streams == 0 {
+        return Err(KernelError::InvalidArguments(
+            "no sequences or no KV heads".into(),
+        ));
+    }
+    for seq in 0..args.sequences {
+        let (src0, dst0, n) = (
+            args.src_start[seq] as usize,
+            args.dst_start[seq] as usize,
+            args.counts[seq] as usize,
+        );
+        if (src0 + n) * d > args.src_stride {
+            return Err(KernelError::InvalidArguments(format!(
+                "sequence {seq}: source tokens {src0}..{} exceed the source stream ({} tokens)",
+                src0 + n,
+                args.src_stride / d
+            )));
+        }
+        if (dst0 + n) * d > args.bitmap_stride * 32 || (dst0 + n) * keep > args.values_stride {
+            return Err(KernelError::InvalidArguments(format!(
+                "sequence {seq}: compressed tokens {dst0}..{} exceed the stream capacity",
+                dst0 + n
+            )));
+        }
+    }
+    check_len("source", src, streams * args.src_stride * F::size_bytes())?;
+    check_len("bitmap", bitmap, streams * args.bitmap_stride * 4)?;
+    check_len(
+        "values",
+        values,
+        streams * args.values_stride * F::size_bytes(),
+    )?;
+    let max_count = args.counts.iter().copied().max().unwrap_or(0) as usize;
+    if max_count == 0 {
+        return Ok(());
+    }
+    let rows = ROW_BITS / d;
+    // +1 tile: destination tiles are aligned down to whole bitmap words.
+    let tiles = max_count.div_ceil(rows) + 1;
+    let upload = |v: &[u32]| client.create_from_slice(u32::as_bytes(v));
+    let (src_start, dst_start, counts) = (
+        upload(args.src_start),
+        upload(args.dst_start),
+        upload(args.counts),
+    );
+    let word_count = |h: &cubecl::server::Handle, elem: usize| h.size() as usize / elem;
+    unsafe {
+        prune_compress_kernel::launch::<F, R>(
+            client,
+            CubeCount::Static(tiles as u32, streams as u32, 1),
+            CubeDim::new_1d(ROW_BITS as u32),
+            ArrayArg::from_raw_parts(src.clone(), word_count(src, F::size_bytes())),
+            ArrayArg::from_raw_parts(src_start, args.sequences),
+            ArrayArg::from_raw_parts(dst_start, args.sequences),
+            ArrayArg::from_raw_parts(counts, args.sequences),
+            ArrayArg::from_raw_parts(bitmap.clone(), word_count(bitmap, 4)),
+            ArrayArg::from_raw_parts(values.clone(), word_count(values, F::size_bytes())),
+            args.src_stride as u32,
+            args.bitmap_stride as u32,
+            args.values_stride as u32,
+            args.kv_heads as u32,
+            keep as u32,
+            d,
+        )
+    };
+    Ok(())
+}
+
+/// Checks that a handle holds at least `bytes` bytes.
+pub(crate) fn check_len(what: &str, handle: &cubecl::server::Handle, bytes: usize) -> Result<()> {
+    if (handle.size() as usize) < bytes {
+        return Err(KernelError::InvalidArguments(format!(
+            "{what} buffer holds {} bytes, the arguments need {bytes}",
+            handle.size()
+        )));
+    }
+    Ok(())
+}

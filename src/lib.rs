@@ -1,0 +1,9 @@
+//! sparsekv: MUSTAFAR-style unstructured sparse KV caches for LLM decoding, in pure Rust on
+//! Burn and CubeCL.
+//!
+//! This crate re-exports the member crates:
+//! - [`format`]: the compressed KV format, byte accounting and the f64 CPU oracle;
+//! - [`kernels`]: the CubeCL kernels (prune+compress, sparse and dense decode attention).
+
+pub use sparsekv_format as format;
+pub use sparsekv_kernels as kernels;

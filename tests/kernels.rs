@@ -1,0 +1,490 @@
+//! Kernel tests against the f64 oracle, on the runtime the features select (`cuda` if enabled,
+//! else `wgpu`: lavapipe in CI). Inputs are random with a fresh seed per run (set
+//! `SPARSEKV_SEED` to replay one; failures print it); outputs are poisoned before each launch
+//! so an unwritten element fails; NaN never passes.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sparsekv::format::oracle::{self, CompressedBlock, DenseBlock, HeadCache};
+use sparsekv::format::{HeadDim, Sparsity, keep_count, layout};
+use sparsekv::kernels::cubecl::prelude::*;
+use sparsekv::kernels::cubecl::server::Handle;
+use sparsekv::kernels::{
+    AttentionArgs, CompressArgs, DenseCacheArgs, FloatElement, KernelError, SparseSegmentArgs,
+    decode_attention, prune_compress, supports_type,
+};
+
+#[cfg(feature = "cuda")]
+type Rt = sparsekv::kernels::cubecl::cuda::CudaRuntime;
+#[cfg(not(feature = "cuda"))]
+type Rt = sparsekv::kernels::cubecl::wgpu::WgpuRuntime;
+
+fn client() -> ComputeClient<Rt> {
+    Rt::client(&Default::default())
+}
+
+/// Float types as the tests see them: conversion from and to f64, and the error bound.
+trait TestFloat: FloatElement + Copy {
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    /// Bound on ‖out − ref‖ / ‖ref‖ for attention outputs in this type.
+    const ATTENTION_TOL: f64;
+}
+
+impl TestFloat for f32 {
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    const ATTENTION_TOL: f64 = 1e-5;
+}
+
+impl TestFloat for half::f16 {
+    fn from_f64(x: f64) -> Self {
+        half::f16::from_f64(x)
+    }
+    fn to_f64(self) -> f64 {
+        half::f16::to_f64(self)
+    }
+    const ATTENTION_TOL: f64 = 2e-3;
+}
+
+impl TestFloat for half::bf16 {
+    fn from_f64(x: f64) -> Self {
+        half::bf16::from_f64(x)
+    }
+    fn to_f64(self) -> f64 {
+        half::bf16::to_f64(self)
+    }
+    const ATTENTION_TOL: f64 = 1e-2;
+}
+
+fn seed() -> u64 {
+    std::env::var("SPARSEKV_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7)
+        })
+}
+
+/// Standard normal values, rounded to `F` (the oracle sees exactly what the kernel sees).
+fn normals<F: TestFloat>(rng: &mut StdRng, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let (u, v): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+            let x = (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos();
+            TestFloat::to_f64(F::from_f64(x))
+        })
+        .collect()
+}
+
+fn upload<F: TestFloat>(client: &ComputeClient<Rt>, v: &[f64]) -> Handle {
+    let typed: Vec<F> = v.iter().map(|&x| F::from_f64(x)).collect();
+    client.create_from_slice(F::as_bytes(&typed))
+}
+
+fn read<F: TestFloat>(client: &ComputeClient<Rt>, h: Handle) -> Vec<f64> {
+    let bytes = client.read_one(h).expect("read back");
+    F::from_bytes(&bytes)
+        .iter()
+        .map(|&x| TestFloat::to_f64(x))
+        .collect()
+}
+
+fn read_u32(client: &ComputeClient<Rt>, h: Handle) -> Vec<u32> {
+    let bytes = client.read_one(h).expect("read back");
+    u32::from_bytes(&bytes).to_vec()
+}
+
+fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
+    if out.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY; // NaN (poison) or overflow never passes
+    }
+    let num: f64 = out
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum();
+    let den: f64 = reference.iter().map(|b| b * b).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+const DIMS: [usize; 5] = [8, 16, 64, 128, 256];
+const SPARSITIES: [f64; 5] = [0.0, 0.3, 0.5, 0.7, 0.9];
+
+/// Compresses two consecutive chunks per sequence into poisoned streams (the second at an
+/// offset that is generally not word-aligned for narrow rows) and checks every bit and value
+/// of the compressed range against the oracle.
+fn compress_case<F: TestFloat>(client: &ComputeClient<Rt>, rng: &mut StdRng) -> Result<(), String> {
+    let d = DIMS[rng.random_range(0..DIMS.len())];
+    let hd = HeadDim::new(d).map_err(|e| e.to_string())?;
+    let s = Sparsity::new(SPARSITIES[rng.random_range(0..SPARSITIES.len())])
+        .map_err(|e| e.to_string())?;
+    let (seqs, kv_heads) = (rng.random_range(1..=3usize), rng.random_range(1..=3usize));
+    let streams = seqs * kv_heads;
+    let keep = keep_count(s, hd);
+    let first: Vec<u32> = (0..seqs).map(|_| rng.random_range(0..=70)).collect();
+    let second: Vec<u32> = (0..seqs).map(|_| rng.random_range(0..=70)).collect();
+    let src_offset: Vec<u32> = (0..seqs).map(|_| rng.random_range(0..=5)).collect();
+    let cap = layout::aligned_capacity(150);
+    let src_tokens = 150;
+    let src = normals::<F>(rng, streams * src_tokens * d);
+    let src_h = upload::<F>(client, &src);
+    let bitmap_stride = layout::bitmap_words(cap, hd);
+    let values_stride = cap * keep;
+    let bitmap_h = client.create_from_slice(u32::as_bytes(&vec![
+        0xDEAD_BEEFu32;
+        streams * bitmap_stride
+    ]));
+    let values_h = upload::<F>(client, &vec![f64::NAN; streams * values_stride]);
+    let src_start2: Vec<u32> = (0..seqs).map(|i| src_offset[i] + first[i]).collect();
+    for (src_start, dst_start, counts) in [
+        (src_offset.clone(), vec![0; seqs], first.clone()),
+        (src_start2, first.clone(), second.clone()),
+    ] {
+        let args = CompressArgs {
+            sequences: seqs,
+            kv_heads,
+            head_dim: hd,
+            sparsity: s,
+            src_stride: src_tokens * d,
+            src_start: &src_start,
+            dst_start: &dst_start,
+            counts: &counts,
+            bitmap_stride,
+            values_stride,
+        };
+        prune_compress::<Rt, F>(client, &args, &src_h, &bitmap_h, &values_h)
+            .map_err(|e| e.to_string())?;
+    }
+    let bits = read_u32(client, bitmap_h);
+    let vals = read::<F>(client, values_h);
+    for st in 0..streams {
+        let seq = st / kv_heads;
+        let n = (first[seq] + second[seq]) as usize;
+        let start = (st * src_tokens + src_offset[seq] as usize) * d;
+        let block = DenseBlock::new(src[start..start + n * d].to_vec(), n, hd)
+            .map_err(|e| e.to_string())?;
+        let expect = oracle::compress(&block, s);
+        let words = &bits[st * bitmap_stride..][..layout::bitmap_words(n, hd)];
+        let got_vals = &vals[st * values_stride..][..n * keep];
+        let got = CompressedBlock::from_parts(words.to_vec(), got_vals.to_vec(), n, hd, keep);
+        // The last word may hold poison past the compressed range: compare bit by bit.
+        for t in 0..n {
+            for j in 0..d {
+                let (w, b) = layout::bit_position(t, j, hd);
+                let bit = words[w] >> b & 1 == 1;
+                if bit != expect.is_kept(t, j) {
+                    return Err(format!(
+                        "d {d} s {} stream {st} token {t} element {j}: bit {bit}",
+                        s.get()
+                    ));
+                }
+            }
+        }
+        if got_vals != expect.values() {
+            return Err(format!(
+                "d {d} s {} stream {st}: packed values differ ({got:?})",
+                s.get()
+            ));
+        }
+    }
+    Ok(())
+}
+
+struct AttentionCase {
+    d: usize,
+    batch: usize,
+    kv_heads: usize,
+    group: usize,
+    ks: Sparsity,
+    vs: Sparsity,
+    comp: Vec<u32>,
+    win: Vec<u32>,
+}
+
+fn random_attention_case(rng: &mut StdRng, sparse: bool) -> AttentionCase {
+    let d = DIMS[rng.random_range(0..DIMS.len())];
+    let batch = rng.random_range(1..=4usize);
+    let pick_len = |rng: &mut StdRng| match rng.random_range(0..6) {
+        0 => 0,
+        1 => 1,
+        2 => rng.random_range(2..200),
+        3 => rng.random_range(200..2000),
+        _ => rng.random_range(0..700),
+    };
+    let comp: Vec<u32> = (0..batch)
+        .map(|_| if sparse { pick_len(rng) } else { 0 })
+        .collect();
+    let win: Vec<u32> = (0..batch)
+        .map(|i| {
+            let w = if sparse {
+                rng.random_range(0..=64)
+            } else {
+                pick_len(rng)
+            };
+            if comp[i] + w == 0 { 1 } else { w }
+        })
+        .collect();
+    let sp = |rng: &mut StdRng| {
+        Sparsity::new(SPARSITIES[rng.random_range(0..SPARSITIES.len())]).unwrap_or(Sparsity::DENSE)
+    };
+    AttentionCase {
+        d,
+        batch,
+        kv_heads: rng.random_range(1..=2),
+        group: [1, 2, 4, 8][rng.random_range(0..4)],
+        ks: sp(rng),
+        vs: sp(rng),
+        comp,
+        win,
+    }
+}
+
+/// Runs one decode-attention case (sparse if the case has a segment) and returns the relative
+/// error against the oracle.
+fn attention_case<F: TestFloat>(
+    client: &ComputeClient<Rt>,
+    rng: &mut StdRng,
+    c: &AttentionCase,
+    sparse: bool,
+) -> Result<f64, String> {
+    let hd = HeadDim::new(c.d).map_err(|e| e.to_string())?;
+    let d = c.d;
+    let q_heads = c.kv_heads * c.group;
+    let streams = c.batch * c.kv_heads;
+    let comp_cap = layout::aligned_capacity(c.comp.iter().copied().max().unwrap_or(0) as usize + 3);
+    let win_cap = c.win.iter().copied().max().unwrap_or(0) as usize + 2;
+    let (kk, vk) = (keep_count(c.ks, hd), keep_count(c.vs, hd));
+    let bitmap_stride = layout::bitmap_words(comp_cap, hd);
+    let mut kbits = vec![0u32; streams * bitmap_stride];
+    let mut vbits = kbits.clone();
+    let mut kvals = vec![f64::NAN; streams * comp_cap * kk];
+    let mut vvals = vec![f64::NAN; streams * comp_cap * vk];
+    let mut kwin = vec![f64::NAN; streams * win_cap * d];
+    let mut vwin = kwin.clone();
+    let mut cache = Vec::new();
+    for b in 0..c.batch {
+        let mut heads = Vec::new();
+        for h in 0..c.kv_heads {
+            let st = b * c.kv_heads + h;
+            let (tc, tw) = (c.comp[b] as usize, c.win[b] as usize);
+            let block = |rng: &mut StdRng, t| {
+                DenseBlock::new(normals::<F>(rng, t * d), t, hd).map_err(|e| e.to_string())
+            };
+            let kseg = oracle::compress(&block(rng, tc)?, c.ks);
+            let vseg = oracle::compress(&block(rng, tc)?, c.vs);
+            let (kw, vw) = (block(rng, tw)?, block(rng, tw)?);
+            kbits[st * bitmap_stride..][..kseg.bitmap().len()].copy_from_slice(kseg.bitmap());
+            vbits[st * bitmap_stride..][..vseg.bitmap().len()].copy_from_slice(vseg.bitmap());
+            kvals[st * comp_cap * kk..][..kseg.values().len()].copy_from_slice(kseg.values());
+            vvals[st * comp_cap * vk..][..vseg.values().len()].copy_from_slice(vseg.values());
+            kwin[st * win_cap * d..][..tw * d].copy_from_slice(kw.data());
+            vwin[st * win_cap * d..][..tw * d].copy_from_slice(vw.data());
+            heads.push(HeadCache {
+                k_segment: kseg,
+                v_segment: vseg,
+                k_window: kw,
+                v_window: vw,
+            });
+        }
+        cache.push(heads);
+    }
+    let q = normals::<F>(rng, c.batch * q_heads * d);
+    let expect = oracle::sparse_decode_attention(&q, q_heads, &cache).map_err(|e| e.to_string())?;
+
+    let q_h = upload::<F>(client, &q);
+    let out_h = upload::<F>(client, &vec![f64::NAN; q.len()]);
+    let (kw_h, vw_h) = (upload::<F>(client, &kwin), upload::<F>(client, &vwin));
+    let (kb_h, vb_h) = (
+        client.create_from_slice(u32::as_bytes(&kbits)),
+        client.create_from_slice(u32::as_bytes(&vbits)),
+    );
+    let (kv_h, vv_h) = (upload::<F>(client, &kvals), upload::<F>(client, &vvals));
+    let segment = SparseSegmentArgs {
+        k_bitmap: &kb_h,
+        k_values: &kv_h,
+        v_bitmap: &vb_h,
+        v_values: &vv_h,
+        bitmap_stride,
+        k_values_stride: comp_cap * kk,
+        v_values_stride: comp_cap * vk,
+        k_sparsity: c.ks,
+        v_sparsity: c.vs,
+    };
+    let args = AttentionArgs {
+        batch: c.batch,
+        q_heads,
+        kv_heads: c.kv_heads,
+        head_dim: hd,
+        compressed_lens: &c.comp,
+        window_lens: &c.win,
+    };
+    let window = DenseCacheArgs {
+        k: &kw_h,
+        v: &vw_h,
+        stride: win_cap * d,
+    };
+    decode_attention::<Rt, F>(
+        client,
+        &args,
+        &q_h,
+        sparse.then_some(&segment),
+        &window,
+        &out_h,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(rel_err(&read::<F>(client, out_h), &expect))
+}
+
+fn run_cases<F: TestFloat>(
+    name: &str,
+    cases: usize,
+    mut case: impl FnMut(&ComputeClient<Rt>, &mut StdRng) -> Result<(), String>,
+) {
+    let client = client();
+    if !supports_type::<Rt, F>(&client) {
+        eprintln!(
+            "{name}: {} not supported by this device; checked the typed error instead",
+            F::name()
+        );
+        return;
+    }
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..cases {
+        if let Err(e) = case(&client, &mut rng) {
+            panic!(
+                "{name} [{}], case {i}, SPARSEKV_SEED={seed}: {e}",
+                F::name()
+            );
+        }
+    }
+}
+
+fn attention_cases<F: TestFloat>(cases: usize, sparse: bool) {
+    let name = if sparse {
+        "sparse attention"
+    } else {
+        "dense attention"
+    };
+    run_cases::<F>(name, cases, |client, rng| {
+        let c = random_attention_case(rng, sparse);
+        let err = attention_case::<F>(client, rng, &c, sparse)?;
+        if err < F::ATTENTION_TOL {
+            Ok(())
+        } else {
+            Err(format!(
+                "rel err {err:e} > {:e}: d {} batch {} kv {} group {} ks {} vs {} comp {:?} win {:?}",
+                F::ATTENTION_TOL,
+                c.d,
+                c.batch,
+                c.kv_heads,
+                c.group,
+                c.ks.get(),
+                c.vs.get(),
+                c.comp,
+                c.win
+            ))
+        }
+    });
+}
+
+#[test]
+fn prune_compress_matches_oracle_f32() {
+    run_cases::<f32>("prune_compress", 30, compress_case::<f32>);
+}
+
+#[test]
+fn prune_compress_matches_oracle_f16() {
+    run_cases::<half::f16>("prune_compress", 20, compress_case::<half::f16>);
+}
+
+#[test]
+fn sparse_attention_matches_oracle_f32() {
+    attention_cases::<f32>(40, true);
+}
+
+#[test]
+fn sparse_attention_matches_oracle_f16() {
+    attention_cases::<half::f16>(25, true);
+}
+
+#[test]
+fn sparse_attention_matches_oracle_bf16() {
+    attention_cases::<half::bf16>(10, true);
+}
+
+#[test]
+fn dense_attention_matches_oracle_f32() {
+    attention_cases::<f32>(25, false);
+}
+
+#[test]
+fn dense_attention_matches_oracle_f16() {
+    attention_cases::<half::f16>(15, false);
+}
+
+#[test]
+fn unsupported_types_and_bad_arguments_are_typed_errors() {
+    let client = client();
+    let hd = HeadDim::new(16).expect("valid");
+    let h = client.create_from_slice(f32::as_bytes(&[0.0f32; 64]));
+    let args = AttentionArgs {
+        batch: 1,
+        q_heads: 3,
+        kv_heads: 2,
+        head_dim: hd,
+        compressed_lens: &[0],
+        window_lens: &[1],
+    };
+    let window = DenseCacheArgs {
+        k: &h,
+        v: &h,
+        stride: 16,
+    };
+    let err = decode_attention::<Rt, f32>(&client, &args, &h, None, &window, &h);
+    assert!(
+        matches!(err, Err(KernelError::InvalidArguments(_))),
+        "{err:?}"
+    );
+    let args = AttentionArgs {
+        q_heads: 2,
+        kv_heads: 1,
+        window_lens: &[0],
+        ..args
+    };
+    let err = decode_attention::<Rt, f32>(&client, &args, &h, None, &window, &h);
+    assert!(
+        matches!(err, Err(KernelError::InvalidArguments(_))),
+        "no tokens: {err:?}"
+    );
+    let args = AttentionArgs {
+        window_lens: &[5],
+        ..args
+    };
+    let err = decode_attention::<Rt, f32>(&client, &args, &h, None, &window, &h);
+    assert!(
+        matches!(err, Err(KernelError::InvalidArguments(_))),
+        "over capacity: {err:?}"
+    );
+    if !supports_type::<Rt, half::bf16>(&client) {
+        let args = AttentionArgs {
+            window_lens: &[1],
+            ..args
+        };
+        let err = decode_attention::<Rt, half::bf16>(&client, &args, &h, None, &window, &h);
+        assert!(
+            matches!(err, Err(KernelError::UnsupportedType { .. })),
+            "{err:?}"
+        );
+    }
+}
