@@ -12,27 +12,32 @@ rm -rf "$stage" && mkdir -p "$stage/cuda" "$stage/wgpu"
 
 # Prints the executables of `cargo <subcommand> --no-run` for the given features.
 build() {
-  local out=$1; shift
-  CARGO_TARGET_DIR=target/gpu-$out cargo "$@" --release --no-run --message-format=json \
+  local out=$1 prefix=$2; shift 2
+  local release=--release
+  [ "$1" = bench ] && release=  # cargo bench always builds optimised
+  CARGO_TARGET_DIR=target/gpu-$out cargo "$@" $release --no-run --message-format=json \
     | python3 -c 'import json,sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print(m["executable"])' \
+    kinds = m.get("target", {}).get("kind", [])
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] \
+            and (sys.argv[1] != "bench" or "bench" in kinds):
+        print(m["executable"])' "$1" \
     | while read -r exe; do
-        name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
+        name=$prefix$(basename "$exe" | sed 's/-[0-9a-f]*$//')
         cp "$exe" "$stage/$out/$name" && strip "$stage/$out/$name"
         echo "staged $stage/$out/$name"
       done
 }
 
-build cuda test --no-default-features --features cuda --test kernels
+build cuda "" test --no-default-features --features cuda --test kernels
 if [ -d benches ] && ls benches/*.rs >/dev/null 2>&1; then
-  build cuda bench --no-default-features --features cuda
+  build cuda bench_ bench --no-default-features --features cuda
 fi
 if [ "${1:-}" = "--vulkan" ]; then
-  build wgpu test --test kernels
+  build wgpu "" test --test kernels
+  build wgpu bench_ bench
 fi
 
 cat > "$stage/run.sh" <<'RUN'

@@ -22,6 +22,10 @@ pub trait FloatElement: Float + CubeElement {
     fn size_bytes() -> usize;
     /// Lower-case name.
     fn name() -> &'static str;
+    /// Rounds an f32 to this type.
+    fn from_f32(x: f32) -> Self;
+    /// Widens to f32 (exact for f16 and bf16).
+    fn to_f32(self) -> f32;
 }
 
 impl FloatElement for f32 {
@@ -30,6 +34,12 @@ impl FloatElement for f32 {
     }
     fn name() -> &'static str {
         "f32"
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
     }
 }
 
@@ -40,6 +50,12 @@ impl FloatElement for half::f16 {
     fn name() -> &'static str {
         "f16"
     }
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
 }
 
 impl FloatElement for half::bf16 {
@@ -48,6 +64,12 @@ impl FloatElement for half::bf16 {
     }
     fn name() -> &'static str {
         "bf16"
+    }
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
     }
 }
 
