@@ -67,7 +67,12 @@ struct Setup {
 }
 
 impl Setup {
-    fn new<F: FloatElement>(client: &ComputeClient<Rt>, batch: usize, tokens: usize, s: f64) -> Self {
+    fn new<F: FloatElement>(
+        client: &ComputeClient<Rt>,
+        batch: usize,
+        tokens: usize,
+        s: f64,
+    ) -> Self {
         let hd = HeadDim::new(HEAD_DIM).expect("valid");
         let sparsity = Sparsity::new(s).expect("valid");
         let streams = batch * KV_HEADS;
@@ -150,7 +155,11 @@ impl Setup {
                 compressed_lens: &comp,
                 window_lens: &win,
             };
-            let window = DenseCacheArgs { k: &self.win_k, v: &self.win_v, stride: WINDOW * HEAD_DIM };
+            let window = DenseCacheArgs {
+                k: &self.win_k,
+                v: &self.win_v,
+                stride: WINDOW * HEAD_DIM,
+            };
             decode_attention::<Rt, F>(client, &args, &self.q, Some(&segment), &window, &self.out)
         } else {
             let args = AttentionArgs {
@@ -161,7 +170,11 @@ impl Setup {
                 compressed_lens: &zeros,
                 window_lens: &all,
             };
-            let window = DenseCacheArgs { k: &self.dense_k, v: &self.dense_v, stride: self.tokens * HEAD_DIM };
+            let window = DenseCacheArgs {
+                k: &self.dense_k,
+                v: &self.dense_v,
+                stride: self.tokens * HEAD_DIM,
+            };
             decode_attention::<Rt, F>(client, &args, &self.q, None, &window, &self.out)
         };
         result.expect("launch");
@@ -176,7 +189,8 @@ impl Setup {
             let hd = HeadDim::new(HEAD_DIM).expect("valid");
             let comp = self.tokens - WINDOW;
             let keep = keep_count(self.sparsity, hd);
-            let per_stream = 2 * (layout::bitmap_words(comp, hd) * 4 + comp * keep * elem) + 2 * WINDOW * HEAD_DIM * elem;
+            let per_stream = 2 * (layout::bitmap_words(comp, hd) * 4 + comp * keep * elem)
+                + 2 * WINDOW * HEAD_DIM * elem;
             streams * per_stream + qo
         } else {
             streams * 2 * self.tokens * HEAD_DIM * elem + qo
@@ -184,7 +198,11 @@ impl Setup {
     }
 }
 
-fn median_call_time<F: FloatElement>(client: &ComputeClient<Rt>, setup: &Setup, sparse: bool) -> Duration {
+fn median_call_time<F: FloatElement>(
+    client: &ComputeClient<Rt>,
+    setup: &Setup,
+    sparse: bool,
+) -> Duration {
     for _ in 0..10 {
         setup.run::<F>(client, sparse);
     }
@@ -207,9 +225,15 @@ fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
     let (batch, tokens, s) = (8, 32768, 0.7);
     let setup = Setup::new::<F>(client, batch, tokens, s);
     let mut group = c.benchmark_group(format!("decode_attention/{}", F::name()));
-    group.sample_size(20).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3));
     for sparse in [false, true] {
-        let name = if sparse { format!("sparse_s{s}") } else { "dense".to_string() };
+        let name = if sparse {
+            format!("sparse_s{s}")
+        } else {
+            "dense".to_string()
+        };
         group.bench_function(format!("{name}/B{batch}/T{tokens}"), |b| {
             b.iter_custom(|iters| {
                 sync(client);
@@ -224,15 +248,25 @@ fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
     }
     group.finish();
 
-    println!("\n| kernel | B | T | dtype | us/call (median) | bytes read | effective GB/s | speedup vs dense |");
+    println!(
+        "\n| kernel | B | T | dtype | us/call (median) | bytes read | effective GB/s | speedup vs dense |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     let dense = median_call_time::<F>(client, &setup, false);
     for sparse in [false, true] {
-        let t = if sparse { median_call_time::<F>(client, &setup, true) } else { dense };
+        let t = if sparse {
+            median_call_time::<F>(client, &setup, true)
+        } else {
+            dense
+        };
         let bytes = setup.bytes(sparse, F::size_bytes());
         println!(
             "| {} | {batch} | {tokens} | {} | {:.1} | {} | {:.0} | {:.2}x |",
-            if sparse { format!("sparse s={s}") } else { "dense".into() },
+            if sparse {
+                format!("sparse s={s}")
+            } else {
+                "dense".into()
+            },
             F::name(),
             t.as_secs_f64() * 1e6,
             bytes,

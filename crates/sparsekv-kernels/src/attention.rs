@@ -23,60 +23,157 @@ use crate::error::{KernelError, Result};
 use crate::{FloatElement, check_type_supported};
 use sparsekv_format::{HeadDim, Sparsity, keep_count};
 
-/// Cubes to aim for when splitting the token range (a few waves on a large GPU).
-const TARGET_CUBES: usize = 528;
+/// Cubes to aim for when splitting the token range: several per multiprocessor, so that
+/// enough warps are resident to keep loads in flight.
+const TARGET_CUBES: usize = 2048;
+/// Fewest tiles in a split, so per-split work (query load, final reductions, the merge) stays
+/// small against the tiles.
+const MIN_TILES_PER_SPLIT: usize = 4;
 
-/// Shared memory a split cube uses, in bytes (mirrors the kernel's allocations).
-fn shared_bytes(
+/// Static launch parameters of the split kernel, chosen on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SplitPlan {
+    /// Tokens per tile = units per cube.
     tile: usize,
-    head_dim: usize,
-    group: usize,
-    keep: usize,
-    elem: usize,
-    sparse: bool,
-) -> usize {
-    let common = 4 * (group * head_dim + group * tile + group);
-    if sparse {
-        common + tile * head_dim / 8 + tile * keep * elem
-    } else {
-        common + 8 + elem
+    /// Elements per vector load (16 bytes at most).
+    vec: usize,
+    /// Channels each unit accumulates in the value phase.
+    cpt: usize,
+}
+
+impl SplitPlan {
+    /// Shared memory a split cube uses, in bytes (mirrors the kernel's allocations).
+    fn shared_bytes(
+        &self,
+        head_dim: usize,
+        group: usize,
+        keep: usize,
+        elem: usize,
+        sparse: bool,
+    ) -> usize {
+        let common = 4 * (group * head_dim + 2 * group * self.tile);
+        if sparse {
+            let vals = (self.tile * keep).div_ceil(self.vec) * self.vec;
+            common + self.tile * head_dim / 8 + (vals + self.tile * head_dim) * elem
+        } else {
+            common + 4 + 2 * elem
+        }
+    }
+
+    /// Tokens per tile: about 8K elements of rows (16K dense), halved until the cube's shared memory fits
+    /// the device; at least 8.
+    fn new(
+        head_dim: usize,
+        group: usize,
+        keep: usize,
+        elem: usize,
+        vec: usize,
+        sparse: bool,
+        limit: usize,
+        max_units: usize,
+    ) -> Result<Self> {
+        let plan = |tile: usize| SplitPlan {
+            tile,
+            vec,
+            cpt: vec.max(head_dim / tile),
+        };
+        // Dense tiles need little shared memory, so they can be longer.
+        let rows = if sparse { 8192 } else { 16384 };
+        let mut tile = (rows / head_dim).clamp(16, 128).min(max_units);
+        while tile > 8 && plan(tile).shared_bytes(head_dim, group, keep, elem, sparse) > limit {
+            tile /= 2;
+        }
+        let need = plan(tile).shared_bytes(head_dim, group, keep, elem, sparse);
+        if need > limit {
+            return Err(KernelError::InvalidArguments(format!(
+                "decode attention needs {need} bytes of shared memory (head_dim {head_dim}, group {group}); the device allows {limit}"
+            )));
+        }
+        Ok(plan(tile))
     }
 }
 
-/// Tokens per tile (and units per cube): about 8K elements of a tile's rows, halved until the
-/// cube's shared memory fits the device; at least 16.
-fn tile_tokens(
-    head_dim: usize,
-    group: usize,
-    keep: usize,
-    elem: usize,
-    sparse: bool,
-    limit: usize,
-    max_units: usize,
-) -> Result<usize> {
-    let mut tile = (8192 / head_dim).clamp(16, 128).min(max_units);
-    while tile > 16 && shared_bytes(tile, head_dim, group, keep, elem, sparse) > limit {
-        tile /= 2;
+/// The maximum (`is_max`) or sum over the cube of one value per unit, for each of `group`
+/// values; every unit gets the results. With plane operations: a plane reduction, then one
+/// value per plane through shared memory. Without (lavapipe): a shared-memory tree.
+/// `red` holds `group * tile` floats; `tile` is the cube size, a power of two.
+#[cube]
+fn cube_reduce(
+    values: &Array<f32>,
+    red: &mut SharedMemory<f32>,
+    #[comptime] group: usize,
+    #[comptime] tile: usize,
+    #[comptime] is_max: bool,
+    #[comptime] use_plane: bool,
+) -> Array<f32> {
+    let tid = UNIT_POS as usize;
+    let mut out = Array::<f32>::new(group);
+    if comptime!(use_plane) {
+        #[unroll]
+        for g in 0..group {
+            let r = if comptime!(is_max) {
+                plane_max(values[g])
+            } else {
+                plane_sum(values[g])
+            };
+            if UNIT_POS_PLANE == 0 {
+                red[PLANE_POS as usize * group + g] = r;
+            }
+        }
+        sync_cube();
+        let planes = (CUBE_DIM / PLANE_DIM) as usize;
+        #[unroll]
+        for g in 0..group {
+            let mut r = red[g];
+            for p in 1..planes {
+                let x = red[p * group + g];
+                if comptime!(is_max) {
+                    r = max(r, x);
+                } else {
+                    r += x;
+                }
+            }
+            out[g] = r;
+        }
+    } else {
+        #[unroll]
+        for g in 0..group {
+            red[g * tile + tid] = values[g];
+        }
+        sync_cube();
+        let levels = comptime!(tile.trailing_zeros() as usize);
+        for level in 0..levels {
+            let stride = tile >> (level + 1);
+            if tid < stride {
+                #[unroll]
+                for g in 0..group {
+                    let a = red[g * tile + tid];
+                    let b = red[g * tile + tid + stride];
+                    red[g * tile + tid] = if comptime!(is_max) { max(a, b) } else { a + b };
+                }
+            }
+            sync_cube();
+        }
+        #[unroll]
+        for g in 0..group {
+            out[g] = red[g * tile];
+        }
     }
-    let need = shared_bytes(tile, head_dim, group, keep, elem, sparse);
-    if tile < 16 || need > limit {
-        return Err(KernelError::InvalidArguments(format!(
-            "decode attention needs {need} bytes of shared memory (head_dim {head_dim}, group {group}); the device allows {limit}"
-        )));
-    }
-    Ok(tile)
+    // Nobody may overwrite `red` before every unit has read it.
+    sync_cube();
+    out
 }
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn decode_split_kernel<F: Float>(
-    q: &Array<F>,
+fn decode_split_kernel<F: Float, N: Size>(
+    q: &Array<Vector<F, N>>,
     k_bits: &Array<u32>,
-    k_vals: &Array<F>,
+    k_vals: &Array<Vector<F, N>>,
     v_bits: &Array<u32>,
-    v_vals: &Array<F>,
-    k_win: &Array<F>,
-    v_win: &Array<F>,
+    v_vals: &Array<Vector<F, N>>,
+    k_win: &Array<Vector<F, N>>,
+    v_win: &Array<Vector<F, N>>,
     comp_len: &Array<u32>,
     win_len: &Array<u32>,
     part_o: &mut Array<f32>,
@@ -90,28 +187,35 @@ fn decode_split_kernel<F: Float>(
     scale: f32,
     #[comptime] head_dim: usize,
     #[comptime] group: usize,
-    #[comptime] tile: usize,
+    #[comptime] plan: SplitPlan,
     #[comptime] keep_k: usize,
     #[comptime] keep_v: usize,
     #[comptime] sparse: bool,
+    #[comptime] use_plane: bool,
 ) {
-    // Channels per unit and token lanes in the value phase.
-    let cpt = comptime!(if head_dim > tile { head_dim / tile } else { 1 });
-    let lanes = comptime!(if tile > head_dim { tile / head_dim } else { 1 });
-    let units_per_lane = comptime!(head_dim / cpt);
+    let tile = comptime!(plan.tile);
+    let vec = comptime!(plan.vec);
+    let cpt = comptime!(plan.cpt);
+    let units_per_row = comptime!(head_dim / plan.cpt);
+    let lanes = comptime!(plan.tile / (head_dim / plan.cpt));
+    let vecs_per_row = comptime!(head_dim / plan.vec);
     let words_per_row = comptime!(if head_dim >= 32 { head_dim / 32 } else { 1 });
-    let bits_cap = comptime!(if sparse { tile * head_dim / 32 } else { 1 });
+    let bits_cap = comptime!(if sparse { plan.tile * head_dim / 32 } else { 1 });
+    let keep_max = comptime!(if keep_k > keep_v { keep_k } else { keep_v });
     let vals_cap = comptime!(if sparse {
-        tile * if keep_k > keep_v { keep_k } else { keep_v }
+        (plan.tile * keep_max).div_ceil(plan.vec) * plan.vec
     } else {
         1
     });
+    let dense_cap = comptime!(if sparse { plan.tile * head_dim } else { 1 });
 
+    // q_s[j * group + g]: the scaled query of head g, channel j (later reused for the lane sum).
     let mut q_s = SharedMemory::<f32>::new(group * head_dim);
     let mut p_s = SharedMemory::<f32>::new(group * tile);
-    let mut alpha_s = SharedMemory::<f32>::new(group);
+    let mut red_s = SharedMemory::<f32>::new(group * tile);
     let mut bits_s = SharedMemory::<u32>::new(bits_cap);
     let mut vals_s = SharedMemory::<F>::new(vals_cap);
+    let mut rows_s = SharedMemory::<F>::new(dense_cap);
 
     let b = CUBE_POS_Z as usize;
     let h = CUBE_POS_Y as usize;
@@ -124,23 +228,35 @@ fn decode_split_kernel<F: Float>(
     let total = tc + win_len[b] as usize;
     let s0 = split * split_tokens as usize;
     let s1 = min(s0 + split_tokens as usize, total);
-    let q_base = (b * q_heads as usize + h * group) * head_dim;
 
+    let q_base = (b * q_heads as usize + h * group) * vecs_per_row;
     let mut i = tid;
-    while i < group * head_dim {
-        q_s[i] = f32::cast_from(q[q_base + i]) * scale;
+    while i < group * vecs_per_row {
+        let g = i / vecs_per_row;
+        let v = i % vecs_per_row;
+        let x = q[q_base + i];
+        #[unroll]
+        for e in 0..vec {
+            q_s[(v * vec + e) * group + g] = f32::cast_from(x[e]) * scale;
+        }
         i += tile;
     }
 
-    let mut m_run = f32::new(-3.0e38);
-    let mut l_run = 0.0f32;
+    let mut m_run = Array::<f32>::new(group);
+    let mut l_run = Array::<f32>::new(group);
+    let mut alpha = Array::<f32>::new(group);
     let mut acc = Array::<f32>::new(group * cpt);
     #[unroll]
-    for a in 0..group * cpt {
-        acc[a] = 0.0;
+    for g in 0..group {
+        m_run[g] = f32::new(-3.0e38);
+        l_run[g] = 0.0;
+        #[unroll]
+        for c in 0..cpt {
+            acc[g * cpt + c] = 0.0;
+        }
     }
-    let lane = tid / units_per_lane;
-    let c0 = (tid % units_per_lane) * cpt;
+    let lane = tid / units_per_row;
+    let c0 = (tid % units_per_row) * cpt;
     sync_cube();
 
     let mut t0 = s0;
@@ -156,22 +272,30 @@ fn decode_split_kernel<F: Float>(
                 bits_s[w] = k_bits[wbase + w];
                 w += tile;
             }
-            let vbase = stream * k_vals_stride as usize + t0 * keep_k;
+            let vbase = (stream * k_vals_stride as usize + t0 * keep_k) / vec;
             let mut e = tid;
-            while e < nc * keep_k {
-                vals_s[e] = k_vals[vbase + e];
+            while e < (nc * keep_k).div_ceil(vec) {
+                let x = k_vals[vbase + e];
+                #[unroll]
+                for k in 0..vec {
+                    vals_s[e * vec + k] = x[k];
+                }
                 e += tile;
             }
+            sync_cube();
         }
-        sync_cube();
 
         // Scores: one unit per token, for the whole group.
         let mut sc = Array::<f32>::new(group);
         #[unroll]
         for g in 0..group {
-            sc[g] = 0.0;
+            sc[g] = f32::new(-3.0e38);
         }
         if tid < n {
+            #[unroll]
+            for g in 0..group {
+                sc[g] = 0.0;
+            }
             if sparse && tid < nc {
                 let bit0 = tid * head_dim;
                 let mut slot = tid * keep_k;
@@ -189,51 +313,40 @@ fn decode_split_kernel<F: Float>(
                         slot += 1;
                         #[unroll]
                         for g in 0..group {
-                            sc[g] += q_s[g * head_dim + j] * x;
+                            sc[g] += q_s[j * group + g] * x;
                         }
                     }
                 }
             } else {
-                let base = stream * win_stride as usize + (t0 + tid - tc) * head_dim;
-                for j in 0..head_dim {
-                    let x = f32::cast_from(k_win[base + j]);
+                let base = (stream * win_stride as usize + (t0 + tid - tc) * head_dim) / vec;
+                for v in 0..vecs_per_row {
+                    let x = k_win[base + v];
                     #[unroll]
-                    for g in 0..group {
-                        sc[g] += q_s[g * head_dim + j] * x;
+                    for e in 0..vec {
+                        let xe = f32::cast_from(x[e]);
+                        #[unroll]
+                        for g in 0..group {
+                            sc[g] += q_s[(v * vec + e) * group + g] * xe;
+                        }
                     }
                 }
             }
         }
+
+        // Online softmax. Every unit tracks the same running max; sums stay per unit.
+        let m_tile = cube_reduce(&sc, &mut red_s, group, tile, true, use_plane);
         #[unroll]
         for g in 0..group {
-            let mut s = f32::new(-3.0e38);
-            if tid < n {
-                s = sc[g];
-            }
-            p_s[g * tile + tid] = s;
+            let m_new = max(m_run[g], m_tile[g]);
+            alpha[g] = Exp::exp(m_run[g] - m_new);
+            m_run[g] = m_new;
+            let p = Exp::exp(sc[g] - m_new);
+            l_run[g] = l_run[g] * alpha[g] + p;
+            p_s[g * tile + tid] = p;
         }
         sync_cube();
 
-        // Online softmax: unit g owns query head g's running max and sum.
-        if tid < group {
-            let mut m_tile = f32::new(-3.0e38);
-            for k in 0..n {
-                m_tile = max(m_tile, p_s[tid * tile + k]);
-            }
-            let m_new = max(m_run, m_tile);
-            let alpha = Exp::exp(m_run - m_new);
-            let mut sum = 0.0f32;
-            for k in 0..n {
-                let p = Exp::exp(p_s[tid * tile + k] - m_new);
-                p_s[tid * tile + k] = p;
-                sum += p;
-            }
-            l_run = l_run * alpha + sum;
-            m_run = m_new;
-            alpha_s[tid] = alpha;
-        }
-        sync_cube();
-
+        // Compressed value rows: stage, then expand each row once into rows_s.
         if sparse && nc > 0 {
             let wbase = stream * bits_stride as usize + t0 * head_dim / 32;
             let mut w = tid;
@@ -241,55 +354,82 @@ fn decode_split_kernel<F: Float>(
                 bits_s[w] = v_bits[wbase + w];
                 w += tile;
             }
-            let vbase = stream * v_vals_stride as usize + t0 * keep_v;
+            let vbase = (stream * v_vals_stride as usize + t0 * keep_v) / vec;
             let mut e = tid;
-            while e < nc * keep_v {
-                vals_s[e] = v_vals[vbase + e];
+            while e < (nc * keep_v).div_ceil(vec) {
+                let x = v_vals[vbase + e];
+                #[unroll]
+                for k in 0..vec {
+                    vals_s[e * vec + k] = x[k];
+                }
                 e += tile;
+            }
+            // Zero the rows cooperatively (consecutive units, consecutive elements: no bank
+            // conflicts), then scatter each row's kept values.
+            let mut z = tid;
+            while z < nc * head_dim {
+                rows_s[z] = F::new(0.0);
+                z += tile;
+            }
+            sync_cube();
+            if tid < nc {
+                let row = tid * head_dim;
+                let bit0 = tid * head_dim;
+                let mut slot = tid * keep_v;
+                #[unroll]
+                for wi in 0..words_per_row {
+                    let mut word = bits_s[bit0 / 32 + wi];
+                    if comptime!(head_dim < 32) {
+                        word = (word >> (bit0 % 32) as u32)
+                            & comptime!(((1u64 << head_dim) - 1) as u32);
+                    }
+                    while word != 0u32 {
+                        let j = wi * 32 + word.trailing_zeros() as usize;
+                        word &= word - 1u32;
+                        rows_s[row + j] = vals_s[slot];
+                        slot += 1;
+                    }
+                }
             }
             sync_cube();
         }
 
+        // Values: each unit accumulates `cpt` channels over every `lanes`-th token.
         #[unroll]
         for g in 0..group {
-            let alpha = alpha_s[g];
             #[unroll]
-            for ci in 0..cpt {
-                acc[g * cpt + ci] *= alpha;
+            for c in 0..cpt {
+                acc[g * cpt + c] *= alpha[g];
             }
         }
         let mut k = lane;
         while k < n {
+            let mut p = Array::<f32>::new(group);
+            #[unroll]
+            for g in 0..group {
+                p[g] = p_s[g * tile + k];
+            }
             if sparse && k < nc {
-                let row_bit0 = k * head_dim;
-                let bitpos = row_bit0 + c0;
-                let word = bits_s[bitpos / 32];
-                let mut slot = k * keep_v;
-                for wi in row_bit0 / 32..bitpos / 32 {
-                    slot += bits_s[wi].count_ones() as usize;
-                }
-                let b0 = (bitpos % 32) as u32;
-                let below = word & ((1u32 << b0) - 1u32);
-                slot += (below >> (row_bit0 % 32) as u32).count_ones() as usize;
                 #[unroll]
-                for ci in 0..cpt {
-                    if (word >> (b0 + ci as u32)) & 1u32 == 1u32 {
-                        let x = f32::cast_from(vals_s[slot]);
-                        slot += 1;
-                        #[unroll]
-                        for g in 0..group {
-                            acc[g * cpt + ci] += p_s[g * tile + k] * x;
-                        }
+                for c in 0..cpt {
+                    let x = f32::cast_from(rows_s[k * head_dim + c0 + c]);
+                    #[unroll]
+                    for g in 0..group {
+                        acc[g * cpt + c] += p[g] * x;
                     }
                 }
             } else {
-                let base = stream * win_stride as usize + (t0 + k - tc) * head_dim + c0;
+                let base = (stream * win_stride as usize + (t0 + k - tc) * head_dim + c0) / vec;
                 #[unroll]
-                for ci in 0..cpt {
-                    let x = f32::cast_from(v_win[base + ci]);
+                for v in 0..cpt / vec {
+                    let x = v_win[base + v];
                     #[unroll]
-                    for g in 0..group {
-                        acc[g * cpt + ci] += p_s[g * tile + k] * x;
+                    for e in 0..vec {
+                        let xe = f32::cast_from(x[e]);
+                        #[unroll]
+                        for g in 0..group {
+                            acc[g * cpt + v * vec + e] += p[g] * xe;
+                        }
                     }
                 }
             }
@@ -299,36 +439,47 @@ fn decode_split_kernel<F: Float>(
         t0 += tile;
     }
 
-    // Sum the token lanes (p_s is free now and holds lanes * group * head_dim floats).
-    if comptime!(lanes > 1) {
-        #[unroll]
-        for g in 0..group {
-            p_s[(lane * group + g) * head_dim + c0] = acc[g];
-        }
-        sync_cube();
-        if lane == 0 {
-            for l in 1..lanes {
+    let l_total = cube_reduce(&l_run, &mut red_s, group, tile, false, use_plane);
+    // Sum the token lanes through q_s (group * head_dim floats), one lane at a time.
+    for l in 1..lanes {
+        if lane == l {
+            #[unroll]
+            for g in 0..group {
                 #[unroll]
-                for g in 0..group {
-                    acc[g] += p_s[(l * group + g) * head_dim + c0];
+                for c in 0..cpt {
+                    q_s[g * head_dim + c0 + c] = acc[g * cpt + c];
                 }
             }
         }
+        sync_cube();
+        if lane == 0 {
+            #[unroll]
+            for g in 0..group {
+                #[unroll]
+                for c in 0..cpt {
+                    acc[g * cpt + c] += q_s[g * head_dim + c0 + c];
+                }
+            }
+        }
+        sync_cube();
     }
     let row0 = b * q_heads as usize + h * group;
     if lane == 0 {
         #[unroll]
         for g in 0..group {
             #[unroll]
-            for ci in 0..cpt {
-                part_o[((row0 + g) * splits + split) * head_dim + c0 + ci] = acc[g * cpt + ci];
+            for c in 0..cpt {
+                part_o[((row0 + g) * splits + split) * head_dim + c0 + c] = acc[g * cpt + c];
             }
         }
     }
-    if tid < group {
-        let at = ((row0 + tid) * splits + split) * 2;
-        part_ml[at] = m_run;
-        part_ml[at + 1] = l_run;
+    if tid == 0 {
+        #[unroll]
+        for g in 0..group {
+            let at = ((row0 + g) * splits + split) * 2;
+            part_ml[at] = m_run[g];
+            part_ml[at + 1] = l_total[g];
+        }
     }
 }
 
@@ -355,6 +506,16 @@ fn decode_merge_kernel<F: Float>(
         o += w * part_o[(row * splits + s) * head_dim + c];
     }
     out[row * head_dim + c] = F::cast_from(o / l);
+}
+
+/// Elements per vector load: 16 bytes at most, dividing the head dimension and every stride,
+/// so that each row and each tile of packed values starts on a whole vector.
+fn vector_size(elem: usize, head_dim: usize, strides: &[usize]) -> usize {
+    let mut vec = (16 / elem).max(1);
+    while vec > 1 && (head_dim % vec != 0 || strides.iter().any(|s| s % vec != 0)) {
+        vec /= 2;
+    }
+    vec
 }
 
 /// Shapes and per-sequence lengths of one decode-attention call.
@@ -491,39 +652,62 @@ pub fn decode_attention<R: Runtime, F: FloatElement>(
     }
 
     let hw = &client.properties().hardware;
-    let tile = tile_tokens(
+    let vec = vector_size(
+        es,
+        d,
+        &[
+            window.stride,
+            segment.map_or(0, |s| s.k_values_stride),
+            segment.map_or(0, |s| s.v_values_stride),
+        ],
+    );
+    let plan = SplitPlan::new(
         d,
         group,
         keep_k.max(keep_v),
         es,
+        vec,
         segment.is_some(),
         hw.max_shared_memory_size,
         hw.max_units_per_cube as usize,
     )?;
+    let tile = plan.tile;
     let max_total = (0..batch)
         .map(|s| (args.compressed_lens[s] + args.window_lens[s]) as usize)
         .max()
         .unwrap_or(1);
     let wanted_splits = TARGET_CUBES.div_ceil(streams).max(1);
-    let split_tokens = max_total.div_ceil(wanted_splits).div_ceil(tile).max(1) * tile;
+    let split_tokens = max_total
+        .div_ceil(wanted_splits)
+        .div_ceil(tile)
+        .max(MIN_TILES_PER_SPLIT)
+        * tile;
     let splits = max_total.div_ceil(split_tokens);
+    let use_plane = client
+        .features()
+        .plane
+        .contains(cubecl::features::Plane::Ops);
 
     let upload = |v: &[u32]| client.create_from_slice(u32::as_bytes(v));
     let (comp_len, win_len) = (upload(args.compressed_lens), upload(args.window_lens));
     let rows = batch * q_heads;
     let part_o = client.empty(rows * splits * d * 4);
     let part_ml = client.empty(rows * splits * 2 * 4);
-    let placeholder = client.empty(16);
+    let placeholder = client.empty(32);
     let elems = |h: &cubecl::server::Handle, size: usize| h.size() as usize / size;
     let arr = |h: &cubecl::server::Handle, size: usize| unsafe {
         ArrayArg::from_raw_parts(h.clone(), elems(h, size))
     };
+    // Arrays of F are read as vectors of `vec` elements.
+    let varr = |h: &cubecl::server::Handle| unsafe {
+        ArrayArg::from_raw_parts(h.clone(), elems(h, es * vec))
+    };
     let (kb, kv, vb, vv, bits_stride, kvs, vvs) = match segment {
         Some(s) => (
             arr(s.k_bitmap, 4),
-            arr(s.k_values, es),
+            varr(s.k_values),
             arr(s.v_bitmap, 4),
-            arr(s.v_values, es),
+            varr(s.v_values),
             s.bitmap_stride,
             s.k_values_stride,
             s.v_values_stride,
@@ -542,13 +726,14 @@ pub fn decode_attention<R: Runtime, F: FloatElement>(
         client,
         CubeCount::Static(splits as u32, kv_heads as u32, batch as u32),
         CubeDim::new_1d(tile as u32),
-        arr(q, es),
+        vec,
+        varr(q),
         kb,
         kv,
         vb,
         vv,
-        arr(window.k, es),
-        arr(window.v, es),
+        varr(window.k),
+        varr(window.v),
         arr(&comp_len, 4),
         arr(&win_len, 4),
         arr(&part_o, 4),
@@ -562,10 +747,11 @@ pub fn decode_attention<R: Runtime, F: FloatElement>(
         1.0 / (d as f32).sqrt(),
         d,
         group,
-        tile,
+        plan,
         keep_k,
         keep_v,
         segment.is_some(),
+        use_plane,
     );
     decode_merge_kernel::launch::<F, R>(
         client,
