@@ -10,6 +10,8 @@
 //! the bench prints a markdown table from its own measurement: the median over 15 batches of
 //! 20 back-to-back calls (after warm-up), with bytes read and effective bandwidth.
 
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::needless_range_loop)]
+
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};

@@ -3,7 +3,9 @@
 //!
 //! This crate re-exports the member crates:
 //! - [`format`]: the compressed KV format, byte accounting and the f64 CPU oracle;
-//! - [`kernels`]: the CubeCL kernels (prune+compress, sparse and dense decode attention).
+//! - [`kernels`]: the CubeCL kernels (prune+compress, sparse and dense decode attention);
+//! - [`cache`]: the Burn backend extension and the sparse and dense KV caches.
 
+pub use sparsekv_burn as cache;
 pub use sparsekv_format as format;
 pub use sparsekv_kernels as kernels;

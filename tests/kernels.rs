@@ -3,6 +3,8 @@
 //! `SPARSEKV_SEED` to replay one; failures print it); outputs are poisoned before each launch
 //! so an unwritten element fails; NaN never passes.
 
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::needless_range_loop)]
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::rngs::StdRng;

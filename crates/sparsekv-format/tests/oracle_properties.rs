@@ -1,5 +1,7 @@
 //! Property tests of the oracle: random shapes, sparsities and values (with deliberate ties).
 
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::needless_range_loop)]
+
 use proptest::prelude::*;
 use sparsekv_format::oracle::strategies;
 use sparsekv_format::oracle::{

@@ -62,6 +62,7 @@ impl SplitPlan {
 
     /// Tokens per tile: about 8K elements of rows (16K dense), halved until the cube's shared memory fits
     /// the device; at least 8.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         head_dim: usize,
         group: usize,
@@ -512,7 +513,9 @@ fn decode_merge_kernel<F: Float>(
 /// so that each row and each tile of packed values starts on a whole vector.
 fn vector_size(elem: usize, head_dim: usize, strides: &[usize]) -> usize {
     let mut vec = (16 / elem).max(1);
-    while vec > 1 && (head_dim % vec != 0 || strides.iter().any(|s| s % vec != 0)) {
+    while vec > 1
+        && (!head_dim.is_multiple_of(vec) || strides.iter().any(|s| !s.is_multiple_of(vec)))
+    {
         vec /= 2;
     }
     vec
@@ -584,7 +587,7 @@ pub fn decode_attention<R: Runtime, F: FloatElement>(
     check_type_supported::<R, F>(client)?;
     let d = args.head_dim.get();
     let (batch, q_heads, kv_heads) = (args.batch, args.q_heads, args.kv_heads);
-    if batch == 0 || kv_heads == 0 || q_heads == 0 || q_heads % kv_heads != 0 {
+    if batch == 0 || kv_heads == 0 || q_heads == 0 || !q_heads.is_multiple_of(kv_heads) {
         return Err(KernelError::InvalidArguments(format!(
             "batch {batch}, {q_heads} query heads, {kv_heads} KV heads: need a non-empty batch and query heads a multiple of KV heads"
         )));

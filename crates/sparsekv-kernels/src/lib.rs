@@ -1,15 +1,18 @@
 //! CubeCL kernels for sparse KV caches, generic over the float type and the runtime:
 //! per-token magnitude prune+compress ([`prune_compress`]) and split-K decode attention over a
 //! compressed segment plus a dense window ([`decode_attention`]), whose dense variant is the
-//! baseline it is measured against.
+//! baseline it is measured against; and [`copy_rows`], which moves dense token rows between
+//! stream buffers at ragged per-sequence offsets.
 
 pub mod attention;
 pub mod compress;
 pub mod error;
+pub mod rows;
 
 pub use attention::{AttentionArgs, DenseCacheArgs, SparseSegmentArgs, decode_attention};
 pub use compress::{CompressArgs, prune_compress};
 pub use error::{KernelError, Result};
+pub use rows::{CopyRowsArgs, copy_rows};
 
 /// The CubeCL version the kernels are built with, for callers that create clients.
 pub use cubecl;

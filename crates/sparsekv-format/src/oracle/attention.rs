@@ -45,7 +45,7 @@ fn check_shapes(
             "sequences disagree on the number of KV heads ({kv_heads} vs {bad})"
         )));
     }
-    if q_heads == 0 || q_heads % kv_heads != 0 {
+    if q_heads == 0 || !q_heads.is_multiple_of(kv_heads) {
         return Err(FormatError::InvalidArgument(format!(
             "{q_heads} query heads is not a positive multiple of {kv_heads} KV heads"
         )));

@@ -161,7 +161,7 @@ pub fn key_channel_weights(
 /// the softmax scale `1 / sqrt(head_dim)`.
 pub fn attention_mass(queries: &[f64], keys: &DenseBlock) -> Result<Vec<f64>> {
     let d = keys.head_dim().get();
-    if queries.is_empty() || queries.len() % d != 0 {
+    if queries.is_empty() || !queries.len().is_multiple_of(d) {
         return Err(FormatError::InvalidArgument(format!(
             "queries must be a non-empty multiple of head_dim {d}, got {} values",
             queries.len()
@@ -251,7 +251,7 @@ pub fn per_channel_output_aware_values(
 /// `mean(q_c²) · mean_t(K[t,c]²)` (queries `[rows, head_dim]`), for every token.
 pub fn think_keys(keys: &DenseBlock, queries: &[f64], s: Sparsity) -> Result<Mask> {
     let (tokens, d) = (keys.tokens(), keys.head_dim().get());
-    if queries.is_empty() || queries.len() % d != 0 {
+    if queries.is_empty() || !queries.len().is_multiple_of(d) {
         return Err(FormatError::InvalidArgument(format!(
             "queries must be a non-empty multiple of head_dim {d}, got {} values",
             queries.len()

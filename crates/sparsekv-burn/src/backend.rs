@@ -1,0 +1,413 @@
+//! The backend extension: the operations a KV cache needs, as a trait extending Burn's
+//! `Backend` (Burn's backend-extension pattern), implemented once for `CubeBackend` over any
+//! CubeCL runtime, so CUDA and wgpu come from one implementation.
+//!
+//! The caches own raw device buffers ([`SparseKvBackend::KvBuffer`]): compressed streams are
+//! bit strings and packed values, not tensors. Queries, keys and values enter and the
+//! attention output leaves as ordinary Burn float tensors.
+
+use burn::tensor::DType;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use sparsekv_format::{HeadDim, Sparsity, ValueType};
+use sparsekv_kernels::cubecl::server::Handle;
+use sparsekv_kernels::{
+    AttentionArgs, CompressArgs, CopyRowsArgs, DenseCacheArgs, SparseSegmentArgs,
+};
+
+use crate::error::{KvCacheError, Result};
+
+/// Per-sequence row copy between dense stream buffers (see [`SparseKvBackend::kv_copy_rows`]).
+#[derive(Debug, Clone)]
+pub struct RowCopy<'a> {
+    /// Sequences in the batch.
+    pub sequences: usize,
+    /// KV heads per sequence.
+    pub kv_heads: usize,
+    /// Elements per row.
+    pub head_dim: HeadDim,
+    /// Rows per stream of the source.
+    pub src_capacity: usize,
+    /// Rows per stream of the destination.
+    pub dst_capacity: usize,
+    /// First source row per sequence.
+    pub src_start: &'a [u32],
+    /// First destination row per sequence.
+    pub dst_start: &'a [u32],
+    /// Rows to copy per sequence.
+    pub counts: &'a [u32],
+}
+
+/// A compressed segment: K and V bitmaps and packed values (docs/FORMAT.md layout).
+#[derive(Debug, Clone)]
+pub struct SegmentRef<'a, B: SparseKvBackend> {
+    /// K bitmap words.
+    pub k_bitmap: &'a B::KvBuffer,
+    /// K packed values.
+    pub k_values: &'a B::KvBuffer,
+    /// V bitmap words.
+    pub v_bitmap: &'a B::KvBuffer,
+    /// V packed values.
+    pub v_values: &'a B::KvBuffer,
+    /// Token capacity of each stream.
+    pub capacity: usize,
+    /// Key sparsity.
+    pub k_sparsity: Sparsity,
+    /// Value sparsity.
+    pub v_sparsity: Sparsity,
+}
+
+/// Dense K and V rows: `[streams, capacity, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct DenseRef<'a, B: SparseKvBackend> {
+    /// Keys.
+    pub k: &'a B::KvBuffer,
+    /// Values.
+    pub v: &'a B::KvBuffer,
+    /// Token capacity of each stream.
+    pub capacity: usize,
+}
+
+/// The shape of one decode-attention call.
+#[derive(Debug, Clone)]
+pub struct DecodeShape<'a> {
+    /// Query heads.
+    pub q_heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: HeadDim,
+    /// Compressed tokens per sequence.
+    pub compressed_lens: &'a [u32],
+    /// Dense tokens per sequence (after the compressed ones).
+    pub dense_lens: &'a [u32],
+}
+
+/// Where prune+compress reads and writes (see [`SparseKvBackend::kv_prune_compress`]).
+#[derive(Debug, Clone)]
+pub struct CompressRef<'a, B: SparseKvBackend> {
+    /// Dense source rows, `[streams, src_capacity, head_dim]`.
+    pub src: &'a B::KvBuffer,
+    /// Rows per source stream.
+    pub src_capacity: usize,
+    /// Destination bitmap words.
+    pub bitmap: &'a B::KvBuffer,
+    /// Destination packed values.
+    pub values: &'a B::KvBuffer,
+    /// Token capacity of each destination stream.
+    pub capacity: usize,
+    /// Sparsity to prune at.
+    pub sparsity: Sparsity,
+}
+
+/// A Burn backend that can run sparse KV caches.
+pub trait SparseKvBackend: Backend {
+    /// A device buffer owned by a cache.
+    type KvBuffer: Clone + Send + Sync + std::fmt::Debug;
+
+    /// Allocates `bytes` bytes on `device` (contents unspecified).
+    fn kv_alloc(device: &Self::Device, bytes: usize) -> Self::KvBuffer;
+
+    /// Size of a buffer in bytes.
+    fn kv_buffer_bytes(buffer: &Self::KvBuffer) -> usize;
+
+    /// The value type of a float tensor, if the caches support it (f32, f16, bf16).
+    fn kv_value_type(tensor: &FloatTensor<Self>) -> Result<ValueType>;
+
+    /// Writes token rows of `rows` (`[sequences, kv_heads, n, head_dim]`; sequence `s` uses its
+    /// first `copy.counts[s]` rows, from `copy.src_start[s]`) into `dst` at `copy.dst_start`.
+    fn kv_write_rows(
+        rows: FloatTensor<Self>,
+        dst: &Self::KvBuffer,
+        value_type: ValueType,
+        copy: &RowCopy<'_>,
+    ) -> Result<()>;
+
+    /// Copies rows between two distinct dense buffers.
+    fn kv_copy_rows(
+        device: &Self::Device,
+        src: &Self::KvBuffer,
+        dst: &Self::KvBuffer,
+        value_type: ValueType,
+        copy: &RowCopy<'_>,
+    ) -> Result<()>;
+
+    /// Prunes rows `src_start[s] ..` (`counts[s]` of them) of every stream of sequence `s` and
+    /// writes them compressed as tokens `dst_start[s] ..` of its destination streams.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_prune_compress(
+        device: &Self::Device,
+        target: &CompressRef<'_, Self>,
+        value_type: ValueType,
+        sequences: usize,
+        kv_heads: usize,
+        head_dim: HeadDim,
+        src_start: &[u32],
+        dst_start: &[u32],
+        counts: &[u32],
+    ) -> Result<()>;
+
+    /// Decode attention for queries `[sequences, q_heads, head_dim]` over an optional
+    /// compressed segment followed by dense rows; returns `[sequences, q_heads, head_dim]`.
+    fn kv_decode_attention(
+        q: FloatTensor<Self>,
+        segment: Option<SegmentRef<'_, Self>>,
+        dense: DenseRef<'_, Self>,
+        shape: &DecodeShape<'_>,
+    ) -> Result<FloatTensor<Self>>;
+}
+
+/// A device buffer of a CubeCL runtime.
+#[derive(Clone)]
+pub struct CubeKvBuffer<R: CubeRuntime> {
+    handle: Handle,
+    bytes: usize,
+    _runtime: std::marker::PhantomData<R>,
+}
+
+impl<R: CubeRuntime> std::fmt::Debug for CubeKvBuffer<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CubeKvBuffer({} bytes)", self.bytes)
+    }
+}
+
+fn dtype_value_type(dtype: DType) -> Result<ValueType> {
+    match dtype {
+        DType::F32 => Ok(ValueType::F32),
+        DType::F16 => Ok(ValueType::F16),
+        DType::BF16 => Ok(ValueType::BF16),
+        other => Err(KvCacheError::DType {
+            what: "tensor",
+            expected: "f32, f16 or bf16",
+            actual: other,
+        }),
+    }
+}
+
+fn value_dtype(value_type: ValueType) -> DType {
+    match value_type {
+        ValueType::F32 => DType::F32,
+        ValueType::F16 => DType::F16,
+        ValueType::BF16 => DType::BF16,
+    }
+}
+
+/// Calls `$body` with `$F` bound to the kernel element type of `$vt`.
+macro_rules! with_float {
+    ($vt:expr, $F:ident, $body:expr) => {
+        match $vt {
+            ValueType::F32 => {
+                type $F = f32;
+                $body
+            }
+            ValueType::F16 => {
+                type $F = half::f16;
+                $body
+            }
+            ValueType::BF16 => {
+                type $F = half::bf16;
+                $body
+            }
+        }
+    };
+}
+
+fn row_args<'a>(copy: &RowCopy<'a>) -> CopyRowsArgs<'a> {
+    CopyRowsArgs {
+        sequences: copy.sequences,
+        kv_heads: copy.kv_heads,
+        head_dim: copy.head_dim.get(),
+        src_capacity: copy.src_capacity,
+        dst_capacity: copy.dst_capacity,
+        src_start: copy.src_start,
+        dst_start: copy.dst_start,
+        counts: copy.counts,
+    }
+}
+
+fn dims<R: CubeRuntime>(t: &CubeTensor<R>) -> Vec<usize> {
+    t.meta.shape().iter().copied().collect()
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBackend
+    for CubeBackend<R, F, I, BT>
+{
+    type KvBuffer = CubeKvBuffer<R>;
+
+    fn kv_alloc(device: &Self::Device, bytes: usize) -> Self::KvBuffer {
+        let client = R::client(device);
+        // Never zero bytes: a zero-sized binding is not valid on every runtime.
+        CubeKvBuffer {
+            handle: client.empty(bytes.max(16)),
+            bytes,
+            _runtime: std::marker::PhantomData,
+        }
+    }
+
+    fn kv_buffer_bytes(buffer: &Self::KvBuffer) -> usize {
+        buffer.bytes
+    }
+
+    fn kv_value_type(tensor: &FloatTensor<Self>) -> Result<ValueType> {
+        dtype_value_type(tensor.dtype)
+    }
+
+    fn kv_write_rows(
+        rows: FloatTensor<Self>,
+        dst: &Self::KvBuffer,
+        value_type: ValueType,
+        copy: &RowCopy<'_>,
+    ) -> Result<()> {
+        let actual = dtype_value_type(rows.dtype)?;
+        if actual != value_type {
+            return Err(KvCacheError::DType {
+                what: "rows",
+                expected: value_type.name(),
+                actual: rows.dtype,
+            });
+        }
+        let rows = burn_cubecl::kernel::into_contiguous(rows);
+        let client = rows.client.clone();
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::copy_rows::<R, E>(
+                &client,
+                &row_args(copy),
+                &rows.handle,
+                &dst.handle
+            )?
+        );
+        Ok(())
+    }
+
+    fn kv_copy_rows(
+        device: &Self::Device,
+        src: &Self::KvBuffer,
+        dst: &Self::KvBuffer,
+        value_type: ValueType,
+        copy: &RowCopy<'_>,
+    ) -> Result<()> {
+        let client = R::client(device);
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::copy_rows::<R, E>(
+                &client,
+                &row_args(copy),
+                &src.handle,
+                &dst.handle
+            )?
+        );
+        Ok(())
+    }
+
+    fn kv_prune_compress(
+        device: &Self::Device,
+        target: &CompressRef<'_, Self>,
+        value_type: ValueType,
+        sequences: usize,
+        kv_heads: usize,
+        head_dim: HeadDim,
+        src_start: &[u32],
+        dst_start: &[u32],
+        counts: &[u32],
+    ) -> Result<()> {
+        let client = R::client(device);
+        let keep = sparsekv_format::keep_count(target.sparsity, head_dim);
+        let args = CompressArgs {
+            sequences,
+            kv_heads,
+            head_dim,
+            sparsity: target.sparsity,
+            src_stride: target.src_capacity * head_dim.get(),
+            src_start,
+            dst_start,
+            counts,
+            bitmap_stride: sparsekv_format::layout::bitmap_words(target.capacity, head_dim),
+            values_stride: target.capacity * keep,
+        };
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::prune_compress::<R, E>(
+                &client,
+                &args,
+                &target.src.handle,
+                &target.bitmap.handle,
+                &target.values.handle
+            )?
+        );
+        Ok(())
+    }
+
+    fn kv_decode_attention(
+        q: FloatTensor<Self>,
+        segment: Option<SegmentRef<'_, Self>>,
+        dense: DenseRef<'_, Self>,
+        shape: &DecodeShape<'_>,
+    ) -> Result<FloatTensor<Self>> {
+        let value_type = dtype_value_type(q.dtype)?;
+        let d = shape.head_dim.get();
+        let q_dims = dims(&q);
+        let batch = shape.compressed_lens.len();
+        if q_dims != [batch, shape.q_heads, d] {
+            return Err(KvCacheError::Shape {
+                what: "queries",
+                expected: vec![batch, shape.q_heads, d],
+                actual: q_dims,
+            });
+        }
+        let q = burn_cubecl::kernel::into_contiguous(q);
+        let client = q.client.clone();
+        let out_handle = client.empty(batch * shape.q_heads * d * value_type.size_bytes());
+        let args = AttentionArgs {
+            batch,
+            q_heads: shape.q_heads,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+            compressed_lens: shape.compressed_lens,
+            window_lens: shape.dense_lens,
+        };
+        let window = DenseCacheArgs {
+            k: &dense.k.handle,
+            v: &dense.v.handle,
+            stride: dense.capacity * d,
+        };
+        let seg = segment.as_ref().map(|s| {
+            let keep = |sp| sparsekv_format::keep_count(sp, shape.head_dim);
+            SparseSegmentArgs {
+                k_bitmap: &s.k_bitmap.handle,
+                k_values: &s.k_values.handle,
+                v_bitmap: &s.v_bitmap.handle,
+                v_values: &s.v_values.handle,
+                bitmap_stride: sparsekv_format::layout::bitmap_words(s.capacity, shape.head_dim),
+                k_values_stride: s.capacity * keep(s.k_sparsity),
+                v_values_stride: s.capacity * keep(s.v_sparsity),
+                k_sparsity: s.k_sparsity,
+                v_sparsity: s.v_sparsity,
+            }
+        });
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::decode_attention::<R, E>(
+                &client,
+                &args,
+                &q.handle,
+                seg.as_ref(),
+                &window,
+                &out_handle
+            )?
+        );
+        Ok(CubeTensor::new_contiguous(
+            client,
+            q.device.clone(),
+            burn::tensor::Shape::from(vec![batch, shape.q_heads, d]),
+            out_handle,
+            value_dtype(value_type),
+        ))
+    }
+}

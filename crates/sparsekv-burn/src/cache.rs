@@ -1,0 +1,697 @@
+//! KV caches for decoding: [`SparseKvCache`] (dense window + compressed segment) and
+//! [`DenseKvCache`] (the baseline), behind one trait, [`KvCache`], so a model switches with
+//! one line.
+//!
+//! ```no_run
+//! # #[cfg(feature = "wgpu")] {
+//! use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
+//! use burn::tensor::{Distribution, Tensor};
+//! use sparsekv_burn::{KvCache, KvCacheConfig, SparseKvCache};
+//!
+//! type B = CubeBackend<WgpuRuntime, f32, i32, u32>;
+//! let device = Default::default();
+//! // One cache per attention layer: 2 sequences, 4 KV heads of 64, up to 4096 tokens,
+//! // keys and values pruned to 30% of each row outside the 32-token dense window.
+//! let config = KvCacheConfig::new(2, 4, 64, 4096).with_sparsity(0.7, 0.7);
+//! let mut cache = SparseKvCache::<B>::new(&config, &device)?;
+//!
+//! // In the attention layer: keys (after RoPE) and values of the new tokens...
+//! let k = Tensor::<B, 4>::random([2, 4, 1, 64], Distribution::Default, &device);
+//! let v = Tensor::<B, 4>::random([2, 4, 1, 64], Distribution::Default, &device);
+//! cache.append(k, v)?;
+//! // ...then attention of the new query (8 query heads: GQA groups of 2) over the cache.
+//! let q = Tensor::<B, 3>::random([2, 8, 64], Distribution::Default, &device);
+//! let out: Tensor<B, 3> = cache.attend(q)?; // [2, 8, 64]
+//! println!("{:.1}% of dense", 100.0 * cache.memory().fraction_of_dense());
+//! # }
+//! # Ok::<(), sparsekv_burn::KvCacheError>(())
+//! ```
+
+use burn::tensor::{Tensor, TensorPrimitive};
+use sparsekv_format::{
+    CacheShape, HeadDim, KvBytes, SequenceOccupancy, Sparsity, ValueType, keep_count, kv_bytes,
+    layout,
+};
+
+use crate::backend::{CompressRef, DecodeShape, DenseRef, RowCopy, SegmentRef, SparseKvBackend};
+use crate::error::{KvCacheError, Result};
+
+/// Default number of recent tokens kept dense.
+pub const DEFAULT_WINDOW: usize = 32;
+/// Default number of tokens compressed at once when the window overflows during decoding.
+pub const DEFAULT_CHUNK: usize = 64;
+
+/// Configuration of one layer's cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvCacheConfig {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Elements per head (a power of two from 8 to 256).
+    pub head_dim: usize,
+    /// Most tokens a sequence can hold.
+    pub max_seq: usize,
+    /// Recent tokens kept dense (sparse cache only).
+    pub window: usize,
+    /// Tokens compressed at once when decoding overflows the window (sparse cache only).
+    pub chunk: usize,
+    /// Fraction of each key row pruned, in `[0, 1)`.
+    pub k_sparsity: f64,
+    /// Fraction of each value row pruned, in `[0, 1)`.
+    pub v_sparsity: f64,
+    /// Stored value type; queries, keys and values must have it too.
+    pub value_type: ValueType,
+}
+
+impl KvCacheConfig {
+    /// A configuration with the defaults: window 32, chunk 64, no pruning, f32.
+    pub fn new(batch: usize, kv_heads: usize, head_dim: usize, max_seq: usize) -> Self {
+        KvCacheConfig {
+            batch,
+            kv_heads,
+            head_dim,
+            max_seq,
+            window: DEFAULT_WINDOW,
+            chunk: DEFAULT_CHUNK,
+            k_sparsity: 0.0,
+            v_sparsity: 0.0,
+            value_type: ValueType::F32,
+        }
+    }
+
+    /// Sets the key and value sparsities.
+    pub fn with_sparsity(mut self, k: f64, v: f64) -> Self {
+        self.k_sparsity = k;
+        self.v_sparsity = v;
+        self
+    }
+
+    /// Sets the dense window.
+    pub fn with_window(mut self, window: usize) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// Sets the compression chunk.
+    pub fn with_chunk(mut self, chunk: usize) -> Self {
+        self.chunk = chunk;
+        self
+    }
+
+    /// Sets the stored value type.
+    pub fn with_value_type(mut self, value_type: ValueType) -> Self {
+        self.value_type = value_type;
+        self
+    }
+
+    fn validate(&self) -> Result<(HeadDim, Sparsity, Sparsity)> {
+        if self.batch == 0 || self.kv_heads == 0 || self.max_seq == 0 {
+            return Err(KvCacheError::Invalid(format!(
+                "batch ({}), kv_heads ({}) and max_seq ({}) must be at least 1",
+                self.batch, self.kv_heads, self.max_seq
+            )));
+        }
+        if self.chunk == 0 {
+            return Err(KvCacheError::Invalid("chunk must be at least 1".into()));
+        }
+        Ok((
+            HeadDim::new(self.head_dim)?,
+            Sparsity::new(self.k_sparsity)?,
+            Sparsity::new(self.v_sparsity)?,
+        ))
+    }
+}
+
+/// What every KV cache offers a model.
+pub trait KvCache<B: SparseKvBackend> {
+    /// Appends `n` tokens to every sequence: `k` and `v` are `[batch, kv_heads, n, head_dim]`
+    /// (keys after RoPE).
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<()> {
+        let n = k.dims()[2];
+        let counts = vec![n; self.lengths().len()];
+        self.append_ragged(k, v, &counts)
+    }
+
+    /// Appends `counts[s]` tokens to sequence `s`: the first `counts[s]` of the `n` rows of
+    /// `k` and `v` (`[batch, kv_heads, n, head_dim]`, padded past each count).
+    fn append_ragged(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>, counts: &[usize]) -> Result<()>;
+
+    /// Attention of one query per sequence and query head, `q` `[batch, q_heads, head_dim]`,
+    /// over everything cached; `q_heads` must be a multiple of `kv_heads`. Returns
+    /// `[batch, q_heads, head_dim]`.
+    fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>>;
+
+    /// Tokens held per sequence.
+    fn lengths(&self) -> Vec<usize>;
+
+    /// Bytes in use and their dense equivalent (docs/FORMAT.md accounting).
+    fn memory(&self) -> KvBytes;
+
+    /// Bytes of device memory the cache has allocated.
+    fn allocated_bytes(&self) -> usize;
+}
+
+/// Common argument checks of `append_ragged`.
+fn check_append<B: SparseKvBackend>(
+    config: &KvCacheConfig,
+    device: &B::Device,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    counts: &[usize],
+    lengths: &[usize],
+) -> Result<()> {
+    let kd = k.dims();
+    let expected = vec![config.batch, config.kv_heads, kd[2], config.head_dim];
+    for (what, t) in [("keys", k), ("values", v)] {
+        if t.dims().to_vec() != expected {
+            return Err(KvCacheError::Shape {
+                what,
+                expected: expected.clone(),
+                actual: t.dims().to_vec(),
+            });
+        }
+        if &t.device() != device {
+            return Err(KvCacheError::Device(what));
+        }
+        let vt = B::kv_value_type(&t.clone().into_primitive().tensor())?;
+        if vt != config.value_type {
+            return Err(KvCacheError::DType {
+                what,
+                expected: config.value_type.name(),
+                actual: t.dtype(),
+            });
+        }
+    }
+    if counts.len() != config.batch || counts.iter().any(|&c| c > kd[2]) {
+        return Err(KvCacheError::Invalid(format!(
+            "counts {counts:?} must give one count per sequence ({}), each at most {} rows",
+            config.batch, kd[2]
+        )));
+    }
+    for (s, (&len, &c)) in lengths.iter().zip(counts).enumerate() {
+        if len + c > config.max_seq {
+            return Err(KvCacheError::Capacity {
+                sequence: s,
+                needed: len + c,
+                max_seq: config.max_seq,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Common argument checks of `attend`; returns the query heads.
+fn check_query<B: SparseKvBackend>(
+    config: &KvCacheConfig,
+    device: &B::Device,
+    q: &Tensor<B, 3>,
+    lengths: &[usize],
+) -> Result<usize> {
+    let [batch, q_heads, d] = q.dims();
+    if batch != config.batch
+        || d != config.head_dim
+        || q_heads == 0
+        || !q_heads.is_multiple_of(config.kv_heads)
+    {
+        return Err(KvCacheError::Shape {
+            what: "queries (query heads must be a multiple of the KV heads)",
+            expected: vec![config.batch, config.kv_heads, config.head_dim],
+            actual: vec![batch, q_heads, d],
+        });
+    }
+    if &q.device() != device {
+        return Err(KvCacheError::Device("queries"));
+    }
+    if let Some(s) = lengths.iter().position(|&l| l == 0) {
+        return Err(KvCacheError::Invalid(format!(
+            "sequence {s} holds no tokens to attend to"
+        )));
+    }
+    Ok(q_heads)
+}
+
+fn to_u32(v: &[usize]) -> Vec<u32> {
+    v.iter().map(|&x| x as u32).collect()
+}
+
+/// A sparse KV cache for one layer: per sequence, the most recent tokens dense (between
+/// `window` and `window + chunk` while decoding) and older tokens pruned by magnitude and
+/// compressed (docs/FORMAT.md).
+///
+/// - An append of more than one token per sequence (prefill) leaves exactly the newest
+///   `window` tokens dense and compresses the rest.
+/// - A one-token append (decode) compresses the oldest `chunk` tokens only when the window
+///   is full.
+///
+/// Storage is allocated once for `max_seq` tokens; appends and attention launch kernels and
+/// never wait for the device.
+pub struct SparseKvCache<B: SparseKvBackend> {
+    config: KvCacheConfig,
+    head_dim: HeadDim,
+    k_sparsity: Sparsity,
+    v_sparsity: Sparsity,
+    device: B::Device,
+    /// Token capacity of each compressed stream.
+    capacity: usize,
+    /// Token capacity of each dense window stream.
+    window_capacity: usize,
+    k_bitmap: B::KvBuffer,
+    v_bitmap: B::KvBuffer,
+    k_values: B::KvBuffer,
+    v_values: B::KvBuffer,
+    /// Two dense windows for K and for V; `current` holds the data, the other is the target
+    /// of compaction after a compression.
+    k_window: [B::KvBuffer; 2],
+    v_window: [B::KvBuffer; 2],
+    current: usize,
+    compressed: Vec<usize>,
+    dense: Vec<usize>,
+}
+
+impl<B: SparseKvBackend> std::fmt::Debug for SparseKvCache<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparseKvCache")
+            .field("config", &self.config)
+            .field("compressed", &self.compressed)
+            .field("dense", &self.dense)
+            .finish()
+    }
+}
+
+impl<B: SparseKvBackend> SparseKvCache<B> {
+    /// Allocates a cache for `config` on `device`.
+    pub fn new(config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
+        let (head_dim, k_sparsity, v_sparsity) = config.validate()?;
+        let streams = config.batch * config.kv_heads;
+        let capacity = layout::aligned_capacity(config.max_seq);
+        let window_capacity = layout::aligned_capacity(config.window + config.chunk);
+        let es = config.value_type.size_bytes();
+        let bitmap = streams * layout::bitmap_words(capacity, head_dim) * 4;
+        let values = |s| streams * capacity * keep_count(s, head_dim) * es;
+        let window = streams * window_capacity * head_dim.get() * es;
+        let alloc = |bytes| B::kv_alloc(device, bytes);
+        Ok(SparseKvCache {
+            config: config.clone(),
+            head_dim,
+            k_sparsity,
+            v_sparsity,
+            device: device.clone(),
+            capacity,
+            window_capacity,
+            k_bitmap: alloc(bitmap),
+            v_bitmap: alloc(bitmap),
+            k_values: alloc(values(k_sparsity)),
+            v_values: alloc(values(v_sparsity)),
+            k_window: [alloc(window), alloc(window)],
+            v_window: [alloc(window), alloc(window)],
+            current: 0,
+            compressed: vec![0; config.batch],
+            dense: vec![0; config.batch],
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KvCacheConfig {
+        &self.config
+    }
+
+    /// Compressed tokens per sequence.
+    pub fn compressed_lengths(&self) -> &[usize] {
+        &self.compressed
+    }
+
+    /// Dense (window) tokens per sequence.
+    pub fn window_lengths(&self) -> &[usize] {
+        &self.dense
+    }
+
+    /// Compresses the oldest `counts[s]` dense tokens of each sequence and compacts the
+    /// windows into the other buffer pair.
+    fn compress_oldest(&mut self, counts: &[usize]) -> Result<()> {
+        if counts.iter().all(|&c| c == 0) {
+            return Ok(());
+        }
+        let (b, h, d, vt) = (
+            self.config.batch,
+            self.config.kv_heads,
+            self.head_dim,
+            self.config.value_type,
+        );
+        let zeros = vec![0u32; b];
+        let dst = to_u32(&self.compressed);
+        let n = to_u32(counts);
+        let cur = self.current;
+        for (window, bitmap, values, sparsity) in [
+            (
+                &self.k_window[cur],
+                &self.k_bitmap,
+                &self.k_values,
+                self.k_sparsity,
+            ),
+            (
+                &self.v_window[cur],
+                &self.v_bitmap,
+                &self.v_values,
+                self.v_sparsity,
+            ),
+        ] {
+            let target = CompressRef::<B> {
+                src: window,
+                src_capacity: self.window_capacity,
+                bitmap,
+                values,
+                capacity: self.capacity,
+                sparsity,
+            };
+            B::kv_prune_compress(&self.device, &target, vt, b, h, d, &zeros, &dst, &n)?;
+        }
+        let remaining: Vec<usize> = self
+            .dense
+            .iter()
+            .zip(counts)
+            .map(|(&w, &c)| w - c)
+            .collect();
+        let copy = RowCopy {
+            sequences: b,
+            kv_heads: h,
+            head_dim: d,
+            src_capacity: self.window_capacity,
+            dst_capacity: self.window_capacity,
+            src_start: &n,
+            dst_start: &zeros,
+            counts: &to_u32(&remaining),
+        };
+        B::kv_copy_rows(
+            &self.device,
+            &self.k_window[cur],
+            &self.k_window[1 - cur],
+            vt,
+            &copy,
+        )?;
+        B::kv_copy_rows(
+            &self.device,
+            &self.v_window[cur],
+            &self.v_window[1 - cur],
+            vt,
+            &copy,
+        )?;
+        self.current = 1 - cur;
+        for (total, c) in self.compressed.iter_mut().zip(counts) {
+            *total += c;
+        }
+        self.dense = remaining;
+        Ok(())
+    }
+}
+
+impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
+    fn append_ragged(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>, counts: &[usize]) -> Result<()> {
+        check_append(&self.config, &self.device, &k, &v, counts, &self.lengths())?;
+        let (b, h, d, vt) = (
+            self.config.batch,
+            self.config.kv_heads,
+            self.head_dim,
+            self.config.value_type,
+        );
+        let rows = k.dims()[2];
+        let (k, v) = (k.into_primitive().tensor(), v.into_primitive().tensor());
+        let full = self.config.window + self.config.chunk;
+        let mut offset = vec![0usize; b];
+        loop {
+            let remaining: Vec<usize> = (0..b).map(|s| counts[s] - offset[s]).collect();
+            if remaining.iter().all(|&r| r == 0) {
+                break;
+            }
+            // Make room: a full window with tokens still to come gives up its oldest chunk.
+            let room: Vec<usize> = (0..b)
+                .map(|s| {
+                    if remaining[s] > 0 && self.dense[s] >= full {
+                        self.config.chunk.min(self.dense[s])
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            self.compress_oldest(&room)?;
+            let take: Vec<usize> = (0..b)
+                .map(|s| remaining[s].min(full - self.dense[s]))
+                .collect();
+            let copy = RowCopy {
+                sequences: b,
+                kv_heads: h,
+                head_dim: d,
+                src_capacity: rows,
+                dst_capacity: self.window_capacity,
+                src_start: &to_u32(&offset),
+                dst_start: &to_u32(&self.dense),
+                counts: &to_u32(&take),
+            };
+            B::kv_write_rows(k.clone(), &self.k_window[self.current], vt, &copy)?;
+            B::kv_write_rows(v.clone(), &self.v_window[self.current], vt, &copy)?;
+            for s in 0..b {
+                self.dense[s] += take[s];
+                offset[s] += take[s];
+            }
+        }
+        // Prefill: keep exactly the newest `window` tokens dense.
+        let excess: Vec<usize> = (0..b)
+            .map(|s| {
+                if counts[s] > 1 {
+                    self.dense[s].saturating_sub(self.config.window)
+                } else {
+                    0
+                }
+            })
+            .collect();
+        self.compress_oldest(&excess)
+    }
+
+    fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
+        let q_heads = check_query(&self.config, &self.device, &q, &self.lengths())?;
+        let cur = self.current;
+        let segment = SegmentRef::<B> {
+            k_bitmap: &self.k_bitmap,
+            k_values: &self.k_values,
+            v_bitmap: &self.v_bitmap,
+            v_values: &self.v_values,
+            capacity: self.capacity,
+            k_sparsity: self.k_sparsity,
+            v_sparsity: self.v_sparsity,
+        };
+        let dense = DenseRef::<B> {
+            k: &self.k_window[cur],
+            v: &self.v_window[cur],
+            capacity: self.window_capacity,
+        };
+        let shape = DecodeShape {
+            q_heads,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.head_dim,
+            compressed_lens: &to_u32(&self.compressed),
+            dense_lens: &to_u32(&self.dense),
+        };
+        let out =
+            B::kv_decode_attention(q.into_primitive().tensor(), Some(segment), dense, &shape)?;
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    fn lengths(&self) -> Vec<usize> {
+        self.compressed
+            .iter()
+            .zip(&self.dense)
+            .map(|(c, w)| c + w)
+            .collect()
+    }
+
+    fn memory(&self) -> KvBytes {
+        let shape = CacheShape {
+            layers: 1,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.head_dim,
+            value_type: self.config.value_type,
+        };
+        let occupancy: Vec<SequenceOccupancy> = self
+            .compressed
+            .iter()
+            .zip(&self.dense)
+            .map(|(&c, &w)| SequenceOccupancy {
+                compressed_tokens: c,
+                window_tokens: w,
+            })
+            .collect();
+        kv_bytes(&shape, &occupancy, self.k_sparsity, self.v_sparsity)
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        [
+            &self.k_bitmap,
+            &self.v_bitmap,
+            &self.k_values,
+            &self.v_values,
+        ]
+        .into_iter()
+        .chain(self.k_window.iter())
+        .chain(self.v_window.iter())
+        .map(B::kv_buffer_bytes)
+        .sum()
+    }
+}
+
+/// A dense KV cache for one layer with the same interface: every token stored as is.
+pub struct DenseKvCache<B: SparseKvBackend> {
+    config: KvCacheConfig,
+    head_dim: HeadDim,
+    device: B::Device,
+    capacity: usize,
+    k: B::KvBuffer,
+    v: B::KvBuffer,
+    lengths: Vec<usize>,
+}
+
+impl<B: SparseKvBackend> std::fmt::Debug for DenseKvCache<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DenseKvCache")
+            .field("config", &self.config)
+            .field("lengths", &self.lengths)
+            .finish()
+    }
+}
+
+impl<B: SparseKvBackend> DenseKvCache<B> {
+    /// Allocates a cache for `config` on `device` (window, chunk and sparsities are ignored).
+    pub fn new(config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
+        let (head_dim, _, _) = config.validate()?;
+        let capacity = layout::aligned_capacity(config.max_seq);
+        let bytes = config.batch
+            * config.kv_heads
+            * capacity
+            * head_dim.get()
+            * config.value_type.size_bytes();
+        Ok(DenseKvCache {
+            config: config.clone(),
+            head_dim,
+            device: device.clone(),
+            capacity,
+            k: B::kv_alloc(device, bytes),
+            v: B::kv_alloc(device, bytes),
+            lengths: vec![0; config.batch],
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KvCacheConfig {
+        &self.config
+    }
+}
+
+impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
+    fn append_ragged(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>, counts: &[usize]) -> Result<()> {
+        check_append(&self.config, &self.device, &k, &v, counts, &self.lengths)?;
+        let rows = k.dims()[2];
+        let zeros = vec![0u32; self.config.batch];
+        let copy = RowCopy {
+            sequences: self.config.batch,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.head_dim,
+            src_capacity: rows,
+            dst_capacity: self.capacity,
+            src_start: &zeros,
+            dst_start: &to_u32(&self.lengths),
+            counts: &to_u32(counts),
+        };
+        let vt = self.config.value_type;
+        B::kv_write_rows(k.into_primitive().tensor(), &self.k, vt, &copy)?;
+        B::kv_write_rows(v.into_primitive().tensor(), &self.v, vt, &copy)?;
+        for (len, c) in self.lengths.iter_mut().zip(counts) {
+            *len += c;
+        }
+        Ok(())
+    }
+
+    fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
+        let q_heads = check_query(&self.config, &self.device, &q, &self.lengths)?;
+        let zeros = vec![0u32; self.config.batch];
+        let shape = DecodeShape {
+            q_heads,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.head_dim,
+            compressed_lens: &zeros,
+            dense_lens: &to_u32(&self.lengths),
+        };
+        let dense = DenseRef::<B> {
+            k: &self.k,
+            v: &self.v,
+            capacity: self.capacity,
+        };
+        let out = B::kv_decode_attention(q.into_primitive().tensor(), None, dense, &shape)?;
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    fn lengths(&self) -> Vec<usize> {
+        self.lengths.clone()
+    }
+
+    fn memory(&self) -> KvBytes {
+        let shape = CacheShape {
+            layers: 1,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.head_dim,
+            value_type: self.config.value_type,
+        };
+        let occupancy: Vec<SequenceOccupancy> = self
+            .lengths
+            .iter()
+            .map(|&t| SequenceOccupancy {
+                compressed_tokens: 0,
+                window_tokens: t,
+            })
+            .collect();
+        kv_bytes(&shape, &occupancy, Sparsity::DENSE, Sparsity::DENSE)
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        B::kv_buffer_bytes(&self.k) + B::kv_buffer_bytes(&self.v)
+    }
+}
+
+/// One cache per decoder layer, with totals.
+#[derive(Debug)]
+pub struct LayerCaches<C> {
+    layers: Vec<C>,
+}
+
+impl<C> LayerCaches<C> {
+    /// Builds `layers` caches with `make(layer)`.
+    pub fn new<E>(
+        layers: usize,
+        make: impl FnMut(usize) -> std::result::Result<C, E>,
+    ) -> std::result::Result<Self, E> {
+        Ok(LayerCaches {
+            layers: (0..layers)
+                .map(make)
+                .collect::<std::result::Result<_, _>>()?,
+        })
+    }
+
+    /// The cache of layer `i`, if it exists.
+    pub fn layer_mut(&mut self, i: usize) -> Option<&mut C> {
+        self.layers.get_mut(i)
+    }
+
+    /// All layers.
+    pub fn layers(&self) -> &[C] {
+        &self.layers
+    }
+
+    /// Bytes in use over all layers.
+    pub fn memory<B: SparseKvBackend>(&self) -> KvBytes
+    where
+        C: KvCache<B>,
+    {
+        self.layers
+            .iter()
+            .map(|c| c.memory())
+            .fold(KvBytes::default(), |a, b| a + b)
+    }
+}

@@ -1,0 +1,53 @@
+//! Errors of the Burn extension and the caches.
+
+use thiserror::Error;
+
+/// Why a cache or backend operation was refused.
+#[derive(Debug, Error)]
+pub enum KvCacheError {
+    /// A kernel launch was refused (bad arguments, unsupported type on this device).
+    #[error(transparent)]
+    Kernel(#[from] sparsekv_kernels::KernelError),
+    /// A format parameter is invalid (sparsity, head_dim).
+    #[error(transparent)]
+    Format(#[from] sparsekv_format::FormatError),
+    /// A tensor whose shape does not fit the cache.
+    #[error("{what}: expected shape {expected:?}, got {actual:?}")]
+    Shape {
+        /// Which tensor.
+        what: &'static str,
+        /// The shape the cache needs (`0` where any size is accepted).
+        expected: Vec<usize>,
+        /// The tensor's shape.
+        actual: Vec<usize>,
+    },
+    /// A tensor of another float type than the cache's.
+    #[error("{what} is {actual:?} but the cache stores {expected}")]
+    DType {
+        /// Which tensor.
+        what: &'static str,
+        /// The cache's value type.
+        expected: &'static str,
+        /// The tensor's type.
+        actual: burn::tensor::DType,
+    },
+    /// A tensor on another device than the cache's.
+    #[error("{0} is on another device than the cache")]
+    Device(&'static str),
+    /// Appending would pass the cache's `max_seq`.
+    #[error("sequence {sequence} would hold {needed} tokens, more than max_seq = {max_seq}")]
+    Capacity {
+        /// The sequence.
+        sequence: usize,
+        /// Tokens it would hold.
+        needed: usize,
+        /// The cache's limit.
+        max_seq: usize,
+    },
+    /// Any other invalid argument or configuration.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T> = std::result::Result<T, KvCacheError>;

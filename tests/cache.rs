@@ -1,0 +1,390 @@
+//! The KV caches through the Burn extension, against the f64 oracle: random ragged prefill
+//! (0..300 tokens) and 1..200 decode steps, every step's attention output compared with the
+//! oracle run on the same pruned data; sparsity 0 against the dense cache; memory statistics
+//! against the FORMAT.md formula; bad input. Runtime: `cuda` if enabled, else wgpu.
+//! `SPARSEKV_SEED` replays a run (failures print it).
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::needless_range_loop)]
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sparsekv::cache::burn::tensor::{Tensor, TensorData};
+use sparsekv::cache::burn_cubecl::CubeBackend;
+use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, KvCacheError, SparseKvCache};
+use sparsekv::format::oracle::{self, DenseBlock, HeadCache};
+use sparsekv::format::{HeadDim, Sparsity, keep_count};
+
+#[cfg(feature = "cuda")]
+type Rt = sparsekv::kernels::cubecl::cuda::CudaRuntime;
+#[cfg(not(feature = "cuda"))]
+type Rt = sparsekv::kernels::cubecl::wgpu::WgpuRuntime;
+
+type B = CubeBackend<Rt, f32, i32, u32>;
+
+fn seed() -> u64 {
+    std::env::var("SPARSEKV_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(11)
+        })
+}
+
+fn normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let (u, v): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+        })
+        .collect()
+}
+
+fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
+    if out.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = out
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum();
+    let den: f64 = reference.iter().map(|b| b * b).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// The host copy of everything appended: `tokens[s][h]` is sequence `s`, KV head `h`, one
+/// `head_dim` row per token.
+struct History {
+    k: Vec<Vec<Vec<f64>>>,
+    v: Vec<Vec<Vec<f64>>>,
+}
+
+struct Scenario {
+    batch: usize,
+    kv_heads: usize,
+    group: usize,
+    head_dim: usize,
+    window: usize,
+    chunk: usize,
+    ks: f64,
+    vs: f64,
+    prefill: Vec<usize>,
+    steps: usize,
+}
+
+fn random_scenario(rng: &mut StdRng) -> Scenario {
+    let batch = rng.random_range(1..=3);
+    Scenario {
+        batch,
+        kv_heads: rng.random_range(1..=2),
+        group: [1, 2, 4][rng.random_range(0..3)],
+        head_dim: [8, 16, 64, 128][rng.random_range(0..4)],
+        window: [4, 32][rng.random_range(0..2)],
+        chunk: [8, 64][rng.random_range(0..2)],
+        ks: [0.0, 0.5, 0.7][rng.random_range(0..3)],
+        vs: [0.0, 0.5, 0.7][rng.random_range(0..3)],
+        prefill: (0..batch)
+            .map(|_| {
+                if rng.random_bool(0.2) {
+                    0
+                } else {
+                    rng.random_range(1..300)
+                }
+            })
+            .collect(),
+        steps: rng.random_range(1..=200),
+    }
+}
+
+/// Appends `counts[s]` random rows per sequence (padded to the largest count) to the cache and
+/// the history.
+fn append(
+    rng: &mut StdRng,
+    sc: &Scenario,
+    cache: &mut dyn KvCache<B>,
+    hist: &mut History,
+    counts: &[usize],
+) -> Result<(), String> {
+    let n = counts.iter().copied().max().unwrap_or(0).max(1);
+    let d = sc.head_dim;
+    let device = Default::default();
+    let k = normals(rng, sc.batch * sc.kv_heads * n * d);
+    let v = normals(rng, sc.batch * sc.kv_heads * n * d);
+    for s in 0..sc.batch {
+        for h in 0..sc.kv_heads {
+            for t in 0..counts[s] {
+                let at = ((s * sc.kv_heads + h) * n + t) * d;
+                hist.k[s][h].extend(k[at..at + d].iter().map(|&x| x as f64));
+                hist.v[s][h].extend(v[at..at + d].iter().map(|&x| x as f64));
+            }
+        }
+    }
+    let shape = [sc.batch, sc.kv_heads, n, d];
+    let kt = Tensor::<B, 4>::from_data(TensorData::new(k, shape), &device);
+    let vt = Tensor::<B, 4>::from_data(TensorData::new(v, shape), &device);
+    cache
+        .append_ragged(kt, vt, counts)
+        .map_err(|e| e.to_string())
+}
+
+/// The oracle's output for the history split as the cache split it.
+fn oracle_output(sc: &Scenario, hist: &History, q: &[f64], compressed: &[usize]) -> Vec<f64> {
+    let hd = HeadDim::new(sc.head_dim).expect("valid");
+    let d = sc.head_dim;
+    let (ks, vs) = (
+        Sparsity::new(sc.ks).expect("valid"),
+        Sparsity::new(sc.vs).expect("valid"),
+    );
+    let cache: Vec<Vec<HeadCache>> = (0..sc.batch)
+        .map(|s| {
+            (0..sc.kv_heads)
+                .map(|h| {
+                    let (kr, vr) = (&hist.k[s][h], &hist.v[s][h]);
+                    let total = kr.len() / d;
+                    let c = compressed[s];
+                    let block = |rows: &[f64], from: usize, to: usize| {
+                        DenseBlock::new(rows[from * d..to * d].to_vec(), to - from, hd)
+                            .expect("sized")
+                    };
+                    HeadCache {
+                        k_segment: oracle::compress(&block(kr, 0, c), ks),
+                        v_segment: oracle::compress(&block(vr, 0, c), vs),
+                        k_window: block(kr, c, total),
+                        v_window: block(vr, c, total),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    oracle::sparse_decode_attention(q, sc.kv_heads * sc.group, &cache).expect("oracle")
+}
+
+fn attend(
+    rng: &mut StdRng,
+    sc: &Scenario,
+    cache: &dyn KvCache<B>,
+) -> (Vec<f64>, Result<Vec<f64>, String>) {
+    let q_heads = sc.kv_heads * sc.group;
+    let q = normals(rng, sc.batch * q_heads * sc.head_dim);
+    let qt = Tensor::<B, 3>::from_data(
+        TensorData::new(q.clone(), [sc.batch, q_heads, sc.head_dim]),
+        &Default::default(),
+    );
+    let out = cache.attend(qt).map_err(|e| e.to_string()).and_then(|t| {
+        t.into_data()
+            .to_vec::<f32>()
+            .map(|v| v.into_iter().map(|x| x as f64).collect())
+            .map_err(|e| format!("{e:?}"))
+    });
+    (q.into_iter().map(|x| x as f64).collect(), out)
+}
+
+/// The bytes FORMAT.md gives for a split, written out: per stream, whole bitmap words and
+/// `keep` values per compressed token for K and for V, and `2 * head_dim` values per dense token.
+fn formula_bytes(sc: &Scenario, comp: &[usize], win: &[usize]) -> (u64, u64) {
+    let hd = HeadDim::new(sc.head_dim).expect("valid");
+    let d = sc.head_dim;
+    let kk = keep_count(Sparsity::new(sc.ks).expect("ok"), hd);
+    let kv = keep_count(Sparsity::new(sc.vs).expect("ok"), hd);
+    let mut total = 0;
+    let mut dense = 0;
+    for s in 0..sc.batch {
+        let words = (comp[s] * d).div_ceil(32);
+        total += sc.kv_heads * (2 * words * 4 + comp[s] * (kk + kv) * 4 + 2 * win[s] * d * 4);
+        dense += sc.kv_heads * 2 * (comp[s] + win[s]) * d * 4;
+    }
+    (total as u64, dense as u64)
+}
+
+fn run_scenario(rng: &mut StdRng, sc: &Scenario) -> Result<(), String> {
+    let device = Default::default();
+    let max_seq = sc.prefill.iter().max().copied().unwrap_or(0) + sc.steps + 8;
+    let config = KvCacheConfig::new(sc.batch, sc.kv_heads, sc.head_dim, max_seq)
+        .with_window(sc.window)
+        .with_chunk(sc.chunk)
+        .with_sparsity(sc.ks, sc.vs);
+    let mut cache = SparseKvCache::<B>::new(&config, &device).map_err(|e| e.to_string())?;
+    let empty = || vec![vec![Vec::new(); sc.kv_heads]; sc.batch];
+    let mut hist = History {
+        k: empty(),
+        v: empty(),
+    };
+    for i in 0..=sc.steps {
+        let (counts, label) = if i == 0 {
+            (sc.prefill.clone(), "prefill".to_string())
+        } else {
+            (vec![1; sc.batch], format!("decode step {i}"))
+        };
+        append(rng, sc, &mut cache, &mut hist, &counts)?;
+        let comp = cache.compressed_lengths().to_vec();
+        let win = cache.window_lengths().to_vec();
+        for s in 0..sc.batch {
+            let len = hist.k[s][0].len() / sc.head_dim;
+            if comp[s] + win[s] != len || win[s] > sc.window + sc.chunk {
+                return Err(format!(
+                    "{label}: sequence {s} split {}+{} of {len} tokens",
+                    comp[s], win[s]
+                ));
+            }
+            if counts[s] > 1 && win[s] != len.min(sc.window) {
+                return Err(format!(
+                    "{label}: after a prefill sequence {s} keeps {} dense, not {}",
+                    win[s],
+                    len.min(sc.window)
+                ));
+            }
+        }
+        let memory = cache.memory();
+        if (memory.total(), memory.dense_equivalent) != formula_bytes(sc, &comp, &win) {
+            return Err(format!(
+                "{label}: memory {memory:?} is not the formula's {:?}",
+                formula_bytes(sc, &comp, &win)
+            ));
+        }
+        if cache.lengths().contains(&0) {
+            continue; // attention needs a token in every sequence
+        }
+        let (q, out) = attend(rng, sc, &cache);
+        let expect = oracle_output(sc, &hist, &q, &comp);
+        let err = rel_err(&out?, &expect);
+        if err > 1e-5 {
+            return Err(format!("{label}: rel err {err:e} (split {comp:?}+{win:?})"));
+        }
+    }
+    Ok(())
+}
+
+fn describe(sc: &Scenario) -> String {
+    format!(
+        "batch {} kv {} group {} d {} window {} chunk {} ks {} vs {} prefill {:?} steps {}",
+        sc.batch,
+        sc.kv_heads,
+        sc.group,
+        sc.head_dim,
+        sc.window,
+        sc.chunk,
+        sc.ks,
+        sc.vs,
+        sc.prefill,
+        sc.steps
+    )
+}
+
+#[test]
+fn sparse_cache_matches_the_oracle_through_prefill_and_decode() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..4 {
+        let sc = random_scenario(&mut rng);
+        if let Err(e) = run_scenario(&mut rng, &sc) {
+            panic!(
+                "scenario {i} ({}), SPARSEKV_SEED={seed}: {e}",
+                describe(&sc)
+            );
+        }
+    }
+}
+
+#[test]
+fn sparsity_zero_matches_the_dense_cache() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut sc = random_scenario(&mut rng);
+    (sc.ks, sc.vs, sc.steps) = (0.0, 0.0, sc.steps.min(80));
+    sc.prefill.iter_mut().for_each(|p| *p = (*p).max(1));
+    let device = Default::default();
+    let config = KvCacheConfig::new(sc.batch, sc.kv_heads, sc.head_dim, 400)
+        .with_window(sc.window)
+        .with_chunk(sc.chunk);
+    let mut sparse = SparseKvCache::<B>::new(&config, &device).expect("cache");
+    let mut dense = DenseKvCache::<B>::new(&config, &device).expect("cache");
+    let empty = || vec![vec![Vec::new(); sc.kv_heads]; sc.batch];
+    let (mut h1, mut h2) = (
+        History {
+            k: empty(),
+            v: empty(),
+        },
+        History {
+            k: empty(),
+            v: empty(),
+        },
+    );
+    for i in 0..=sc.steps {
+        let counts = if i == 0 {
+            sc.prefill.clone()
+        } else {
+            vec![1; sc.batch]
+        };
+        let step_seed: u64 = rng.random();
+        append(
+            &mut StdRng::seed_from_u64(step_seed),
+            &sc,
+            &mut sparse,
+            &mut h1,
+            &counts,
+        )
+        .expect("append");
+        append(
+            &mut StdRng::seed_from_u64(step_seed),
+            &sc,
+            &mut dense,
+            &mut h2,
+            &counts,
+        )
+        .expect("append");
+        let q_seed: u64 = rng.random();
+        let (_, a) = attend(&mut StdRng::seed_from_u64(q_seed), &sc, &sparse);
+        let (_, b) = attend(&mut StdRng::seed_from_u64(q_seed), &sc, &dense);
+        let err = rel_err(&a.expect("sparse"), &b.expect("dense"));
+        assert!(
+            err < 1e-5,
+            "step {i} ({}), SPARSEKV_SEED={seed}: rel err {err:e}",
+            describe(&sc)
+        );
+        assert_eq!(dense.memory().total(), dense.memory().dense_equivalent);
+    }
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let device = Default::default();
+    let config = KvCacheConfig::new(2, 2, 16, 10);
+    assert!(matches!(
+        SparseKvCache::<B>::new(&config.clone().with_sparsity(1.0, 0.0), &device),
+        Err(KvCacheError::Format(_))
+    ));
+    assert!(matches!(
+        SparseKvCache::<B>::new(&KvCacheConfig::new(2, 2, 12, 10), &device),
+        Err(KvCacheError::Format(_))
+    ));
+    let mut cache = SparseKvCache::<B>::new(&config, &device).expect("cache");
+    let rows = |n: usize, d: usize| Tensor::<B, 4>::zeros([2, 2, n, d], &device);
+    let err = cache.append(rows(3, 8), rows(3, 8));
+    assert!(matches!(err, Err(KvCacheError::Shape { .. })), "{err:?}");
+    let err = cache.append(rows(11, 16), rows(11, 16));
+    assert!(matches!(err, Err(KvCacheError::Capacity { .. })), "{err:?}");
+    let q = Tensor::<B, 3>::zeros([2, 4, 16], &device);
+    let err = cache.attend(q.clone());
+    assert!(
+        matches!(err, Err(KvCacheError::Invalid(_))),
+        "empty cache: {err:?}"
+    );
+    cache.append(rows(2, 16), rows(2, 16)).expect("append");
+    let err = cache.attend(Tensor::<B, 3>::zeros([2, 3, 16], &device));
+    assert!(
+        matches!(err, Err(KvCacheError::Shape { .. })),
+        "3 query heads over 2 KV heads: {err:?}"
+    );
+    let err = cache.append_ragged(rows(2, 16), rows(2, 16), &[1]);
+    assert!(matches!(err, Err(KvCacheError::Invalid(_))), "{err:?}");
+    let half_rows = Tensor::<B, 4>::zeros([2, 2, 1, 16], &device)
+        .cast(sparsekv::cache::burn::tensor::DType::F16);
+    let err = cache.append(half_rows.clone(), half_rows);
+    assert!(matches!(err, Err(KvCacheError::DType { .. })), "{err:?}");
+    assert!(cache.attend(q).is_ok());
+}
