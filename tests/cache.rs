@@ -388,3 +388,17 @@ fn bad_input_is_a_typed_error() {
     assert!(matches!(err, Err(KvCacheError::DType { .. })), "{err:?}");
     assert!(cache.attend(q).is_ok());
 }
+
+/// The backend types Burn users write implement the extension when Burn's `fusion` feature is
+/// off (this crate never turns it on). With fusion on, `burn::backend::Wgpu` is
+/// `Fusion<CubeBackend<..>>`; the documented path is to name the `CubeBackend` type itself
+/// (see the crate documentation of sparsekv-burn).
+#[test]
+fn burns_own_backend_aliases_implement_the_extension() {
+    fn implements<B: sparsekv::cache::SparseKvBackend>() {}
+    #[cfg(not(feature = "cuda"))]
+    implements::<sparsekv::cache::burn::backend::Wgpu>();
+    #[cfg(feature = "cuda")]
+    implements::<sparsekv::cache::burn::backend::Cuda>();
+    implements::<CubeBackend<Rt, sparsekv::kernels::cubecl::prelude::half::f16, i32, u32>>();
+}

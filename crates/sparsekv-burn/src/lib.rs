@@ -1,5 +1,25 @@
 //! The Burn side of sparsekv: a backend extension ([`SparseKvBackend`]) and KV caches
 //! ([`SparseKvCache`], [`DenseKvCache`]) that a Burn model puts into its attention layers.
+//! [`cache`] shows a cache inside an attention layer.
+//!
+//! # Which backend type
+//!
+//! [`SparseKvBackend`] is implemented for `CubeBackend<R, F, I, BT>` over every CubeCL
+//! runtime, which is what `burn::backend::Wgpu` and `burn::backend::Cuda` are when Burn's
+//! `fusion` feature is off (this crate never enables it). With `fusion` on (Burn's default
+//! features turn it on), those aliases are `Fusion<CubeBackend<..>>`, which does not implement
+//! the extension yet; name the inner type for the model instead, with the same device type:
+//!
+//! ```ignore
+//! // wgpu (Burn's own `Wgpu` without fusion is exactly this type):
+//! type B = sparsekv_burn::burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+//! // CUDA (Burn's own `Cuda` without fusion):
+//! type B = sparsekv_burn::burn_cubecl::CubeBackend<sparsekv_kernels::cubecl::cuda::CudaRuntime, f32, i32, u8>;
+//! ```
+//!
+//! The float element type of the backend is its default; the caches store the
+//! [`KvCacheConfig::value_type`] and accept keys, values and queries of that type (f32, f16,
+//! bf16 where the device supports it).
 
 pub mod backend;
 pub mod cache;
