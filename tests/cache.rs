@@ -400,5 +400,5 @@ fn burns_own_backend_aliases_implement_the_extension() {
     implements::<sparsekv::cache::burn::backend::Wgpu>();
     #[cfg(feature = "cuda")]
     implements::<sparsekv::cache::burn::backend::Cuda>();
-    implements::<CubeBackend<Rt, sparsekv::kernels::cubecl::prelude::half::f16, i32, u32>>();
+    implements::<CubeBackend<Rt, half::f16, i32, u32>>();
 }
