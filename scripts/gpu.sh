@@ -31,12 +31,12 @@ for line in sys.stdin:
       done
 }
 
-build cuda "" test --no-default-features --features cuda --test kernels --test cache
+build cuda "" test --no-default-features --features cuda --test kernels --test cache --test model
 if [ -d benches ] && ls benches/*.rs >/dev/null 2>&1; then
   build cuda bench_ bench --no-default-features --features cuda
 fi
 if [ "${1:-}" = "--vulkan" ]; then
-  build wgpu "" test --test kernels --test cache
+  build wgpu "" test --test kernels --test cache --test model
   build wgpu bench_ bench
 fi
 
