@@ -145,6 +145,9 @@ pub trait KvCache<B: SparseKvBackend> {
     /// Tokens held per sequence.
     fn lengths(&self) -> Vec<usize>;
 
+    /// Tokens held compressed, per sequence (all zero for a dense cache).
+    fn compressed_counts(&self) -> Vec<usize>;
+
     /// Bytes in use and their dense equivalent (docs/FORMAT.md accounting).
     fn memory(&self) -> KvBytes;
 
@@ -504,6 +507,10 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
             .collect()
     }
 
+    fn compressed_counts(&self) -> Vec<usize> {
+        self.compressed.clone()
+    }
+
     fn memory(&self) -> KvBytes {
         let shape = CacheShape {
             layers: 1,
@@ -630,6 +637,10 @@ impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
 
     fn lengths(&self) -> Vec<usize> {
         self.lengths.clone()
+    }
+
+    fn compressed_counts(&self) -> Vec<usize> {
+        vec![0; self.lengths.len()]
     }
 
     fn memory(&self) -> KvBytes {
