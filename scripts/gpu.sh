@@ -35,6 +35,9 @@ build cuda "" test --no-default-features --features cuda --test kernels --test c
 if [ -d benches ] && ls benches/*.rs >/dev/null 2>&1; then
   build cuda bench_ bench --no-default-features --features cuda
 fi
+# The chat example, for end-to-end tokens/s.
+CARGO_TARGET_DIR=target/gpu-cuda cargo build --release --no-default-features --features cuda --example chat
+cp target/gpu-cuda/release/examples/chat "$stage/cuda/chat" && strip "$stage/cuda/chat"
 if [ "${1:-}" = "--vulkan" ]; then
   build wgpu "" test --test kernels --test cache --test model
   build wgpu bench_ bench
@@ -50,7 +53,7 @@ status=0
 for bin in "$here/$backend"/*; do
   [ -x "$bin" ] || continue
   case "$kind" in
-    test) [[ $(basename "$bin") == bench_* ]] && continue; echo "== $(basename "$bin")"; "$bin" "$@" || status=1 ;;
+    test) [[ $(basename "$bin") == bench_* || $(basename "$bin") == chat ]] && continue; echo "== $(basename "$bin")"; "$bin" "$@" || status=1 ;;
     bench) [[ $(basename "$bin") == bench_* ]] || continue; echo "== $(basename "$bin")"; "$bin" --bench "$@" || status=1 ;;
   esac
 done
