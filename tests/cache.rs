@@ -6,8 +6,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::needless_range_loop)]
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sparsekv::cache::burn::tensor::{Tensor, TensorData};
@@ -16,45 +14,14 @@ use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, KvCacheError, Sparse
 use sparsekv::format::oracle::{self, DenseBlock, HeadCache};
 use sparsekv::format::{HeadDim, Sparsity, keep_count};
 
-#[cfg(feature = "cuda")]
-type Rt = sparsekv::kernels::cubecl::cuda::CudaRuntime;
-#[cfg(not(feature = "cuda"))]
-type Rt = sparsekv::kernels::cubecl::wgpu::WgpuRuntime;
+mod common;
+
+use common::{Rt, rel_err, seed, standard_normal};
 
 type B = CubeBackend<Rt, f32, i32, u32>;
 
-fn seed() -> u64 {
-    std::env::var("SPARSEKV_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(11)
-        })
-}
-
 fn normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let (u, v): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
-            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-        })
-        .collect()
-}
-
-fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
-    if out.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = out
-        .iter()
-        .zip(reference)
-        .map(|(a, b)| (a - b).powi(2))
-        .sum();
-    let den: f64 = reference.iter().map(|b| b * b).sum();
-    (num / den.max(1e-300)).sqrt()
+    (0..n).map(|_| standard_normal(rng) as f32).collect()
 }
 
 /// The host copy of everything appended: `tokens[s][h]` is sequence `s`, KV head `h`, one

@@ -5,8 +5,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::needless_range_loop)]
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sparsekv::format::oracle::{self, CompressedBlock, DenseBlock, HeadCache};
@@ -18,10 +16,9 @@ use sparsekv::kernels::{
     decode_attention, prune_compress, supports_type,
 };
 
-#[cfg(feature = "cuda")]
-type Rt = sparsekv::kernels::cubecl::cuda::CudaRuntime;
-#[cfg(not(feature = "cuda"))]
-type Rt = sparsekv::kernels::cubecl::wgpu::WgpuRuntime;
+mod common;
+
+use common::{Rt, rel_err, seed, standard_normal};
 
 fn client() -> ComputeClient<Rt> {
     Rt::client(&Default::default())
@@ -65,26 +62,10 @@ impl TestFloat for half::bf16 {
     const ATTENTION_TOL: f64 = 1e-2;
 }
 
-fn seed() -> u64 {
-    std::env::var("SPARSEKV_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7)
-        })
-}
-
 /// Standard normal values, rounded to `F` (the oracle sees exactly what the kernel sees).
 fn normals<F: TestFloat>(rng: &mut StdRng, n: usize) -> Vec<f64> {
     (0..n)
-        .map(|_| {
-            let (u, v): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
-            let x = (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos();
-            TestFloat::to_f64(F::from_f64(x))
-        })
+        .map(|_| TestFloat::to_f64(F::from_f64(standard_normal(rng))))
         .collect()
 }
 
@@ -104,19 +85,6 @@ fn read<F: TestFloat>(client: &ComputeClient<Rt>, h: Handle) -> Vec<f64> {
 fn read_u32(client: &ComputeClient<Rt>, h: Handle) -> Vec<u32> {
     let bytes = client.read_one(h).expect("read back");
     u32::from_bytes(&bytes).to_vec()
-}
-
-fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
-    if out.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY; // NaN (poison) or overflow never passes
-    }
-    let num: f64 = out
-        .iter()
-        .zip(reference)
-        .map(|(a, b)| (a - b).powi(2))
-        .sum();
-    let den: f64 = reference.iter().map(|b| b * b).sum();
-    (num / den.max(1e-300)).sqrt()
 }
 
 const DIMS: [usize; 5] = [8, 16, 64, 128, 256];

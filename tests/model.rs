@@ -11,10 +11,9 @@ use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, SparseKvCache};
 use sparsekv::llama::tokenizer::{BOS, Llama2cTokenizer};
 use sparsekv::llama::{Llama, LlamaError, Sampling, generate, load_llama2c};
 
-#[cfg(feature = "cuda")]
-type Rt = sparsekv::kernels::cubecl::cuda::CudaRuntime;
-#[cfg(not(feature = "cuda"))]
-type Rt = sparsekv::kernels::cubecl::wgpu::WgpuRuntime;
+mod common;
+
+use common::Rt;
 type B = CubeBackend<Rt, f32, i32, u32>;
 
 /// llama2.c's `run.c`, temperature 0, 64 steps, prompt "Once upon a time" (shared/models/README.md).
