@@ -1,13 +1,16 @@
-//! Generates text with a Llama model decoding through sparsekv's KV cache, streaming tokens
-//! as they come, then prints tokens/s and the cache's size against a dense cache.
+//! Chats with (or completes text for) a Llama model decoding through sparsekv's KV cache,
+//! streaming tokens as they come, then prints tokens/s and the cache's size against a dense
+//! cache.
 //!
-//! One shot:
+//! One shot, a Hugging Face model directory:
+//!     cargo run --release --example chat -- --model ../shared/models/tinystories-656K \
+//!         --prompt "Once upon a time"
+//! A llama2.c checkpoint with its tokenizer:
 //!     cargo run --release --example chat -- --model ../shared/models/stories260K/stories260K.bin \
 //!         --tokenizer ../shared/models/stories260K/tok512.bin --prompt "Once upon a time"
-//! Without `--prompt` it reads prompts line by line from standard input (a REPL).
-//!
-//! Models: llama2.c checkpoints (`.bin` with a llama2.c `tokenizer.bin`). Hugging Face model
-//! directories are the next loader (see the model issue).
+//! Without `--model` the model comes from the Hub (`--hf-repo`, TinyLlama-1.1B-Chat by
+//! default). Without `--prompt` it is a REPL: a chat model keeps the conversation, a plain
+//! language model completes each line on its own.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -17,9 +20,11 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use sparsekv::cache::burn_cubecl::CubeBackend;
 use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, SparseKvBackend, SparseKvCache};
-use sparsekv::format::KvBytes;
-use sparsekv::llama::tokenizer::{BOS, EOS};
-use sparsekv::llama::{Llama, Llama2cTokenizer, LlamaError, Sampling, generate, load_llama2c};
+use sparsekv::format::{KvBytes, ValueType};
+use sparsekv::llama::{
+    BuiltinTemplate, ChatTemplate, Llama, LlamaError, Message, Pretrained, Sampling,
+    generate,
+};
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum BackendName {
@@ -29,21 +34,44 @@ enum BackendName {
     Cuda,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum DTypeName {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats (IEEE half).
+    F16,
+    /// bfloat16 (CUDA only).
+    Bf16,
+}
+
 #[derive(Parser, Debug)]
-#[command(about = "Generate with a Llama model through a sparse KV cache")]
+#[command(about = "Chat with a Llama model through a sparse KV cache")]
 struct Args {
-    /// llama2.c checkpoint (.bin).
+    /// A Hugging Face model directory (config.json, safetensors, tokenizer.json) or a
+    /// llama2.c checkpoint (.bin, with --tokenizer).
     #[arg(long)]
-    model: PathBuf,
-    /// llama2.c tokenizer (tokenizer.bin).
+    model: Option<PathBuf>,
+    /// llama2.c tokenizer (tokenizer.bin), for a .bin checkpoint.
     #[arg(long)]
-    tokenizer: PathBuf,
+    tokenizer: Option<PathBuf>,
+    /// Hugging Face Hub model, fetched (or taken from the local cache) when --model is not given.
+    #[arg(long, default_value = "TinyLlama/TinyLlama-1.1B-Chat-v1.0")]
+    hf_repo: String,
     /// One prompt; without it, prompts are read from standard input, one per line.
     #[arg(long)]
     prompt: Option<String>,
+    /// Chat template: the model's own (auto), none (plain completion), or a built-in one.
+    #[arg(long, default_value = "auto")]
+    chat_template: String,
+    /// System message for chat models.
+    #[arg(long)]
+    system: Option<String>,
     /// Backend (default: cuda when built with the `cuda` feature, else wgpu).
     #[arg(long, value_enum)]
     backend: Option<BackendName>,
+    /// Float type of the weights, activations and cache.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeName,
     /// Fraction of each key row pruned, in [0, 1); 0 with --v-sparsity 0 uses the dense cache.
     #[arg(long, default_value_t = 0.7)]
     k_sparsity: f64,
@@ -53,7 +81,7 @@ struct Args {
     /// Recent tokens kept dense.
     #[arg(long, default_value_t = 32)]
     window: usize,
-    /// Most tokens in all, prompt included.
+    /// Most new tokens per answer.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
@@ -71,38 +99,47 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
+/// Generates one answer to `ids` with fresh caches, streaming it; returns the new text.
 fn answer<B: SparseKvBackend, C: KvCache<B>>(
     model: &Llama<B>,
-    tok: &Llama2cTokenizer,
+    pre: &Pretrained,
     mut caches: Vec<C>,
-    prompt: &str,
+    ids: &[u32],
     args: &Args,
-) -> Result<(), LlamaError> {
-    let ids = tok.encode(prompt, true)?;
+) -> Result<String, LlamaError> {
     let sampling = Sampling {
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
     };
     let mut out = std::io::stdout().lock();
-    let _ = write!(out, "{}", tok.decode(&ids));
-    let mut prev = *ids.last().unwrap_or(&BOS);
+    let mut stream = pre.tokenizer.stream(ids)?;
+    let mut text = String::new();
+    let mut stream_error = None;
     let start = Instant::now();
     let mut first_token_at = None;
     let tokens = generate(
         model,
         &mut caches,
-        &ids,
-        args.max_tokens,
-        Some(EOS),
+        ids,
+        ids.len() + args.max_tokens,
+        &pre.eos,
         &sampling,
         |t| {
             first_token_at.get_or_insert_with(Instant::now);
-            let _ = out.write_all(&tok.decode_piece(prev, t));
-            let _ = out.flush();
-            prev = t;
+            match stream.step(t) {
+                Ok(piece) => {
+                    let _ = out.write_all(piece.as_bytes());
+                    let _ = out.flush();
+                    text.push_str(&piece);
+                }
+                Err(e) => stream_error = Some(e),
+            }
         },
     )?;
+    if let Some(e) = stream_error {
+        return Err(e);
+    }
     let generated = tokens.len() - ids.len();
     let elapsed = start.elapsed().as_secs_f64();
     let decode_time = first_token_at
@@ -130,30 +167,80 @@ fn answer<B: SparseKvBackend, C: KvCache<B>>(
             .unwrap_or(0),
         tokens.len()
     );
-    Ok(())
+    Ok(text)
 }
 
-fn run<B: SparseKvBackend>(args: &Args, device: B::Device) -> Result<(), LlamaError> {
-    let weights = load_llama2c(&args.model)?;
-    let tok = Llama2cTokenizer::load(&args.tokenizer, weights.config.vocab_size)?;
-    let model = Llama::<B>::new(&weights, &device)?;
+/// The chat template to use, or `None` for plain completion.
+fn template(pre: &Pretrained, args: &Args) -> Result<Option<ChatTemplate>, LlamaError> {
+    let special = |names: &[&str]| {
+        names
+            .iter()
+            .find(|n| pre.tokenizer.token_id(n).is_some())
+            .map(|n| n.to_string())
+            .unwrap_or_default()
+    };
+    match args.chat_template.as_str() {
+        "none" => Ok(None),
+        "auto" => Ok(pre.chat_template.clone()),
+        name => {
+            let which = BuiltinTemplate::from_name(name).ok_or_else(|| {
+                LlamaError::Invalid(format!(
+                    "--chat-template {name}: expected auto, none, llama2, zephyr or llama3"
+                ))
+            })?;
+            let bos = special(&["<|begin_of_text|>", "<s>"]);
+            let eos = special(&["<|eot_id|>", "</s>"]);
+            Ok(Some(ChatTemplate::builtin(which, &bos, &eos)))
+        }
+    }
+}
+
+fn run<B: SparseKvBackend>(
+    args: &Args,
+    pre: &Pretrained,
+    value_type: ValueType,
+    device: B::Device,
+) -> Result<(), LlamaError> {
+    let model = Llama::<B>::new(&pre.weights, &device)?;
     let c = model.config().clone();
-    let config = KvCacheConfig::new(1, c.n_kv_heads, c.head_dim(), c.max_seq)
-        .with_window(args.window)
-        .with_sparsity(args.k_sparsity, args.v_sparsity);
-    let dense = args.k_sparsity == 0.0 && args.v_sparsity == 0.0;
-    let one = |prompt: &str| -> Result<(), LlamaError> {
-        if dense {
+    let template = template(pre, args)?;
+    let mut history: Vec<Message> = args
+        .system
+        .iter()
+        .map(|s| Message::new("system", s.clone()))
+        .collect();
+    let mut one = |prompt: &str| -> Result<(), LlamaError> {
+        let ids = match &template {
+            Some(t) => {
+                history.push(Message::new("user", prompt));
+                pre.tokenizer.encode(&t.render(&history, true)?, false)?
+            }
+            None => {
+                print!("{prompt}");
+                pre.tokenizer.encode(prompt, true)?
+            }
+        };
+        // Caches hold this answer's context only, not the model's whole context length.
+        let max_seq = (ids.len() + args.max_tokens).min(c.max_seq);
+        let config = KvCacheConfig::new(1, c.n_kv_heads, c.head_dim(), max_seq)
+            .with_window(args.window)
+            .with_sparsity(args.k_sparsity, args.v_sparsity)
+            .with_value_type(value_type);
+        let text = if args.k_sparsity == 0.0 && args.v_sparsity == 0.0 {
             let caches = (0..c.n_layers)
                 .map(|_| DenseKvCache::<B>::new(&config, &device))
                 .collect::<Result<Vec<_>, _>>()?;
-            answer(&model, &tok, caches, prompt, args)
+            answer(&model, pre, caches, &ids, args)?
         } else {
             let caches = (0..c.n_layers)
                 .map(|_| SparseKvCache::<B>::new(&config, &device))
                 .collect::<Result<Vec<_>, _>>()?;
-            answer(&model, &tok, caches, prompt, args)
+            answer(&model, pre, caches, &ids, args)?
+        };
+        if template.is_some() {
+            history.push(Message::new("assistant", text.trim()));
         }
+        Ok(())
     };
     match &args.prompt {
         Some(p) => one(p),
@@ -171,29 +258,89 @@ fn run<B: SparseKvBackend>(args: &Args, device: B::Device) -> Result<(), LlamaEr
     }
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
+fn load(args: &Args) -> Result<Pretrained, LlamaError> {
+    match &args.model {
+        Some(path) if path.is_dir() => Pretrained::load_dir(path),
+        Some(path) => {
+            let tokenizer = args.tokenizer.as_ref().ok_or_else(|| {
+                LlamaError::Invalid(format!(
+                    "{} is a llama2.c checkpoint: pass its tokenizer.bin with --tokenizer",
+                    path.display()
+                ))
+            })?;
+            Pretrained::load_llama2c(path, tokenizer)
+        }
+        None => fetch(args),
+    }
+}
+
+#[cfg(feature = "hub")]
+fn fetch(args: &Args) -> Result<Pretrained, LlamaError> {
+    use sparsekv::llama::hub::{HubOptions, fetch_model};
+    eprintln!("Fetching {} (pass --model DIR to use local files)", args.hf_repo);
+    let options = HubOptions {
+        progress: true,
+        ..HubOptions::default()
+    };
+    Pretrained::load_dir(fetch_model(&args.hf_repo, &options)?)
+}
+
+#[cfg(not(feature = "hub"))]
+fn fetch(args: &Args) -> Result<Pretrained, LlamaError> {
+    Err(LlamaError::Invalid(format!(
+        "this build has no Hub access (feature `hub`) to fetch {}: pass --model DIR",
+        args.hf_repo
+    )))
+}
+
+fn dispatch(args: &Args, pre: &Pretrained) -> Result<(), LlamaError> {
     let backend = args.backend.unwrap_or(if cfg!(feature = "cuda") {
         BackendName::Cuda
     } else {
         BackendName::Wgpu
     });
-    let result = match backend {
+    match (backend, args.dtype) {
         #[cfg(feature = "wgpu")]
-        BackendName::Wgpu => run::<
-            CubeBackend<sparsekv::kernels::cubecl::wgpu::WgpuRuntime, f32, i32, u32>,
-        >(&args, Default::default()),
+        (BackendName::Wgpu, DTypeName::F32) => {
+            run::<CubeBackend<sparsekv::kernels::cubecl::wgpu::WgpuRuntime, f32, i32, u32>>(
+                args,
+                pre,
+                ValueType::F32,
+                Default::default(),
+            )
+        }
+        #[cfg(feature = "wgpu")]
+        (BackendName::Wgpu, DTypeName::F16) => run::<
+            CubeBackend<sparsekv::kernels::cubecl::wgpu::WgpuRuntime, half::f16, i32, u32>,
+        >(args, pre, ValueType::F16, Default::default()),
         #[cfg(feature = "cuda")]
-        BackendName::Cuda => run::<
-            CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, f32, i32, u8>,
-        >(&args, Default::default()),
+        (BackendName::Cuda, DTypeName::F32) => {
+            run::<CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, f32, i32, u8>>(
+                args,
+                pre,
+                ValueType::F32,
+                Default::default(),
+            )
+        }
+        #[cfg(feature = "cuda")]
+        (BackendName::Cuda, DTypeName::F16) => run::<
+            CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, half::f16, i32, u8>,
+        >(args, pre, ValueType::F16, Default::default()),
+        #[cfg(feature = "cuda")]
+        (BackendName::Cuda, DTypeName::Bf16) => run::<
+            CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, half::bf16, i32, u8>,
+        >(args, pre, ValueType::BF16, Default::default()),
         #[allow(unreachable_patterns)]
-        other => Err(LlamaError::Invalid(format!(
-            "this build has no {other:?} backend: rebuild with --features {}",
-            format!("{other:?}").to_lowercase()
+        (backend, dtype) => Err(LlamaError::Invalid(format!(
+            "this build cannot run {dtype:?} on {backend:?} (bf16 needs CUDA; a backend needs \
+             its cargo feature: --features cuda or wgpu)"
         ))),
-    };
-    match result {
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match load(&args).and_then(|pre| dispatch(&args, &pre)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -158,6 +158,7 @@ pub fn load_llama2c(path: impl AsRef<Path>) -> Result<LlamaWeights> {
             max_seq: seq,
             rope_theta: 10000.0,
             rope_style: RopeStyle::Interleaved,
+            rope_scaling: None,
             rms_eps: 1e-5,
         },
         embedding,

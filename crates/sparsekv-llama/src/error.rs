@@ -26,6 +26,9 @@ pub enum LlamaError {
     /// A KV cache refused an operation.
     #[error(transparent)]
     Cache(#[from] sparsekv_burn::KvCacheError),
+    /// A model could not be fetched from the Hugging Face Hub.
+    #[error("{0}")]
+    Download(String),
     /// Any other invalid argument.
     #[error("invalid argument: {0}")]
     Invalid(String),

@@ -82,39 +82,84 @@ fn pick(logits: &[f32], sampling: &Sampling, rng: &mut SplitMix) -> u32 {
     probs[cut - 1].0 as u32
 }
 
-fn read_logits<B: SparseKvBackend>(logits: Tensor<B, 2>) -> Result<Vec<f32>> {
-    logits
+/// Reads logits `[batch, vocab]` to the host, one row per sequence.
+fn read_logits<B: SparseKvBackend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>> {
+    let [_, vocab] = logits.dims();
+    let flat = logits
         .into_data()
         .convert::<f32>()
         .to_vec::<f32>()
-        .map_err(|e| LlamaError::Invalid(format!("reading logits: {e:?}")))
+        .map_err(|e| LlamaError::Invalid(format!("reading logits: {e:?}")))?;
+    Ok(flat.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect())
 }
 
-/// Generates after `prompt` until `max_tokens` tokens in all (prompt included) or `eos`,
-/// calling `on_token` with each new token. The caches must be empty. Returns prompt and new
-/// tokens.
+/// Generates after `prompt` until `max_tokens` tokens in all (prompt included) or a token
+/// of `eos`, calling `on_token` with each new token. The caches must be empty and hold one
+/// sequence. Returns prompt and new tokens.
 pub fn generate<B: SparseKvBackend, C: KvCache<B>>(
     model: &Llama<B>,
     caches: &mut [C],
     prompt: &[u32],
     max_tokens: usize,
-    eos: Option<u32>,
+    eos: &[u32],
     sampling: &Sampling,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
-    let mut tokens = prompt.to_vec();
-    if tokens.len() >= max_tokens {
+    let mut out = generate_batch(
+        model,
+        caches,
+        &[prompt],
+        max_tokens,
+        eos,
+        sampling,
+        |_, t| on_token(t),
+    )?;
+    out.pop()
+        .ok_or_else(|| LlamaError::Invalid("no sequence generated".into()))
+}
+
+/// Generates for a batch of prompts of any lengths at once (one per cache sequence): each
+/// sequence runs until `max_tokens` tokens in all (its prompt included) or a token of `eos`;
+/// finished sequences stop growing their caches while the others go on. `on_token(s, t)`
+/// sees each new token `t` of sequence `s`. Sequence `s` samples with seed
+/// `sampling.seed + s`, so sequence 0 of a batch samples as a run of its prompt alone.
+/// `max_tokens` is capped at the model's context length. Returns each sequence's prompt and
+/// new tokens.
+pub fn generate_batch<B: SparseKvBackend, C: KvCache<B>>(
+    model: &Llama<B>,
+    caches: &mut [C],
+    prompts: &[&[u32]],
+    max_tokens: usize,
+    eos: &[u32],
+    sampling: &Sampling,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Vec<u32>>> {
+    let max_tokens = max_tokens.min(model.config().max_seq);
+    let mut tokens: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+    let mut active: Vec<bool> = tokens.iter().map(|t| t.len() < max_tokens).collect();
+    if !active.iter().any(|&a| a) {
         return Ok(tokens);
     }
-    let mut rng = SplitMix(sampling.seed);
-    let mut logits = read_logits(model.prefill(prompt, caches)?)?;
+    let mut rngs: Vec<SplitMix> = (0..prompts.len())
+        .map(|s| SplitMix(sampling.seed.wrapping_add(s as u64)))
+        .collect();
+    let mut logits = read_logits(model.prefill_batch(prompts, caches)?)?;
     loop {
-        let next = pick(&logits, sampling, &mut rng);
-        tokens.push(next);
-        on_token(next);
-        if Some(next) == eos || tokens.len() >= max_tokens {
+        let mut last = Vec::with_capacity(tokens.len());
+        for (s, seq) in tokens.iter_mut().enumerate() {
+            if active[s] {
+                let next = pick(&logits[s], sampling, &mut rngs[s]);
+                seq.push(next);
+                on_token(s, next);
+                active[s] = !eos.contains(&next) && seq.len() < max_tokens;
+            }
+            last.push(*seq.last().unwrap_or(&0));
+        }
+        if !active.iter().any(|&a| a) {
             return Ok(tokens);
         }
-        logits = read_logits(model.decode(next, tokens.len() - 1, caches)?)?;
+        // Each active sequence's newest token sits at position len - 1.
+        let positions: Vec<usize> = tokens.iter().map(|t| t.len() - 1).collect();
+        logits = read_logits(model.decode_batch(&last, &positions, &active, caches)?)?;
     }
 }

@@ -6,7 +6,7 @@
 //! one token per sequence, attending through the caches.
 
 use sparsekv_burn::burn::tensor::activation::{silu, softmax};
-use sparsekv_burn::burn::tensor::{Int, Tensor, TensorData};
+use sparsekv_burn::burn::tensor::{DType, Int, Tensor, TensorData};
 use sparsekv_burn::{KvCache, SparseKvBackend};
 
 use crate::checkpoint::{LayerWeights, LlamaWeights};
@@ -98,8 +98,7 @@ impl<B: SparseKvBackend> Llama<B> {
         );
         for pos in 0..c.max_seq {
             for i in 0..half {
-                let freq = 1.0 / (c.rope_theta as f64).powf(2.0 * i as f64 / hd as f64);
-                let angle = pos as f64 * freq;
+                let angle = pos as f64 * c.rope_inv_freq(i);
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
@@ -122,25 +121,28 @@ impl<B: SparseKvBackend> Llama<B> {
     }
 
     fn rms_norm(&self, x: Tensor<B, 3>, w: &Tensor<B, 1>) -> Tensor<B, 3> {
-        let ms = x.clone().powf_scalar(2.0).mean_dim(2);
         let dim = self.config.dim;
-        x * (ms + self.config.rms_eps as f64).sqrt().recip() * w.clone().reshape([1, 1, dim])
+        let eps = self.config.rms_eps as f64;
+        let w = w.clone().reshape([1, 1, dim]);
+        if x.dtype() == DType::F32 {
+            let ms = x.clone().powf_scalar(2.0).mean_dim(2);
+            return x * (ms + eps).sqrt().recip() * w;
+        }
+        // In 16-bit floats x^2 overflows past |x| = 256, and hidden states of real models
+        // reach that: normalise by the row's largest magnitude first (the result is the same
+        // function, x / sqrt(mean(x^2) + eps)).
+        let scale = x.clone().abs().max_dim(2).clamp_min(1e-2);
+        let y = x / scale.clone();
+        let ms = y.clone().powf_scalar(2.0).mean_dim(2);
+        let eps_scaled = (scale.recip() * eps.sqrt()).powf_scalar(2.0);
+        y * (ms + eps_scaled).sqrt().recip() * w
     }
 
-    /// Rotates `x` `[1, n, heads, head_dim]` for positions `pos0 .. pos0 + n`.
-    fn rope(&self, x: Tensor<B, 4>, pos0: usize) -> Tensor<B, 4> {
+    /// Rotates `x` `[b, n, heads, head_dim]` by the angles in `cos`, `sin`, which broadcast
+    /// as `[1 or b, n, 1, head_dim / 2]`.
+    fn rope(&self, x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, n, h, d] = x.dims();
         let half = d / 2;
-        let cos = self
-            .rope_cos
-            .clone()
-            .slice([pos0..pos0 + n, 0..half])
-            .reshape([1, n, 1, half]);
-        let sin = self
-            .rope_sin
-            .clone()
-            .slice([pos0..pos0 + n, 0..half])
-            .reshape([1, n, 1, half]);
         match self.config.rope_style {
             RopeStyle::Interleaved => {
                 let pairs = x.reshape([b, n, h, half, 2]);
@@ -165,7 +167,25 @@ impl<B: SparseKvBackend> Llama<B> {
         }
     }
 
-    fn embed(&self, tokens: &[u32]) -> Result<Tensor<B, 3>> {
+    /// Rotary angles for positions `0..n`, shaped `[1, n, 1, head_dim / 2]`.
+    fn angles_prefix(&self, n: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let half = self.config.head_dim() / 2;
+        let take = |t: &Tensor<B, 2>| t.clone().slice([0..n, 0..half]).reshape([1, n, 1, half]);
+        (take(&self.rope_cos), take(&self.rope_sin))
+    }
+
+    /// Rotary angles for one position per sequence, shaped `[b, 1, 1, head_dim / 2]`.
+    fn angles_at(&self, positions: &[usize]) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let half = self.config.head_dim() / 2;
+        let b = positions.len();
+        let ids: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b]), &self.device);
+        let take = |t: &Tensor<B, 2>| t.clone().select(0, ids.clone()).reshape([b, 1, 1, half]);
+        (take(&self.rope_cos), take(&self.rope_sin))
+    }
+
+    /// Embeds `tokens` (`b * n` ids, sequence-major) as `[b, n, dim]`.
+    fn embed(&self, tokens: &[u32], b: usize, n: usize) -> Result<Tensor<B, 3>> {
         if let Some(&t) = tokens
             .iter()
             .find(|&&t| t as usize >= self.config.vocab_size)
@@ -182,7 +202,7 @@ impl<B: SparseKvBackend> Llama<B> {
             .embedding
             .clone()
             .select(0, ids)
-            .reshape([1, tokens.len(), self.config.dim]))
+            .reshape([b, n, self.config.dim]))
     }
 
     fn feed_forward(&self, x: Tensor<B, 3>, l: &Layer<B>) -> Tensor<B, 3> {
@@ -192,20 +212,62 @@ impl<B: SparseKvBackend> Llama<B> {
         x + (gate * up).matmul(l.w2.clone().unsqueeze())
     }
 
-    fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
-        let [_, n, dim] = x.dims();
-        let last = x.slice([0..1, n - 1..n, 0..dim]);
-        self.rms_norm(last, &self.final_norm)
+    /// Logits `[b, vocab]` of `x` `[b, dim]`.
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [b, dim] = x.dims();
+        self.rms_norm(x.reshape([1, b, dim]), &self.final_norm)
             .matmul(self.lm_head.clone().unsqueeze())
-            .reshape([1, self.config.vocab_size])
+            .reshape([b, self.config.vocab_size])
     }
 
-    fn check_caches<C: KvCache<B>>(&self, caches: &[C]) -> Result<()> {
+    /// Queries `[b, n, heads, hd]`, keys and values `[b, kv_heads, n, hd]` of the normalised
+    /// hidden states `hn` `[b, n, dim]`, rotated by `cos`, `sin`.
+    #[allow(clippy::type_complexity)]
+    fn qkv(
+        &self,
+        hn: Tensor<B, 3>,
+        l: &Layer<B>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let c = &self.config;
+        let [b, n, _] = hn.dims();
+        let (h, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim());
+        let q = self.rope(
+            hn.clone()
+                .matmul(l.wq.clone().unsqueeze())
+                .reshape([b, n, h, hd]),
+            cos.clone(),
+            sin.clone(),
+        );
+        let k = self
+            .rope(
+                hn.clone()
+                    .matmul(l.wk.clone().unsqueeze())
+                    .reshape([b, n, kvh, hd]),
+                cos,
+                sin,
+            )
+            .swap_dims(1, 2);
+        let v = hn
+            .matmul(l.wv.clone().unsqueeze())
+            .reshape([b, n, kvh, hd])
+            .swap_dims(1, 2);
+        (q, k, v)
+    }
+
+    fn check_caches<C: KvCache<B>>(&self, caches: &[C], batch: usize) -> Result<()> {
         if caches.len() != self.config.n_layers {
             return Err(LlamaError::Invalid(format!(
                 "{} caches for {} layers",
                 caches.len(),
                 self.config.n_layers
+            )));
+        }
+        if let Some(c) = caches.iter().find(|c| c.lengths().len() != batch) {
+            return Err(LlamaError::Invalid(format!(
+                "caches hold {} sequences, the call has {batch}",
+                c.lengths().len()
             )));
         }
         Ok(())
@@ -214,16 +276,41 @@ impl<B: SparseKvBackend> Llama<B> {
     /// Runs the prompt `tokens` (one sequence) with dense causal attention, appends its keys
     /// and values to the (empty) caches, and returns the logits of its last token `[1, vocab]`.
     pub fn prefill<C: KvCache<B>>(&self, tokens: &[u32], caches: &mut [C]) -> Result<Tensor<B, 2>> {
-        self.check_caches(caches)?;
-        let n = tokens.len();
-        if n == 0 || n > self.config.max_seq {
+        self.prefill_batch(&[tokens], caches)
+    }
+
+    /// Runs a batch of prompts of any lengths (one per cache sequence) with dense causal
+    /// attention, appends each prompt's keys and values to its sequence of the caches, and
+    /// returns the logits of each prompt's last token `[batch, vocab]`.
+    ///
+    /// Shorter prompts are padded at the end; causal attention keeps the padding out of every
+    /// real token's result, and only the real tokens enter the caches.
+    pub fn prefill_batch<C: KvCache<B>>(
+        &self,
+        prompts: &[&[u32]],
+        caches: &mut [C],
+    ) -> Result<Tensor<B, 2>> {
+        let b = prompts.len();
+        self.check_caches(caches, b)?;
+        let n = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        if let Some(p) = prompts
+            .iter()
+            .find(|p| p.is_empty() || p.len() > self.config.max_seq)
+        {
             return Err(LlamaError::Invalid(format!(
-                "prompt of {n} tokens; the model takes 1..={}",
+                "prompt of {} tokens; the model takes 1..={}",
+                p.len(),
                 self.config.max_seq
             )));
         }
         let c = &self.config;
         let (h, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim());
+        let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let mut ids = Vec::with_capacity(b * n);
+        for p in prompts {
+            ids.extend_from_slice(p);
+            ids.extend(std::iter::repeat_n(p[0], n - p.len()));
+        }
         let mut mask = vec![0.0f32; n * n];
         for i in 0..n {
             for j in i + 1..n {
@@ -231,46 +318,35 @@ impl<B: SparseKvBackend> Llama<B> {
             }
         }
         let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, n, n]), &self.device);
-        let mut x = self.embed(tokens)?;
+        let (cos, sin) = self.angles_prefix(n);
+        let mut x = self.embed(&ids, b, n)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let hn = self.rms_norm(x.clone(), &l.attn_norm);
-            let q = self
-                .rope(
-                    hn.clone()
-                        .matmul(l.wq.clone().unsqueeze())
-                        .reshape([1, n, h, hd]),
-                    0,
-                )
-                .swap_dims(1, 2);
-            let k = self
-                .rope(
-                    hn.clone()
-                        .matmul(l.wk.clone().unsqueeze())
-                        .reshape([1, n, kvh, hd]),
-                    0,
-                )
-                .swap_dims(1, 2);
-            let v = hn
-                .matmul(l.wv.clone().unsqueeze())
-                .reshape([1, n, kvh, hd])
-                .swap_dims(1, 2);
-            cache.append(k.clone(), v.clone())?;
+            let (q, k, v) = self.qkv(hn, l, cos.clone(), sin.clone());
+            let q = q.swap_dims(1, 2);
+            cache.append_ragged(k.clone(), v.clone(), &lengths)?;
             let group = h / kvh;
             let expand = |t: Tensor<B, 4>| {
-                t.reshape([1, kvh, 1, n, hd])
+                t.reshape([b, kvh, 1, n, hd])
                     .repeat_dim(2, group)
-                    .reshape([1, h, n, hd])
+                    .reshape([b, h, n, hd])
             };
             let scores =
                 q.matmul(expand(k).swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt()) + mask.clone();
             let att = softmax(scores, 3)
                 .matmul(expand(v))
                 .swap_dims(1, 2)
-                .reshape([1, n, h * hd]);
+                .reshape([b, n, h * hd]);
             x = x + att.matmul(l.wo.clone().unsqueeze());
             x = self.feed_forward(x, l);
         }
-        Ok(self.logits(x))
+        let last: Vec<i32> = lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| (i * n + len - 1) as i32)
+            .collect();
+        let last = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [b]), &self.device);
+        Ok(self.logits(x.reshape([b * n, c.dim]).select(0, last)))
     }
 
     /// Runs one token at position `pos` (one sequence), attending through the caches, and
@@ -281,43 +357,48 @@ impl<B: SparseKvBackend> Llama<B> {
         pos: usize,
         caches: &mut [C],
     ) -> Result<Tensor<B, 2>> {
-        self.check_caches(caches)?;
-        if pos >= self.config.max_seq {
+        self.decode_batch(&[token], &[pos], &[true], caches)
+    }
+
+    /// Runs one token per sequence, `tokens[s]` at position `positions[s]`, attending through
+    /// the caches, and returns the logits `[batch, vocab]`. Sequences that are not `active`
+    /// (finished ones in a batch) add nothing to their caches and their logits are to be
+    /// ignored.
+    pub fn decode_batch<C: KvCache<B>>(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        active: &[bool],
+        caches: &mut [C],
+    ) -> Result<Tensor<B, 2>> {
+        let b = tokens.len();
+        self.check_caches(caches, b)?;
+        if positions.len() != b || active.len() != b {
+            return Err(LlamaError::Invalid(format!(
+                "{b} tokens, {} positions and {} activity flags",
+                positions.len(),
+                active.len()
+            )));
+        }
+        if let Some(&pos) = positions.iter().find(|&&p| p >= self.config.max_seq) {
             return Err(LlamaError::Invalid(format!(
                 "position {pos} is past the model's {} tokens",
                 self.config.max_seq
             )));
         }
         let c = &self.config;
-        let (h, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim());
-        let mut x = self.embed(&[token])?;
+        let (h, hd) = (c.n_heads, c.head_dim());
+        let counts: Vec<usize> = active.iter().map(|&a| usize::from(a)).collect();
+        let (cos, sin) = self.angles_at(positions);
+        let mut x = self.embed(tokens, b, 1)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let hn = self.rms_norm(x.clone(), &l.attn_norm);
-            let q = self
-                .rope(
-                    hn.clone()
-                        .matmul(l.wq.clone().unsqueeze())
-                        .reshape([1, 1, h, hd]),
-                    pos,
-                )
-                .reshape([1, h, hd]);
-            let k = self
-                .rope(
-                    hn.clone()
-                        .matmul(l.wk.clone().unsqueeze())
-                        .reshape([1, 1, kvh, hd]),
-                    pos,
-                )
-                .swap_dims(1, 2);
-            let v = hn
-                .matmul(l.wv.clone().unsqueeze())
-                .reshape([1, 1, kvh, hd])
-                .swap_dims(1, 2);
-            cache.append(k, v)?;
-            let att = cache.attend(q)?.reshape([1, 1, h * hd]);
+            let (q, k, v) = self.qkv(hn, l, cos.clone(), sin.clone());
+            cache.append_ragged(k, v, &counts)?;
+            let att = cache.attend(q.reshape([b, h, hd]))?.reshape([b, 1, h * hd]);
             x = x + att.matmul(l.wo.clone().unsqueeze());
             x = self.feed_forward(x, l);
         }
-        Ok(self.logits(x))
+        Ok(self.logits(x.reshape([b, c.dim])))
     }
 }

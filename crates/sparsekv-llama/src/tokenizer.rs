@@ -63,6 +63,11 @@ impl Llama2cTokenizer {
         })
     }
 
+    /// Id of the token whose bytes are `piece`.
+    pub fn token_id(&self, piece: &[u8]) -> Option<u32> {
+        self.lookup.get(piece).copied()
+    }
+
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
         self.vocab.len()
