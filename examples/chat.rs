@@ -22,8 +22,7 @@ use sparsekv::cache::burn_cubecl::CubeBackend;
 use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, SparseKvBackend, SparseKvCache};
 use sparsekv::format::{KvBytes, ValueType};
 use sparsekv::llama::{
-    BuiltinTemplate, ChatTemplate, Llama, LlamaError, Message, Pretrained, Sampling,
-    generate,
+    BuiltinTemplate, ChatTemplate, Llama, LlamaError, Message, Pretrained, Sampling, generate,
 };
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -277,7 +276,10 @@ fn load(args: &Args) -> Result<Pretrained, LlamaError> {
 #[cfg(feature = "hub")]
 fn fetch(args: &Args) -> Result<Pretrained, LlamaError> {
     use sparsekv::llama::hub::{HubOptions, fetch_model};
-    eprintln!("Fetching {} (pass --model DIR to use local files)", args.hf_repo);
+    eprintln!(
+        "Fetching {} (pass --model DIR to use local files)",
+        args.hf_repo
+    );
     let options = HubOptions {
         progress: true,
         ..HubOptions::default()
@@ -301,35 +303,35 @@ fn dispatch(args: &Args, pre: &Pretrained) -> Result<(), LlamaError> {
     });
     match (backend, args.dtype) {
         #[cfg(feature = "wgpu")]
-        (BackendName::Wgpu, DTypeName::F32) => {
-            run::<CubeBackend<sparsekv::kernels::cubecl::wgpu::WgpuRuntime, f32, i32, u32>>(
-                args,
-                pre,
-                ValueType::F32,
-                Default::default(),
-            )
-        }
+        (BackendName::Wgpu, DTypeName::F32) => run::<
+            CubeBackend<sparsekv::kernels::cubecl::wgpu::WgpuRuntime, f32, i32, u32>,
+        >(
+            args, pre, ValueType::F32, Default::default()
+        ),
         #[cfg(feature = "wgpu")]
         (BackendName::Wgpu, DTypeName::F16) => run::<
             CubeBackend<sparsekv::kernels::cubecl::wgpu::WgpuRuntime, half::f16, i32, u32>,
-        >(args, pre, ValueType::F16, Default::default()),
+        >(
+            args, pre, ValueType::F16, Default::default()
+        ),
         #[cfg(feature = "cuda")]
-        (BackendName::Cuda, DTypeName::F32) => {
-            run::<CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, f32, i32, u8>>(
-                args,
-                pre,
-                ValueType::F32,
-                Default::default(),
-            )
-        }
+        (BackendName::Cuda, DTypeName::F32) => run::<
+            CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, f32, i32, u8>,
+        >(
+            args, pre, ValueType::F32, Default::default()
+        ),
         #[cfg(feature = "cuda")]
         (BackendName::Cuda, DTypeName::F16) => run::<
             CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, half::f16, i32, u8>,
-        >(args, pre, ValueType::F16, Default::default()),
+        >(
+            args, pre, ValueType::F16, Default::default()
+        ),
         #[cfg(feature = "cuda")]
         (BackendName::Cuda, DTypeName::Bf16) => run::<
             CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, half::bf16, i32, u8>,
-        >(args, pre, ValueType::BF16, Default::default()),
+        >(
+            args, pre, ValueType::BF16, Default::default()
+        ),
         #[allow(unreachable_patterns)]
         (backend, dtype) => Err(LlamaError::Invalid(format!(
             "this build cannot run {dtype:?} on {backend:?} (bf16 needs CUDA; a backend needs \

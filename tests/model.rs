@@ -50,16 +50,7 @@ fn config(model: &Llama<B>, sparsity: f64) -> KvCacheConfig {
 }
 
 fn run<C: KvCache<B>>(model: &Llama<B>, caches: &mut [C], prompt: &[u32]) -> Vec<u32> {
-    generate(
-        model,
-        caches,
-        prompt,
-        65,
-        &[],
-        &Sampling::default(),
-        |_| {},
-    )
-    .expect("generate")
+    generate(model, caches, prompt, 65, &[], &Sampling::default(), |_| {}).expect("generate")
 }
 
 #[test]
@@ -147,13 +138,24 @@ fn tinystories_656k_matches_the_reference_with_both_caches() {
     assert_eq!((c.dim, c.n_layers, c.head_dim()), (128, 2, 16));
     assert_eq!(pre.eos, [2]);
     assert!(pre.chat_template.is_none());
-    let prompt = pre.tokenizer.encode("Once upon a time", true).expect("encode");
+    let prompt = pre
+        .tokenizer
+        .encode("Once upon a time", true)
+        .expect("encode");
     assert_eq!(prompt, TINYSTORIES_GOLDEN[..6]);
     let device = Default::default();
     let layers = c.n_layers;
-    let gen = |caches: &mut Vec<SparseKvCache<B>>| {
-        generate(&model, caches, &prompt, 64, &pre.eos, &Sampling::default(), |_| {})
-            .expect("generate")
+    let run_sparse = |caches: &mut Vec<SparseKvCache<B>>| {
+        generate(
+            &model,
+            caches,
+            &prompt,
+            64,
+            &pre.eos,
+            &Sampling::default(),
+            |_| {},
+        )
+        .expect("generate")
     };
     let mut dense: Vec<DenseKvCache<B>> = (0..layers)
         .map(|_| DenseKvCache::new(&config(&model, 0.0), &device).expect("cache"))
@@ -180,15 +182,23 @@ fn tinystories_656k_matches_the_reference_with_both_caches() {
     let mut sparse: Vec<SparseKvCache<B>> = (0..layers)
         .map(|_| SparseKvCache::new(&small, &device).expect("cache"))
         .collect();
-    assert_eq!(gen(&mut sparse), TINYSTORIES_GOLDEN, "sparse cache at sparsity 0");
+    assert_eq!(
+        run_sparse(&mut sparse),
+        TINYSTORIES_GOLDEN,
+        "sparse cache at sparsity 0"
+    );
     for s in [0.5, 0.7] {
         let cfg = config(&model, s);
         let mut caches: Vec<SparseKvCache<B>> = (0..layers)
             .map(|_| SparseKvCache::new(&cfg, &device).expect("cache"))
             .collect();
-        let tokens = gen(&mut caches);
+        let tokens = run_sparse(&mut caches);
         assert_eq!(tokens.len(), 64);
-        assert_eq!(tokens[..=cfg.window], dense_tokens[..=cfg.window], "sparsity {s}");
+        assert_eq!(
+            tokens[..=cfg.window],
+            dense_tokens[..=cfg.window],
+            "sparsity {s}"
+        );
     }
 }
 
@@ -196,7 +206,12 @@ fn tinystories_656k_matches_the_reference_with_both_caches() {
 fn hf_tokenizer_round_trips_and_streams() {
     let (_, pre) = tinystories();
     let tok = &pre.tokenizer;
-    for text in ["Once upon a time", "Hello, world! 123", "a\nb", "Tom said, \"No.\""] {
+    for text in [
+        "Once upon a time",
+        "Hello, world! 123",
+        "a\nb",
+        "Tom said, \"No.\"",
+    ] {
         let ids = tok.encode(text, false).expect("encode");
         assert_ne!(ids.first(), Some(&1), "no BOS without special tokens");
         assert_eq!(tok.decode(&ids).expect("decode"), text);
@@ -206,7 +221,10 @@ fn hf_tokenizer_round_trips_and_streams() {
         // Streaming after a prompt gives the same text as decoding at once.
         let (head, tail) = ids.split_at(ids.len() / 2);
         let mut stream = tok.stream(head).expect("stream");
-        let streamed: String = tail.iter().map(|&t| stream.step(t).expect("step")).collect();
+        let streamed: String = tail
+            .iter()
+            .map(|&t| stream.step(t).expect("step"))
+            .collect();
         let whole = tok.decode(&ids).expect("decode");
         let first = tok.decode(head).expect("decode");
         assert_eq!(format!("{first}{streamed}"), whole, "{text:?}");
@@ -218,10 +236,14 @@ fn hf_tokenizer_round_trips_and_streams() {
 #[test]
 fn batched_ragged_generation_equals_one_prompt_at_a_time() {
     let (model, tok) = stories();
-    let prompts: Vec<Vec<u32>> = ["Once upon a time", "The dog", "Lily and Tom went to the park"]
-        .iter()
-        .map(|p| tok.encode(p, true).expect("encode"))
-        .collect();
+    let prompts: Vec<Vec<u32>> = [
+        "Once upon a time",
+        "The dog",
+        "Lily and Tom went to the park",
+    ]
+    .iter()
+    .map(|p| tok.encode(p, true).expect("encode"))
+    .collect();
     let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
     let c = model.config();
     let device = Default::default();
@@ -253,8 +275,7 @@ fn batched_ragged_generation_equals_one_prompt_at_a_time() {
                 seed: sampling.seed + i as u64,
                 ..sampling.clone()
             };
-            let single =
-                generate(&model, &mut one, p, 60, &[], &alone, |_| {}).expect("generate");
+            let single = generate(&model, &mut one, p, 60, &[], &alone, |_| {}).expect("generate");
             assert_eq!(batch[i], single, "sequence {i}, sparsity {s}");
             assert_eq!(batch[i][p.len()..], streamed[i][..]);
             assert_eq!(batch[i].len(), 60);
@@ -286,14 +307,19 @@ fn malformed_hf_directories_are_errors() {
     assert!(load_hf(&dir).is_ok());
     write(
         "config.json",
-        config.replace("\"intermediate_size\": 384", "\"intermediate_size\": 512").as_bytes(),
+        config
+            .replace("\"intermediate_size\": 384", "\"intermediate_size\": 512")
+            .as_bytes(),
     );
     let err = load_hf(&dir).expect_err("shape mismatch");
     assert!(err.to_string().contains("shape"), "{err}");
     // Configs that are not JSON, or describe something else.
     write("config.json", b"{\"hidden_size\": ");
     assert!(matches!(load_hf(&dir), Err(LlamaError::Malformed { .. })));
-    write("config.json", config.replace("\"llama\"", "\"gpt2\"").as_bytes());
+    write(
+        "config.json",
+        config.replace("\"llama\"", "\"gpt2\"").as_bytes(),
+    );
     assert!(matches!(load_hf(&dir), Err(LlamaError::Malformed { .. })));
     // A shard index that points outside the directory.
     std::fs::remove_file(dir.join("model.safetensors")).expect("rm");

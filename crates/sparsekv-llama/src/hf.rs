@@ -81,7 +81,10 @@ pub fn load_hf_config(path: impl AsRef<Path>) -> Result<(LlamaConfig, bool)> {
     }
     let check = |v: usize, name: &str, max: usize| {
         if v == 0 || v > max {
-            Err(malformed(path, format!("{name} = {v} is outside 1..={max}")))
+            Err(malformed(
+                path,
+                format!("{name} = {v} is outside 1..={max}"),
+            ))
         } else {
             Ok(v)
         }
@@ -96,7 +99,11 @@ pub fn load_hf_config(path: impl AsRef<Path>) -> Result<(LlamaConfig, bool)> {
         1024,
     )?;
     let vocab = check(hf.vocab_size, "vocab_size", 1 << 22)?;
-    let max_seq = check(hf.max_position_embeddings, "max_position_embeddings", 1 << 22)?;
+    let max_seq = check(
+        hf.max_position_embeddings,
+        "max_position_embeddings",
+        1 << 22,
+    )?;
     if dim % heads != 0 || heads % kv_heads != 0 {
         return Err(malformed(
             path,
@@ -115,7 +122,10 @@ pub fn load_hf_config(path: impl AsRef<Path>) -> Result<(LlamaConfig, bool)> {
         ));
     }
     if !(hf.rms_norm_eps > 0.0 && hf.rope_theta > 0.0) {
-        return Err(malformed(path, "rms_norm_eps and rope_theta must be positive"));
+        return Err(malformed(
+            path,
+            "rms_norm_eps and rope_theta must be positive",
+        ));
     }
     let rope_scaling = match &hf.rope_scaling {
         None | Some(serde_json::Value::Null) => None,
@@ -257,7 +267,9 @@ impl<'a> Shards<'a> {
             )));
         };
         let (path, st) = &self.files[i];
-        let view = st.tensor(name).map_err(|e| malformed(path, e.to_string()))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| malformed(path, e.to_string()))?;
         if view.shape() != shape {
             return Err(malformed(
                 path,

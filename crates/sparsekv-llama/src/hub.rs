@@ -7,9 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::error::{LlamaError, Result};
 use hf_hub::api::sync::{ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo};
-use crate::error::{LlamaError, Result};
 
 /// Where and how to look for a Hub model.
 #[derive(Debug, Clone, Default)]
@@ -64,8 +64,8 @@ pub fn fetch_model(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
     let all_cached = REQUIRED.iter().all(|f| cached.get(f).is_some())
         && (cached.get("model.safetensors").is_some()
             || cached.get("model.safetensors.index.json").is_some());
-    let offline = options.offline
-        || std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+    let offline =
+        options.offline || std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
     let source = if all_cached || offline {
         Source::Cache(cached)
     } else {
@@ -112,6 +112,9 @@ mod tests {
             .expect_err("nothing is cached");
         assert!(start.elapsed().as_secs() < 5);
         let msg = err.to_string();
-        assert!(msg.contains("--model DIR") && msg.contains("config.json"), "{msg}");
+        assert!(
+            msg.contains("--model DIR") && msg.contains("config.json"),
+            "{msg}"
+        );
     }
 }
