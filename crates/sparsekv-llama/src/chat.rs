@@ -176,6 +176,7 @@ impl ChatTemplate {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 

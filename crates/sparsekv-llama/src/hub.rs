@@ -96,6 +96,7 @@ pub fn fetch_model(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 
