@@ -338,6 +338,105 @@ fn malformed_hf_directories_are_errors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The same weights as shards with an index, and converted to f16 and bf16, load to the
+/// values the single f32 file gives (after the conversion's rounding).
+#[test]
+fn sharded_and_half_precision_weights_load() {
+    use safetensors::tensor::{Dtype, SafeTensors, TensorView, serialize_to_file};
+    let src = shared().join("models/tinystories-656K");
+    let reference = load_hf(&src).expect("load");
+    let bytes = std::fs::read(src.join("model.safetensors")).expect("read");
+    let st = SafeTensors::deserialize(&bytes).expect("parse");
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let dir = std::env::temp_dir().join(format!("sparsekv-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).expect("copy");
+
+    // Two f32 shards and their index.
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut map = Vec::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let views: Vec<(String, TensorView)> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).expect("tensor")))
+            .collect();
+        serialize_to_file(views, None, &dir.join(file)).expect("write shard");
+        map.extend(part.iter().map(|n| format!("\"{n}\": \"{file}\"")));
+    }
+    let index = format!("{{\"weight_map\": {{{}}}}}", map.join(", "));
+    std::fs::write(dir.join("model.safetensors.index.json"), index).expect("write index");
+    let sharded = load_hf(&dir).expect("sharded");
+    assert_eq!(sharded.embedding, reference.embedding);
+    assert_eq!(sharded.layers[1].w2, reference.layers[1].w2);
+    assert_eq!(sharded.final_norm, reference.final_norm);
+
+    // One f16 file and one bf16 file.
+    for f in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ] {
+        std::fs::remove_file(dir.join(f)).expect("rm");
+    }
+    for dtype in [Dtype::F16, Dtype::BF16] {
+        let round = |x: f32| match dtype {
+            Dtype::F16 => half::f16::from_f32(x).to_f32(),
+            _ => half::bf16::from_f32(x).to_f32(),
+        };
+        let converted: Vec<(String, Vec<u8>, Vec<usize>)> = names
+            .iter()
+            .map(|n| {
+                let t = st.tensor(n).expect("tensor");
+                let data = t
+                    .data()
+                    .chunks_exact(4)
+                    .flat_map(|b| {
+                        let x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        match dtype {
+                            Dtype::F16 => half::f16::from_f32(x).to_le_bytes(),
+                            _ => half::bf16::from_f32(x).to_le_bytes(),
+                        }
+                    })
+                    .collect();
+                (n.clone(), data, t.shape().to_vec())
+            })
+            .collect();
+        let views: Vec<(String, TensorView)> = converted
+            .iter()
+            .map(|(n, d, s)| {
+                (
+                    n.clone(),
+                    TensorView::new(dtype, s.clone(), d).expect("view"),
+                )
+            })
+            .collect();
+        serialize_to_file(views, None, &dir.join("model.safetensors")).expect("write");
+        let size = std::fs::metadata(dir.join("model.safetensors"))
+            .expect("stat")
+            .len();
+        assert!(
+            size < bytes.len() as u64 * 6 / 10,
+            "{dtype:?} file of {size} bytes"
+        );
+        let loaded = load_hf(&dir).expect("half");
+        for (got, want) in [
+            (&loaded.layers[0].wq, &reference.layers[0].wq),
+            (&loaded.embedding, &reference.embedding),
+        ] {
+            let rounded: Vec<f32> = want.iter().map(|&x| round(x)).collect();
+            assert!(
+                *got == rounded,
+                "{dtype:?} weights differ from the rounded f32 ones"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     let path = std::env::temp_dir().join(format!("sparsekv-{}-{name}", std::process::id()));
     std::fs::write(&path, bytes).expect("write temp file");
