@@ -126,6 +126,9 @@ fn answer<B: SparseKvBackend, C: KvCache<B>>(
         &sampling,
         |t| {
             first_token_at.get_or_insert_with(Instant::now);
+            if pre.eos.contains(&t) {
+                return; // a stop token ends the answer; it is not part of the text
+            }
             match stream.step(t) {
                 Ok(piece) => {
                     let _ = out.write_all(piece.as_bytes());
