@@ -7,7 +7,7 @@ use std::path::Path;
 use minijinja::{Environment, ErrorKind, context};
 use serde::Serialize;
 
-use crate::error::{LlamaError, Result, read_file};
+use crate::error::{LlamaError, Result, read_file, read_json};
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -119,17 +119,8 @@ impl ChatTemplate {
     /// which `default` is taken). `Ok(None)` when the model has none.
     pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Option<Self>> {
         let dir = dir.as_ref();
-        let config_path = dir.join("tokenizer_config.json");
-        let config: serde_json::Value = if config_path.exists() {
-            serde_json::from_slice(&read_file(&config_path)?).map_err(|e| {
-                LlamaError::Malformed {
-                    path: config_path.clone(),
-                    problem: format!("not JSON: {e}"),
-                }
-            })?
-        } else {
-            serde_json::Value::Null
-        };
+        let config =
+            read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(serde_json::Value::Null);
         let bos = token_text(config.get("bos_token"));
         let eos = token_text(config.get("eos_token"));
         let jinja = dir.join("chat_template.jinja");

@@ -108,3 +108,16 @@ pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
         source,
     })
 }
+
+/// Reads a JSON file; `Ok(None)` when it does not exist.
+pub(crate) fn read_json(path: &std::path::Path) -> Result<Option<serde_json::Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    serde_json::from_slice(&read_file(path)?)
+        .map(Some)
+        .map_err(|e| LlamaError::Malformed {
+            path: path.to_path_buf(),
+            problem: format!("not JSON: {e}"),
+        })
+}

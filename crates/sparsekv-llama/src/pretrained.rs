@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::chat::ChatTemplate;
 use crate::checkpoint::{LlamaWeights, load_llama2c};
-use crate::error::{LlamaError, Result, read_file};
+use crate::error::{LlamaError, Result, read_json};
 use crate::hf::load_hf;
 use crate::text::Tokenizer;
 use crate::tokenizer::{self, Llama2cTokenizer};
@@ -34,18 +34,6 @@ fn eos_ids(value: Option<&serde_json::Value>) -> Vec<u32> {
             .collect(),
         _ => Vec::new(),
     }
-}
-
-fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    serde_json::from_slice(&read_file(path)?)
-        .map(Some)
-        .map_err(|e| LlamaError::Malformed {
-            path: path.to_path_buf(),
-            problem: format!("not JSON: {e}"),
-        })
 }
 
 impl Pretrained {
