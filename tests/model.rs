@@ -7,10 +7,12 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 use sparsekv::cache::burn_cubecl::CubeBackend;
-use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, SparseKvCache};
+use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, PruneStrategy, SparseKvCache};
+use sparsekv::format::ValueType;
 use sparsekv::llama::tokenizer::{BOS, Llama2cTokenizer};
 use sparsekv::llama::{
-    Llama, LlamaError, Pretrained, Sampling, generate, generate_batch, load_hf, load_llama2c,
+    CacheKind, EvalCase, Llama, LlamaError, Pretrained, Sampling, Target, evaluate, generate,
+    generate_batch, load_hf, load_llama2c, text_windows,
 };
 
 mod common;
@@ -512,4 +514,140 @@ proptest! {
         std::fs::write(dir.join("model.safetensors"), &weights).expect("write");
         let _ = load_hf(&dir);
     }
+}
+
+/// A small slice of the TinyStories validation text, cut into evaluation windows.
+fn eval_windows(pre: &Pretrained, windows: usize, seq_len: usize) -> Vec<Vec<u32>> {
+    let path = shared().join("data/tinystories_val.txt");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (set SPARSEKV_SHARED)", path.display()));
+    let w = text_windows(&pre.tokenizer, &text, seq_len, windows * (seq_len - 1)).expect("windows");
+    assert_eq!(w.len(), windows);
+    assert!(w.iter().all(|x| x.len() == seq_len && x[0] == 1));
+    w
+}
+
+fn eval_case(cache: CacheKind, target: Target, sparsity: f64, window: usize) -> EvalCase {
+    EvalCase {
+        cache,
+        target,
+        sparsity,
+        window,
+    }
+}
+
+#[test]
+fn evaluation_at_sparsity_zero_reproduces_dense_for_every_strategy() {
+    let (model, pre) = tinystories();
+    let windows = eval_windows(&pre, 2, 40);
+    let device = Default::default();
+    let score = |case: EvalCase, chunk: usize| {
+        evaluate(
+            &model,
+            &windows,
+            &case,
+            chunk,
+            ValueType::F32,
+            &device,
+            || {},
+        )
+        .expect("eval")
+    };
+    let dense = score(eval_case(CacheKind::Dense, Target::Both, 0.0, 0), 8);
+    assert_eq!(dense.tokens(), 2 * 39);
+    assert!(dense.mean_nll().is_finite() && dense.mean_nll() > 0.0);
+    // The dense run really scores the text: its perplexity is far below the vocabulary's.
+    assert!(
+        dense.perplexity() < 200.0,
+        "dense perplexity {}",
+        dense.perplexity()
+    );
+    for strategy in PruneStrategy::ALL {
+        for window in [0, 4] {
+            let masked = score(
+                eval_case(CacheKind::Masked(strategy), Target::Keys, 0.0, window),
+                8,
+            );
+            // Nothing is pruned, the same dense kernel runs: bit for bit the dense numbers.
+            assert_eq!(masked, dense, "{} window {window}", strategy.name());
+        }
+    }
+    let compressed = score(eval_case(CacheKind::Compressed, Target::Both, 0.0, 0), 8);
+    assert_eq!(compressed.top1, dense.top1);
+    let rel = (compressed.mean_nll() - dense.mean_nll()).abs() / dense.mean_nll();
+    assert!(
+        rel < 1e-6,
+        "compressed cache at sparsity 0: relative NLL difference {rel:e}"
+    );
+}
+
+#[test]
+fn mask_simulation_of_per_token_magnitude_equals_the_compressed_cache() {
+    let (model, pre) = tinystories();
+    let windows = eval_windows(&pre, 2, 48);
+    let device = Default::default();
+    let score = |case: EvalCase| {
+        evaluate(&model, &windows, &case, 8, ValueType::F32, &device, || {}).expect("eval")
+    };
+    let dense = score(eval_case(CacheKind::Dense, Target::Both, 0.0, 0));
+    for (target, sparsity, window) in [(Target::Both, 0.7, 0), (Target::Keys, 0.5, 4)] {
+        let compressed = score(eval_case(CacheKind::Compressed, target, sparsity, window));
+        let masked = score(eval_case(
+            CacheKind::Masked(PruneStrategy::PerTokenMagnitude),
+            target,
+            sparsity,
+            window,
+        ));
+        let rel = (compressed.mean_nll() - masked.mean_nll()).abs() / masked.mean_nll();
+        assert!(
+            rel < 1e-5,
+            "{target:?} s={sparsity}: relative NLL difference {rel:e}"
+        );
+        assert!(compressed.agreement(&masked).expect("same shape") > 0.99);
+        // Pruning happened: the numbers moved away from dense.
+        assert_ne!(
+            compressed.nll, dense.nll,
+            "{target:?} s={sparsity} left the model unchanged"
+        );
+    }
+    // Every simulated strategy prunes: at 0.7 none reproduces the dense scores.
+    for strategy in PruneStrategy::ALL {
+        let masked = score(eval_case(CacheKind::Masked(strategy), Target::Keys, 0.7, 0));
+        assert_ne!(masked.nll, dense.nll, "{} pruned nothing", strategy.name());
+        assert!(masked.mean_nll().is_finite());
+    }
+}
+
+#[test]
+fn evaluation_rejects_bad_arguments() {
+    let (model, pre) = tinystories();
+    let device = Default::default();
+    assert!(text_windows(&pre.tokenizer, "Once upon a time.", 64, 100).is_err());
+    assert!(text_windows(&pre.tokenizer, "Once upon a time.", 1, 100).is_err());
+    let windows = eval_windows(&pre, 1, 16);
+    // ThinK prunes keys only.
+    let think_values = eval_case(
+        CacheKind::Masked(PruneStrategy::ThinkKeys),
+        Target::Both,
+        0.5,
+        0,
+    );
+    assert!(
+        evaluate(
+            &model,
+            &windows,
+            &think_values,
+            8,
+            ValueType::F32,
+            &device,
+            || {}
+        )
+        .is_err()
+    );
+    // Ragged windows and windows past the model's context are refused.
+    let ragged = vec![windows[0].clone(), windows[0][..8].to_vec()];
+    let dense = eval_case(CacheKind::Dense, Target::Both, 0.0, 0);
+    assert!(evaluate(&model, &ragged, &dense, 8, ValueType::F32, &device, || {}).is_err());
+    let long = vec![vec![1u32; model.config().max_seq + 1]];
+    assert!(evaluate(&model, &long, &dense, 8, ValueType::F32, &device, || {}).is_err());
 }

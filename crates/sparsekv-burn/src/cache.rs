@@ -590,6 +590,16 @@ impl<B: SparseKvBackend> DenseKvCache<B> {
     pub fn config(&self) -> &KvCacheConfig {
         &self.config
     }
+
+    /// Rows per stream of the K and V buffers.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The K and V buffers.
+    pub(crate) fn buffers(&self) -> (&B::KvBuffer, &B::KvBuffer) {
+        (&self.k, &self.v)
+    }
 }
 
 impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {

@@ -24,10 +24,12 @@
 pub mod backend;
 pub mod cache;
 pub mod error;
+pub mod masked;
 
 pub use backend::{CubeKvBuffer, SparseKvBackend};
 pub use cache::{DenseKvCache, KvCache, KvCacheConfig, LayerCaches, SparseKvCache};
 pub use error::{KvCacheError, Result};
+pub use masked::{MaskedKvCache, PruneStrategy};
 
 /// The Burn version this crate is built with.
 pub use burn;

@@ -1,0 +1,495 @@
+//! Measures what KV pruning costs a model in accuracy: perplexity of a text and top-1
+//! agreement with the dense model, over a sweep of strategies, targets (K, V, K+V),
+//! sparsities and dense windows, teacher-forced one token at a time through the decode path.
+//!
+//!     cargo run --release --example eval -- --model ../shared/models/tinystories-656K \
+//!         --text ../shared/data/tinystories_val.txt --max-tokens 20480 --out eval-656K
+//!     cargo run --release --example eval -- --model ../shared/models/stories260K/stories260K.bin \
+//!         --tokenizer ../shared/models/stories260K/tok512.bin \
+//!         --text ../shared/data/tinystories_val.txt --out eval-260K
+//!
+//! Writes `OUT/eval.md` (tables), `OUT/eval.csv` (one row per run) and `OUT/perplexity.svg`
+//! (perplexity vs sparsity, one line per strategy, one panel per target and window).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use plotters::prelude::*;
+use sparsekv::cache::burn_cubecl::CubeBackend;
+use sparsekv::cache::{PruneStrategy, SparseKvBackend};
+use sparsekv::format::ValueType;
+use sparsekv::llama::{
+    CacheKind, EvalCase, Llama, LlamaError, Pretrained, Scores, Target, evaluate, sweep,
+    text_windows,
+};
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum BackendName {
+    /// wgpu (Vulkan, Metal, DX12).
+    Wgpu,
+    /// CUDA (needs the `cuda` feature).
+    Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum StrategyName {
+    /// Per-token magnitude (sparsekv's format, run on the compressed cache).
+    PerTokenMagnitude,
+    /// Per-token output-aware (simulated).
+    PerTokenOutputAware,
+    /// Per-channel magnitude, 32-token groups (simulated).
+    PerChannelMagnitude,
+    /// Per-channel output-aware, 32-token groups (simulated).
+    PerChannelOutputAware,
+    /// ThinK structured key-channel pruning (simulated; keys only).
+    Think,
+}
+
+impl StrategyName {
+    fn strategy(self) -> PruneStrategy {
+        match self {
+            StrategyName::PerTokenMagnitude => PruneStrategy::PerTokenMagnitude,
+            StrategyName::PerTokenOutputAware => PruneStrategy::PerTokenOutputAware,
+            StrategyName::PerChannelMagnitude => PruneStrategy::PerChannelMagnitude,
+            StrategyName::PerChannelOutputAware => PruneStrategy::PerChannelOutputAware,
+            StrategyName::Think => PruneStrategy::ThinkKeys,
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Perplexity and top-1 agreement of a Llama model under KV cache pruning")]
+struct Args {
+    /// A Hugging Face model directory or a llama2.c checkpoint (.bin, with --tokenizer).
+    #[arg(long)]
+    model: PathBuf,
+    /// llama2.c tokenizer (tokenizer.bin), for a .bin checkpoint.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// The text to score (plain UTF-8; paragraphs on their own lines).
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens scored per run, at most (whole windows; fewer if the text is shorter).
+    #[arg(long, default_value_t = 20480)]
+    max_tokens: usize,
+    /// Tokens per window, BOS included (at most the model's context).
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Sparsities to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "0,0.3,0.5,0.7,0.8")]
+    sparsities: Vec<f64>,
+    /// Dense windows to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "0,32")]
+    windows: Vec<usize>,
+    /// Strategies to sweep (default: all five).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    strategies: Vec<StrategyName>,
+    /// Tokens pruned at once when the window overflows (also the per-channel group).
+    #[arg(long, default_value_t = 32)]
+    chunk: usize,
+    /// Also run per-token magnitude as a mask simulation and report how far it is from the
+    /// compressed cache.
+    #[arg(long)]
+    check_simulation: bool,
+    /// Backend (default: cuda when built with the `cuda` feature, else wgpu).
+    #[arg(long, value_enum)]
+    backend: Option<BackendName>,
+    /// Folder for eval.md, eval.csv and perplexity.svg.
+    #[arg(long, default_value = "eval-out")]
+    out: PathBuf,
+}
+
+/// One finished run.
+struct Row {
+    case: EvalCase,
+    scores: Scores,
+    seconds: f64,
+}
+
+fn case_label(case: &EvalCase) -> String {
+    match case.cache {
+        CacheKind::Dense => "dense".into(),
+        CacheKind::Compressed => "per-token magnitude".into(),
+        CacheKind::Masked(s) => format!("{} (mask)", s.name()),
+    }
+}
+
+fn strategy_name(case: &EvalCase) -> &'static str {
+    case.strategy().map(PruneStrategy::name).unwrap_or("dense")
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> LlamaError {
+    LlamaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn run<B: SparseKvBackend>(
+    args: &Args,
+    pre: &Pretrained,
+    device: B::Device,
+) -> Result<(), LlamaError> {
+    let model = Llama::<B>::new(&pre.weights, &device)?;
+    let text = std::fs::read_to_string(&args.text).map_err(|e| io_error(&args.text, e))?;
+    let windows = text_windows(&pre.tokenizer, &text, args.seq_len, args.max_tokens)?;
+    let steps = args.seq_len - 1;
+    let strategies: Vec<PruneStrategy> = if args.strategies.is_empty() {
+        PruneStrategy::ALL.to_vec()
+    } else {
+        args.strategies.iter().map(|s| s.strategy()).collect()
+    };
+    let mut cases = vec![EvalCase {
+        cache: CacheKind::Dense,
+        target: Target::Both,
+        sparsity: 0.0,
+        window: 0,
+    }];
+    cases.extend(sweep(&args.sparsities, &args.windows, &strategies));
+    if args.check_simulation {
+        let checks: Vec<EvalCase> = cases
+            .iter()
+            .filter(|c| c.cache == CacheKind::Compressed)
+            .map(|c| EvalCase {
+                cache: CacheKind::Masked(PruneStrategy::PerTokenMagnitude),
+                ..*c
+            })
+            .collect();
+        cases.extend(checks);
+    }
+    let c = model.config();
+    eprintln!(
+        "{}: {} layers, {}/{} heads, head_dim {}; {} windows of {} tokens ({} scored per run); {} runs",
+        args.model.display(),
+        c.n_layers,
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim(),
+        windows.len(),
+        args.seq_len,
+        windows.len() * steps,
+        cases.len()
+    );
+    let bar = ProgressBar::new((cases.len() * steps) as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps [{elapsed_precise}, ETA {eta_precise}] {msg}",
+        )
+        .map_err(|e| LlamaError::Invalid(format!("progress bar template: {e}")))?,
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    for case in &cases {
+        bar.set_message(format!(
+            "{} {} s={} w={}",
+            case_label(case),
+            case.target.name(),
+            case.sparsity,
+            case.window
+        ));
+        let start = Instant::now();
+        let scores = evaluate(
+            &model,
+            &windows,
+            case,
+            args.chunk,
+            ValueType::F32,
+            &device,
+            || bar.inc(1),
+        )?;
+        rows.push(Row {
+            case: *case,
+            scores,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+    }
+    bar.finish_and_clear();
+    report(args, c.head_dim(), windows.len() * steps, &rows)
+}
+
+fn report(args: &Args, head_dim: usize, tokens: usize, rows: &[Row]) -> Result<(), LlamaError> {
+    let dense = &rows[0].scores;
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Model `{}`, text `{}`: {tokens} tokens scored per run (windows of {} tokens from BOS), \
+         head_dim {head_dim}, chunk {}. Dense perplexity {:.4} (mean NLL {:.5} nats).\n",
+        args.model.display(),
+        args.text.display(),
+        args.seq_len,
+        args.chunk,
+        dense.perplexity(),
+        dense.mean_nll()
+    );
+    // Pivot tables: perplexity and agreement by sparsity.
+    let main_rows: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.case.cache != CacheKind::Dense)
+        .filter(|r| {
+            !(args.check_simulation
+                && r.case.cache == CacheKind::Masked(PruneStrategy::PerTokenMagnitude))
+        })
+        .collect();
+    for (title, metric) in [
+        ("Perplexity", 0usize),
+        ("Top-1 agreement with dense (%)", 1usize),
+    ] {
+        for &window in &args.windows {
+            let _ = writeln!(md, "### {title}, window {window}\n");
+            let mut header = "| strategy | target |".to_string();
+            let mut rule = "|---|---|".to_string();
+            for s in &args.sparsities {
+                let _ = write!(header, " s = {s} |");
+                rule.push_str("---|");
+            }
+            let _ = writeln!(md, "{header}\n{rule}");
+            let mut seen: Vec<(&'static str, Target)> = Vec::new();
+            for r in main_rows.iter().filter(|r| r.case.window == window) {
+                let key = (strategy_name(&r.case), r.case.target);
+                if r.case.sparsity == 0.0 || seen.contains(&key) {
+                    continue;
+                }
+                seen.push(key);
+                let mut line = format!("| {} | {} |", key.0, key.1.name());
+                for &s in &args.sparsities {
+                    let found = main_rows.iter().find(|x| {
+                        x.case.window == window
+                            && strategy_name(&x.case) == key.0
+                            && (x.case.target == key.1 || s == 0.0)
+                            && x.case.sparsity == s
+                    });
+                    let cell = match found {
+                        Some(x) if metric == 0 => format!("{:.4}", x.scores.perplexity()),
+                        Some(x) => format!("{:.2}", 100.0 * x.scores.agreement(dense)?),
+                        None => "-".into(),
+                    };
+                    let _ = write!(line, " {cell} |");
+                }
+                let _ = writeln!(md, "{line}");
+            }
+            let _ = writeln!(md);
+        }
+    }
+    if args.check_simulation {
+        let _ = writeln!(
+            md,
+            "### Per-token magnitude: compressed cache vs mask simulation\n\n\
+             | target | window | s | perplexity, compressed | perplexity, mask | relative difference | same top-1 (%) |\n|---|---|---|---|---|---|---|"
+        );
+        for r in rows
+            .iter()
+            .filter(|r| r.case.cache == CacheKind::Compressed)
+        {
+            let twin = rows.iter().find(|x| {
+                x.case
+                    == EvalCase {
+                        cache: CacheKind::Masked(PruneStrategy::PerTokenMagnitude),
+                        ..r.case
+                    }
+            });
+            if let Some(t) = twin {
+                let (a, b) = (r.scores.perplexity(), t.scores.perplexity());
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {a:.6} | {b:.6} | {:.2e} | {:.2} |",
+                    r.case.target.name(),
+                    r.case.window,
+                    r.case.sparsity,
+                    (a - b).abs() / b,
+                    100.0 * r.scores.agreement(&t.scores)?
+                );
+            }
+        }
+        let _ = writeln!(md);
+    }
+    print!("{md}");
+    std::fs::create_dir_all(&args.out).map_err(|e| io_error(&args.out, e))?;
+    let md_path = args.out.join("eval.md");
+    std::fs::write(&md_path, &md).map_err(|e| io_error(&md_path, e))?;
+    let mut csv = String::from(
+        "cache,strategy,target,window,sparsity,tokens,mean_nll,perplexity,top1_agreement,seconds\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{},{:.8},{:.6},{:.6},{:.2}",
+            match r.case.cache {
+                CacheKind::Dense => "dense",
+                CacheKind::Compressed => "compressed",
+                CacheKind::Masked(_) => "mask",
+            },
+            strategy_name(&r.case),
+            r.case.target.name(),
+            r.case.window,
+            r.case.sparsity,
+            r.scores.tokens(),
+            r.scores.mean_nll(),
+            r.scores.perplexity(),
+            r.scores.agreement(dense)?,
+            r.seconds
+        );
+    }
+    let csv_path = args.out.join("eval.csv");
+    std::fs::write(&csv_path, csv).map_err(|e| io_error(&csv_path, e))?;
+    let svg_path = args.out.join("perplexity.svg");
+    plot(&svg_path, args, &main_rows, dense.perplexity())
+        .map_err(|e| LlamaError::Invalid(format!("drawing {}: {e}", svg_path.display())))?;
+    eprintln!(
+        "wrote {}, {} and {}",
+        md_path.display(),
+        csv_path.display(),
+        svg_path.display()
+    );
+    Ok(())
+}
+
+/// Perplexity vs sparsity: one panel per (window, target), one line per strategy.
+fn plot(
+    path: &Path,
+    args: &Args,
+    rows: &[&Row],
+    dense: f64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (1500, 450 * args.windows.len() as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((args.windows.len(), Target::ALL.len()));
+    let max_s = args.sparsities.iter().copied().fold(0.0, f64::max);
+    let colors = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+    ];
+    for (i, panel) in panels.iter().enumerate() {
+        let window = args.windows[i / Target::ALL.len()];
+        let target = Target::ALL[i % Target::ALL.len()];
+        let series: Vec<(&'static str, Vec<(f64, f64)>)> = PruneStrategy::ALL
+            .iter()
+            .map(|&st| {
+                let mut points: Vec<(f64, f64)> = rows
+                    .iter()
+                    .filter(|r| {
+                        r.case.window == window
+                            && r.case.strategy() == Some(st)
+                            && (r.case.target == target || r.case.sparsity == 0.0)
+                    })
+                    .map(|r| (r.case.sparsity, r.scores.perplexity()))
+                    .collect();
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                (st.name(), points)
+            })
+            .filter(|(_, p)| p.len() > 1)
+            .collect();
+        let y_max = series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|x| x.1))
+            .fold(dense, f64::max);
+        let mut chart = ChartBuilder::on(panel)
+            .caption(
+                format!("{}, window {window}", target.name()),
+                ("sans-serif", 22),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..max_s.max(0.1), (dense * 0.98)..(y_max * 1.02))?;
+        chart
+            .configure_mesh()
+            .x_desc("sparsity")
+            .y_desc("perplexity")
+            .draw()?;
+        for (k, (name, points)) in series.iter().enumerate() {
+            let color = colors[k % colors.len()];
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    color.stroke_width(2),
+                ))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn load(args: &Args) -> Result<Pretrained, LlamaError> {
+    if args.model.is_dir() {
+        return Pretrained::load_dir(&args.model);
+    }
+    let tokenizer = args.tokenizer.as_ref().ok_or_else(|| {
+        LlamaError::Invalid(format!(
+            "{} is a llama2.c checkpoint: pass its tokenizer.bin with --tokenizer",
+            args.model.display()
+        ))
+    })?;
+    Pretrained::load_llama2c(&args.model, tokenizer)
+}
+
+fn check(args: &Args) -> Result<(), LlamaError> {
+    if let Some(s) = args.sparsities.iter().find(|s| !(0.0..1.0).contains(*s)) {
+        return Err(LlamaError::Invalid(format!(
+            "--sparsities: {s} is outside [0, 1)"
+        )));
+    }
+    if args.sparsities.is_empty() || args.windows.is_empty() || args.chunk == 0 {
+        return Err(LlamaError::Invalid(
+            "--sparsities and --windows need at least one value and --chunk at least 1".into(),
+        ));
+    }
+    if args.seq_len < 2 || args.max_tokens == 0 {
+        return Err(LlamaError::Invalid(
+            "--seq-len must be at least 2 and --max-tokens at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn dispatch(args: &Args, pre: &Pretrained) -> Result<(), LlamaError> {
+    let backend = args.backend.unwrap_or(if cfg!(feature = "cuda") {
+        BackendName::Cuda
+    } else {
+        BackendName::Wgpu
+    });
+    match backend {
+        #[cfg(feature = "wgpu")]
+        BackendName::Wgpu => run::<
+            CubeBackend<sparsekv::kernels::cubecl::wgpu::WgpuRuntime, f32, i32, u32>,
+        >(args, pre, Default::default()),
+        #[cfg(feature = "cuda")]
+        BackendName::Cuda => run::<
+            CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, f32, i32, u8>,
+        >(args, pre, Default::default()),
+        #[allow(unreachable_patterns)]
+        other => Err(LlamaError::Invalid(format!(
+            "this build has no {other:?} backend (its cargo feature: --features cuda or wgpu)"
+        ))),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match check(&args)
+        .and_then(|()| load(&args))
+        .and_then(|pre| dispatch(&args, &pre))
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
