@@ -65,14 +65,14 @@ impl StrategyName {
 #[command(about = "Perplexity and top-1 agreement of a Llama model under KV cache pruning")]
 struct Args {
     /// A Hugging Face model directory or a llama2.c checkpoint (.bin, with --tokenizer).
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "replot")]
+    model: Option<PathBuf>,
     /// llama2.c tokenizer (tokenizer.bin), for a .bin checkpoint.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// The text to score (plain UTF-8; paragraphs on their own lines).
-    #[arg(long)]
-    text: PathBuf,
+    #[arg(long, required_unless_present = "replot")]
+    text: Option<PathBuf>,
     /// Tokens scored per run, at most (whole windows; fewer if the text is shorter).
     #[arg(long, default_value_t = 20480)]
     max_tokens: usize,
@@ -101,6 +101,10 @@ struct Args {
     /// Folder for eval.md, eval.csv and perplexity.svg.
     #[arg(long, default_value = "eval-out")]
     out: PathBuf,
+    /// Redraw OUT/perplexity.svg from an earlier run's eval.csv instead of evaluating (the
+    /// model and text arguments are then not read).
+    #[arg(long)]
+    replot: Option<PathBuf>,
 }
 
 /// One finished run.
@@ -135,7 +139,8 @@ fn run<B: SparseKvBackend>(
     device: B::Device,
 ) -> Result<(), LlamaError> {
     let model = Llama::<B>::new(&pre.weights, &device)?;
-    let text = std::fs::read_to_string(&args.text).map_err(|e| io_error(&args.text, e))?;
+    let text_path = args.text.clone().unwrap_or_default();
+    let text = std::fs::read_to_string(&text_path).map_err(|e| io_error(&text_path, e))?;
     let windows = text_windows(&pre.tokenizer, &text, args.seq_len, args.max_tokens)?;
     let steps = args.seq_len - 1;
     let strategies: Vec<PruneStrategy> = if args.strategies.is_empty() {
@@ -164,7 +169,7 @@ fn run<B: SparseKvBackend>(
     let c = model.config();
     eprintln!(
         "{}: {} layers, {}/{} heads, head_dim {}; {} windows of {} tokens ({} scored per run); {} runs",
-        args.model.display(),
+        args.model.clone().unwrap_or_default().display(),
         c.n_layers,
         c.n_heads,
         c.n_kv_heads,
@@ -217,8 +222,8 @@ fn report(args: &Args, head_dim: usize, tokens: usize, rows: &[Row]) -> Result<(
         md,
         "Model `{}`, text `{}`: {tokens} tokens scored per run (windows of {} tokens from BOS), \
          head_dim {head_dim}, chunk {}. Dense perplexity {:.4} (mean NLL {:.5} nats).\n",
-        args.model.display(),
-        args.text.display(),
+        args.model.clone().unwrap_or_default().display(),
+        args.text.clone().unwrap_or_default().display(),
         args.seq_len,
         args.chunk,
         dense.perplexity(),
@@ -335,7 +340,11 @@ fn report(args: &Args, head_dim: usize, tokens: usize, rows: &[Row]) -> Result<(
     let csv_path = args.out.join("eval.csv");
     std::fs::write(&csv_path, csv).map_err(|e| io_error(&csv_path, e))?;
     let svg_path = args.out.join("perplexity.svg");
-    plot(&svg_path, args, &main_rows, dense.perplexity())
+    let points: Vec<(EvalCase, f64)> = main_rows
+        .iter()
+        .map(|r| (r.case, r.scores.perplexity()))
+        .collect();
+    plot(&svg_path, args, &points, dense.perplexity())
         .map_err(|e| LlamaError::Invalid(format!("drawing {}: {e}", svg_path.display())))?;
     eprintln!(
         "wrote {}, {} and {}",
@@ -350,7 +359,7 @@ fn report(args: &Args, head_dim: usize, tokens: usize, rows: &[Row]) -> Result<(
 fn plot(
     path: &Path,
     args: &Args,
-    rows: &[&Row],
+    rows: &[(EvalCase, f64)],
     dense: f64,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::new(path, (1500, 450 * args.windows.len() as u32)).into_drawing_area();
@@ -372,22 +381,21 @@ fn plot(
             .map(|&st| {
                 let mut points: Vec<(f64, f64)> = rows
                     .iter()
-                    .filter(|r| {
-                        r.case.window == window
-                            && r.case.strategy() == Some(st)
-                            && (r.case.target == target || r.case.sparsity == 0.0)
+                    .filter(|(case, _)| {
+                        case.window == window
+                            && case.strategy() == Some(st)
+                            && (case.target == target || case.sparsity == 0.0)
                     })
-                    .map(|r| (r.case.sparsity, r.scores.perplexity()))
+                    .map(|(case, ppl)| (case.sparsity, *ppl))
                     .collect();
                 points.sort_by(|a, b| a.0.total_cmp(&b.0));
                 (st.name(), points)
             })
             .filter(|(_, p)| p.len() > 1)
             .collect();
-        let y_max = series
-            .iter()
-            .flat_map(|(_, p)| p.iter().map(|x| x.1))
-            .fold(dense, f64::max);
+        let values = || series.iter().flat_map(|(_, p)| p.iter().map(|x| x.1));
+        let y_max = values().fold(dense, f64::max);
+        let y_min = values().fold(dense, f64::min);
         let mut chart = ChartBuilder::on(panel)
             .caption(
                 format!("{}, window {window}", target.name()),
@@ -396,7 +404,7 @@ fn plot(
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(0.0..max_s.max(0.1), (dense * 0.98)..(y_max * 1.02))?;
+            .build_cartesian_2d(0.0..max_s.max(0.1), (y_min * 0.98)..(y_max * 1.02))?;
         chart
             .configure_mesh()
             .x_desc("sparsity")
@@ -426,17 +434,63 @@ fn plot(
     Ok(())
 }
 
+/// Reads an earlier run's eval.csv and draws its plot again.
+fn replot(args: &Args, csv: &Path) -> Result<(), LlamaError> {
+    let text = std::fs::read_to_string(csv).map_err(|e| io_error(csv, e))?;
+    let bad = |line: &str| LlamaError::Malformed {
+        path: csv.to_path_buf(),
+        problem: format!("unexpected row {line:?}"),
+    };
+    let mut dense = None;
+    let mut points = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != 10 {
+            return Err(bad(line));
+        }
+        let number = |s: &str| s.parse::<f64>().map_err(|_| bad(line));
+        let strategy = PruneStrategy::ALL.into_iter().find(|s| s.name() == f[1]);
+        let target = Target::ALL.into_iter().find(|t| t.name() == f[2]);
+        let cache = match (f[0], strategy) {
+            ("dense", _) => {
+                dense = Some(number(f[7])?);
+                continue;
+            }
+            ("compressed", Some(_)) => CacheKind::Compressed,
+            // The mask twin of per-token magnitude only checks the compressed cache.
+            ("mask", Some(PruneStrategy::PerTokenMagnitude)) => continue,
+            ("mask", Some(s)) => CacheKind::Masked(s),
+            _ => return Err(bad(line)),
+        };
+        let case = EvalCase {
+            cache,
+            target: target.ok_or_else(|| bad(line))?,
+            window: f[3].parse().map_err(|_| bad(line))?,
+            sparsity: number(f[4])?,
+        };
+        points.push((case, number(f[7])?));
+    }
+    let dense = dense.ok_or_else(|| bad("(no dense row)"))?;
+    std::fs::create_dir_all(&args.out).map_err(|e| io_error(&args.out, e))?;
+    let svg_path = args.out.join("perplexity.svg");
+    plot(&svg_path, args, &points, dense)
+        .map_err(|e| LlamaError::Invalid(format!("drawing {}: {e}", svg_path.display())))?;
+    eprintln!("wrote {}", svg_path.display());
+    Ok(())
+}
+
 fn load(args: &Args) -> Result<Pretrained, LlamaError> {
-    if args.model.is_dir() {
-        return Pretrained::load_dir(&args.model);
+    let model = args.model.clone().unwrap_or_default();
+    if model.is_dir() {
+        return Pretrained::load_dir(&model);
     }
     let tokenizer = args.tokenizer.as_ref().ok_or_else(|| {
         LlamaError::Invalid(format!(
             "{} is a llama2.c checkpoint: pass its tokenizer.bin with --tokenizer",
-            args.model.display()
+            model.display()
         ))
     })?;
-    Pretrained::load_llama2c(&args.model, tokenizer)
+    Pretrained::load_llama2c(&model, tokenizer)
 }
 
 fn check(args: &Args) -> Result<(), LlamaError> {
@@ -482,6 +536,15 @@ fn dispatch(args: &Args, pre: &Pretrained) -> Result<(), LlamaError> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(csv) = &args.replot {
+        return match replot(&args, csv) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match check(&args)
         .and_then(|()| load(&args))
         .and_then(|pre| dispatch(&args, &pre))
