@@ -1,19 +1,28 @@
-//! Decode attention, dense vs sparse, on the backend the features select (`cuda`, else wgpu).
+//! Decode attention, dense vs sparse, on the backend the features select (`cuda`, else wgpu),
+//! against a device-to-device copy ceiling measured in the same run.
 //!
-//! Shape (the first BENCHMARKS.md row): H_q/H_kv = 32/8, head_dim 128, f16 (f32 where the
-//! device has no f16), B = 8, T = 32768 tokens per sequence, sparsity 0.7 for K and V, a dense
-//! window of 32. The sparse cache is made from the same random rows by the prune+compress
-//! kernel. The KV data (about 1 GB dense) is far larger than any L2, so no rotation is needed.
+//! Shapes: H_q/H_kv = 32/8, head_dim 128, f16 (f32 where the device has no f16), a dense
+//! window of 32, B in {1, 8, 32} x T in {1K, 4K, 16K, 32K, 128K}, sparsity 0.5 and 0.7 for K
+//! and V. Shapes whose dense K tensor would pass 2^31 elements (B = 32 at 128K) are skipped:
+//! the kernels index with 32-bit integers. The sparse caches are made from the same rows by the
+//! prune+compress kernel. Small caches are rotated (several independent copies, at least
+//! 256 MB in all) so that L2 does not hold the KV between calls.
 //!
-//! Timing: criterion's `iter_custom`, with the device synchronised before starting the clock
-//! and after the last launch, so it measures GPU work rather than queueing. After criterion,
-//! the bench prints a markdown table from its own measurement: the median over 15 batches of
-//! 20 back-to-back calls (after warm-up), with bytes read and effective bandwidth.
+//! Timing: the device is synchronised before the clock starts and after the last launch.
+//! Criterion (`iter_custom`) runs the B = 8 shapes; the printed markdown table, for every
+//! shape, has the median over 15 batches of 20 back-to-back calls after 10 warm-up calls, the
+//! bytes a call must read (bitmaps, values, window or dense K/V, queries, output), the
+//! effective bandwidth and its fraction of the copy ceiling, and the speedup vs dense.
+//!
+//! `SPARSEKV_BENCH_QUICK=1` runs only B = 1 at 1K and 4K (for software adapters).
 
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::needless_range_loop)]
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
 
 use std::time::{Duration, Instant};
 
+use common::{Rt, backend_name, copy_bandwidth, median_call_time, quick, random_handle, sync};
 use criterion::{Criterion, criterion_group, criterion_main};
 use sparsekv::format::{HeadDim, Sparsity, keep_count, layout};
 use sparsekv::kernels::cubecl::prelude::*;
@@ -23,259 +32,272 @@ use sparsekv::kernels::{
     prune_compress, supports_type,
 };
 
-#[cfg(feature = "cuda")]
-type Rt = sparsekv::kernels::cubecl::cuda::CudaRuntime;
-#[cfg(not(feature = "cuda"))]
-type Rt = sparsekv::kernels::cubecl::wgpu::WgpuRuntime;
-
 const Q_HEADS: usize = 32;
 const KV_HEADS: usize = 8;
 const HEAD_DIM: usize = 128;
 const WINDOW: usize = 32;
+const SPARSITIES: [f64; 2] = [0.5, 0.7];
+/// Bytes of KV the rotated copies of a small cache add up to, at least.
+const ROTATION_BYTES: usize = 256 << 20;
 
-/// Fast uniform [-1, 1) values (xorshift), converted to `F`.
-fn random<F: FloatElement>(n: usize, seed: u64) -> Vec<F> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            F::from_f32((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
-        })
-        .collect()
-}
-
-fn sync(client: &ComputeClient<Rt>) {
-    sparsekv::kernels::cubecl::future::block_on(client.sync()).expect("device sync");
-}
-
-struct Setup {
-    batch: usize,
-    tokens: usize,
-    sparsity: Sparsity,
-    q: Handle,
-    out: Handle,
+/// One cache: dense K/V of all tokens, and for each sparsity the same rows compressed (all
+/// but the window) plus the window.
+struct CacheSet {
     dense_k: Handle,
     dense_v: Handle,
     win_k: Handle,
     win_v: Handle,
-    bits_k: Handle,
-    bits_v: Handle,
-    vals_k: Handle,
-    vals_v: Handle,
-    bitmap_stride: usize,
-    values_stride: usize,
+    /// Per sparsity: K bitmap, V bitmap, K values, V values.
+    compressed: Vec<[Handle; 4]>,
 }
 
-impl Setup {
-    fn new<F: FloatElement>(
-        client: &ComputeClient<Rt>,
-        batch: usize,
-        tokens: usize,
-        s: f64,
-    ) -> Self {
+struct Shape {
+    batch: usize,
+    tokens: usize,
+}
+
+impl Shape {
+    fn streams(&self) -> usize {
+        self.batch * KV_HEADS
+    }
+    fn compressed_tokens(&self) -> usize {
+        self.tokens - WINDOW
+    }
+    fn bitmap_stride(&self) -> usize {
+        layout::bitmap_words(
+            layout::aligned_capacity(self.compressed_tokens()),
+            HeadDim::new(HEAD_DIM).expect("valid"),
+        )
+    }
+    fn values_stride(&self, s: Sparsity) -> usize {
+        layout::aligned_capacity(self.compressed_tokens())
+            * keep_count(s, HeadDim::new(HEAD_DIM).expect("valid"))
+    }
+
+    /// Bytes a call must read and write: K/V (compressed or dense), queries and output.
+    fn bytes(&self, sparsity: Option<Sparsity>, elem: usize) -> usize {
+        let qo = 2 * self.batch * Q_HEADS * HEAD_DIM * elem;
         let hd = HeadDim::new(HEAD_DIM).expect("valid");
-        let sparsity = Sparsity::new(s).expect("valid");
-        let streams = batch * KV_HEADS;
-        let up = |v: Vec<F>| client.create_from_slice(F::as_bytes(&v));
-        let dense_k = up(random::<F>(streams * tokens * HEAD_DIM, 1));
-        let dense_v = up(random::<F>(streams * tokens * HEAD_DIM, 2));
-        let win_k = up(random::<F>(streams * WINDOW * HEAD_DIM, 3));
-        let win_v = up(random::<F>(streams * WINDOW * HEAD_DIM, 4));
-        let q = up(random::<F>(batch * Q_HEADS * HEAD_DIM, 5));
-        let out = client.empty(batch * Q_HEADS * HEAD_DIM * F::size_bytes());
-        let comp = tokens - WINDOW;
-        let cap = layout::aligned_capacity(comp);
-        let keep = keep_count(sparsity, hd);
-        let bitmap_stride = layout::bitmap_words(cap, hd);
-        let values_stride = cap * keep;
-        let bits_k = client.empty(streams * bitmap_stride * 4);
-        let bits_v = client.empty(streams * bitmap_stride * 4);
-        let vals_k = client.empty(streams * values_stride * F::size_bytes());
-        let vals_v = client.empty(streams * values_stride * F::size_bytes());
-        let zeros = vec![0u32; batch];
-        let counts = vec![comp as u32; batch];
-        for (src, bits, vals) in [(&dense_k, &bits_k, &vals_k), (&dense_v, &bits_v, &vals_v)] {
-            let args = CompressArgs {
-                sequences: batch,
-                kv_heads: KV_HEADS,
-                head_dim: hd,
-                sparsity,
-                src_stride: tokens * HEAD_DIM,
-                src_start: &zeros,
-                dst_start: &zeros,
-                counts: &counts,
-                bitmap_stride,
-                values_stride,
-            };
-            prune_compress::<Rt, F>(client, &args, src, bits, vals).expect("compress");
-        }
+        let per_stream = match sparsity {
+            Some(s) => {
+                let comp = self.compressed_tokens();
+                2 * (layout::bitmap_words(comp, hd) * 4 + comp * keep_count(s, hd) * elem)
+                    + 2 * WINDOW * HEAD_DIM * elem
+            }
+            None => 2 * self.tokens * HEAD_DIM * elem,
+        };
+        self.streams() * per_stream + qo
+    }
+
+    fn make_set<F: FloatElement>(&self, client: &ComputeClient<Rt>, seed: u32) -> CacheSet {
+        let hd = HeadDim::new(HEAD_DIM).expect("valid");
+        let streams = self.streams();
+        let dense_k = random_handle::<F>(client, streams * self.tokens * HEAD_DIM, seed);
+        let dense_v = random_handle::<F>(client, streams * self.tokens * HEAD_DIM, seed + 1);
+        let win_k = random_handle::<F>(client, streams * WINDOW * HEAD_DIM, seed + 2);
+        let win_v = random_handle::<F>(client, streams * WINDOW * HEAD_DIM, seed + 3);
+        let zeros = vec![0u32; self.batch];
+        let counts = vec![self.compressed_tokens() as u32; self.batch];
+        let compressed = SPARSITIES
+            .iter()
+            .map(|&s| {
+                let sparsity = Sparsity::new(s).expect("valid");
+                let (bitmap_stride, values_stride) =
+                    (self.bitmap_stride(), self.values_stride(sparsity));
+                let bits = || client.empty(streams * bitmap_stride * 4);
+                let vals = || client.empty(streams * values_stride * F::size_bytes());
+                let set = [bits(), bits(), vals(), vals()];
+                for (src, b, v) in [(&dense_k, &set[0], &set[2]), (&dense_v, &set[1], &set[3])] {
+                    let args = CompressArgs {
+                        sequences: self.batch,
+                        kv_heads: KV_HEADS,
+                        head_dim: hd,
+                        sparsity,
+                        src_stride: self.tokens * HEAD_DIM,
+                        src_start: &zeros,
+                        dst_start: &zeros,
+                        counts: &counts,
+                        bitmap_stride,
+                        values_stride,
+                    };
+                    prune_compress::<Rt, F>(client, &args, src, b, v).expect("compress");
+                }
+                set
+            })
+            .collect();
         sync(client);
-        Setup {
-            batch,
-            tokens,
-            sparsity,
-            q,
-            out,
+        CacheSet {
             dense_k,
             dense_v,
             win_k,
             win_v,
-            bits_k,
-            bits_v,
-            vals_k,
-            vals_v,
-            bitmap_stride,
-            values_stride,
+            compressed,
         }
     }
 
-    fn run<F: FloatElement>(&self, client: &ComputeClient<Rt>, sparse: bool) {
+    /// One decode-attention call over `set`: dense (`which = None`) or compressed at
+    /// `SPARSITIES[which]`.
+    fn run<F: FloatElement>(
+        &self,
+        client: &ComputeClient<Rt>,
+        set: &CacheSet,
+        q: &Handle,
+        out: &Handle,
+        which: Option<usize>,
+    ) {
         let hd = HeadDim::new(HEAD_DIM).expect("valid");
-        let comp = vec![(self.tokens - WINDOW) as u32; self.batch];
-        let win = vec![WINDOW as u32; self.batch];
-        let all = vec![self.tokens as u32; self.batch];
-        let zeros = vec![0u32; self.batch];
-        let result = if sparse {
-            let segment = SparseSegmentArgs {
-                k_bitmap: &self.bits_k,
-                k_values: &self.vals_k,
-                v_bitmap: &self.bits_v,
-                v_values: &self.vals_v,
-                bitmap_stride: self.bitmap_stride,
-                k_values_stride: self.values_stride,
-                v_values_stride: self.values_stride,
-                k_sparsity: self.sparsity,
-                v_sparsity: self.sparsity,
-            };
-            let args = AttentionArgs {
-                batch: self.batch,
-                q_heads: Q_HEADS,
-                kv_heads: KV_HEADS,
-                head_dim: hd,
-                compressed_lens: &comp,
-                window_lens: &win,
-            };
-            let window = DenseCacheArgs {
-                k: &self.win_k,
-                v: &self.win_v,
-                stride: WINDOW * HEAD_DIM,
-            };
-            decode_attention::<Rt, F>(client, &args, &self.q, Some(&segment), &window, &self.out)
-        } else {
-            let args = AttentionArgs {
-                batch: self.batch,
-                q_heads: Q_HEADS,
-                kv_heads: KV_HEADS,
-                head_dim: hd,
-                compressed_lens: &zeros,
-                window_lens: &all,
-            };
-            let window = DenseCacheArgs {
-                k: &self.dense_k,
-                v: &self.dense_v,
-                stride: self.tokens * HEAD_DIM,
-            };
-            decode_attention::<Rt, F>(client, &args, &self.q, None, &window, &self.out)
+        let b = self.batch;
+        let result = match which {
+            Some(i) => {
+                let sparsity = Sparsity::new(SPARSITIES[i]).expect("valid");
+                let [kb, vb, kv, vv] = &set.compressed[i];
+                let segment = SparseSegmentArgs {
+                    k_bitmap: kb,
+                    k_values: kv,
+                    v_bitmap: vb,
+                    v_values: vv,
+                    bitmap_stride: self.bitmap_stride(),
+                    k_values_stride: self.values_stride(sparsity),
+                    v_values_stride: self.values_stride(sparsity),
+                    k_sparsity: sparsity,
+                    v_sparsity: sparsity,
+                };
+                let comp = vec![self.compressed_tokens() as u32; b];
+                let win = vec![WINDOW as u32; b];
+                let args = AttentionArgs {
+                    batch: b,
+                    q_heads: Q_HEADS,
+                    kv_heads: KV_HEADS,
+                    head_dim: hd,
+                    compressed_lens: &comp,
+                    window_lens: &win,
+                };
+                let window = DenseCacheArgs {
+                    k: &set.win_k,
+                    v: &set.win_v,
+                    stride: WINDOW * HEAD_DIM,
+                };
+                decode_attention::<Rt, F>(client, &args, q, Some(&segment), &window, out)
+            }
+            None => {
+                let zeros = vec![0u32; b];
+                let all = vec![self.tokens as u32; b];
+                let args = AttentionArgs {
+                    batch: b,
+                    q_heads: Q_HEADS,
+                    kv_heads: KV_HEADS,
+                    head_dim: hd,
+                    compressed_lens: &zeros,
+                    window_lens: &all,
+                };
+                let window = DenseCacheArgs {
+                    k: &set.dense_k,
+                    v: &set.dense_v,
+                    stride: self.tokens * HEAD_DIM,
+                };
+                decode_attention::<Rt, F>(client, &args, q, None, &window, out)
+            }
         };
         result.expect("launch");
     }
-
-    /// Bytes a call must read: every K/V byte of the cache (bitmaps, values, window) and the
-    /// queries, plus the output written.
-    fn bytes(&self, sparse: bool, elem: usize) -> usize {
-        let streams = self.batch * KV_HEADS;
-        let qo = 2 * self.batch * Q_HEADS * HEAD_DIM * elem;
-        if sparse {
-            let hd = HeadDim::new(HEAD_DIM).expect("valid");
-            let comp = self.tokens - WINDOW;
-            let keep = keep_count(self.sparsity, hd);
-            let per_stream = 2 * (layout::bitmap_words(comp, hd) * 4 + comp * keep * elem)
-                + 2 * WINDOW * HEAD_DIM * elem;
-            streams * per_stream + qo
-        } else {
-            streams * 2 * self.tokens * HEAD_DIM * elem + qo
-        }
-    }
 }
 
-fn median_call_time<F: FloatElement>(
-    client: &ComputeClient<Rt>,
-    setup: &Setup,
-    sparse: bool,
-) -> Duration {
-    for _ in 0..10 {
-        setup.run::<F>(client, sparse);
-    }
-    sync(client);
-    let mut per_call: Vec<Duration> = (0..15)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..20 {
-                setup.run::<F>(client, sparse);
+fn shapes() -> Vec<Shape> {
+    let (batches, tokens): (&[usize], &[usize]) = if quick() {
+        (&[1], &[1024, 4096])
+    } else {
+        (&[1, 8, 32], &[1024, 4096, 16384, 32768, 131072])
+    };
+    let mut out = Vec::new();
+    for &batch in batches {
+        for &t in tokens {
+            // 32-bit indexing in the kernels: keep every stream array under 2^31 elements.
+            if batch * KV_HEADS * t * HEAD_DIM < (1usize << 31) {
+                out.push(Shape { batch, tokens: t });
             }
-            sync(client);
-            t.elapsed() / 20
-        })
-        .collect();
-    per_call.sort();
-    per_call[per_call.len() / 2]
+        }
+    }
+    out
+}
+
+fn label(which: Option<usize>) -> String {
+    match which {
+        Some(i) => format!("sparse s={}", SPARSITIES[i]),
+        None => "dense".into(),
+    }
 }
 
 fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
-    let (batch, tokens, s) = (8, 32768, 0.7);
-    let setup = Setup::new::<F>(client, batch, tokens, s);
-    let mut group = c.benchmark_group(format!("decode_attention/{}", F::name()));
-    group
-        .sample_size(20)
-        .measurement_time(Duration::from_secs(3));
-    for sparse in [false, true] {
-        let name = if sparse {
-            format!("sparse_s{s}")
-        } else {
-            "dense".to_string()
-        };
-        group.bench_function(format!("{name}/B{batch}/T{tokens}"), |b| {
-            b.iter_custom(|iters| {
-                sync(client);
-                let t = Instant::now();
-                for _ in 0..iters {
-                    setup.run::<F>(client, sparse);
-                }
-                sync(client);
-                t.elapsed()
-            })
-        });
-    }
-    group.finish();
-
-    println!(
-        "\n| kernel | B | T | dtype | us/call (median) | bytes read | effective GB/s | speedup vs dense |"
+    let copy_bytes = if quick() { 64 << 20 } else { 1 << 30 };
+    let ceiling = copy_bandwidth(client, copy_bytes);
+    let mut table = format!(
+        "\nCopy ceiling ({}, {} MiB device-to-device, read + written): {:.0} GB/s\n\n\
+         | kernel | B | T | dtype | us/call (median) | bytes read | effective GB/s | % of copy | speedup vs dense |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+        backend_name(),
+        copy_bytes >> 20,
+        ceiling / 1e9
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    let dense = median_call_time::<F>(client, &setup, false);
-    for sparse in [false, true] {
-        let t = if sparse {
-            median_call_time::<F>(client, &setup, true)
-        } else {
-            dense
-        };
-        let bytes = setup.bytes(sparse, F::size_bytes());
-        println!(
-            "| {} | {batch} | {tokens} | {} | {:.1} | {} | {:.0} | {:.2}x |",
-            if sparse {
-                format!("sparse s={s}")
-            } else {
-                "dense".into()
-            },
-            F::name(),
-            t.as_secs_f64() * 1e6,
-            bytes,
-            bytes as f64 / t.as_secs_f64() / 1e9,
-            dense.as_secs_f64() / t.as_secs_f64()
-        );
+    let elem = F::size_bytes();
+    for shape in shapes() {
+        let dense_bytes = 2 * shape.streams() * shape.tokens * HEAD_DIM * elem;
+        let sets_count = ROTATION_BYTES.div_ceil(dense_bytes).clamp(1, 16);
+        let sets: Vec<CacheSet> = (0..sets_count)
+            .map(|i| shape.make_set::<F>(client, 16 * i as u32 + 1))
+            .collect();
+        let q = random_handle::<F>(client, shape.batch * Q_HEADS * HEAD_DIM, 999);
+        let out = client.empty(shape.batch * Q_HEADS * HEAD_DIM * elem);
+        sync(client);
+        let kernels = [None, Some(0), Some(1)];
+        if shape.batch == 8 && !quick() {
+            let mut group = c.benchmark_group(format!("decode_attention/{}", F::name()));
+            group
+                .sample_size(10)
+                .warm_up_time(Duration::from_millis(500))
+                .measurement_time(Duration::from_secs(2));
+            for which in kernels {
+                let name = label(which).replace(' ', "_");
+                group.bench_function(format!("{name}/B{}/T{}", shape.batch, shape.tokens), |b| {
+                    b.iter_custom(|iters| {
+                        sync(client);
+                        let t = Instant::now();
+                        for i in 0..iters as usize {
+                            shape.run::<F>(client, &sets[i % sets.len()], &q, &out, which);
+                        }
+                        sync(client);
+                        t.elapsed()
+                    })
+                });
+            }
+            group.finish();
+        }
+        let mut dense_time = None;
+        for which in kernels {
+            let t = median_call_time(client, |i| {
+                shape.run::<F>(client, &sets[i % sets.len()], &q, &out, which)
+            });
+            let dense = *dense_time.get_or_insert(t);
+            let bytes = shape.bytes(
+                which.map(|i| Sparsity::new(SPARSITIES[i]).expect("valid")),
+                elem,
+            );
+            let bw = bytes as f64 / t.as_secs_f64();
+            table.push_str(&format!(
+                "| {} | {} | {} | {} | {:.1} | {} | {:.0} | {:.0}% | {:.2}x |\n",
+                label(which),
+                shape.batch,
+                shape.tokens,
+                F::name(),
+                t.as_secs_f64() * 1e6,
+                bytes,
+                bw / 1e9,
+                100.0 * bw / ceiling,
+                dense.as_secs_f64() / t.as_secs_f64()
+            ));
+        }
+        eprintln!("done B={} T={}", shape.batch, shape.tokens);
     }
+    println!("{table}");
 }
 
 fn attention(c: &mut Criterion) {

@@ -6,7 +6,7 @@
 //! one token per sequence, attending through the caches.
 
 use sparsekv_burn::burn::tensor::activation::{silu, softmax};
-use sparsekv_burn::burn::tensor::{DType, Int, Tensor, TensorData};
+use sparsekv_burn::burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use sparsekv_burn::{KvCache, SparseKvBackend};
 
 use crate::checkpoint::{LayerWeights, LlamaWeights};
@@ -57,6 +57,29 @@ fn linear<B: SparseKvBackend>(
     Tensor::<B, 2>::from_data(TensorData::new(w.to_vec(), [out, inp]), device).transpose()
 }
 
+/// RoPE `cos` and `sin` tables, `[max_seq, head_dim / 2]`.
+fn rope_tables<B: SparseKvBackend>(
+    c: &LlamaConfig,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let half = c.head_dim() / 2;
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(c.max_seq * half),
+        Vec::with_capacity(c.max_seq * half),
+    );
+    for pos in 0..c.max_seq {
+        for i in 0..half {
+            let angle = pos as f64 * c.rope_inv_freq(i);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [c.max_seq, half]), device),
+        Tensor::from_data(TensorData::new(sin, [c.max_seq, half]), device),
+    )
+}
+
 fn vector<B: SparseKvBackend>(v: &[f32], device: &B::Device) -> Tensor<B, 1> {
     Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device)
 }
@@ -91,18 +114,7 @@ impl<B: SparseKvBackend> Llama<B> {
             Some(w) => linear(w, c.vocab_size, dim, device),
             None => embedding.clone().transpose(),
         };
-        let half = hd / 2;
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(c.max_seq * half),
-            Vec::with_capacity(c.max_seq * half),
-        );
-        for pos in 0..c.max_seq {
-            for i in 0..half {
-                let angle = pos as f64 * c.rope_inv_freq(i);
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
+        let (rope_cos, rope_sin) = rope_tables(c, device);
         Ok(Llama {
             config: c.clone(),
             device: device.clone(),
@@ -110,8 +122,57 @@ impl<B: SparseKvBackend> Llama<B> {
             layers: weights.layers.iter().map(layer).collect(),
             final_norm: vector(&weights.final_norm, device),
             lm_head,
-            rope_cos: Tensor::from_data(TensorData::new(cos, [c.max_seq, half]), device),
-            rope_sin: Tensor::from_data(TensorData::new(sin, [c.max_seq, half]), device),
+            rope_cos,
+            rope_sin,
+        })
+    }
+
+    /// A model of shape `config` with random weights drawn on `device` (normal, standard
+    /// deviation `0.02`; norms 1), in the backend's float type: for benchmarks of real model
+    /// shapes without their checkpoints. Its outputs are meaningless text.
+    pub fn random(config: &LlamaConfig, device: &B::Device) -> Result<Self> {
+        let c = config;
+        let hd = c.head_dim();
+        if c.n_heads == 0
+            || c.n_kv_heads == 0
+            || !c.dim.is_multiple_of(c.n_heads)
+            || !c.n_heads.is_multiple_of(c.n_kv_heads)
+            || !hd.is_multiple_of(2)
+        {
+            return Err(LlamaError::Invalid(format!(
+                "dim {} / {} heads / {} KV heads is not a Llama attention shape with an even head_dim",
+                c.dim, c.n_heads, c.n_kv_heads
+            )));
+        }
+        let normal = || Distribution::Normal(0.0, 0.02);
+        let matrix =
+            |rows: usize, cols: usize| Tensor::<B, 2>::random([rows, cols], normal(), device);
+        let ones = |n: usize| Tensor::<B, 1>::ones([n], device);
+        let (dim, hidden) = (c.dim, c.hidden_dim);
+        let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
+        let layers = (0..c.n_layers)
+            .map(|_| Layer {
+                attn_norm: ones(dim),
+                wq: matrix(dim, q_dim),
+                wk: matrix(dim, kv_dim),
+                wv: matrix(dim, kv_dim),
+                wo: matrix(q_dim, dim),
+                ffn_norm: ones(dim),
+                w1: matrix(dim, hidden),
+                w2: matrix(hidden, dim),
+                w3: matrix(dim, hidden),
+            })
+            .collect();
+        let (rope_cos, rope_sin) = rope_tables(c, device);
+        Ok(Llama {
+            config: c.clone(),
+            device: device.clone(),
+            embedding: matrix(c.vocab_size, dim),
+            layers,
+            final_norm: ones(dim),
+            lm_head: matrix(dim, c.vocab_size),
+            rope_cos,
+            rope_sin,
         })
     }
 
