@@ -12,9 +12,11 @@
 //! Criterion (`iter_custom`) runs the B = 8 shapes; the printed markdown table, for every
 //! shape, has the median over 15 batches of 20 back-to-back calls after 10 warm-up calls, the
 //! bytes a call must read (bitmaps, values, window or dense K/V, queries, output), the
-//! effective bandwidth and its fraction of the copy ceiling, and the speedup vs dense.
+//! effective bandwidth and its fraction of the copy ceiling, and the speedup vs dense; its
+//! rows come as they are measured (criterion's lines fall between them: `grep '^|'`).
 //!
-//! `SPARSEKV_BENCH_QUICK=1` runs only B = 1 at 1K and 4K (for software adapters).
+//! `SPARSEKV_BENCH_QUICK=1` runs only B = 1 at 1K and 4K (for software adapters);
+//! `SPARSEKV_BENCH_ONLY=8x16384` only that shape, without criterion (for profilers).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -208,11 +210,19 @@ fn shapes() -> Vec<Shape> {
     } else {
         (&[1, 8, 32], &[1024, 4096, 16384, 32768, 131072])
     };
+    // `SPARSEKV_BENCH_ONLY=BxT` (for example 8x16384) keeps one shape, for profilers.
+    let only = std::env::var("SPARSEKV_BENCH_ONLY").ok();
     let mut out = Vec::new();
     for &batch in batches {
         for &t in tokens {
-            // 32-bit indexing in the kernels: keep every stream array under 2^31 elements.
-            if batch * KV_HEADS * t * HEAD_DIM < (1usize << 31) {
+            if only.as_deref().is_some_and(|o| o != format!("{batch}x{t}")) {
+                continue;
+            }
+            // 32-bit indexing in the kernels: keep every stream array under 2^31 elements;
+            // wgpu also refuses buffers of 2 GiB and more.
+            let elements = batch * KV_HEADS * t * HEAD_DIM;
+            let wgpu_limit = cfg!(not(feature = "cuda")) && elements * 2 >= (1usize << 31);
+            if elements < (1usize << 31) && !wgpu_limit {
                 out.push(Shape { batch, tokens: t });
             }
         }
@@ -230,7 +240,7 @@ fn label(which: Option<usize>) -> String {
 fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
     let copy_bytes = if quick() { 64 << 20 } else { 1 << 30 };
     let ceiling = copy_bandwidth(client, copy_bytes);
-    let mut table = format!(
+    print!(
         "\nCopy ceiling ({}, {} MiB device-to-device, read + written): {:.0} GB/s\n\n\
          | kernel | B | T | dtype | us/call (median) | bytes read | effective GB/s | % of copy | speedup vs dense |\n\
          |---|---|---|---|---|---|---|---|---|\n",
@@ -249,7 +259,7 @@ fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
         let out = client.empty(shape.batch * Q_HEADS * HEAD_DIM * elem);
         sync(client);
         let kernels = [None, Some(0), Some(1)];
-        if shape.batch == 8 && !quick() {
+        if shape.batch == 8 && !quick() && std::env::var_os("SPARSEKV_BENCH_ONLY").is_none() {
             let mut group = c.benchmark_group(format!("decode_attention/{}", F::name()));
             group
                 .sample_size(10)
@@ -282,8 +292,9 @@ fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
                 elem,
             );
             let bw = bytes as f64 / t.as_secs_f64();
-            table.push_str(&format!(
-                "| {} | {} | {} | {} | {:.1} | {} | {:.0} | {:.0}% | {:.2}x |\n",
+            // Each row as soon as it is measured, so a failure later keeps what was done.
+            println!(
+                "| {} | {} | {} | {} | {:.1} | {} | {:.0} | {:.0}% | {:.2}x |",
                 label(which),
                 shape.batch,
                 shape.tokens,
@@ -293,11 +304,9 @@ fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
                 bw / 1e9,
                 100.0 * bw / ceiling,
                 dense.as_secs_f64() / t.as_secs_f64()
-            ));
+            );
         }
-        eprintln!("done B={} T={}", shape.batch, shape.tokens);
     }
-    println!("{table}");
 }
 
 fn attention(c: &mut Criterion) {

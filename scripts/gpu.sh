@@ -1,21 +1,51 @@
 #!/usr/bin/env bash
-# Builds the CUDA test (and, once they exist, bench) binaries on a machine without a GPU and
-# stages them with a runner in .gpu/, so the suite runs on a GPU machine that has no Rust
-# toolchain: copy .gpu/ there and run `bash .gpu/run.sh [test|bench] [filter...]`.
+# Builds the CUDA test and bench binaries (and the examples) on a machine without a GPU and
+# stages them, stripped and gzipped, with a runner in .gpu/, so they run on a GPU machine that
+# has no Rust toolchain: copy .gpu/ there and run `bash .gpu/run.sh BACKEND KIND [args...]`.
 #
-#   scripts/gpu.sh            build + stage (release, --features cuda, stripped)
-#   scripts/gpu.sh --vulkan   also stage the same binaries built for wgpu (Vulkan on the GPU)
+#   scripts/gpu.sh [--vulkan] [tests] [benches] [examples]
+#       what to stage (default: all three); --vulkan also stages the wgpu builds of the
+#       selected tests and benches (for Vulkan on the GPU). Each binary links the whole stack
+#       (about 30 MB stripped, 10 MB gzipped): stage only what one run needs when the copy
+#       to the GPU machine is limited.
+#
+# On the GPU machine:
+#   bash .gpu/run.sh cuda test [filter...]   every staged test binary
+#   bash .gpu/run.sh cuda bench              every staged bench, then PyTorch SDPA (B = 8,
+#                                            T = 16K and 32K) when python3 has torch
+#   bash .gpu/run.sh wgpu bench              the wgpu benches (set VK_DRIVER_FILES first)
+# Bench environment: SPARSEKV_BENCH_ONLY=8x16384 (one attention shape),
+# SPARSEKV_BENCH_LAYERS=N (model benches), SPARSEKV_BENCH_QUICK=1 (small shapes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=.gpu
-rm -rf "$stage" && mkdir -p "$stage/cuda" "$stage/wgpu"
+vulkan=0
+parts=()
+for a in "$@"; do
+  case "$a" in
+    --vulkan) vulkan=1 ;;
+    tests|benches|examples) parts+=("$a") ;;
+    *) echo "unknown argument $a" >&2; exit 2 ;;
+  esac
+done
+[ ${#parts[@]} -eq 0 ] && parts=(tests benches examples)
+want() { [[ " ${parts[*]} " == *" $1 "* ]]; }
+rm -rf "$stage/cuda" "$stage/wgpu" && mkdir -p "$stage/cuda" "$stage/wgpu"
 
-# Prints the executables of `cargo <subcommand> --no-run` for the given features.
+# Stages one executable as $stage/$out/$name.gz (stripped).
+stage_exe() {
+  local exe=$1 out=$2 name=$3
+  cp "$exe" "$stage/$out/$name" && strip "$stage/$out/$name" && gzip -f "$stage/$out/$name"
+  echo "staged $stage/$out/$name.gz"
+}
+
+# Builds with `cargo <subcommand> --no-run` and stages the test or bench executables.
 build() {
   local out=$1 prefix=$2; shift 2
-  local release=--release
+  local release=--release dir=target/gpu-$out
   [ "$1" = bench ] && release=  # cargo bench always builds optimised
-  CARGO_TARGET_DIR=target/gpu-$out cargo "$@" $release --no-run --message-format=json \
+  [ "$out" = wgpu ] && dir=target  # the default features are wgpu's: share the usual builds
+  CARGO_TARGET_DIR=$dir cargo "$@" $release --no-run --message-format=json \
     | python3 -c 'import json,sys
 for line in sys.stdin:
     try: m = json.loads(line)
@@ -25,23 +55,24 @@ for line in sys.stdin:
             and (sys.argv[1] != "bench" or "bench" in kinds):
         print(m["executable"])' "$1" \
     | while read -r exe; do
-        name=$prefix$(basename "$exe" | sed 's/-[0-9a-f]*$//')
-        cp "$exe" "$stage/$out/$name" && strip "$stage/$out/$name"
-        echo "staged $stage/$out/$name"
+        stage_exe "$exe" "$out" "$prefix$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
       done
 }
 
-build cuda "" test --no-default-features --features cuda --test kernels --test cache --test model
-if [ -d benches ] && ls benches/*.rs >/dev/null 2>&1; then
-  build cuda bench_ bench --no-default-features --features cuda
+cuda=(--no-default-features --features cuda)
+want tests && build cuda "" test "${cuda[@]}" --test kernels --test cache --test model
+want benches && build cuda bench_ bench "${cuda[@]}"
+if want examples; then
+  for ex in chat eval; do
+    CARGO_TARGET_DIR=target/gpu-cuda cargo build --release "${cuda[@]}" --example $ex
+    stage_exe target/gpu-cuda/release/examples/$ex cuda $ex
+  done
 fi
-# The chat example, for end-to-end tokens/s.
-CARGO_TARGET_DIR=target/gpu-cuda cargo build --release --no-default-features --features cuda --example chat
-cp target/gpu-cuda/release/examples/chat "$stage/cuda/chat" && strip "$stage/cuda/chat"
-if [ "${1:-}" = "--vulkan" ]; then
-  build wgpu "" test --test kernels --test cache --test model
-  build wgpu bench_ bench
+if [ $vulkan = 1 ]; then
+  want tests && build wgpu "" test --test kernels --test cache --test model
+  want benches && build wgpu bench_ bench
 fi
+mkdir -p "$stage/scripts" && cp scripts/sdpa_baseline.py "$stage/scripts/"
 
 cat > "$stage/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -49,14 +80,29 @@ cat > "$stage/run.sh" <<'RUN'
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 backend=${1:-cuda}; kind=${2:-test}; shift $(( $# > 2 ? 2 : $# ))
+bin_dir=${TMPDIR:-/tmp}/sparsekv-gpu/$backend
+mkdir -p "$bin_dir"
+for gz in "$here/$backend"/*.gz; do
+  [ -e "$gz" ] || continue
+  exe=$bin_dir/$(basename "$gz" .gz)
+  [ -x "$exe" ] || { gunzip -c "$gz" > "$exe" && chmod +x "$exe"; }
+done
 status=0
-for bin in "$here/$backend"/*; do
-  [ -x "$bin" ] || continue
+for bin in "$bin_dir"/*; do
+  name=$(basename "$bin")
   case "$kind" in
-    test) [[ $(basename "$bin") == bench_* || $(basename "$bin") == chat ]] && continue; echo "== $(basename "$bin")"; "$bin" "$@" || status=1 ;;
-    bench) [[ $(basename "$bin") == bench_* ]] || continue; echo "== $(basename "$bin")"; "$bin" --bench "$@" || status=1 ;;
+    test) [[ $name == bench_* || $name == chat || $name == eval ]] && continue
+          echo "== $name"; "$bin" "$@" || status=1 ;;
+    bench) [[ $name == bench_* ]] || continue
+           echo "== $name"; "$bin" --bench "$@" || status=1 ;;
   esac
 done
+if [ "$kind" = bench ] && [ "$backend" = cuda ] && python3 -c 'import torch' 2>/dev/null; then
+  for t in 16384 32768; do
+    echo "== PyTorch SDPA B=8 T=$t"
+    python3 "$here/scripts/sdpa_baseline.py" --batch 8 --tokens $t || status=1
+  done
+fi
 exit $status
 RUN
 chmod +x "$stage/run.sh"

@@ -51,10 +51,14 @@ fn fill_uniform_kernel<F: Float>(out: &mut Array<F>, seed: u32) {
     }
 }
 
-/// Copies `src` to `dst` in vectors of `N`.
+/// Copies the first `vectors` vectors of `N` from `src` to `dst`.
 #[cube(launch)]
-fn copy_kernel<N: Size>(src: &Array<Vector<f32, N>>, dst: &mut Array<Vector<f32, N>>) {
-    let n = src.len();
+fn copy_kernel<N: Size>(
+    src: &Array<Vector<f32, N>>,
+    dst: &mut Array<Vector<f32, N>>,
+    vectors: u32,
+) {
+    let n = vectors as usize;
     let stride = CUBE_COUNT * CUBE_DIM as usize;
     let mut i = ABSOLUTE_POS;
     while i < n {
@@ -84,20 +88,22 @@ pub fn sync(client: &ComputeClient<Rt>) {
 }
 
 /// Median per-call time of `call(i)` over 15 batches of 20 calls (call `i` of a batch gets
-/// `i`), after 10 warm-up calls, with the device synchronised around each batch.
+/// `i`), after 10 warm-up calls, with the device synchronised around each batch (quick runs:
+/// 3 batches of 2 after 1).
 pub fn median_call_time(client: &ComputeClient<Rt>, mut call: impl FnMut(usize)) -> Duration {
-    for i in 0..10 {
+    let (warm, batches, calls) = if quick() { (1, 3, 2) } else { (10, 15, 20) };
+    for i in 0..warm {
         call(i);
     }
     sync(client);
-    let mut per_call: Vec<Duration> = (0..15)
+    let mut per_call: Vec<Duration> = (0..batches)
         .map(|_| {
             let t = Instant::now();
-            for i in 0..20 {
+            for i in 0..calls {
                 call(i);
             }
             sync(client);
-            t.elapsed() / 20
+            t.elapsed() / calls as u32
         })
         .collect();
     per_call.sort();
@@ -118,7 +124,117 @@ pub fn copy_bandwidth(client: &ComputeClient<Rt>, bytes: usize) -> f64 {
             4,
             ArrayArg::from_raw_parts(src.clone(), n / 4),
             ArrayArg::from_raw_parts(dst.clone(), n / 4),
+            (n / 4) as u32,
         );
     });
+    // The ceiling is only a ceiling if the whole buffer was copied.
+    let (a, b) = (
+        client.read_one(src).expect("read back"),
+        client.read_one(dst).expect("read back"),
+    );
+    assert!(a[..] == b[..], "the copy kernel did not copy every byte");
     2.0 * (n * 4) as f64 / t.as_secs_f64()
+}
+
+/// The Burn backend of the model benches: f16 on the selected runtime.
+#[cfg(feature = "cuda")]
+pub type ModelBackend = sparsekv::cache::burn_cubecl::CubeBackend<Rt, half::f16, i32, u8>;
+#[cfg(not(feature = "cuda"))]
+pub type ModelBackend = sparsekv::cache::burn_cubecl::CubeBackend<Rt, half::f16, i32, u32>;
+
+/// Batch of the model benches.
+pub const MODEL_BATCH: usize = 8;
+/// Tokens compressed at once by the sparse caches of the model benches (the cache default).
+pub const CHUNK: usize = 64;
+
+/// Decoder layers of the model benches: 32 (Llama-3-8B), or `SPARSEKV_BENCH_LAYERS`.
+pub fn model_layers() -> usize {
+    std::env::var("SPARSEKV_BENCH_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick() { 2 } else { 32 })
+}
+
+/// Llama-3-8B's shape (hidden 4096, FFN 14336, 32/8 heads of 128, vocabulary 128256) with
+/// `layers` layers and room for `max_seq` positions. Quick runs use a vocabulary of 8192:
+/// software adapters cannot allocate the 1 GB embedding.
+pub fn llama3_8b_shape(layers: usize, max_seq: usize) -> sparsekv::llama::LlamaConfig {
+    sparsekv::llama::LlamaConfig {
+        dim: 4096,
+        hidden_dim: 14336,
+        n_layers: layers,
+        n_heads: 32,
+        n_kv_heads: 8,
+        vocab_size: if quick() { 8192 } else { 128_256 },
+        max_seq,
+        rope_theta: 500_000.0,
+        rope_style: sparsekv::llama::RopeStyle::RotateHalf,
+        rope_scaling: None,
+        rms_eps: 1e-5,
+    }
+}
+
+/// One cache per layer for `MODEL_BATCH` sequences of up to `max_seq` tokens, f16, each
+/// already holding `tokens` random tokens (appended at once, as a prefill would).
+pub fn filled_caches<C: sparsekv::cache::KvCache<ModelBackend>>(
+    layers: usize,
+    tokens: usize,
+    max_seq: usize,
+    sparsity: f64,
+    make: impl Fn(&sparsekv::cache::KvCacheConfig) -> C,
+) -> Vec<C> {
+    use sparsekv::cache::burn::tensor::{Distribution, Tensor};
+    let device = Default::default();
+    let config = sparsekv::cache::KvCacheConfig::new(MODEL_BATCH, 8, 128, max_seq)
+        .with_sparsity(sparsity, sparsity)
+        .with_chunk(CHUNK)
+        .with_value_type(sparsekv::format::ValueType::F16);
+    (0..layers)
+        .map(|_| {
+            let mut cache = make(&config);
+            let shape = [MODEL_BATCH, 8, tokens, 128];
+            let k =
+                Tensor::<ModelBackend, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+            let v =
+                Tensor::<ModelBackend, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+            cache.append(k, v).expect("fill the cache");
+            cache
+        })
+        .collect()
+}
+
+/// Times `steps` decode steps of `model` (one token per sequence), each synchronised; returns
+/// the per-step times. The caches grow by one token per step.
+pub fn decode_step_times<C: sparsekv::cache::KvCache<ModelBackend>>(
+    model: &sparsekv::llama::Llama<ModelBackend>,
+    caches: &mut [C],
+    steps: usize,
+) -> Vec<Duration> {
+    use sparsekv::cache::burn::tensor::backend::Backend;
+    let device = Default::default();
+    (0..steps)
+        .map(|_| {
+            let pos = caches[0].lengths()[0];
+            let t = Instant::now();
+            let logits = model
+                .decode_batch(
+                    &[1; MODEL_BATCH],
+                    &[pos; MODEL_BATCH],
+                    &[true; MODEL_BATCH],
+                    caches,
+                )
+                .expect("decode step");
+            drop(logits);
+            ModelBackend::sync(&device).expect("device sync");
+            t.elapsed()
+        })
+        .collect()
+}
+
+/// Median and mean of `times`.
+pub fn median_mean(times: &[Duration]) -> (Duration, Duration) {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    let mean = times.iter().sum::<Duration>() / times.len().max(1) as u32;
+    (sorted[sorted.len() / 2], mean)
 }
