@@ -234,6 +234,48 @@ fn check_query<B: SparseKvBackend>(
     Ok(q_heads)
 }
 
+/// The window policy, part 1: per sequence, the oldest tokens its dense window gives up before
+/// taking more. A full window (`window + chunk` dense tokens) with tokens still to come
+/// (`remaining`) gives up its oldest chunk.
+pub(crate) fn room_to_make(
+    config: &KvCacheConfig,
+    dense: &[usize],
+    remaining: &[usize],
+) -> Vec<usize> {
+    let full = config.window + config.chunk;
+    dense
+        .iter()
+        .zip(remaining)
+        .map(|(&d, &r)| {
+            if r > 0 && d >= full {
+                config.chunk.min(d)
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
+/// The window policy, part 2: after a prompt (more than one token appended to a sequence),
+/// only its newest `window` tokens stay dense; returns how many older ones leave the window.
+pub(crate) fn prompt_excess(
+    config: &KvCacheConfig,
+    dense: &[usize],
+    counts: &[usize],
+) -> Vec<usize> {
+    dense
+        .iter()
+        .zip(counts)
+        .map(|(&d, &c)| {
+            if c > 1 {
+                d.saturating_sub(config.window)
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
 fn to_u32(v: &[usize]) -> Vec<u32> {
     v.iter().map(|&x| x as u32).collect()
 }
@@ -426,17 +468,7 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
             if remaining.iter().all(|&r| r == 0) {
                 break;
             }
-            // Make room: a full window with tokens still to come gives up its oldest chunk.
-            let room: Vec<usize> = (0..b)
-                .map(|s| {
-                    if remaining[s] > 0 && self.dense[s] >= full {
-                        self.config.chunk.min(self.dense[s])
-                    } else {
-                        0
-                    }
-                })
-                .collect();
-            self.compress_oldest(&room)?;
+            self.compress_oldest(&room_to_make(&self.config, &self.dense, &remaining))?;
             let take: Vec<usize> = (0..b)
                 .map(|s| remaining[s].min(full - self.dense[s]))
                 .collect();
@@ -457,17 +489,7 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
                 offset[s] += take[s];
             }
         }
-        // Prefill: keep exactly the newest `window` tokens dense.
-        let excess: Vec<usize> = (0..b)
-            .map(|s| {
-                if counts[s] > 1 {
-                    self.dense[s].saturating_sub(self.config.window)
-                } else {
-                    0
-                }
-            })
-            .collect();
-        self.compress_oldest(&excess)
+        self.compress_oldest(&prompt_excess(&self.config, &self.dense, counts))
     }
 
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {

@@ -22,7 +22,7 @@ use sparsekv_format::oracle::strategies::{
 use sparsekv_format::{HeadDim, KvBytes, Sparsity};
 
 use crate::backend::{RowCopy, SparseKvBackend};
-use crate::cache::{DenseKvCache, KvCache, KvCacheConfig};
+use crate::cache::{DenseKvCache, KvCache, KvCacheConfig, prompt_excess, room_to_make};
 use crate::error::{KvCacheError, Result};
 
 /// Tokens per channel group of the per-channel strategies (the paper's 32).
@@ -367,17 +367,8 @@ impl<B: SparseKvBackend> KvCache<B> for MaskedKvCache<B> {
             if remaining.iter().all(|&r| r == 0) {
                 break;
             }
-            let room: Vec<usize> = (0..b)
-                .map(|s| {
-                    let dense = self.held(s) - self.pruned[s];
-                    if remaining[s] > 0 && dense >= full {
-                        self.config.chunk.min(dense)
-                    } else {
-                        0
-                    }
-                })
-                .collect();
-            self.prune_oldest(&room)?;
+            let dense: Vec<usize> = (0..b).map(|s| self.held(s) - self.pruned[s]).collect();
+            self.prune_oldest(&room_to_make(&self.config, &dense, &remaining))?;
             for s in 0..b {
                 let dense = self.held(s) - self.pruned[s];
                 let take = remaining[s].min(full - dense);
@@ -390,16 +381,8 @@ impl<B: SparseKvBackend> KvCache<B> for MaskedKvCache<B> {
                 offset[s] += take;
             }
         }
-        let excess: Vec<usize> = (0..b)
-            .map(|s| {
-                if counts[s] > 1 {
-                    (self.held(s) - self.pruned[s]).saturating_sub(self.config.window)
-                } else {
-                    0
-                }
-            })
-            .collect();
-        self.prune_oldest(&excess)?;
+        let dense: Vec<usize> = (0..b).map(|s| self.held(s) - self.pruned[s]).collect();
+        self.prune_oldest(&prompt_excess(&self.config, &dense, counts))?;
         let after = self.pruned.clone();
         self.write_back(&before, &after, &device)
     }

@@ -18,6 +18,7 @@ use sparsekv_burn::{
 use sparsekv_format::ValueType;
 
 use crate::error::{LlamaError, Result};
+use crate::generate::read_logits;
 use crate::model::Llama;
 use crate::text::Tokenizer;
 
@@ -241,13 +242,7 @@ pub fn teacher_force<B: SparseKvBackend, C: KvCache<B>>(
     for t in 0..len - 1 {
         let tokens: Vec<u32> = windows.iter().map(|w| w[t]).collect();
         let logits = model.decode_batch(&tokens, &vec![t; b], &active, caches)?;
-        let [_, vocab] = logits.dims();
-        let flat = logits
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .map_err(|e| LlamaError::Invalid(format!("reading logits: {e:?}")))?;
-        for (w, row) in flat.chunks(vocab.max(1)).enumerate() {
+        for (w, row) in read_logits(logits)?.iter().enumerate() {
             let (n, best) = score_row(row, windows[w][t + 1])?;
             nll[w].push(n);
             top1[w].push(best);

@@ -83,7 +83,7 @@ fn pick(logits: &[f32], sampling: &Sampling, rng: &mut SplitMix) -> u32 {
 }
 
 /// Reads logits `[batch, vocab]` to the host, one row per sequence.
-fn read_logits<B: SparseKvBackend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>> {
+pub(crate) fn read_logits<B: SparseKvBackend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>> {
     let [_, vocab] = logits.dims();
     let flat = logits
         .into_data()
