@@ -388,25 +388,23 @@ impl<B: SparseKvBackend> KvCache<B> for MaskedKvCache<B> {
     }
 
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
+        // The dense cache checks the query first: only valid queries enter the history.
+        let out = self.dense.attend(q.clone())?;
         if self.strategy.uses_queries() {
-            let [b, _, _] = q.dims();
-            if b == self.config.batch {
-                let host = host_values(q.clone())?;
-                let per_sequence = host.len() / b;
-                let mut recent = self
-                    .recent
-                    .lock()
-                    .map_err(|_| KvCacheError::Invalid("query history lock poisoned".into()))?;
-                for (history, step) in recent.iter_mut().zip(host.chunks(per_sequence)) {
-                    if history.len() == RECENT_QUERIES {
-                        history.pop_front();
-                    }
-                    history.push_back(step.to_vec());
+            let host = host_values(q)?;
+            let per_sequence = host.len() / self.config.batch;
+            let mut recent = self
+                .recent
+                .lock()
+                .map_err(|_| KvCacheError::Invalid("query history lock poisoned".into()))?;
+            for (history, step) in recent.iter_mut().zip(host.chunks(per_sequence)) {
+                if history.len() == RECENT_QUERIES {
+                    history.pop_front();
                 }
+                history.push_back(step.to_vec());
             }
         }
-        // The dense cache checks the query (a wrong batch is refused there).
-        self.dense.attend(q)
+        Ok(out)
     }
 
     fn lengths(&self) -> Vec<usize> {
