@@ -186,7 +186,8 @@ impl<B: SparseKvBackend> MaskedKvCache<B> {
         Ok((rows, recent[sequence].len()))
     }
 
-    /// The mask of `block` (tokens `start..` of stream `sequence, head`) for keys or values.
+    /// The mask of `block` (tokens `start..` of stream `sequence, head`) for keys or values,
+    /// at sparsity `s`.
     fn mask(
         &self,
         sequence: usize,
@@ -194,14 +195,9 @@ impl<B: SparseKvBackend> MaskedKvCache<B> {
         start: usize,
         block: &DenseBlock,
         keys: bool,
+        s: Sparsity,
     ) -> Result<Mask> {
-        let s = if keys {
-            self.k_sparsity
-        } else {
-            self.v_sparsity
-        };
-        let strategy = self.strategy;
-        let (queries, steps) = if strategy.uses_queries() {
+        let (queries, steps) = if self.strategy.uses_queries() {
             self.recent_queries(sequence, head)?
         } else {
             (Vec::new(), 0)
@@ -209,6 +205,13 @@ impl<B: SparseKvBackend> MaskedKvCache<B> {
         // Before any decode step (pruning a prompt) there are no queries to score with: the
         // output-aware strategies fall back to their magnitude counterparts, ThinK to all
         // channels weighted alike.
+        let strategy = match self.strategy {
+            PruneStrategy::PerTokenOutputAware if steps == 0 => PruneStrategy::PerTokenMagnitude,
+            PruneStrategy::PerChannelOutputAware if steps == 0 => {
+                PruneStrategy::PerChannelMagnitude
+            }
+            other => other,
+        };
         let d = self.head_dim.get();
         let mask = match strategy {
             PruneStrategy::PerTokenMagnitude => strategies::per_token_magnitude(block, s),
@@ -218,15 +221,6 @@ impl<B: SparseKvBackend> MaskedKvCache<B> {
             PruneStrategy::ThinkKeys => {
                 let q = if steps == 0 { vec![1.0; d] } else { queries };
                 think_keys(block, &q, s)?
-            }
-            PruneStrategy::PerTokenOutputAware | PruneStrategy::PerChannelOutputAware
-                if steps == 0 =>
-            {
-                if strategy == PruneStrategy::PerTokenOutputAware {
-                    strategies::per_token_magnitude(block, s)
-                } else {
-                    strategies::per_channel_magnitude(block, s, CHANNEL_GROUP)?
-                }
             }
             PruneStrategy::PerTokenOutputAware | PruneStrategy::PerChannelOutputAware => {
                 let per_token = strategy == PruneStrategy::PerTokenOutputAware;
@@ -288,7 +282,7 @@ impl<B: SparseKvBackend> MaskedKvCache<B> {
                         self.head_dim,
                     )?;
                     let masked = self
-                        .mask(sequence, head, start, &block, keys)?
+                        .mask(sequence, head, start, &block, keys, s)?
                         .apply(&block)?;
                     let rows = if keys {
                         &mut self.host_k[stream]
