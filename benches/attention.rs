@@ -1,10 +1,11 @@
 //! Decode attention, dense vs sparse, on the backend the features select (`cuda`, else wgpu),
-//! against a device-to-device copy ceiling measured in the same run.
+//! against a read-only ceiling (a reduction) and the device-to-device copy, measured in the same
+//! run.
 //!
 //! Shapes: H_q/H_kv = 32/8, head_dim 128, f16 (f32 where the device has no f16), a dense
-//! window of 32, B in {1, 8, 32} x T in {1K, 4K, 16K, 32K, 128K}, sparsity 0.5 and 0.7 for K
-//! and V. Shapes whose dense K tensor would pass 2^31 elements (B = 32 at 128K) are skipped:
-//! the kernels index with 32-bit integers. The sparse caches are made from the same rows by the
+//! window of 32, B in {1, 8, 32} x T in {1K, 4K, 16K, 32K, 128K}, plus head_dim 64 and 256 at
+//! B = 8, T = 32K; sparsity 0.5 and 0.7 for K and V. Shapes whose dense K tensor would pass
+//! 2^31 elements (B = 32 at 128K) are skipped: the kernels index with 32-bit integers. The sparse caches are made from the same rows by the
 //! prune+compress kernel. Small caches are rotated (several independent copies, at least
 //! 256 MB in all) so that L2 does not hold the KV between calls.
 //!
@@ -12,11 +13,12 @@
 //! Criterion (`iter_custom`) runs the B = 8 shapes; the printed markdown table, for every
 //! shape, has the median over 15 batches of 20 back-to-back calls after 10 warm-up calls, the
 //! bytes a call must read (bitmaps, values, window or dense K/V, queries, output), the
-//! effective bandwidth and its fraction of the copy ceiling, and the speedup vs dense; its
+//! effective bandwidth and its fraction of the read-only ceiling, and the speedup vs dense; its
 //! rows come as they are measured (criterion's lines fall between them: `grep '^|'`).
 //!
 //! `SPARSEKV_BENCH_QUICK=1` runs only B = 1 at 1K and 4K (for software adapters);
-//! `SPARSEKV_BENCH_ONLY=8x16384` only that shape, without criterion (for profilers).
+//! `SPARSEKV_BENCH_ONLY=8x16384,8x32768x256` only those shapes (`BxT` at head_dim 128, or
+//! `BxTxD`), without criterion (for profilers and short runs).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -24,7 +26,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Rt, backend_name, copy_bandwidth, median_call_time, quick, random_handle, sync};
+use common::{
+    Rt, backend_name, copy_bandwidth, median_call_time, quick, random_handle, read_bandwidth, sync,
+};
 use criterion::{Criterion, criterion_group, criterion_main};
 use sparsekv::format::{HeadDim, Sparsity, keep_count, layout};
 use sparsekv::kernels::cubecl::prelude::*;
@@ -36,7 +40,9 @@ use sparsekv::kernels::{
 
 const Q_HEADS: usize = 32;
 const KV_HEADS: usize = 8;
+/// The head dimension of the main sweep; `EXTRA_HEAD_DIMS` get one row each at B = 8, T = 32K.
 const HEAD_DIM: usize = 128;
+const EXTRA_HEAD_DIMS: [usize; 2] = [64, 256];
 const WINDOW: usize = 32;
 const SPARSITIES: [f64; 2] = [0.5, 0.7];
 /// Bytes of KV the rotated copies of a small cache add up to, at least.
@@ -56,6 +62,7 @@ struct CacheSet {
 struct Shape {
     batch: usize,
     tokens: usize,
+    head_dim: usize,
 }
 
 impl Shape {
@@ -68,36 +75,36 @@ impl Shape {
     fn bitmap_stride(&self) -> usize {
         layout::bitmap_words(
             layout::aligned_capacity(self.compressed_tokens()),
-            HeadDim::new(HEAD_DIM).expect("valid"),
+            HeadDim::new(self.head_dim).expect("valid"),
         )
     }
     fn values_stride(&self, s: Sparsity) -> usize {
         layout::aligned_capacity(self.compressed_tokens())
-            * keep_count(s, HeadDim::new(HEAD_DIM).expect("valid"))
+            * keep_count(s, HeadDim::new(self.head_dim).expect("valid"))
     }
 
     /// Bytes a call must read and write: K/V (compressed or dense), queries and output.
     fn bytes(&self, sparsity: Option<Sparsity>, elem: usize) -> usize {
-        let qo = 2 * self.batch * Q_HEADS * HEAD_DIM * elem;
-        let hd = HeadDim::new(HEAD_DIM).expect("valid");
+        let qo = 2 * self.batch * Q_HEADS * self.head_dim * elem;
+        let hd = HeadDim::new(self.head_dim).expect("valid");
         let per_stream = match sparsity {
             Some(s) => {
                 let comp = self.compressed_tokens();
                 2 * (layout::bitmap_words(comp, hd) * 4 + comp * keep_count(s, hd) * elem)
-                    + 2 * WINDOW * HEAD_DIM * elem
+                    + 2 * WINDOW * self.head_dim * elem
             }
-            None => 2 * self.tokens * HEAD_DIM * elem,
+            None => 2 * self.tokens * self.head_dim * elem,
         };
         self.streams() * per_stream + qo
     }
 
     fn make_set<F: FloatElement>(&self, client: &ComputeClient<Rt>, seed: u32) -> CacheSet {
-        let hd = HeadDim::new(HEAD_DIM).expect("valid");
+        let hd = HeadDim::new(self.head_dim).expect("valid");
         let streams = self.streams();
-        let dense_k = random_handle::<F>(client, streams * self.tokens * HEAD_DIM, seed);
-        let dense_v = random_handle::<F>(client, streams * self.tokens * HEAD_DIM, seed + 1);
-        let win_k = random_handle::<F>(client, streams * WINDOW * HEAD_DIM, seed + 2);
-        let win_v = random_handle::<F>(client, streams * WINDOW * HEAD_DIM, seed + 3);
+        let dense_k = random_handle::<F>(client, streams * self.tokens * self.head_dim, seed);
+        let dense_v = random_handle::<F>(client, streams * self.tokens * self.head_dim, seed + 1);
+        let win_k = random_handle::<F>(client, streams * WINDOW * self.head_dim, seed + 2);
+        let win_v = random_handle::<F>(client, streams * WINDOW * self.head_dim, seed + 3);
         let zeros = vec![0u32; self.batch];
         let counts = vec![self.compressed_tokens() as u32; self.batch];
         let compressed = SPARSITIES
@@ -115,7 +122,7 @@ impl Shape {
                         kv_heads: KV_HEADS,
                         head_dim: hd,
                         sparsity,
-                        src_stride: self.tokens * HEAD_DIM,
+                        src_stride: self.tokens * self.head_dim,
                         src_start: &zeros,
                         dst_start: &zeros,
                         counts: &counts,
@@ -147,7 +154,7 @@ impl Shape {
         out: &Handle,
         which: Option<usize>,
     ) {
-        let hd = HeadDim::new(HEAD_DIM).expect("valid");
+        let hd = HeadDim::new(self.head_dim).expect("valid");
         let b = self.batch;
         let result = match which {
             Some(i) => {
@@ -177,7 +184,7 @@ impl Shape {
                 let window = DenseCacheArgs {
                     k: &set.win_k,
                     v: &set.win_v,
-                    stride: WINDOW * HEAD_DIM,
+                    stride: WINDOW * self.head_dim,
                 };
                 decode_attention::<Rt, F>(client, &args, q, Some(&segment), &window, out)
             }
@@ -195,7 +202,7 @@ impl Shape {
                 let window = DenseCacheArgs {
                     k: &set.dense_k,
                     v: &set.dense_v,
-                    stride: self.tokens * HEAD_DIM,
+                    stride: self.tokens * self.head_dim,
                 };
                 decode_attention::<Rt, F>(client, &args, q, None, &window, out)
             }
@@ -210,21 +217,36 @@ fn shapes() -> Vec<Shape> {
     } else {
         (&[1, 8, 32], &[1024, 4096, 16384, 32768, 131072])
     };
-    // `SPARSEKV_BENCH_ONLY=BxT` (for example 8x16384) keeps one shape, for profilers.
+    let mut all: Vec<(usize, usize, usize)> = batches
+        .iter()
+        .flat_map(|&b| tokens.iter().map(move |&t| (b, t, HEAD_DIM)))
+        .collect();
+    if !quick() {
+        all.extend(EXTRA_HEAD_DIMS.iter().map(|&d| (8, 32768, d)));
+    }
+    // `SPARSEKV_BENCH_ONLY=BxT[xD][,...]` (for example 8x16384 or 8x32768x256) keeps those
+    // shapes (head_dim 128 unless given), without criterion (for profilers and short runs).
     let only = std::env::var("SPARSEKV_BENCH_ONLY").ok();
     let mut out = Vec::new();
-    for &batch in batches {
-        for &t in tokens {
-            if only.as_deref().is_some_and(|o| o != format!("{batch}x{t}")) {
-                continue;
-            }
-            // 32-bit indexing in the kernels: keep every stream array under 2^31 elements;
-            // wgpu also refuses buffers of 2 GiB and more.
-            let elements = batch * KV_HEADS * t * HEAD_DIM;
-            let wgpu_limit = cfg!(not(feature = "cuda")) && elements * 2 >= (1usize << 31);
-            if elements < (1usize << 31) && !wgpu_limit {
-                out.push(Shape { batch, tokens: t });
-            }
+    for (batch, t, head_dim) in all {
+        let names = [format!("{batch}x{t}x{head_dim}"), format!("{batch}x{t}")];
+        let keep = |o: &str| {
+            o.split(',')
+                .any(|s| s == names[0] || (head_dim == HEAD_DIM && s == names[1]))
+        };
+        if only.as_deref().is_some_and(|o| !keep(o)) {
+            continue;
+        }
+        // 32-bit indexing in the kernels: keep every stream array under 2^31 elements;
+        // wgpu also refuses buffers of 2 GiB and more.
+        let elements = batch * KV_HEADS * t * head_dim;
+        let wgpu_limit = cfg!(not(feature = "cuda")) && elements * 2 >= (1usize << 31);
+        if elements < (1usize << 31) && !wgpu_limit {
+            out.push(Shape {
+                batch,
+                tokens: t,
+                head_dim,
+            });
         }
     }
     out
@@ -239,24 +261,28 @@ fn label(which: Option<usize>) -> String {
 
 fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
     let copy_bytes = if quick() { 64 << 20 } else { 1 << 30 };
-    let ceiling = copy_bandwidth(client, copy_bytes);
+    let copy = copy_bandwidth(client, copy_bytes);
+    let ceiling = read_bandwidth(client, copy_bytes);
     print!(
-        "\nCopy ceiling ({}, {} MiB device-to-device, read + written): {:.0} GB/s\n\n\
-         | kernel | B | T | dtype | us/call (median) | bytes read | effective GB/s | % of copy | speedup vs dense |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "\nCopy ceiling ({}, {} MiB device-to-device, read + written): {:.0} GB/s\n\
+         Read-only ceiling (a reduction over {} MiB): {:.0} GB/s\n\n\
+         | kernel | B | T | d | dtype | us/call (median) | bytes read | effective GB/s | % of read-only | speedup vs dense |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         backend_name(),
+        copy_bytes >> 20,
+        copy / 1e9,
         copy_bytes >> 20,
         ceiling / 1e9
     );
     let elem = F::size_bytes();
     for shape in shapes() {
-        let dense_bytes = 2 * shape.streams() * shape.tokens * HEAD_DIM * elem;
+        let dense_bytes = 2 * shape.streams() * shape.tokens * shape.head_dim * elem;
         let sets_count = ROTATION_BYTES.div_ceil(dense_bytes).clamp(1, 16);
         let sets: Vec<CacheSet> = (0..sets_count)
             .map(|i| shape.make_set::<F>(client, 16 * i as u32 + 1))
             .collect();
-        let q = random_handle::<F>(client, shape.batch * Q_HEADS * HEAD_DIM, 999);
-        let out = client.empty(shape.batch * Q_HEADS * HEAD_DIM * elem);
+        let q = random_handle::<F>(client, shape.batch * Q_HEADS * shape.head_dim, 999);
+        let out = client.empty(shape.batch * Q_HEADS * shape.head_dim * elem);
         sync(client);
         let kernels = [None, Some(0), Some(1)];
         if shape.batch == 8 && !quick() && std::env::var_os("SPARSEKV_BENCH_ONLY").is_none() {
@@ -267,7 +293,11 @@ fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
                 .measurement_time(Duration::from_secs(2));
             for which in kernels {
                 let name = label(which).replace(' ', "_");
-                group.bench_function(format!("{name}/B{}/T{}", shape.batch, shape.tokens), |b| {
+                let id = format!(
+                    "{name}/B{}/T{}/d{}",
+                    shape.batch, shape.tokens, shape.head_dim
+                );
+                group.bench_function(id, |b| {
                     b.iter_custom(|iters| {
                         sync(client);
                         let t = Instant::now();
@@ -294,10 +324,11 @@ fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
             let bw = bytes as f64 / t.as_secs_f64();
             // Each row as soon as it is measured, so a failure later keeps what was done.
             println!(
-                "| {} | {} | {} | {} | {:.1} | {} | {:.0} | {:.0}% | {:.2}x |",
+                "| {} | {} | {} | {} | {} | {:.1} | {} | {:.0} | {:.0}% | {:.2}x |",
                 label(which),
                 shape.batch,
                 shape.tokens,
+                shape.head_dim,
                 F::name(),
                 t.as_secs_f64() * 1e6,
                 bytes,

@@ -3,9 +3,10 @@
 # stages them, stripped and gzipped, with a runner in .gpu/, so they run on a GPU machine that
 # has no Rust toolchain: copy .gpu/ there and run `bash .gpu/run.sh BACKEND KIND [args...]`.
 #
-#   scripts/gpu.sh [--vulkan] [tests] [benches] [examples]
+#   scripts/gpu.sh [--vulkan] [--only NAME[,NAME...]] [tests] [benches] [examples]
 #       what to stage (default: all three); --vulkan also stages the wgpu builds of the
-#       selected tests and benches (for Vulkan on the GPU). Each binary links the whole stack
+#       selected tests and benches (for Vulkan on the GPU); --only keeps just the named test
+#       and bench targets (e.g. --only kernels,attention) to save build time and transfer. Each binary links the whole stack
 #       (about 30 MB stripped, 10 MB gzipped): stage only what one run needs when the copy
 #       to the GPU machine is limited.
 #
@@ -20,16 +21,26 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=.gpu
 vulkan=0
+only=""
 parts=()
-for a in "$@"; do
+while [ $# -gt 0 ]; do
+  a=$1; shift
   case "$a" in
     --vulkan) vulkan=1 ;;
+    --only) only=",$1,"; shift ;;
     tests|benches|examples) parts+=("$a") ;;
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
 [ ${#parts[@]} -eq 0 ] && parts=(tests benches examples)
 want() { [[ " ${parts[*]} " == *" $1 "* ]]; }
+# The --test / --bench flags for the given target names, filtered by --only.
+targets() {
+  local flag=$1; shift
+  for t in "$@"; do
+    if [ -z "$only" ] || [[ $only == *",$t,"* ]]; then echo "$flag $t"; fi
+  done
+}
 rm -rf "$stage/cuda" "$stage/wgpu" && mkdir -p "$stage/cuda" "$stage/wgpu"
 
 # Stages one executable as $stage/$out/$name.gz (stripped).
@@ -60,8 +71,10 @@ for line in sys.stdin:
 }
 
 cuda=(--no-default-features --features cuda)
-want tests && build cuda "" test "${cuda[@]}" --test kernels --test cache --test model
-want benches && build cuda bench_ bench "${cuda[@]}"
+tests=$(targets --test kernels cache model)
+benches=$(targets --bench attention compress decode)
+want tests && [ -n "$tests" ] && build cuda "" test "${cuda[@]}" $tests
+want benches && [ -n "$benches" ] && build cuda bench_ bench "${cuda[@]}" $benches
 if want examples; then
   for ex in chat eval; do
     CARGO_TARGET_DIR=target/gpu-cuda cargo build --release "${cuda[@]}" --example $ex
@@ -69,8 +82,8 @@ if want examples; then
   done
 fi
 if [ $vulkan = 1 ]; then
-  want tests && build wgpu "" test --test kernels --test cache --test model
-  want benches && build wgpu bench_ bench
+  want tests && [ -n "$tests" ] && build wgpu "" test $tests
+  want benches && [ -n "$benches" ] && build wgpu bench_ bench $benches
 fi
 mkdir -p "$stage/scripts" && cp scripts/sdpa_baseline.py "$stage/scripts/"
 

@@ -67,6 +67,26 @@ fn copy_kernel<N: Size>(
     }
 }
 
+/// Sums the first `vectors` vectors of `N` (grid-stride, 16-byte loads) and writes one
+/// partial sum per unit, so the loads cannot be optimised away: a kernel that only reads.
+#[cube(launch)]
+fn read_sum_kernel<N: Size>(src: &Array<Vector<f32, N>>, sums: &mut Array<f32>, vectors: u32) {
+    let n = vectors as usize;
+    let stride = CUBE_COUNT * CUBE_DIM as usize;
+    let mut i = ABSOLUTE_POS;
+    let mut acc = Vector::<f32, N>::empty().fill(0.0);
+    while i < n {
+        acc += src[i];
+        i += stride;
+    }
+    let mut total = 0.0f32;
+    #[unroll]
+    for e in 0..acc.size() {
+        total += acc[e];
+    }
+    sums[ABSOLUTE_POS] = total;
+}
+
 /// A device buffer of `n` random `F` in [-1, 1), filled on the device.
 pub fn random_handle<F: FloatElement>(client: &ComputeClient<Rt>, n: usize, seed: u32) -> Handle {
     let handle = client.empty(n * F::size_bytes());
@@ -134,6 +154,36 @@ pub fn copy_bandwidth(client: &ComputeClient<Rt>, bytes: usize) -> f64 {
     );
     assert!(a[..] == b[..], "the copy kernel did not copy every byte");
     2.0 * (n * 4) as f64 / t.as_secs_f64()
+}
+
+/// Read-only bandwidth in bytes per second: a reduction that reads `bytes` bytes with
+/// 16-byte loads and writes one float per unit. Decode attention only reads the cache, so this
+/// is the ceiling its bandwidth fractions are taken against. The sum is checked against the
+/// host's, so the ceiling counts only a kernel that really read every byte.
+pub fn read_bandwidth(client: &ComputeClient<Rt>, bytes: usize) -> f64 {
+    let n = bytes / 4;
+    let src = random_handle::<f32>(client, n, 11);
+    let sums = client.empty((GRID * UNITS) as usize * 4);
+    let t = median_call_time(client, |_| unsafe {
+        read_sum_kernel::launch::<Rt>(
+            client,
+            CubeCount::Static(GRID, 1, 1),
+            CubeDim::new_1d(UNITS),
+            4,
+            ArrayArg::from_raw_parts(src.clone(), n / 4),
+            ArrayArg::from_raw_parts(sums.clone(), (GRID * UNITS) as usize),
+            (n / 4) as u32,
+        );
+    });
+    let data = client.read_one(src).expect("read back");
+    let expect: f64 = f32::from_bytes(&data).iter().map(|&x| x as f64).sum();
+    let partial = client.read_one(sums).expect("read back");
+    let got: f64 = f32::from_bytes(&partial).iter().map(|&x| x as f64).sum();
+    assert!(
+        (got - expect).abs() <= 1e-3 * (n as f64).sqrt().max(1.0) * 8.0,
+        "the read kernel's sum {got} differs from the host's {expect}"
+    );
+    (n * 4) as f64 / t.as_secs_f64()
 }
 
 /// The Burn backend of the model benches: f16 on the selected runtime.

@@ -2,19 +2,36 @@
 //! and the dense baseline from the same source.
 //!
 //! One cube handles one (sequence, KV head, split of the token range) for all query heads of
-//! the KV head's GQA group, so each compressed byte is read once per step, not once per query
-//! head. Per tile of tokens it loads the compressed bitmap words and packed values
-//! cooperatively (coalesced) into shared memory, computes every token's scores for the whole
-//! group from the set bits ("loads compressed, computes dense"), updates an online softmax,
-//! and accumulates the values. Positions at or past the segment length come from the dense
-//! window, in the same pass. Each split writes its unnormalised output, running max and sum;
-//! a second kernel merges the splits. The kernels use shared memory only (no plane
-//! operations), so the same code runs on every runtime, lavapipe included.
+//! the KV head's GQA group, so each byte of the cache is read once per step, not once per
+//! query head. The split is walked in tiles of `tile` tokens (one unit per token); each tile
+//! is four named steps:
+//!
+//! 1. **Stage** ([`stage_rows`]): the tile's compressed bitmap words and packed values (K and V,
+//!    loaded together so that many loads are in flight), or in the dense kernel its key rows,
+//!    are copied from global memory into shared memory with coalesced loads. Rows are laid out
+//!    with a padded stride so that one unit per row reads them without bank conflicts.
+//! 2. **Scores** ([`sparse_scores`], [`dense_scores`]): one unit per token computes the scores
+//!    of every query head of the group. A compressed key row is walked bit by bit, so only its
+//!    kept values are multiplied ("load compressed, compute sparse"): one gather of the query
+//!    vector of the group per kept value. The same unit records, per bitmap word of its value
+//!    row, how many values the earlier words keep.
+//! 3. **Softmax state** ([`cube_reduce`]): the tile's maximum per head, the rescale factor of
+//!    what was accumulated so far, and the tile's probabilities, shared through memory.
+//! 4. **Values** ([`sparse_values`], [`dense_values`]): each unit owns `vec` consecutive
+//!    channels of one row at a time (a whole row is `head_dim / vec` units) and accumulates
+//!    `p * v` in registers. For a compressed row it finds its values by popcount of the bits
+//!    below its channels (the word prefix from step 2 plus the bits of its own word), so no
+//!    row is expanded in shared memory.
+//!
+//! Positions at or past the segment length come from the dense window, in the same pass. Each
+//! split writes its unnormalised output, running max and sum; a second kernel merges the
+//! splits. Reductions use plane (warp) operations where the device has them and a
+//! shared-memory tree elsewhere (lavapipe), chosen at compile time.
 //!
 //! The softmax "minus infinity" is the finite -3e38, because WGSL has no infinity literals.
 //!
 //! The dense baseline is this kernel with the compressed part compiled out (`sparse = false`):
-//! all tokens come from the dense arrays, read the same way.
+//! all tokens come from the dense arrays, key rows staged the same way.
 
 use cubecl::prelude::*;
 
@@ -23,87 +40,151 @@ use crate::error::{KernelError, Result};
 use crate::{FloatElement, check_type_supported};
 use sparsekv_format::{HeadDim, Sparsity, keep_count};
 
-/// Cubes to aim for when splitting the token range: several per multiprocessor, so that
-/// enough warps are resident to keep loads in flight.
-const TARGET_CUBES: usize = 2048;
+/// Cubes to aim for when splitting the token range: several waves of resident cubes on a large
+/// GPU, so that the last, partial wave is a small part of the call.
+const TARGET_CUBES: usize = 4096;
 /// Fewest tiles in a split, so per-split work (query load, final reductions, the merge) stays
 /// small against the tiles.
-const MIN_TILES_PER_SPLIT: usize = 4;
+const MIN_TILES_PER_SPLIT: usize = 2;
+/// Loads each unit issues before it stores any of them, when staging a tile.
+const STAGE_UNROLL: usize = 4;
+/// The largest tile, in tokens; smaller when shared memory does not allow it.
+const MAX_TILE: usize = 128;
+/// The smallest tile: a whole bitmap word at every head_dim, and enough for lavapipe's
+/// 32 KB of shared memory at head_dim 256 in f32.
+const MIN_TILE: usize = 8;
+
+/// How the value staging turns a 32-bit word of packed values into values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Unpack {
+    /// One f32 per word, or two 16-bit values by a bit cast of the word to a 2-vector (CUDA).
+    Bitcast,
+    /// Two f16 decoded with integer operations: WGSL's `bitcast` cannot turn a `u32` into a
+    /// `vec2<f16>` in naga, the shader compiler of wgpu.
+    F16Bits,
+    /// Two bf16, each the high half of an f32.
+    Bf16Bits,
+}
 
 /// Static launch parameters of the split kernel, chosen on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct SplitPlan {
-    /// Tokens per tile = units per cube.
+    /// Elements per head.
+    head_dim: usize,
+    /// Query heads per KV head.
+    group: usize,
+    /// Query heads per vector of the staged query and probabilities (divides `group`).
+    group_vec: usize,
+    /// Tokens per tile.
     tile: usize,
-    /// Elements per vector load (16 bytes at most).
+    /// Units per cube: one per token of a tile, and at least one row of the value step.
+    units: usize,
+    /// Elements per vector load (16 bytes at most) = channels a unit owns in the value step.
     vec: usize,
-    /// Channels each unit accumulates in the value phase.
-    cpt: usize,
+    /// Kept values per key row and per value row (0 for the dense kernel).
+    keep_k: usize,
+    keep_v: usize,
+    /// Shared-memory stride of a staged key / value row, in elements (padded `keep`).
+    k_row: usize,
+    v_row: usize,
+    /// Bitmap words per row (at least 1).
+    words: usize,
+    /// Bytes per value.
+    elem: usize,
+    /// How a staged 32-bit word of packed values becomes values.
+    unpack: Unpack,
+    /// Whether a compressed segment is read.
+    sparse: bool,
+    /// Whether plane operations are used.
+    use_plane: bool,
 }
 
 impl SplitPlan {
-    /// Shared memory a split cube uses, in bytes (mirrors the kernel's allocations).
-    fn shared_bytes(
-        &self,
-        head_dim: usize,
-        group: usize,
-        keep: usize,
-        elem: usize,
-        sparse: bool,
-    ) -> usize {
-        let common = 4 * (group * head_dim + 2 * group * self.tile);
-        if sparse {
-            let vals = (self.tile * keep).div_ceil(self.vec) * self.vec;
-            common + self.tile * head_dim / 8 + (vals + self.tile * head_dim) * elem
+    /// Shared-memory stride of `keep` staged values of `elem` bytes: padded so that the rows
+    /// read by consecutive units start in different banks (an odd number of 4-byte words, or
+    /// a row that is not a whole number of words).
+    fn padded_values(keep: usize, elem: usize) -> usize {
+        if (keep * elem).is_multiple_of(8) {
+            keep + (4 / elem).max(1)
         } else {
-            common + 4 + 2 * elem
+            keep
         }
     }
 
-    /// Tokens per tile: about 8K elements of rows (16K dense), halved until the cube's shared memory fits
-    /// the device; at least 8.
+    /// Shared memory a split cube uses, in bytes (mirrors the kernel's allocations).
+    fn shared_bytes(&self, elem: usize) -> usize {
+        let (d, g, t, u) = (self.head_dim, self.group, self.tile, self.units);
+        let common = 4 * (g * d + g * u + (g * u).max(d));
+        if self.sparse {
+            let bits = (t * d).div_ceil(32);
+            common + 4 * (2 * bits + t * self.words) + elem * (t * (self.k_row + self.v_row) + 4)
+        } else {
+            common + elem * t * (d + self.vec)
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn new(
         head_dim: usize,
         group: usize,
-        keep: usize,
+        keep_k: usize,
+        keep_v: usize,
         elem: usize,
+        unpack: Unpack,
         vec: usize,
         sparse: bool,
+        use_plane: bool,
         limit: usize,
         max_units: usize,
     ) -> Result<Self> {
+        let words = (head_dim / 32).max(1);
+        let row_units = head_dim / vec;
         let plan = |tile: usize| SplitPlan {
+            head_dim,
+            group,
+            group_vec: group.min(4),
             tile,
+            units: tile.max(row_units),
             vec,
-            cpt: vec.max(head_dim / tile),
+            keep_k,
+            keep_v,
+            k_row: Self::padded_values(keep_k, elem),
+            // Value rows are read along the row (not one row per unit): no padding.
+            v_row: keep_v,
+            words,
+            elem,
+            unpack,
+            sparse,
+            use_plane,
         };
-        // Dense tiles need little shared memory, so they can be longer.
-        let rows = if sparse { 8192 } else { 16384 };
-        let mut tile = (rows / head_dim).clamp(16, 128).min(max_units);
-        while tile > 8 && plan(tile).shared_bytes(head_dim, group, keep, elem, sparse) > limit {
+        // Dense key rows take the most shared memory: about 16 KB of them per tile.
+        let rows = if sparse { MAX_TILE } else { 8192 / head_dim };
+        let mut tile = rows.clamp(MIN_TILE, MAX_TILE).min(max_units);
+        while tile > MIN_TILE && plan(tile).shared_bytes(elem) > limit {
             tile /= 2;
         }
-        let need = plan(tile).shared_bytes(head_dim, group, keep, elem, sparse);
-        if need > limit {
+        let chosen = plan(tile);
+        let need = chosen.shared_bytes(elem);
+        if need > limit || chosen.units > max_units {
             return Err(KernelError::InvalidArguments(format!(
-                "decode attention needs {need} bytes of shared memory (head_dim {head_dim}, group {group}); the device allows {limit}"
+                "decode attention needs {need} bytes of shared memory and {} units per cube (head_dim {head_dim}, group {group}); the device allows {limit} bytes and {max_units} units",
+                chosen.units
             )));
         }
-        Ok(plan(tile))
+        Ok(chosen)
     }
 }
 
 /// The maximum (`is_max`) or sum over the cube of one value per unit, for each of `group`
 /// values; every unit gets the results. With plane operations: a plane reduction, then one
 /// value per plane through shared memory. Without (lavapipe): a shared-memory tree.
-/// `red` holds `group * tile` floats; `tile` is the cube size, a power of two.
+/// `red` holds at least `group * units` floats; `units` is the cube size, a power of two.
 #[cube]
 fn cube_reduce(
     values: &Array<f32>,
     red: &mut SharedMemory<f32>,
     #[comptime] group: usize,
-    #[comptime] tile: usize,
+    #[comptime] units: usize,
     #[comptime] is_max: bool,
     #[comptime] use_plane: bool,
 ) -> Array<f32> {
@@ -139,25 +220,25 @@ fn cube_reduce(
     } else {
         #[unroll]
         for g in 0..group {
-            red[g * tile + tid] = values[g];
+            red[g * units + tid] = values[g];
         }
         sync_cube();
-        let levels = comptime!(tile.trailing_zeros() as usize);
+        let levels = comptime!(units.trailing_zeros() as usize);
         for level in 0..levels {
-            let stride = tile >> (level + 1);
+            let stride = units >> (level + 1);
             if tid < stride {
                 #[unroll]
                 for g in 0..group {
-                    let a = red[g * tile + tid];
-                    let b = red[g * tile + tid + stride];
-                    red[g * tile + tid] = if comptime!(is_max) { max(a, b) } else { a + b };
+                    let a = red[g * units + tid];
+                    let b = red[g * units + tid + stride];
+                    red[g * units + tid] = if comptime!(is_max) { max(a, b) } else { a + b };
                 }
             }
             sync_cube();
         }
         #[unroll]
         for g in 0..group {
-            out[g] = red[g * tile];
+            out[g] = red[g * units];
         }
     }
     // Nobody may overwrite `red` before every unit has read it.
@@ -165,14 +246,282 @@ fn cube_reduce(
     out
 }
 
-#[cube(launch)]
+/// Copies `count` consecutive items from `src[src0..]` into shared memory, as rows of `row`
+/// items placed `stride` apart (`stride >= row`; equal for a plain copy). Every unit of the
+/// cube takes part, consecutive units reading consecutive items (coalesced); each unit issues
+/// `STAGE_UNROLL` loads before it stores them, so that many loads are in flight.
+#[cube]
+fn stage_rows<T: CubePrimitive>(
+    src: &Array<T>,
+    src0: usize,
+    count: usize,
+    dst: &mut SharedMemory<T>,
+    #[comptime] row: usize,
+    #[comptime] stride: usize,
+    #[comptime] units: usize,
+) {
+    let mut i = UNIT_POS as usize;
+    while i < count {
+        let mut staged = Array::<T>::new(STAGE_UNROLL);
+        #[unroll]
+        for u in 0..STAGE_UNROLL {
+            let j = i + u * units;
+            if j < count {
+                staged[u] = src[src0 + j];
+            }
+        }
+        #[unroll]
+        for u in 0..STAGE_UNROLL {
+            let j = i + u * units;
+            if j < count {
+                if comptime!(row == stride) {
+                    dst[j] = staged[u];
+                } else {
+                    dst[(j / row) * stride + j % row] = staged[u];
+                }
+            }
+        }
+        i += STAGE_UNROLL * units;
+    }
+}
+
+/// Copies the packed values of a tile into shared memory as 32-bit words (coalesced, one or
+/// two values each), `words` words from `src[src0..]`, unpacking each word into its values.
+/// With `row_words > 0`, the values form rows of `row_words` words that are placed
+/// `row_words + 1` words apart (the padded stride of [`SplitPlan::padded_values`]).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_values<F: Float>(
+    src: &Array<u32>,
+    src0: usize,
+    words: usize,
+    dst: &mut SharedMemory<F>,
+    #[comptime] row_words: usize,
+    #[comptime] elem: usize,
+    #[comptime] unpack: Unpack,
+    #[comptime] units: usize,
+) {
+    let per_word = comptime!(4 / elem);
+    let size!(P) = per_word;
+    let mut i = UNIT_POS as usize;
+    while i < words {
+        let mut staged = Array::<u32>::new(STAGE_UNROLL);
+        #[unroll]
+        for u in 0..STAGE_UNROLL {
+            let j = i + u * units;
+            if j < words {
+                staged[u] = src[src0 + j];
+            }
+        }
+        #[unroll]
+        for u in 0..STAGE_UNROLL {
+            let j = i + u * units;
+            if j < words {
+                let at = if comptime!(row_words > 0) {
+                    ((j / row_words) * (row_words + 1) + j % row_words) * per_word
+                } else {
+                    j * per_word
+                };
+                let word = staged[u];
+                match comptime!(unpack) {
+                    Unpack::Bitcast => {
+                        if comptime!(per_word == 1) {
+                            dst[at] = F::reinterpret(word);
+                        } else {
+                            let values = Vector::<F, P>::reinterpret(word);
+                            #[unroll]
+                            for e in 0..per_word {
+                                dst[at + e] = values[e];
+                            }
+                        }
+                    }
+                    Unpack::F16Bits => {
+                        dst[at] = F::cast_from(f16_bits_to_f32(word & 0xffffu32));
+                        dst[at + 1] = F::cast_from(f16_bits_to_f32(word >> 16u32));
+                    }
+                    Unpack::Bf16Bits => {
+                        dst[at] = F::cast_from(f32::reinterpret(word << 16u32));
+                        dst[at + 1] = F::cast_from(f32::reinterpret(word & 0xffff_0000u32));
+                    }
+                }
+            }
+        }
+        i += STAGE_UNROLL * units;
+    }
+}
+
+/// The f32 value of the IEEE half-precision bits `h` (low 16 bits), exactly: normal numbers
+/// by moving the exponent and mantissa, subnormals by scaling the mantissa, infinities and NaN
+/// kept as such.
+#[cube]
+fn f16_bits_to_f32(h: u32) -> f32 {
+    let sign = (h & 0x8000u32) << 16u32;
+    let exponent = (h >> 10u32) & 0x1fu32;
+    let mantissa = h & 0x3ffu32;
+    let normal = f32::reinterpret(sign | ((exponent + 112u32) << 23u32) | (mantissa << 13u32));
+    let special = f32::reinterpret(sign | 0x7f80_0000u32 | (mantissa << 13u32));
+    // 2^-24, the value of the lowest mantissa bit of a subnormal half.
+    let magnitude = f32::cast_from(mantissa) * 5.960_464_5e-8f32;
+    let subnormal = select(sign != 0u32, -magnitude, magnitude);
+    select(
+        exponent == 0u32,
+        subnormal,
+        select(exponent == 31u32, special, normal),
+    )
+}
+
+/// The bitmap bits of row `r` of a staged tile: for `head_dim >= 32` word `w` of the row, else
+/// the row's `head_dim` bits of the word it shares, shifted down.
+#[cube]
+fn row_word(bits: &SharedMemory<u32>, r: usize, w: usize, #[comptime] head_dim: usize) -> u32 {
+    if comptime!(head_dim >= 32) {
+        bits[r * (head_dim / 32) + w]
+    } else {
+        let bit = r * head_dim;
+        (bits[bit / 32] >> (bit % 32) as u32) & comptime!(((1u64 << head_dim) - 1) as u32)
+    }
+}
+
+/// Step 2 for a compressed token (tile row `r`): adds `q_g . k` to `scores[g]` for every head
+/// of the group, walking the row's set bits and multiplying only the kept values; the query
+/// of the group for channel `j` is the `j`-th group vector of `q_s`. Also records, in
+/// `v_prefix`, how many values of the token's value row the words before each word keep.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn sparse_scores<F: Float, GV: Size>(
+    r: usize,
+    k_bits: &SharedMemory<u32>,
+    k_vals: &SharedMemory<F>,
+    v_bits: &SharedMemory<u32>,
+    v_prefix: &mut SharedMemory<u32>,
+    q_s: &SharedMemory<Vector<f32, GV>>,
+    scores: &mut Array<f32>,
+    #[comptime] plan: SplitPlan,
+) {
+    let (d, words) = comptime!((plan.head_dim, plan.words));
+    let (gv, ngv) = comptime!((plan.group_vec, plan.group / plan.group_vec));
+    let row = r * comptime!(plan.k_row);
+    // Every row keeps exactly `keep_k` values: one uniform loop over them, moving to the next
+    // bitmap word when the current one is used up (bounded, so a corrupt row cannot hang).
+    let mut wi = 0usize;
+    let mut word = row_word(k_bits, r, 0, d);
+    for slot in 0..comptime!(plan.keep_k) {
+        while word == 0u32 && wi + 1 < words {
+            wi += 1;
+            word = row_word(k_bits, r, wi, d);
+        }
+        let j = (wi * 32 + word.trailing_zeros() as usize) & comptime!(plan.head_dim - 1);
+        word &= word - 1u32;
+        let x = f32::cast_from(k_vals[row + slot]);
+        #[unroll]
+        for v in 0..ngv {
+            let qv = q_s[j * ngv + v];
+            #[unroll]
+            for e in 0..gv {
+                scores[v * gv + e] += qv[e] * x;
+            }
+        }
+    }
+    if comptime!(words > 1) {
+        let mut kept = 0u32;
+        #[unroll]
+        for wi in 0..words {
+            v_prefix[r * words + wi] = kept;
+            kept += v_bits[r * words + wi].count_ones();
+        }
+    }
+}
+
+/// Step 2 for one vector of a dense key row: channels `v * vec ..` of the token, `x`.
+#[cube]
+fn dense_scores<F: Float, N: Size, GV: Size>(
+    x: Vector<F, N>,
+    v: usize,
+    q_s: &SharedMemory<Vector<f32, GV>>,
+    scores: &mut Array<f32>,
+    #[comptime] plan: SplitPlan,
+) {
+    let (vec, gv, ngv) = comptime!((plan.vec, plan.group_vec, plan.group / plan.group_vec));
+    #[unroll]
+    for e in 0..vec {
+        let xe = f32::cast_from(x[e]);
+        #[unroll]
+        for g in 0..ngv {
+            let qv = q_s[(v * vec + e) * ngv + g];
+            #[unroll]
+            for k in 0..gv {
+                scores[g * gv + k] += qv[k] * xe;
+            }
+        }
+    }
+}
+
+/// Step 4 for a compressed token (tile row `r`): this unit's `vec` channels from `c0`. Its
+/// first value is at the number of kept bits below `c0` in the row: the prefix of the earlier
+/// words plus the bits below it in its own word. Channels whose bit is clear add nothing (the
+/// value read for them, the next kept one, is discarded).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn sparse_values<F: Float>(
+    r: usize,
+    c0: usize,
+    v_bits: &SharedMemory<u32>,
+    v_vals: &SharedMemory<F>,
+    v_prefix: &SharedMemory<u32>,
+    p: &Array<f32>,
+    acc: &mut Array<f32>,
+    #[comptime] plan: SplitPlan,
+) {
+    let (d, vec, group) = comptime!((plan.head_dim, plan.vec, plan.group));
+    let words = comptime!(plan.words);
+    let wi = c0 / 32;
+    let shift = (c0 % 32) as u32;
+    let word = row_word(v_bits, r, wi, d);
+    let mut rank = (word & ((1u32 << shift) - 1u32)).count_ones() as usize;
+    if comptime!(words > 1) {
+        rank += v_prefix[r * words + wi] as usize;
+    }
+    let bits = word >> shift;
+    let mut idx = r * comptime!(plan.v_row) + rank;
+    #[unroll]
+    for c in 0..vec {
+        let kept = (bits >> c as u32) & 1u32;
+        let x = select(kept == 1u32, f32::cast_from(v_vals[idx]), 0.0f32);
+        idx += kept as usize;
+        #[unroll]
+        for g in 0..group {
+            acc[g * vec + c] += p[g] * x;
+        }
+    }
+}
+
+/// Step 4 for a dense token: this unit's `vec` channels of its value row, `x`.
+#[cube]
+fn dense_values<F: Float, N: Size>(
+    x: Vector<F, N>,
+    p: &Array<f32>,
+    acc: &mut Array<f32>,
+    #[comptime] plan: SplitPlan,
+) {
+    let (vec, group) = comptime!((plan.vec, plan.group));
+    #[unroll]
+    for c in 0..vec {
+        let xe = f32::cast_from(x[c]);
+        #[unroll]
+        for g in 0..group {
+            acc[g * vec + c] += p[g] * xe;
+        }
+    }
+}
+
+#[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn decode_split_kernel<F: Float, N: Size>(
     q: &Array<Vector<F, N>>,
     k_bits: &Array<u32>,
-    k_vals: &Array<Vector<F, N>>,
+    k_vals: &Array<u32>,
     v_bits: &Array<u32>,
-    v_vals: &Array<Vector<F, N>>,
+    v_vals: &Array<u32>,
     k_win: &Array<Vector<F, N>>,
     v_win: &Array<Vector<F, N>>,
     comp_len: &Array<u32>,
@@ -186,37 +535,55 @@ fn decode_split_kernel<F: Float, N: Size>(
     split_tokens: u32,
     q_heads: u32,
     scale: f32,
-    #[comptime] head_dim: usize,
-    #[comptime] group: usize,
     #[comptime] plan: SplitPlan,
-    #[comptime] keep_k: usize,
-    #[comptime] keep_v: usize,
-    #[comptime] sparse: bool,
-    #[comptime] use_plane: bool,
 ) {
-    let tile = comptime!(plan.tile);
-    let vec = comptime!(plan.vec);
-    let cpt = comptime!(plan.cpt);
-    let units_per_row = comptime!(head_dim / plan.cpt);
-    let lanes = comptime!(plan.tile / (head_dim / plan.cpt));
-    let vecs_per_row = comptime!(head_dim / plan.vec);
-    let words_per_row = comptime!(if head_dim >= 32 { head_dim / 32 } else { 1 });
-    let bits_cap = comptime!(if sparse { plan.tile * head_dim / 32 } else { 1 });
-    let keep_max = comptime!(if keep_k > keep_v { keep_k } else { keep_v });
-    let vals_cap = comptime!(if sparse {
-        (plan.tile * keep_max).div_ceil(plan.vec) * plan.vec
+    let (d, group, vec) = comptime!((plan.head_dim, plan.group, plan.vec));
+    let (tile, units) = comptime!((plan.tile, plan.units));
+    let (gv, ngv) = comptime!((plan.group_vec, plan.group / plan.group_vec));
+    let size!(GV) = gv;
+    let sparse = comptime!(plan.sparse);
+    // Vectors per row = units per row in the value step.
+    let vpr = comptime!(plan.head_dim / plan.vec);
+    let lanes = comptime!(plan.units / (plan.head_dim / plan.vec));
+    let bits_cap = comptime!(if plan.sparse {
+        (plan.tile * plan.head_dim).div_ceil(32)
     } else {
         1
     });
-    let dense_cap = comptime!(if sparse { plan.tile * head_dim } else { 1 });
+    // Values: the rows, a word's second value past the last row, and one value read past it.
+    let (k_cap, v_cap) = comptime!(if plan.sparse {
+        (plan.tile * plan.k_row + 2, plan.tile * plan.v_row + 2)
+    } else {
+        (1, 1)
+    });
+    let prefix_cap = comptime!(if plan.sparse && plan.words > 1 {
+        plan.tile * plan.words
+    } else {
+        1
+    });
+    let (rows_cap, row_stride) = comptime!(if plan.sparse {
+        (1, 1)
+    } else {
+        let vpr = plan.head_dim / plan.vec;
+        (plan.tile * (vpr + 1), vpr + 1)
+    });
+    let red_cap = comptime!(if plan.group * plan.units > plan.head_dim {
+        plan.group * plan.units
+    } else {
+        plan.head_dim
+    });
 
-    // q_s[j * group + g]: the scaled query of head g, channel j (later reused for the lane sum).
-    let mut q_s = SharedMemory::<f32>::new(group * head_dim);
-    let mut p_s = SharedMemory::<f32>::new(group * tile);
-    let mut red_s = SharedMemory::<f32>::new(group * tile);
-    let mut bits_s = SharedMemory::<u32>::new(bits_cap);
-    let mut vals_s = SharedMemory::<F>::new(vals_cap);
-    let mut rows_s = SharedMemory::<F>::new(dense_cap);
+    // q_s[j * ngv + v]: the scaled query of heads v*gv .. v*gv+gv, channel j.
+    let mut q_s = SharedMemory::<Vector<f32, GV>>::new(d * ngv);
+    // p_s[t * ngv + v]: the tile's probabilities of token t, same heads.
+    let mut p_s = SharedMemory::<Vector<f32, GV>>::new(units * ngv);
+    let mut red_s = SharedMemory::<f32>::new(red_cap);
+    let mut kb_s = SharedMemory::<u32>::new(bits_cap);
+    let mut vb_s = SharedMemory::<u32>::new(bits_cap);
+    let mut pre_s = SharedMemory::<u32>::new(prefix_cap);
+    let mut kv_s = SharedMemory::<F>::new(k_cap);
+    let mut vv_s = SharedMemory::<F>::new(v_cap);
+    let mut rows_s = SharedMemory::<Vector<F, N>>::new(rows_cap);
 
     let b = CUBE_POS_Z as usize;
     let h = CUBE_POS_Y as usize;
@@ -229,64 +596,84 @@ fn decode_split_kernel<F: Float, N: Size>(
     let total = tc + win_len[b] as usize;
     let s0 = split * split_tokens as usize;
     let s1 = min(s0 + split_tokens as usize, total);
+    // First vector of this stream's dense rows.
+    let win0 = stream * win_stride as usize / vec;
 
-    let q_base = (b * q_heads as usize + h * group) * vecs_per_row;
+    // The scaled queries of the group, transposed to channel-major group vectors.
+    let q0 = (b * q_heads as usize + h * group) * vpr;
     let mut i = tid;
-    while i < group * vecs_per_row {
-        let g = i / vecs_per_row;
-        let v = i % vecs_per_row;
-        let x = q[q_base + i];
+    while i < vpr * ngv {
+        let jv = i / ngv;
+        let v = i % ngv;
+        let mut xs = Array::<Vector<F, N>>::new(gv);
         #[unroll]
-        for e in 0..vec {
-            q_s[(v * vec + e) * group + g] = f32::cast_from(x[e]) * scale;
+        for e in 0..gv {
+            xs[e] = q[q0 + (v * gv + e) * vpr + jv];
         }
-        i += tile;
+        #[unroll]
+        for k in 0..vec {
+            let mut qv = Vector::<f32, GV>::empty();
+            #[unroll]
+            for e in 0..gv {
+                qv[e] = f32::cast_from(xs[e][k]) * scale;
+            }
+            q_s[(jv * vec + k) * ngv + v] = qv;
+        }
+        i += units;
     }
 
     let mut m_run = Array::<f32>::new(group);
     let mut l_run = Array::<f32>::new(group);
-    let mut alpha = Array::<f32>::new(group);
-    let mut acc = Array::<f32>::new(group * cpt);
+    let mut acc = Array::<f32>::new(group * vec);
     #[unroll]
     for g in 0..group {
         m_run[g] = f32::new(-3.0e38);
         l_run[g] = 0.0;
         #[unroll]
-        for c in 0..cpt {
-            acc[g * cpt + c] = 0.0;
+        for c in 0..vec {
+            acc[g * vec + c] = 0.0;
         }
     }
-    let lane = tid / units_per_row;
-    let c0 = (tid % units_per_row) * cpt;
+    let lane = tid / vpr;
+    let c0 = (tid % vpr) * vec;
     sync_cube();
 
     let mut t0 = s0;
     while t0 < s1 {
         let n = min(tile, s1 - t0);
-        // Compressed tokens of this tile: [t0, t0 + nc).
+        // Step 1: stage. Compressed tokens of this tile: [t0, t0 + nc).
         let mut nc = 0usize;
-        if sparse && t0 < tc {
-            nc = min(t0 + n, tc) - t0;
-            let wbase = stream * bits_stride as usize + t0 * head_dim / 32;
-            let mut w = tid;
-            while w < (nc * head_dim).div_ceil(32) {
-                bits_s[w] = k_bits[wbase + w];
-                w += tile;
+        if sparse {
+            if t0 < tc {
+                nc = min(t0 + n, tc) - t0;
+                let w0 = stream * bits_stride as usize + t0 * d / 32;
+                let nw = (nc * d).div_ceil(32);
+                stage_rows::<u32>(k_bits, w0, nw, &mut kb_s, 1usize, 1usize, units);
+                stage_rows::<u32>(v_bits, w0, nw, &mut vb_s, 1usize, 1usize, units);
+                let (kk, vk, elem) = comptime!((plan.keep_k, plan.keep_v, plan.elem));
+                let per_word = comptime!(4 / plan.elem);
+                // Padded key rows are whole words; otherwise the values are copied as they are.
+                let k_row_words = comptime!(if plan.k_row != plan.keep_k {
+                    plan.keep_k * plan.elem / 4
+                } else {
+                    0
+                });
+                // Streams and tiles start on whole words (capacities are multiples of 8 tokens).
+                let k0 = (stream * k_vals_stride as usize + t0 * kk) / per_word;
+                let v0 = (stream * v_vals_stride as usize + t0 * vk) / per_word;
+                let kw = (nc * kk).div_ceil(per_word);
+                let vw = (nc * vk).div_ceil(per_word);
+                let unpack = comptime!(plan.unpack);
+                stage_values::<F>(k_vals, k0, kw, &mut kv_s, k_row_words, elem, unpack, units);
+                stage_values::<F>(v_vals, v0, vw, &mut vv_s, 0usize, elem, unpack, units);
             }
-            let vbase = (stream * k_vals_stride as usize + t0 * keep_k) / vec;
-            let mut e = tid;
-            while e < (nc * keep_k).div_ceil(vec) {
-                let x = k_vals[vbase + e];
-                #[unroll]
-                for k in 0..vec {
-                    vals_s[e * vec + k] = x[k];
-                }
-                e += tile;
-            }
-            sync_cube();
+        } else {
+            let r0 = win0 + t0 * vpr;
+            stage_rows::<Vector<F, N>>(k_win, r0, n * vpr, &mut rows_s, vpr, row_stride, units);
         }
+        sync_cube();
 
-        // Scores: one unit per token, for the whole group.
+        // Step 2: scores, one unit per token, for the whole group.
         let mut sc = Array::<f32>::new(group);
         #[unroll]
         for g in 0..group {
@@ -298,179 +685,110 @@ fn decode_split_kernel<F: Float, N: Size>(
                 sc[g] = 0.0;
             }
             if sparse && tid < nc {
-                let bit0 = tid * head_dim;
-                let mut slot = tid * keep_k;
-                #[unroll]
-                for wi in 0..words_per_row {
-                    let mut word = bits_s[bit0 / 32 + wi];
-                    if comptime!(head_dim < 32) {
-                        word = (word >> (bit0 % 32) as u32)
-                            & comptime!(((1u64 << head_dim) - 1) as u32);
-                    }
-                    while word != 0u32 {
-                        let j = wi * 32 + word.trailing_zeros() as usize;
-                        word &= word - 1u32;
-                        let x = f32::cast_from(vals_s[slot]);
-                        slot += 1;
-                        #[unroll]
-                        for g in 0..group {
-                            sc[g] += q_s[j * group + g] * x;
-                        }
-                    }
+                sparse_scores::<F, GV>(tid, &kb_s, &kv_s, &vb_s, &mut pre_s, &q_s, &mut sc, plan);
+            } else if sparse {
+                let row = win0 + (t0 + tid - tc) * vpr;
+                for v in 0..vpr {
+                    dense_scores::<F, N, GV>(k_win[row + v], v, &q_s, &mut sc, plan);
                 }
             } else {
-                let base = (stream * win_stride as usize + (t0 + tid - tc) * head_dim) / vec;
-                for v in 0..vecs_per_row {
-                    let x = k_win[base + v];
-                    #[unroll]
-                    for e in 0..vec {
-                        let xe = f32::cast_from(x[e]);
-                        #[unroll]
-                        for g in 0..group {
-                            sc[g] += q_s[(v * vec + e) * group + g] * xe;
-                        }
-                    }
+                for v in 0..vpr {
+                    dense_scores::<F, N, GV>(rows_s[tid * row_stride + v], v, &q_s, &mut sc, plan);
                 }
             }
         }
 
-        // Online softmax. Every unit tracks the same running max; sums stay per unit.
-        let m_tile = cube_reduce(&sc, &mut red_s, group, tile, true, use_plane);
+        // Step 3: online softmax. Every unit tracks the same running max; sums stay per unit.
+        let m_tile = cube_reduce(
+            &sc,
+            &mut red_s,
+            group,
+            units,
+            true,
+            comptime!(plan.use_plane),
+        );
+        let mut alpha = Array::<f32>::new(group);
         #[unroll]
-        for g in 0..group {
-            let m_new = max(m_run[g], m_tile[g]);
-            alpha[g] = Exp::exp(m_run[g] - m_new);
-            m_run[g] = m_new;
-            let p = Exp::exp(sc[g] - m_new);
-            l_run[g] = l_run[g] * alpha[g] + p;
-            p_s[g * tile + tid] = p;
+        for v in 0..ngv {
+            let mut pv = Vector::<f32, GV>::empty();
+            #[unroll]
+            for e in 0..gv {
+                let g = v * gv + e;
+                let m_new = max(m_run[g], m_tile[g]);
+                alpha[g] = Exp::exp(m_run[g] - m_new);
+                m_run[g] = m_new;
+                let p = Exp::exp(sc[g] - m_new);
+                l_run[g] = l_run[g] * alpha[g] + p;
+                pv[e] = p;
+            }
+            p_s[tid * ngv + v] = pv;
         }
         sync_cube();
 
-        // Compressed value rows: stage, then expand each row once into rows_s.
-        if sparse && nc > 0 {
-            let wbase = stream * bits_stride as usize + t0 * head_dim / 32;
-            let mut w = tid;
-            while w < (nc * head_dim).div_ceil(32) {
-                bits_s[w] = v_bits[wbase + w];
-                w += tile;
-            }
-            let vbase = (stream * v_vals_stride as usize + t0 * keep_v) / vec;
-            let mut e = tid;
-            while e < (nc * keep_v).div_ceil(vec) {
-                let x = v_vals[vbase + e];
-                #[unroll]
-                for k in 0..vec {
-                    vals_s[e * vec + k] = x[k];
-                }
-                e += tile;
-            }
-            // Zero the rows cooperatively (consecutive units, consecutive elements: no bank
-            // conflicts), then scatter each row's kept values.
-            let mut z = tid;
-            while z < nc * head_dim {
-                rows_s[z] = F::new(0.0);
-                z += tile;
-            }
-            sync_cube();
-            if tid < nc {
-                let row = tid * head_dim;
-                let bit0 = tid * head_dim;
-                let mut slot = tid * keep_v;
-                #[unroll]
-                for wi in 0..words_per_row {
-                    let mut word = bits_s[bit0 / 32 + wi];
-                    if comptime!(head_dim < 32) {
-                        word = (word >> (bit0 % 32) as u32)
-                            & comptime!(((1u64 << head_dim) - 1) as u32);
-                    }
-                    while word != 0u32 {
-                        let j = wi * 32 + word.trailing_zeros() as usize;
-                        word &= word - 1u32;
-                        rows_s[row + j] = vals_s[slot];
-                        slot += 1;
-                    }
-                }
-            }
-            sync_cube();
-        }
-
-        // Values: each unit accumulates `cpt` channels over every `lanes`-th token.
+        // Step 4: values. Each unit owns `vec` channels of every `lanes`-th token.
         #[unroll]
         for g in 0..group {
             #[unroll]
-            for c in 0..cpt {
-                acc[g * cpt + c] *= alpha[g];
+            for c in 0..vec {
+                acc[g * vec + c] *= alpha[g];
             }
         }
-        let mut k = lane;
-        while k < n {
+        let mut r = lane;
+        while r < n {
             let mut p = Array::<f32>::new(group);
             #[unroll]
-            for g in 0..group {
-                p[g] = p_s[g * tile + k];
-            }
-            if sparse && k < nc {
+            for v in 0..ngv {
+                let pv = p_s[r * ngv + v];
                 #[unroll]
-                for c in 0..cpt {
-                    let x = f32::cast_from(rows_s[k * head_dim + c0 + c]);
-                    #[unroll]
-                    for g in 0..group {
-                        acc[g * cpt + c] += p[g] * x;
-                    }
+                for e in 0..gv {
+                    p[v * gv + e] = pv[e];
                 }
+            }
+            if sparse && r < nc {
+                sparse_values::<F>(r, c0, &vb_s, &vv_s, &pre_s, &p, &mut acc, plan);
             } else {
-                let base = (stream * win_stride as usize + (t0 + k - tc) * head_dim + c0) / vec;
-                #[unroll]
-                for v in 0..cpt / vec {
-                    let x = v_win[base + v];
-                    #[unroll]
-                    for e in 0..vec {
-                        let xe = f32::cast_from(x[e]);
-                        #[unroll]
-                        for g in 0..group {
-                            acc[g * cpt + v * vec + e] += p[g] * xe;
-                        }
-                    }
-                }
+                let vector = win0 + (t0 + r - tc) * vpr + c0 / vec;
+                dense_values::<F, N>(v_win[vector], &p, &mut acc, plan);
             }
-            k += lanes;
+            r += lanes;
         }
+        // Nobody may stage the next tile before every unit is done with this one.
         sync_cube();
         t0 += tile;
     }
 
-    let l_total = cube_reduce(&l_run, &mut red_s, group, tile, false, use_plane);
-    // Sum the token lanes through q_s (group * head_dim floats), one lane at a time.
-    for l in 1..lanes {
-        if lane == l {
-            #[unroll]
-            for g in 0..group {
+    let l_total = cube_reduce(
+        &l_run,
+        &mut red_s,
+        group,
+        units,
+        false,
+        comptime!(plan.use_plane),
+    );
+    // Sum the token lanes through red_s (head_dim floats), one head and one lane at a time.
+    let row0 = b * q_heads as usize + h * group;
+    #[unroll]
+    for g in 0..group {
+        for l in 1..lanes {
+            if lane == l {
                 #[unroll]
-                for c in 0..cpt {
-                    q_s[g * head_dim + c0 + c] = acc[g * cpt + c];
+                for c in 0..vec {
+                    red_s[c0 + c] = acc[g * vec + c];
                 }
             }
+            sync_cube();
+            if lane == 0 {
+                #[unroll]
+                for c in 0..vec {
+                    acc[g * vec + c] += red_s[c0 + c];
+                }
+            }
+            sync_cube();
         }
-        sync_cube();
         if lane == 0 {
             #[unroll]
-            for g in 0..group {
-                #[unroll]
-                for c in 0..cpt {
-                    acc[g * cpt + c] += q_s[g * head_dim + c0 + c];
-                }
-            }
-        }
-        sync_cube();
-    }
-    let row0 = b * q_heads as usize + h * group;
-    if lane == 0 {
-        #[unroll]
-        for g in 0..group {
-            #[unroll]
-            for c in 0..cpt {
-                part_o[((row0 + g) * splits + split) * head_dim + c0 + c] = acc[g * cpt + c];
+            for c in 0..vec {
+                part_o[((row0 + g) * splits + split) * d + c0 + c] = acc[g * vec + c];
             }
         }
     }
@@ -484,7 +802,7 @@ fn decode_split_kernel<F: Float, N: Size>(
     }
 }
 
-#[cube(launch)]
+#[cube(launch_unchecked)]
 fn decode_merge_kernel<F: Float>(
     part_o: &Array<f32>,
     part_ml: &Array<f32>,
@@ -509,10 +827,12 @@ fn decode_merge_kernel<F: Float>(
     out[row * head_dim + c] = F::cast_from(o / l);
 }
 
-/// Elements per vector load: 16 bytes at most, dividing the head dimension and every stride,
-/// so that each row and each tile of packed values starts on a whole vector.
-fn vector_size(elem: usize, head_dim: usize, strides: &[usize]) -> usize {
-    let mut vec = (16 / elem).max(1);
+/// Elements per vector load: 16 bytes at most and at most the device's widest vector (4 on
+/// wgpu, where wider vectors are split by the compiler in ways some indexing patterns of these
+/// kernels do not survive), dividing the head dimension and every stride, so that each dense
+/// row starts on a whole vector.
+fn vector_size(elem: usize, max_vector: usize, head_dim: usize, strides: &[usize]) -> usize {
+    let mut vec = (16 / elem).min(max_vector).max(1);
     while vec > 1
         && (!head_dim.is_multiple_of(vec) || strides.iter().any(|s| !s.is_multiple_of(vec)))
     {
@@ -655,22 +975,29 @@ pub fn decode_attention<R: Runtime, F: FloatElement>(
     }
 
     let hw = &client.properties().hardware;
-    let vec = vector_size(
-        es,
-        d,
-        &[
-            window.stride,
-            segment.map_or(0, |s| s.k_values_stride),
-            segment.map_or(0, |s| s.v_values_stride),
-        ],
-    );
+    let vec = vector_size(es, hw.max_vector_size, d, &[window.stride]);
+    let use_plane = client
+        .features()
+        .plane
+        .contains(cubecl::features::Plane::Ops);
+    // 16-bit values are unpacked by a bit cast on CUDA, with integer operations elsewhere.
+    let unpack = if es == 4 || R::name(client) == "cuda" {
+        Unpack::Bitcast
+    } else if F::name() == "bf16" {
+        Unpack::Bf16Bits
+    } else {
+        Unpack::F16Bits
+    };
     let plan = SplitPlan::new(
         d,
         group,
-        keep_k.max(keep_v),
+        keep_k,
+        keep_v,
         es,
+        unpack,
         vec,
         segment.is_some(),
+        use_plane,
         hw.max_shared_memory_size,
         hw.max_units_per_cube as usize,
     )?;
@@ -686,10 +1013,6 @@ pub fn decode_attention<R: Runtime, F: FloatElement>(
         .max(MIN_TILES_PER_SPLIT)
         * tile;
     let splits = max_total.div_ceil(split_tokens);
-    let use_plane = client
-        .features()
-        .plane
-        .contains(cubecl::features::Plane::Ops);
 
     let upload = |v: &[u32]| client.create_from_slice(u32::as_bytes(v));
     let (comp_len, win_len) = (upload(args.compressed_lens), upload(args.window_lens));
@@ -701,70 +1024,69 @@ pub fn decode_attention<R: Runtime, F: FloatElement>(
     let arr = |h: &cubecl::server::Handle, size: usize| unsafe {
         ArrayArg::from_raw_parts(h.clone(), elems(h, size))
     };
-    // Arrays of F are read as vectors of `vec` elements.
+    // Dense rows and queries are read as vectors of `vec` elements.
     let varr = |h: &cubecl::server::Handle| unsafe {
         ArrayArg::from_raw_parts(h.clone(), elems(h, es * vec))
     };
     let (kb, kv, vb, vv, bits_stride, kvs, vvs) = match segment {
         Some(s) => (
             arr(s.k_bitmap, 4),
-            varr(s.k_values),
+            arr(s.k_values, 4),
             arr(s.v_bitmap, 4),
-            varr(s.v_values),
+            arr(s.v_values, 4),
             s.bitmap_stride,
             s.k_values_stride,
             s.v_values_stride,
         ),
         None => (
             arr(&placeholder, 4),
-            arr(&placeholder, es),
             arr(&placeholder, 4),
-            arr(&placeholder, es),
+            arr(&placeholder, 4),
+            arr(&placeholder, 4),
             0,
             0,
             0,
         ),
     };
-    decode_split_kernel::launch::<F, R>(
-        client,
-        CubeCount::Static(splits as u32, kv_heads as u32, batch as u32),
-        CubeDim::new_1d(tile as u32),
-        vec,
-        varr(q),
-        kb,
-        kv,
-        vb,
-        vv,
-        varr(window.k),
-        varr(window.v),
-        arr(&comp_len, 4),
-        arr(&win_len, 4),
-        arr(&part_o, 4),
-        arr(&part_ml, 4),
-        bits_stride as u32,
-        kvs as u32,
-        vvs as u32,
-        window.stride as u32,
-        split_tokens as u32,
-        q_heads as u32,
-        1.0 / (d as f32).sqrt(),
-        d,
-        group,
-        plan,
-        keep_k,
-        keep_v,
-        segment.is_some(),
-        use_plane,
-    );
-    decode_merge_kernel::launch::<F, R>(
-        client,
-        CubeCount::Static(rows as u32, 1, 1),
-        CubeDim::new_1d(d as u32),
-        arr(&part_o, 4),
-        arr(&part_ml, 4),
-        arr(out, es),
-        splits as u32,
-        d,
-    );
+    // SAFETY: every index the kernels compute stays inside the buffers whose sizes were
+    // checked above: tokens below each sequence's lengths, which fit the stream capacities,
+    // and the partial buffers sized from `splits`.
+    unsafe {
+        decode_split_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(splits as u32, kv_heads as u32, batch as u32),
+            CubeDim::new_1d(plan.units as u32),
+            vec,
+            varr(q),
+            kb,
+            kv,
+            vb,
+            vv,
+            varr(window.k),
+            varr(window.v),
+            arr(&comp_len, 4),
+            arr(&win_len, 4),
+            arr(&part_o, 4),
+            arr(&part_ml, 4),
+            bits_stride as u32,
+            kvs as u32,
+            vvs as u32,
+            window.stride as u32,
+            split_tokens as u32,
+            q_heads as u32,
+            1.0 / (d as f32).sqrt(),
+            plan,
+        );
+        decode_merge_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(rows as u32, 1, 1),
+            CubeDim::new_1d(d as u32),
+            arr(&part_o, 4),
+            arr(&part_ml, 4),
+            arr(out, es),
+            splits as u32,
+            d,
+        );
+    }
     Ok(())
 }
