@@ -33,6 +33,9 @@
 //! The dense baseline is this kernel with the compressed part compiled out (`sparse = false`):
 //! all tokens come from the dense arrays, key rows staged the same way.
 
+mod mma;
+
+use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 
 use crate::compress::check_len;
@@ -400,25 +403,25 @@ fn sparse_scores<F: Float, GV: Size>(
 ) {
     let (d, words) = comptime!((plan.head_dim, plan.words));
     let (gv, ngv) = comptime!((plan.group_vec, plan.group / plan.group_vec));
-    let row = r * comptime!(plan.k_row);
-    // Every row keeps exactly `keep_k` values: one uniform loop over them, moving to the next
-    // bitmap word when the current one is used up (bounded, so a corrupt row cannot hang).
-    let mut wi = 0usize;
-    let mut word = row_word(k_bits, r, 0, d);
-    for slot in 0..comptime!(plan.keep_k) {
-        while word == 0u32 && wi + 1 < words {
-            wi += 1;
-            word = row_word(k_bits, r, wi, d);
-        }
-        let j = (wi * 32 + word.trailing_zeros() as usize) & comptime!(plan.head_dim - 1);
-        word &= word - 1u32;
-        let x = f32::cast_from(k_vals[row + slot]);
-        #[unroll]
-        for v in 0..ngv {
-            let qv = q_s[j * ngv + v];
+    // One loop per bitmap word, as many trips as the word has set bits (cheaper than one
+    // uniform loop over the row's `keep` values, which must look for the next non-empty word
+    // on every trip: 36 instructions per value against about 20, measured in v3.1).
+    let mut slot = r * comptime!(plan.k_row);
+    #[unroll]
+    for wi in 0..words {
+        let mut word = row_word(k_bits, r, wi, d);
+        while word != 0u32 {
+            let j = wi * 32 + word.trailing_zeros() as usize;
+            word &= word - 1u32;
+            let x = f32::cast_from(k_vals[slot]);
+            slot += 1;
             #[unroll]
-            for e in 0..gv {
-                scores[v * gv + e] += qv[e] * x;
+            for v in 0..ngv {
+                let qv = q_s[j * ngv + v];
+                #[unroll]
+                for e in 0..gv {
+                    scores[v * gv + e] += qv[e] * x;
+                }
             }
         }
     }
@@ -827,6 +830,22 @@ fn decode_merge_kernel<F: Float>(
     out[row * head_dim + c] = F::cast_from(o / l);
 }
 
+/// Whether `client`'s device has the 16x16x16 f16 matrix operations the tensor-core kernel
+/// uses (f32 accumulators for the products, f16 for the zeroing stores).
+fn mma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    let f16 = ElemType::Float(FloatKind::F16);
+    let config = |cd: ElemType| cubecl::ir::features::MmaConfig {
+        a_type: f16.into(),
+        b_type: f16.into(),
+        cd_type: cd.into(),
+        m: mma::MMA as u32,
+        n: mma::MMA as u32,
+        k: mma::MMA as u32,
+    };
+    let cmma = &client.features().matmul.cmma;
+    cmma.contains(&config(ElemType::Float(FloatKind::F32))) && cmma.contains(&config(f16))
+}
+
 /// Elements per vector load: 16 bytes at most and at most the device's widest vector (4 on
 /// wgpu, where wider vectors are split by the compiler in ways some indexing patterns of these
 /// kernels do not survive), dividing the head dimension and every stride, so that each dense
@@ -1001,6 +1020,28 @@ pub fn decode_attention<R: Runtime, F: FloatElement>(
         hw.max_shared_memory_size,
         hw.max_units_per_cube as usize,
     )?;
+    // The tensor-core kernel (experimental, opt-in with `SPARSEKV_DECODE_KERNEL=mma`: slower
+    // than the CUDA-core kernel so far, see docs/PERF-NOTES.md): sparse f16 on CUDA where the
+    // device has 16x16x16 f16 matrix operations with f32 and f16 accumulators.
+    let use_mma = segment.is_some()
+        && R::name(client) == "cuda"
+        && F::name() == "f16"
+        && d.is_multiple_of(mma::MMA)
+        && group <= mma::MMA
+        && std::env::var("SPARSEKV_DECODE_KERNEL").as_deref() == Ok("mma")
+        && mma_supported(client)
+        && hw.max_units_per_cube as usize >= mma::MMA_UNITS;
+    let plan = if use_mma {
+        SplitPlan {
+            tile: mma::MMA_TILE,
+            units: mma::MMA_UNITS,
+            v_row: SplitPlan::padded_values(keep_v, es),
+            ..plan
+        }
+    } else {
+        plan
+    };
+    let use_mma = use_mma && mma::mma_shared_bytes(&plan) <= hw.max_shared_memory_size;
     let tile = plan.tile;
     let max_total = (0..batch)
         .map(|s| (args.compressed_lens[s] + args.window_lens[s]) as usize)
@@ -1052,31 +1093,59 @@ pub fn decode_attention<R: Runtime, F: FloatElement>(
     // checked above: tokens below each sequence's lengths, which fit the stream capacities,
     // and the partial buffers sized from `splits`.
     unsafe {
-        decode_split_kernel::launch_unchecked::<F, R>(
-            client,
-            CubeCount::Static(splits as u32, kv_heads as u32, batch as u32),
-            CubeDim::new_1d(plan.units as u32),
-            vec,
-            varr(q),
-            kb,
-            kv,
-            vb,
-            vv,
-            varr(window.k),
-            varr(window.v),
-            arr(&comp_len, 4),
-            arr(&win_len, 4),
-            arr(&part_o, 4),
-            arr(&part_ml, 4),
-            bits_stride as u32,
-            kvs as u32,
-            vvs as u32,
-            window.stride as u32,
-            split_tokens as u32,
-            q_heads as u32,
-            1.0 / (d as f32).sqrt(),
-            plan,
-        );
+        if use_mma {
+            mma::decode_split_mma_kernel::launch_unchecked::<F, R>(
+                client,
+                CubeCount::Static(splits as u32, kv_heads as u32, batch as u32),
+                CubeDim::new_1d(plan.units as u32),
+                vec,
+                arr(q, es),
+                kb,
+                kv,
+                vb,
+                vv,
+                varr(window.k),
+                varr(window.v),
+                arr(&comp_len, 4),
+                arr(&win_len, 4),
+                arr(&part_o, 4),
+                arr(&part_ml, 4),
+                bits_stride as u32,
+                kvs as u32,
+                vvs as u32,
+                window.stride as u32,
+                split_tokens as u32,
+                q_heads as u32,
+                1.0 / (d as f32).sqrt(),
+                plan,
+            );
+        } else {
+            decode_split_kernel::launch_unchecked::<F, R>(
+                client,
+                CubeCount::Static(splits as u32, kv_heads as u32, batch as u32),
+                CubeDim::new_1d(plan.units as u32),
+                vec,
+                varr(q),
+                kb,
+                kv,
+                vb,
+                vv,
+                varr(window.k),
+                varr(window.v),
+                arr(&comp_len, 4),
+                arr(&win_len, 4),
+                arr(&part_o, 4),
+                arr(&part_ml, 4),
+                bits_stride as u32,
+                kvs as u32,
+                vvs as u32,
+                window.stride as u32,
+                split_tokens as u32,
+                q_heads as u32,
+                1.0 / (d as f32).sqrt(),
+                plan,
+            );
+        }
         decode_merge_kernel::launch_unchecked::<F, R>(
             client,
             CubeCount::Static(rows as u32, 1, 1),
