@@ -18,7 +18,8 @@
 //!
 //! `SPARSEKV_BENCH_QUICK=1` runs only B = 1 at 1K and 4K (for software adapters);
 //! `SPARSEKV_BENCH_ONLY=8x16384,8x32768x256` only those shapes (`BxT` at head_dim 128, or
-//! `BxTxD`), without criterion (for profilers and short runs).
+//! `BxTxD`), without criterion (for profilers and short runs); `SPARSEKV_BENCH_KERNEL=tensor-core`
+//! runs the sparse rows on the experimental tensor-core kernel.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -34,8 +35,8 @@ use sparsekv::format::{HeadDim, Sparsity, keep_count, layout};
 use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
-    AttentionArgs, CompressArgs, DenseCacheArgs, FloatElement, SparseSegmentArgs, decode_attention,
-    prune_compress, supports_type,
+    AttentionArgs, CompressArgs, DecodeKernel, DenseCacheArgs, FloatElement, SparseSegmentArgs,
+    decode_attention, decode_attention_with, prune_compress, supports_type,
 };
 
 const Q_HEADS: usize = 32;
@@ -186,7 +187,15 @@ impl Shape {
                     v: &set.win_v,
                     stride: WINDOW * self.head_dim,
                 };
-                decode_attention::<Rt, F>(client, &args, q, Some(&segment), &window, out)
+                decode_attention_with::<Rt, F>(
+                    client,
+                    &args,
+                    q,
+                    Some(&segment),
+                    &window,
+                    out,
+                    sparse_kernel(),
+                )
             }
             None => {
                 let zeros = vec![0u32; b];
@@ -208,6 +217,15 @@ impl Shape {
             }
         };
         result.expect("launch");
+    }
+}
+
+/// The split kernel of the sparse rows: `SPARSEKV_BENCH_KERNEL=tensor-core` measures the
+/// experimental tensor-core kernel instead of the default.
+fn sparse_kernel() -> DecodeKernel {
+    match std::env::var("SPARSEKV_BENCH_KERNEL").as_deref() {
+        Ok("tensor-core") => DecodeKernel::TensorCore,
+        _ => DecodeKernel::Auto,
     }
 }
 

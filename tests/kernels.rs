@@ -12,8 +12,8 @@ use sparsekv::format::{HeadDim, Sparsity, keep_count, layout};
 use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
-    AttentionArgs, CompressArgs, DenseCacheArgs, FloatElement, KernelError, SparseSegmentArgs,
-    decode_attention, prune_compress, supports_type,
+    AttentionArgs, CompressArgs, DecodeKernel, DenseCacheArgs, FloatElement, KernelError,
+    SparseSegmentArgs, decode_attention, decode_attention_with, prune_compress, supports_type,
 };
 
 mod common;
@@ -226,6 +226,7 @@ fn attention_case<F: TestFloat>(
     rng: &mut StdRng,
     c: &AttentionCase,
     sparse: bool,
+    kernel: DecodeKernel,
 ) -> Result<f64, String> {
     let hd = HeadDim::new(c.d).map_err(|e| e.to_string())?;
     let d = c.d;
@@ -303,13 +304,14 @@ fn attention_case<F: TestFloat>(
         v: &vw_h,
         stride: win_cap * d,
     };
-    decode_attention::<Rt, F>(
+    decode_attention_with::<Rt, F>(
         client,
         &args,
         &q_h,
         sparse.then_some(&segment),
         &window,
         &out_h,
+        kernel,
     )
     .map_err(|e| e.to_string())?;
     Ok(rel_err(&read::<F>(client, out_h), &expect))
@@ -348,7 +350,7 @@ fn attention_cases<F: TestFloat>(cases: usize, sparse: bool) {
     };
     run_cases::<F>(name, cases, |client, rng| {
         let c = random_attention_case(rng, sparse);
-        let err = attention_case::<F>(client, rng, &c, sparse)?;
+        let err = attention_case::<F>(client, rng, &c, sparse, DecodeKernel::Auto)?;
         if err < F::ATTENTION_TOL {
             Ok(())
         } else {
@@ -391,6 +393,34 @@ fn sparse_attention_matches_oracle_f16() {
 #[test]
 fn sparse_attention_matches_oracle_bf16() {
     attention_cases::<half::bf16>(10, true);
+}
+
+/// The experimental tensor-core kernel against the oracle where the device has it (CUDA);
+/// elsewhere asking for it must be a typed error.
+#[test]
+fn tensor_core_sparse_attention_matches_oracle_f16() {
+    run_cases::<half::f16>("tensor-core sparse attention", 20, |client, rng| {
+        let mut c = random_attention_case(rng, true);
+        c.d = [16, 64, 128, 256][rng.random_range(0..4)];
+        match attention_case::<half::f16>(client, rng, &c, true, DecodeKernel::TensorCore) {
+            Ok(err) if err < half::f16::ATTENTION_TOL => Ok(()),
+            Ok(err) => Err(format!(
+                "rel err {err:e}: d {} batch {} kv {} group {} ks {} vs {} comp {:?} win {:?}",
+                c.d,
+                c.batch,
+                c.kv_heads,
+                c.group,
+                c.ks.get(),
+                c.vs.get(),
+                c.comp,
+                c.win
+            )),
+            Err(e) if !cfg!(feature = "cuda") && e.contains("tensor-core decode kernel needs") => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    });
 }
 
 #[test]

@@ -9,7 +9,10 @@ pub mod compress;
 pub mod error;
 pub mod rows;
 
-pub use attention::{AttentionArgs, DenseCacheArgs, SparseSegmentArgs, decode_attention};
+pub use attention::{
+    AttentionArgs, DecodeKernel, DenseCacheArgs, SparseSegmentArgs, decode_attention,
+    decode_attention_with,
+};
 pub use compress::{CompressArgs, prune_compress};
 pub use error::{KernelError, Result};
 pub use rows::{CopyRowsArgs, copy_rows};

@@ -202,20 +202,20 @@ pub(super) fn decode_split_mma_kernel<F: Float, N: Size>(
             stage_values::<F>(k_vals, k0, kw, &mut kv_s, k_row_words, elem, unpack, units);
             stage_values::<F>(v_vals, v0, vw, &mut vv_s, v_row_words, elem, unpack, units);
         }
-        let blocks = comptime!(MMA_TILE / MMA * (plan.head_dim + ROW_PAD) / MMA);
-        let mut blk = plane;
-        while blk < 2 * blocks {
-            let rb = (blk % blocks) / (row / MMA);
-            let cb = (blk % blocks) % (row / MMA);
-            let at = rb * MMA * row + cb * MMA;
-            if blk < blocks {
-                let mut dst = kd_s.slice_mut(at, at + (MMA - 1) * row + MMA);
-                cmma::store(&mut dst, &zero, row as u32, cmma::MatrixLayout::RowMajor);
-            } else {
-                let mut dst = vd_s.slice_mut(at, at + (MMA - 1) * row + MMA);
-                cmma::store(&mut dst, &zero, row as u32, cmma::MatrixLayout::RowMajor);
+        // The padding columns are never read: zero the 16x16 blocks of the head_dim columns,
+        // one plane per column block (no division in the index arithmetic).
+        let mut cb = plane;
+        while cb < d / MMA {
+            #[unroll]
+            for rb in 0..MMA_TILE / MMA {
+                let at = rb * MMA * row + cb * MMA;
+                let end = at + (MMA - 1) * row + MMA;
+                let mut kdst = kd_s.slice_mut(at, end);
+                cmma::store(&mut kdst, &zero, row as u32, cmma::MatrixLayout::RowMajor);
+                let mut vdst = vd_s.slice_mut(at, end);
+                cmma::store(&mut vdst, &zero, row as u32, cmma::MatrixLayout::RowMajor);
             }
-            blk += comptime!(MMA_UNITS / 32);
+            cb += comptime!(MMA_UNITS / 32);
         }
         sync_cube();
 

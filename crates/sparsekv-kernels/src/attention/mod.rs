@@ -911,6 +911,21 @@ pub struct DenseCacheArgs<'a> {
     pub stride: usize,
 }
 
+/// Which split kernel [`decode_attention_with`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecodeKernel {
+    /// The fastest kernel for the device and arguments: today the CUDA-core kernel everywhere.
+    #[default]
+    Auto,
+    /// The CUDA-core kernel (every runtime, type and shape).
+    Simt,
+    /// The experimental tensor-core kernel: compressed rows expanded into dense f16 tiles,
+    /// both products on 16x16x16 matrix units. CUDA, f16, a compressed segment, head_dim a
+    /// multiple of 16 and at most 16 query heads per KV head; anything else is an error. Slower
+    /// than [`DecodeKernel::Simt`] so far (docs/PERF-NOTES.md).
+    TensorCore,
+}
+
 /// Decode attention: `out[b, h, :] = softmax(q[b, h] · K_b^T / sqrt(d)) · V_b`, where K_b and
 /// V_b are sequence `b`'s compressed segment (if `segment` is given) followed by its dense
 /// window. `q` and `out` hold `[batch, q_heads, head_dim]` elements of `F`. Every sequence
@@ -922,6 +937,19 @@ pub fn decode_attention<R: Runtime, F: FloatElement>(
     segment: Option<&SparseSegmentArgs<'_>>,
     window: &DenseCacheArgs<'_>,
     out: &cubecl::server::Handle,
+) -> Result<()> {
+    decode_attention_with::<R, F>(client, args, q, segment, window, out, DecodeKernel::Auto)
+}
+
+/// [`decode_attention`] with an explicit choice of split kernel.
+pub fn decode_attention_with<R: Runtime, F: FloatElement>(
+    client: &ComputeClient<R>,
+    args: &AttentionArgs<'_>,
+    q: &cubecl::server::Handle,
+    segment: Option<&SparseSegmentArgs<'_>>,
+    window: &DenseCacheArgs<'_>,
+    out: &cubecl::server::Handle,
+    kernel: DecodeKernel,
 ) -> Result<()> {
     check_type_supported::<R, F>(client)?;
     let d = args.head_dim.get();
@@ -1020,17 +1048,24 @@ pub fn decode_attention<R: Runtime, F: FloatElement>(
         hw.max_shared_memory_size,
         hw.max_units_per_cube as usize,
     )?;
-    // The tensor-core kernel (experimental, opt-in with `SPARSEKV_DECODE_KERNEL=mma`: slower
-    // than the CUDA-core kernel so far, see docs/PERF-NOTES.md): sparse f16 on CUDA where the
-    // device has 16x16x16 f16 matrix operations with f32 and f16 accumulators.
-    let use_mma = segment.is_some()
-        && R::name(client) == "cuda"
-        && F::name() == "f16"
-        && d.is_multiple_of(mma::MMA)
-        && group <= mma::MMA
-        && std::env::var("SPARSEKV_DECODE_KERNEL").as_deref() == Ok("mma")
-        && mma_supported(client)
-        && hw.max_units_per_cube as usize >= mma::MMA_UNITS;
+    // The tensor-core kernel, only when asked for (it is slower so far).
+    let use_mma = kernel == DecodeKernel::TensorCore;
+    if use_mma
+        && !(segment.is_some()
+            && R::name(client) == "cuda"
+            && F::name() == "f16"
+            && d.is_multiple_of(mma::MMA)
+            && group <= mma::MMA
+            && mma_supported(client)
+            && hw.max_units_per_cube as usize >= mma::MMA_UNITS)
+    {
+        return Err(KernelError::InvalidArguments(format!(
+            "the tensor-core decode kernel needs CUDA with f16 matrix operations, f16 values, a compressed segment, head_dim a multiple of 16 and at most 16 query heads per KV head (got {} {}, head_dim {d}, group {group}, segment: {})",
+            R::name(client),
+            F::name(),
+            segment.is_some()
+        )));
+    }
     let plan = if use_mma {
         SplitPlan {
             tile: mma::MMA_TILE,
@@ -1041,7 +1076,13 @@ pub fn decode_attention<R: Runtime, F: FloatElement>(
     } else {
         plan
     };
-    let use_mma = use_mma && mma::mma_shared_bytes(&plan) <= hw.max_shared_memory_size;
+    if use_mma && mma::mma_shared_bytes(&plan) > hw.max_shared_memory_size {
+        return Err(KernelError::InvalidArguments(format!(
+            "the tensor-core decode kernel needs {} bytes of shared memory; the device allows {}",
+            mma::mma_shared_bytes(&plan),
+            hw.max_shared_memory_size
+        )));
+    }
     let tile = plan.tile;
     let max_total = (0..batch)
         .map(|s| (args.compressed_lens[s] + args.window_lens[s]) as usize)
