@@ -181,6 +181,23 @@ struct AttentionCase {
     win: Vec<u32>,
 }
 
+impl AttentionCase {
+    /// The case's shape and lengths, for failure messages.
+    fn describe(&self) -> String {
+        format!(
+            "d {} batch {} kv {} group {} ks {} vs {} comp {:?} win {:?}",
+            self.d,
+            self.batch,
+            self.kv_heads,
+            self.group,
+            self.ks.get(),
+            self.vs.get(),
+            self.comp,
+            self.win
+        )
+    }
+}
+
 fn random_attention_case(rng: &mut StdRng, sparse: bool) -> AttentionCase {
     let d = DIMS[rng.random_range(0..DIMS.len())];
     let batch = rng.random_range(1..=4usize);
@@ -355,16 +372,9 @@ fn attention_cases<F: TestFloat>(cases: usize, sparse: bool) {
             Ok(())
         } else {
             Err(format!(
-                "rel err {err:e} > {:e}: d {} batch {} kv {} group {} ks {} vs {} comp {:?} win {:?}",
+                "rel err {err:e} > {:e}: {}",
                 F::ATTENTION_TOL,
-                c.d,
-                c.batch,
-                c.kv_heads,
-                c.group,
-                c.ks.get(),
-                c.vs.get(),
-                c.comp,
-                c.win
+                c.describe()
             ))
         }
     });
@@ -404,17 +414,7 @@ fn tensor_core_sparse_attention_matches_oracle_f16() {
         c.d = [16, 64, 128, 256][rng.random_range(0..4)];
         match attention_case::<half::f16>(client, rng, &c, true, DecodeKernel::TensorCore) {
             Ok(err) if err < half::f16::ATTENTION_TOL => Ok(()),
-            Ok(err) => Err(format!(
-                "rel err {err:e}: d {} batch {} kv {} group {} ks {} vs {} comp {:?} win {:?}",
-                c.d,
-                c.batch,
-                c.kv_heads,
-                c.group,
-                c.ks.get(),
-                c.vs.get(),
-                c.comp,
-                c.win
-            )),
+            Ok(err) => Err(format!("rel err {err:e}: {}", c.describe())),
             Err(e) if !cfg!(feature = "cuda") && e.contains("tensor-core decode kernel needs") => {
                 Ok(())
             }

@@ -16,7 +16,7 @@
 
 use cubecl::prelude::*;
 
-use super::{SplitPlan, cube_reduce, row_word, stage_rows, stage_values};
+use super::{SplitPlan, cube_reduce, row_word, stage_compressed};
 
 /// Rows, columns and depth of one matrix operation.
 pub(super) const MMA: usize = 16;
@@ -71,6 +71,40 @@ fn expand_row<F: Float>(
     }
 }
 
+/// A 16x16 f32 accumulator of zeros.
+#[cube]
+fn zero_accumulator() -> cmma::Matrix<f32> {
+    cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        MMA,
+        MMA,
+        MMA,
+        cmma::MatrixLayout::Undefined,
+        0.0,
+    )
+}
+
+/// A 16x16 operand (`ident` A or B) of `F` loaded from shared memory at `at`, rows (or columns,
+/// for `ColMajor`) `stride` elements apart.
+#[cube]
+fn load_operand<F: Float>(
+    src: &SharedMemory<F>,
+    at: usize,
+    stride: usize,
+    #[comptime] ident: cmma::MatrixIdent,
+    layout: cmma::MatrixLayout,
+) -> cmma::Matrix<F> {
+    cmma::Matrix::<F>::from_slice(
+        ident,
+        MMA,
+        MMA,
+        MMA,
+        layout,
+        &src.slice(at, at + (MMA - 1) * stride + MMA),
+        stride as u32,
+    )
+}
+
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn decode_split_mma_kernel<F: Float, N: Size>(
@@ -98,10 +132,7 @@ pub(super) fn decode_split_mma_kernel<F: Float, N: Size>(
     let (tile, units) = comptime!((MMA_TILE, MMA_UNITS));
     let row = comptime!(plan.head_dim + ROW_PAD);
     let vpr = comptime!(plan.head_dim / plan.vec);
-    let (kk, vk, kr, vr) = comptime!((plan.keep_k, plan.keep_v, plan.k_row, plan.v_row));
-    let elem = comptime!(plan.elem);
-    let per_word = comptime!(4 / plan.elem);
-    let unpack = comptime!(plan.unpack);
+    let (kr, vr) = comptime!((plan.k_row, plan.v_row));
     // Output elements each unit accumulates: (head, channel) pairs `tid + i * units`.
     let outs = comptime!((plan.group * plan.head_dim).div_ceil(MMA_UNITS));
 
@@ -181,26 +212,24 @@ pub(super) fn decode_split_mma_kernel<F: Float, N: Size>(
         // Step 1: stage the compressed words and zero the dense tiles (16 rows per store).
         if t0 < tc {
             nc = min(t0 + n, tc) - t0;
-            let w0 = stream * bits_stride as usize + t0 * d / 32;
-            let nw = (nc * d).div_ceil(32);
-            stage_rows::<u32>(k_bits, w0, nw, &mut kb_s, 1usize, 1usize, units);
-            stage_rows::<u32>(v_bits, w0, nw, &mut vb_s, 1usize, 1usize, units);
-            let k_row_words = comptime!(if plan.k_row != plan.keep_k {
-                plan.keep_k * plan.elem / 4
-            } else {
-                0
-            });
-            let v_row_words = comptime!(if plan.v_row != plan.keep_v {
-                plan.keep_v * plan.elem / 4
-            } else {
-                0
-            });
-            let k0 = (stream * k_vals_stride as usize + t0 * kk) / per_word;
-            let v0 = (stream * v_vals_stride as usize + t0 * vk) / per_word;
-            let kw = (nc * kk).div_ceil(per_word);
-            let vw = (nc * vk).div_ceil(per_word);
-            stage_values::<F>(k_vals, k0, kw, &mut kv_s, k_row_words, elem, unpack, units);
-            stage_values::<F>(v_vals, v0, vw, &mut vv_s, v_row_words, elem, unpack, units);
+            stage_compressed::<F>(
+                k_bits,
+                v_bits,
+                k_vals,
+                v_vals,
+                &mut kb_s,
+                &mut vb_s,
+                &mut kv_s,
+                &mut vv_s,
+                stream,
+                t0,
+                nc,
+                bits_stride,
+                k_vals_stride,
+                v_vals_stride,
+                plan,
+                units,
+            );
         }
         // The padding columns are never read: zero the 16x16 blocks of the head_dim columns,
         // one plane per column block (no division in the index arithmetic).
@@ -250,35 +279,13 @@ pub(super) fn decode_split_mma_kernel<F: Float, N: Size>(
 
         // Step 3: scores of 16 tokens per plane, S = Q . K^T.
         if plane < tile / MMA {
-            let scores = cmma::Matrix::<f32>::from_value(
-                cmma::MatrixIdent::Accumulator,
-                MMA,
-                MMA,
-                MMA,
-                cmma::MatrixLayout::Undefined,
-                0.0,
-            );
+            let scores = zero_accumulator();
             #[unroll]
             for kb in 0..d / MMA {
-                let qa = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::A,
-                    MMA,
-                    MMA,
-                    MMA,
-                    cmma::MatrixLayout::RowMajor,
-                    &q_s.slice(kb * MMA, (MMA - 1) * d + kb * MMA + MMA),
-                    d as u32,
-                );
+                let (a, b) = (cmma::MatrixIdent::A, cmma::MatrixIdent::B);
+                let qa = load_operand(&q_s, kb * MMA, d, a, cmma::MatrixLayout::RowMajor);
                 let at = plane * MMA * row + kb * MMA;
-                let kt = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::B,
-                    MMA,
-                    MMA,
-                    MMA,
-                    cmma::MatrixLayout::ColMajor,
-                    &kd_s.slice(at, at + (MMA - 1) * row + MMA),
-                    row as u32,
-                );
+                let kt = load_operand(&kd_s, at, row, b, cmma::MatrixLayout::ColMajor);
                 cmma::execute::<F, F, f32, f32>(&qa, &kt, &scores, &scores);
             }
             let at = plane * MMA;
@@ -321,35 +328,13 @@ pub(super) fn decode_split_mma_kernel<F: Float, N: Size>(
         // Step 5: the tile's output O = P . V, 16 channels per matrix, planes over channels.
         let mut nb = plane;
         while nb < d / MMA {
-            let out = cmma::Matrix::<f32>::from_value(
-                cmma::MatrixIdent::Accumulator,
-                MMA,
-                MMA,
-                MMA,
-                cmma::MatrixLayout::Undefined,
-                0.0,
-            );
+            let out = zero_accumulator();
             #[unroll]
             for kb in 0..tile / MMA {
-                let pa = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::A,
-                    MMA,
-                    MMA,
-                    MMA,
-                    cmma::MatrixLayout::RowMajor,
-                    &p_s.slice(kb * MMA, (MMA - 1) * tile + kb * MMA + MMA),
-                    tile as u32,
-                );
+                let (a, b) = (cmma::MatrixIdent::A, cmma::MatrixIdent::B);
+                let pa = load_operand(&p_s, kb * MMA, tile, a, cmma::MatrixLayout::RowMajor);
                 let at = kb * MMA * row + nb * MMA;
-                let vb = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::B,
-                    MMA,
-                    MMA,
-                    MMA,
-                    cmma::MatrixLayout::RowMajor,
-                    &vd_s.slice(at, at + (MMA - 1) * row + MMA),
-                    row as u32,
-                );
+                let vb = load_operand(&vd_s, at, row, b, cmma::MatrixLayout::RowMajor);
                 cmma::execute::<F, F, f32, f32>(&pa, &vb, &out, &out);
             }
             let at = nb * MMA;

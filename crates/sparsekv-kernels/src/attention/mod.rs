@@ -353,6 +353,59 @@ fn stage_values<F: Float>(
     }
 }
 
+/// Step 1 for a tile with `nc` compressed tokens from token `t0` of `stream`: its K and V
+/// bitmap words and packed values into shared memory, all loads issued together. Value rows are
+/// placed at the plan's strides (`k_row`, `v_row`; padded rows are whole words).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_compressed<F: Float>(
+    k_bits: &Array<u32>,
+    v_bits: &Array<u32>,
+    k_vals: &Array<u32>,
+    v_vals: &Array<u32>,
+    kb_s: &mut SharedMemory<u32>,
+    vb_s: &mut SharedMemory<u32>,
+    kv_s: &mut SharedMemory<F>,
+    vv_s: &mut SharedMemory<F>,
+    stream: usize,
+    t0: usize,
+    nc: usize,
+    bits_stride: u32,
+    k_vals_stride: u32,
+    v_vals_stride: u32,
+    #[comptime] plan: SplitPlan,
+    #[comptime] units: usize,
+) {
+    let d = comptime!(plan.head_dim);
+    let w0 = stream * bits_stride as usize + t0 * d / 32;
+    let nw = (nc * d).div_ceil(32);
+    stage_rows::<u32>(k_bits, w0, nw, kb_s, 1usize, 1usize, units);
+    stage_rows::<u32>(v_bits, w0, nw, vb_s, 1usize, 1usize, units);
+    let (kk, vk, elem) = comptime!((plan.keep_k, plan.keep_v, plan.elem));
+    let per_word = comptime!(4 / plan.elem);
+    // Padded rows are whole words; otherwise the values are copied as they are.
+    let (k_row_words, v_row_words) = comptime!((
+        if plan.k_row != plan.keep_k {
+            plan.keep_k * plan.elem / 4
+        } else {
+            0
+        },
+        if plan.v_row != plan.keep_v {
+            plan.keep_v * plan.elem / 4
+        } else {
+            0
+        }
+    ));
+    // Streams and tiles start on whole words (capacities are multiples of 8 tokens).
+    let k0 = (stream * k_vals_stride as usize + t0 * kk) / per_word;
+    let v0 = (stream * v_vals_stride as usize + t0 * vk) / per_word;
+    let kw = (nc * kk).div_ceil(per_word);
+    let vw = (nc * vk).div_ceil(per_word);
+    let unpack = comptime!(plan.unpack);
+    stage_values::<F>(k_vals, k0, kw, kv_s, k_row_words, elem, unpack, units);
+    stage_values::<F>(v_vals, v0, vw, vv_s, v_row_words, elem, unpack, units);
+}
+
 /// The f32 value of the IEEE half-precision bits `h` (low 16 bits), exactly: normal numbers
 /// by moving the exponent and mantissa, subnormals by scaling the mantissa, infinities and NaN
 /// kept as such.
@@ -649,26 +702,24 @@ fn decode_split_kernel<F: Float, N: Size>(
         if sparse {
             if t0 < tc {
                 nc = min(t0 + n, tc) - t0;
-                let w0 = stream * bits_stride as usize + t0 * d / 32;
-                let nw = (nc * d).div_ceil(32);
-                stage_rows::<u32>(k_bits, w0, nw, &mut kb_s, 1usize, 1usize, units);
-                stage_rows::<u32>(v_bits, w0, nw, &mut vb_s, 1usize, 1usize, units);
-                let (kk, vk, elem) = comptime!((plan.keep_k, plan.keep_v, plan.elem));
-                let per_word = comptime!(4 / plan.elem);
-                // Padded key rows are whole words; otherwise the values are copied as they are.
-                let k_row_words = comptime!(if plan.k_row != plan.keep_k {
-                    plan.keep_k * plan.elem / 4
-                } else {
-                    0
-                });
-                // Streams and tiles start on whole words (capacities are multiples of 8 tokens).
-                let k0 = (stream * k_vals_stride as usize + t0 * kk) / per_word;
-                let v0 = (stream * v_vals_stride as usize + t0 * vk) / per_word;
-                let kw = (nc * kk).div_ceil(per_word);
-                let vw = (nc * vk).div_ceil(per_word);
-                let unpack = comptime!(plan.unpack);
-                stage_values::<F>(k_vals, k0, kw, &mut kv_s, k_row_words, elem, unpack, units);
-                stage_values::<F>(v_vals, v0, vw, &mut vv_s, 0usize, elem, unpack, units);
+                stage_compressed::<F>(
+                    k_bits,
+                    v_bits,
+                    k_vals,
+                    v_vals,
+                    &mut kb_s,
+                    &mut vb_s,
+                    &mut kv_s,
+                    &mut vv_s,
+                    stream,
+                    t0,
+                    nc,
+                    bits_stride,
+                    k_vals_stride,
+                    v_vals_stride,
+                    plan,
+                    units,
+                );
             }
         } else {
             let r0 = win0 + t0 * vpr;
@@ -1134,58 +1185,44 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     // checked above: tokens below each sequence's lengths, which fit the stream capacities,
     // and the partial buffers sized from `splits`.
     unsafe {
+        // Both split kernels take the same arguments (the tensor-core one reads the queries
+        // as scalars).
+        macro_rules! launch_split {
+            ($kernel:path, $q:expr) => {
+                $kernel(
+                    client,
+                    CubeCount::Static(splits as u32, kv_heads as u32, batch as u32),
+                    CubeDim::new_1d(plan.units as u32),
+                    vec,
+                    $q,
+                    kb,
+                    kv,
+                    vb,
+                    vv,
+                    varr(window.k),
+                    varr(window.v),
+                    arr(&comp_len, 4),
+                    arr(&win_len, 4),
+                    arr(&part_o, 4),
+                    arr(&part_ml, 4),
+                    bits_stride as u32,
+                    kvs as u32,
+                    vvs as u32,
+                    window.stride as u32,
+                    split_tokens as u32,
+                    q_heads as u32,
+                    1.0 / (d as f32).sqrt(),
+                    plan,
+                )
+            };
+        }
         if use_mma {
-            mma::decode_split_mma_kernel::launch_unchecked::<F, R>(
-                client,
-                CubeCount::Static(splits as u32, kv_heads as u32, batch as u32),
-                CubeDim::new_1d(plan.units as u32),
-                vec,
-                arr(q, es),
-                kb,
-                kv,
-                vb,
-                vv,
-                varr(window.k),
-                varr(window.v),
-                arr(&comp_len, 4),
-                arr(&win_len, 4),
-                arr(&part_o, 4),
-                arr(&part_ml, 4),
-                bits_stride as u32,
-                kvs as u32,
-                vvs as u32,
-                window.stride as u32,
-                split_tokens as u32,
-                q_heads as u32,
-                1.0 / (d as f32).sqrt(),
-                plan,
+            launch_split!(
+                mma::decode_split_mma_kernel::launch_unchecked::<F, R>,
+                arr(q, es)
             );
         } else {
-            decode_split_kernel::launch_unchecked::<F, R>(
-                client,
-                CubeCount::Static(splits as u32, kv_heads as u32, batch as u32),
-                CubeDim::new_1d(plan.units as u32),
-                vec,
-                varr(q),
-                kb,
-                kv,
-                vb,
-                vv,
-                varr(window.k),
-                varr(window.v),
-                arr(&comp_len, 4),
-                arr(&win_len, 4),
-                arr(&part_o, 4),
-                arr(&part_ml, 4),
-                bits_stride as u32,
-                kvs as u32,
-                vvs as u32,
-                window.stride as u32,
-                split_tokens as u32,
-                q_heads as u32,
-                1.0 / (d as f32).sqrt(),
-                plan,
-            );
+            launch_split!(decode_split_kernel::launch_unchecked::<F, R>, varr(q));
         }
         decode_merge_kernel::launch_unchecked::<F, R>(
             client,
