@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use sparsekv::format::{
     CacheShape, FormatError, HeadDim, KvBytes, SequenceOccupancy, Sparsity, ValueType, keep_count,
-    kv_bytes,
+    uniform_kv_bytes,
 };
 
 #[derive(Parser)]
@@ -84,10 +84,10 @@ struct KvSizeArgs {
     #[arg(long, default_value_t = 32)]
     window: usize,
     /// Fraction of each key row pruned, in [0, 1).
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     k_sparsity: f64,
     /// Fraction of each value row pruned, in [0, 1) (defaults to --k-sparsity).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     v_sparsity: Option<f64>,
 }
 
@@ -103,10 +103,12 @@ fn kv_size(args: &KvSizeArgs) -> Result<(), FormatError> {
         head_dim: HeadDim::new(args.head_dim.unwrap_or(head_dim))?,
         value_type: args.dtype,
     };
-    let ks = Sparsity::new(args.k_sparsity)?;
-    let vs = Sparsity::new(args.v_sparsity.unwrap_or(args.k_sparsity))?;
-    let seqs = vec![SequenceOccupancy::steady_state(args.tokens, args.window); args.batch];
-    let b: KvBytes = kv_bytes(&shape, &seqs, ks, vs);
+    let named = |flag: &str, e: FormatError| FormatError::InvalidArgument(format!("{flag}: {e}"));
+    let ks = Sparsity::new(args.k_sparsity).map_err(|e| named("--k-sparsity", e))?;
+    let vs = Sparsity::new(args.v_sparsity.unwrap_or(args.k_sparsity))
+        .map_err(|e| named("--v-sparsity", e))?;
+    let occupancy = SequenceOccupancy::steady_state(args.tokens, args.window);
+    let b: KvBytes = uniform_kv_bytes(&shape, args.batch as u64, occupancy, ks, vs)?;
     let d = shape.head_dim.get();
     println!(
         "shape: {} layers x {} KV heads x head_dim {d}, {}; {} sequence(s) x {} tokens, window {}",
@@ -132,7 +134,7 @@ fn kv_size(args: &KvSizeArgs) -> Result<(), FormatError> {
         ("V bitmaps", b.v_bitmap),
         ("V values", b.v_values),
         ("dense window (K+V)", b.window),
-        ("total", b.total()),
+        ("total", b.checked_total().unwrap_or(u64::MAX)),
         ("dense equivalent", b.dense_equivalent),
     ] {
         println!("| {name} | {v} | {} |", mib(v));

@@ -109,44 +109,119 @@ pub fn stream_bytes(
     (bitmap, values)
 }
 
+/// Bytes of one sequence of a cache (every layer and KV head) with checked arithmetic: `None`
+/// if a count does not fit in 64 bits.
+fn sequence_bytes(
+    shape: &CacheShape,
+    seq: &SequenceOccupancy,
+    k_keep: usize,
+    v_keep: usize,
+) -> Option<KvBytes> {
+    let streams = (shape.layers as u64).checked_mul(shape.kv_heads as u64)?;
+    let row = dense_bytes_per_row(shape.head_dim, shape.value_type) as u64;
+    let elem = shape.value_type.size_bytes() as u64;
+    let d = shape.head_dim.get() as u64;
+    let compressed = seq.compressed_tokens as u64;
+    let tokens = compressed.checked_add(seq.window_tokens as u64)?;
+    // Whole 32-bit words per stream: ceil(tokens * d / 32) * 4 bytes.
+    let bitmap = compressed.checked_mul(d)?.div_ceil(32).checked_mul(4)?;
+    let values = |keep: usize| compressed.checked_mul(keep as u64)?.checked_mul(elem);
+    let per_stream = |bytes: u64| bytes.checked_mul(streams);
+    Some(KvBytes {
+        k_bitmap: per_stream(bitmap)?,
+        k_values: per_stream(values(k_keep)?)?,
+        v_bitmap: per_stream(bitmap)?,
+        v_values: per_stream(values(v_keep)?)?,
+        window: per_stream((seq.window_tokens as u64).checked_mul(2 * row)?)?,
+        dense_equivalent: per_stream(tokens.checked_mul(2 * row)?)?,
+    })
+}
+
+impl KvBytes {
+    /// `self + o`, `None` on overflow.
+    pub fn checked_add(self, o: KvBytes) -> Option<KvBytes> {
+        Some(KvBytes {
+            k_bitmap: self.k_bitmap.checked_add(o.k_bitmap)?,
+            k_values: self.k_values.checked_add(o.k_values)?,
+            v_bitmap: self.v_bitmap.checked_add(o.v_bitmap)?,
+            v_values: self.v_values.checked_add(o.v_values)?,
+            window: self.window.checked_add(o.window)?,
+            dense_equivalent: self.dense_equivalent.checked_add(o.dense_equivalent)?,
+        })
+    }
+
+    /// Every count times `n`, `None` on overflow (of a count or of the total).
+    pub fn checked_mul(self, n: u64) -> Option<KvBytes> {
+        Some(KvBytes {
+            k_bitmap: self.k_bitmap.checked_mul(n)?,
+            k_values: self.k_values.checked_mul(n)?,
+            v_bitmap: self.v_bitmap.checked_mul(n)?,
+            v_values: self.v_values.checked_mul(n)?,
+            window: self.window.checked_mul(n)?,
+            dense_equivalent: self.dense_equivalent.checked_mul(n)?,
+        })
+        .filter(|b| b.checked_total().is_some())
+    }
+
+    /// [`KvBytes::total`], `None` on overflow.
+    pub fn checked_total(&self) -> Option<u64> {
+        self.k_bitmap
+            .checked_add(self.k_values)?
+            .checked_add(self.v_bitmap)?
+            .checked_add(self.v_values)?
+            .checked_add(self.window)
+    }
+}
+
 /// Bytes of a whole cache: every layer and KV head of every sequence, K pruned at
-/// `k_sparsity` and V at `v_sparsity`.
+/// `k_sparsity` and V at `v_sparsity`. For caches that exist in memory; counts that do not fit
+/// in 64 bits saturate (use [`uniform_kv_bytes`] to plan a cache, which reports them).
 pub fn kv_bytes(
     shape: &CacheShape,
     sequences: &[SequenceOccupancy],
     k_sparsity: Sparsity,
     v_sparsity: Sparsity,
 ) -> KvBytes {
-    let streams = (shape.layers * shape.kv_heads) as u64;
     let k_keep = keep_count(k_sparsity, shape.head_dim);
     let v_keep = keep_count(v_sparsity, shape.head_dim);
-    let row = dense_bytes_per_row(shape.head_dim, shape.value_type) as u64;
-    let mut bytes = KvBytes::default();
-    for seq in sequences {
-        let (kb, kv) = stream_bytes(
-            seq.compressed_tokens,
-            shape.head_dim,
-            k_keep,
-            shape.value_type,
-        );
-        let (vb, vv) = stream_bytes(
-            seq.compressed_tokens,
-            shape.head_dim,
-            v_keep,
-            shape.value_type,
-        );
-        let tokens = (seq.compressed_tokens + seq.window_tokens) as u64;
-        bytes = bytes
-            + KvBytes {
-                k_bitmap: kb * streams,
-                k_values: kv * streams,
-                v_bitmap: vb * streams,
-                v_values: vv * streams,
-                window: 2 * seq.window_tokens as u64 * row * streams,
-                dense_equivalent: 2 * tokens * row * streams,
-            };
-    }
-    bytes
+    let saturated = KvBytes {
+        k_bitmap: u64::MAX,
+        k_values: u64::MAX,
+        v_bitmap: u64::MAX,
+        v_values: u64::MAX,
+        window: u64::MAX,
+        dense_equivalent: u64::MAX,
+    };
+    sequences
+        .iter()
+        .try_fold(KvBytes::default(), |sum, seq| {
+            sum.checked_add(sequence_bytes(shape, seq, k_keep, v_keep)?)
+        })
+        .unwrap_or(saturated)
+}
+
+/// Bytes of a planned cache of `sequences` identical sequences (every layer and KV head), with
+/// checked arithmetic and without a per-sequence list, so any batch size can be asked about:
+/// an error if a count (the total included) does not fit in 64 bits.
+pub fn uniform_kv_bytes(
+    shape: &CacheShape,
+    sequences: u64,
+    occupancy: SequenceOccupancy,
+    k_sparsity: Sparsity,
+    v_sparsity: Sparsity,
+) -> crate::Result<KvBytes> {
+    let k_keep = keep_count(k_sparsity, shape.head_dim);
+    let v_keep = keep_count(v_sparsity, shape.head_dim);
+    sequence_bytes(shape, &occupancy, k_keep, v_keep)
+        .and_then(|b| b.checked_mul(sequences))
+        .ok_or_else(|| {
+            crate::FormatError::InvalidArgument(format!(
+                "{sequences} sequence(s) of {} tokens with {} layers x {} KV heads: the byte count does not fit in 64 bits",
+                occupancy.compressed_tokens as u128 + occupancy.window_tokens as u128,
+                shape.layers,
+                shape.kv_heads
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -183,6 +258,31 @@ mod tests {
         assert_eq!(b.v_values, 6 * 8 * 4 * 6);
         assert_eq!(b.window, 2 * (4 + 3) * 32 * 6);
         assert_eq!(b.dense_equivalent, 2 * 13 * 32 * 6);
+        Ok(())
+    }
+
+    #[test]
+    fn uniform_bytes_scale_without_a_list_and_report_overflow() -> crate::Result<()> {
+        let shape = CacheShape {
+            layers: 32,
+            kv_heads: 8,
+            head_dim: HeadDim::new(128)?,
+            value_type: ValueType::F16,
+        };
+        let s = Sparsity::new(0.7)?;
+        let one = SequenceOccupancy::steady_state(32768, 32);
+        let listed = kv_bytes(&shape, &[one; 3], s, s);
+        assert_eq!(uniform_kv_bytes(&shape, 3, one, s, s)?, listed);
+        // A trillion sequences is only a multiplication (no list is allocated) ...
+        let many = uniform_kv_bytes(&shape, 1_000_000, one, s, s)?;
+        assert_eq!(
+            many.total(),
+            1_000_000 * uniform_kv_bytes(&shape, 1, one, s, s)?.total()
+        );
+        assert!(uniform_kv_bytes(&shape, 1_000_000_000_000, one, s, s).is_err());
+        // ... and token counts whose bytes do not fit in 64 bits are an error, not a wrap.
+        let huge = SequenceOccupancy::steady_state(1 << 62, 32);
+        assert!(uniform_kv_bytes(&shape, 1, huge, s, s).is_err());
         Ok(())
     }
 }

@@ -24,6 +24,6 @@ pub mod layout;
 pub mod oracle;
 pub mod params;
 
-pub use accounting::{CacheShape, KvBytes, SequenceOccupancy, kv_bytes};
+pub use accounting::{CacheShape, KvBytes, SequenceOccupancy, kv_bytes, uniform_kv_bytes};
 pub use error::{FormatError, Result};
 pub use params::{HeadDim, Sparsity, ValueType, keep_count, keep_count_of};
