@@ -20,7 +20,7 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use sparsekv::cache::burn_cubecl::CubeBackend;
 use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, SparseKvBackend, SparseKvCache};
-use sparsekv::format::{KvBytes, ValueType};
+use sparsekv::format::{KvBytes, Sparsity, ValueType};
 use sparsekv::llama::{
     BuiltinTemplate, ChatTemplate, Llama, LlamaError, Message, Pretrained, Sampling, generate,
 };
@@ -72,10 +72,10 @@ struct Args {
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeName,
     /// Fraction of each key row pruned, in [0, 1); 0 with --v-sparsity 0 uses the dense cache.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     k_sparsity: f64,
     /// Fraction of each value row pruned, in [0, 1).
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     v_sparsity: f64,
     /// Recent tokens kept dense.
     #[arg(long, default_value_t = 32)]
@@ -84,10 +84,10 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
-    /// Nucleus sampling threshold.
-    #[arg(long, default_value_t = 0.9)]
+    /// Nucleus sampling threshold, in (0, 1].
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     top_p: f32,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
@@ -121,7 +121,7 @@ fn answer<B: SparseKvBackend, C: KvCache<B>>(
         model,
         &mut caches,
         ids,
-        ids.len() + args.max_tokens,
+        ids.len().saturating_add(args.max_tokens),
         &pre.eos,
         &sampling,
         |t| {
@@ -211,19 +211,47 @@ fn run<B: SparseKvBackend>(
         .iter()
         .map(|s| Message::new("system", s.clone()))
         .collect();
+    let system_turns = history.len();
     let mut one = |prompt: &str| -> Result<(), LlamaError> {
         let ids = match &template {
             Some(t) => {
                 history.push(Message::new("user", prompt));
-                pre.tokenizer.encode(&t.render(&history, true)?, false)?
+                let mut ids = pre.tokenizer.encode(&t.render(&history, true)?, false)?;
+                // The conversation must leave room for at least one new token: drop the oldest
+                // turns (never the system message or this prompt) and say so.
+                while ids.len() >= c.max_seq && history.len() > system_turns + 1 {
+                    history.remove(system_turns);
+                    ids = pre.tokenizer.encode(&t.render(&history, true)?, false)?;
+                    eprintln!(
+                        "[dropped the oldest turn to fit the model's context of {} tokens]",
+                        c.max_seq
+                    );
+                }
+                ids
             }
             None => {
                 print!("{prompt}");
                 pre.tokenizer.encode(prompt, true)?
             }
         };
+        if ids.len() >= c.max_seq {
+            return Err(LlamaError::Invalid(format!(
+                "the prompt is {} tokens but the model's context is {} tokens (room is needed for at least one new token)",
+                ids.len(),
+                c.max_seq
+            )));
+        }
+        let wanted = ids.len().saturating_add(args.max_tokens);
+        if wanted > c.max_seq {
+            eprintln!(
+                "[--max-tokens {} capped at {}: the model's context is {} tokens]",
+                args.max_tokens,
+                c.max_seq - ids.len(),
+                c.max_seq
+            );
+        }
         // Caches hold this answer's context only, not the model's whole context length.
-        let max_seq = (ids.len() + args.max_tokens).min(c.max_seq);
+        let max_seq = wanted.min(c.max_seq);
         let config = KvCacheConfig::new(1, c.n_kv_heads, c.head_dim(), max_seq)
             .with_window(args.window)
             .with_sparsity(args.k_sparsity, args.v_sparsity)
@@ -258,6 +286,37 @@ fn run<B: SparseKvBackend>(
             Ok(())
         }
     }
+}
+
+/// Checks every numeric argument before anything is loaded, naming the flag.
+fn validate(args: &Args) -> Result<(), LlamaError> {
+    for (flag, s) in [
+        ("--k-sparsity", args.k_sparsity),
+        ("--v-sparsity", args.v_sparsity),
+    ] {
+        Sparsity::new(s).map_err(|e| LlamaError::Invalid(format!("{flag}: {e}")))?;
+    }
+    if !(args.temperature.is_finite() && args.temperature >= 0.0) {
+        return Err(LlamaError::Invalid(format!(
+            "--temperature {}: must be a finite number >= 0 (0 is greedy)",
+            args.temperature
+        )));
+    }
+    if !(args.top_p.is_finite() && args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(LlamaError::Invalid(format!(
+            "--top-p {}: must be in (0, 1]",
+            args.top_p
+        )));
+    }
+    for (flag, path) in [("--model", &args.model), ("--tokenizer", &args.tokenizer)] {
+        if let Some(p) = path.as_ref().filter(|p| !p.exists()) {
+            return Err(LlamaError::Invalid(format!(
+                "{flag} {}: no such file or directory",
+                p.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn load(args: &Args) -> Result<Pretrained, LlamaError> {
@@ -343,9 +402,30 @@ fn dispatch(args: &Args, pre: &Pretrained) -> Result<(), LlamaError> {
     }
 }
 
+/// Points `XDG_RUNTIME_DIR` at a private directory when it is unset, so that the Vulkan
+/// loader (lavapipe, the software driver) does not print errors that read like failures.
+fn quiet_vulkan_loader() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sparsekv-runtime-{}", std::process::id()));
+    let made = std::fs::create_dir_all(&dir).and_then(|()| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+    });
+    if made.is_ok() {
+        // SAFETY: called first thing in `main`, before any other thread exists.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+    }
+}
+
 fn main() -> ExitCode {
+    quiet_vulkan_loader();
     let args = Args::parse();
-    match load(&args).and_then(|pre| dispatch(&args, &pre)) {
+    match validate(&args)
+        .and_then(|()| load(&args))
+        .and_then(|pre| dispatch(&args, &pre))
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

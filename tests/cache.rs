@@ -356,6 +356,41 @@ fn bad_input_is_a_typed_error() {
     assert!(cache.attend(q).is_ok());
 }
 
+/// A window larger than the cache (`--window 600000` in the chat example) must neither
+/// overflow nor size the dense buffers past `max_seq`; sizes past the address space are a
+/// typed error, not an allocator panic.
+#[test]
+fn huge_windows_and_sizes_are_capped_or_refused() {
+    let device = Default::default();
+    let mut cache = SparseKvCache::<B>::new(
+        &KvCacheConfig::new(1, 1, 16, 40)
+            .with_window(usize::MAX)
+            .with_sparsity(0.5, 0.5),
+        &device,
+    )
+    .expect("a window past max_seq is capped at max_seq");
+    let rows = |n: usize| Tensor::<B, 4>::ones([1, 1, n, 16], &device);
+    cache
+        .append(rows(40), rows(40))
+        .expect("max_seq tokens fit");
+    assert_eq!(cache.lengths(), vec![40]);
+    assert_eq!(
+        cache.compressed_counts(),
+        vec![0],
+        "all dense: the window is larger"
+    );
+    let out = cache
+        .attend(Tensor::<B, 3>::ones([1, 2, 16], &device))
+        .expect("attend");
+    let values = out.into_data().to_vec::<f32>().expect("f32");
+    assert!(values.iter().all(|&v| (v - 1.0).abs() < 1e-5), "{values:?}");
+    let err = SparseKvCache::<B>::new(&KvCacheConfig::new(usize::MAX / 2, 4, 16, 8), &device);
+    assert!(
+        matches!(&err, Err(KvCacheError::Invalid(m)) if m.contains("more bytes than")),
+        "{err:?}"
+    );
+}
+
 /// The backend types Burn users write implement the extension when Burn's `fusion` feature is
 /// off (this crate never turns it on). With fusion on, `burn::backend::Wgpu` is
 /// `Fusion<CubeBackend<..>>`; the documented path is to name the `CubeBackend` type itself

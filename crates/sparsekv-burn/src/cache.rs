@@ -328,13 +328,37 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
     /// Allocates a cache for `config` on `device`.
     pub fn new(config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
         let (head_dim, k_sparsity, v_sparsity) = config.validate()?;
-        let streams = config.batch * config.kv_heads;
+        let streams = config.batch.checked_mul(config.kv_heads);
         let capacity = layout::aligned_capacity(config.max_seq);
-        let window_capacity = layout::aligned_capacity(config.window + config.chunk);
+        // The dense tokens never pass the cache's own capacity, however large the window.
+        let window_capacity = layout::aligned_capacity(
+            config
+                .window
+                .saturating_add(config.chunk)
+                .min(config.max_seq),
+        );
         let es = config.value_type.size_bytes();
-        let bitmap = streams * layout::bitmap_words(capacity, head_dim) * 4;
-        let values = |s| streams * capacity * keep_count(s, head_dim) * es;
-        let window = streams * window_capacity * head_dim.get() * es;
+        let too_big = || {
+            KvCacheError::Invalid(format!(
+                "a sparse cache of {} sequence(s) x {} KV heads x {} tokens (head_dim {}, window {}, chunk {}) needs more bytes than this machine can address",
+                config.batch,
+                config.kv_heads,
+                config.max_seq,
+                head_dim.get(),
+                config.window,
+                config.chunk
+            ))
+        };
+        let bytes = |rows: usize, per_row: usize| {
+            streams
+                .and_then(|s| s.checked_mul(rows))
+                .and_then(|n| n.checked_mul(per_row))
+                .ok_or_else(too_big)
+        };
+        let bitmap = bytes(layout::bitmap_words(capacity, head_dim), 4)?;
+        let values = |s| bytes(capacity, keep_count(s, head_dim) * es);
+        let (k_values, v_values) = (values(k_sparsity)?, values(v_sparsity)?);
+        let window = bytes(window_capacity, head_dim.get() * es)?;
         let alloc = |bytes| B::kv_alloc(device, bytes);
         Ok(SparseKvCache {
             config: config.clone(),
@@ -346,8 +370,8 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
             window_capacity,
             k_bitmap: alloc(bitmap),
             v_bitmap: alloc(bitmap),
-            k_values: alloc(values(k_sparsity)),
-            v_values: alloc(values(v_sparsity)),
+            k_values: alloc(k_values),
+            v_values: alloc(v_values),
             k_window: [alloc(window), alloc(window)],
             v_window: [alloc(window), alloc(window)],
             current: 0,
