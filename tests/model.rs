@@ -624,6 +624,13 @@ fn evaluation_rejects_bad_arguments() {
     let device = Default::default();
     assert!(text_windows(&pre.tokenizer, "Once upon a time.", 64, 100).is_err());
     assert!(text_windows(&pre.tokenizer, "Once upon a time.", 1, 100).is_err());
+    // --max-tokens is an upper bound: 50 tokens with windows of 16 (15 scored) is 3 windows,
+    // and fewer than one window's worth is an error.
+    let text =
+        "Once upon a time there was a little girl who loved to play in the park. ".repeat(20);
+    let w = text_windows(&pre.tokenizer, &text, 16, 50).expect("windows");
+    assert_eq!(w.len(), 3);
+    assert!(text_windows(&pre.tokenizer, &text, 16, 14).is_err());
     let windows = eval_windows(&pre, 1, 16);
     // ThinK prunes keys only.
     let think_values = eval_case(

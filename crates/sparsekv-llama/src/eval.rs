@@ -155,8 +155,8 @@ fn bos_id(tokenizer: &Tokenizer) -> Result<u32> {
 }
 
 /// Cuts `text` into windows of `seq_len` tokens, each BOS followed by the next `seq_len - 1`
-/// tokens of the text, enough to score at least `max_tokens` tokens if the text has them
-/// (only whole windows). The text is encoded paragraph by paragraph (non-empty lines).
+/// tokens of the text: as many whole windows as score at most `max_tokens` tokens (fewer if the
+/// text is shorter). The text is encoded paragraph by paragraph (non-empty lines).
 pub fn text_windows(
     tokenizer: &Tokenizer,
     text: &str,
@@ -170,7 +170,13 @@ pub fn text_windows(
     }
     let bos = bos_id(tokenizer)?;
     let per_window = seq_len - 1;
-    let wanted = max_tokens.div_ceil(per_window) * per_window;
+    if max_tokens < per_window {
+        return Err(LlamaError::Invalid(format!(
+            "at most {max_tokens} scored tokens is less than one window of {per_window}: raise the token budget or shorten the windows"
+        )));
+    }
+    // At most `max_tokens`: whole windows only, rounded down.
+    let wanted = max_tokens / per_window * per_window;
     let mut ids = Vec::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         if ids.len() >= wanted {
