@@ -99,6 +99,20 @@ fn stories260k_reproduces_llama2c_with_both_caches() {
     }
 }
 
+/// llama2.c checkpoints stop at BOS as well as EOS, as `run.c` does (a BOS starts the next
+/// story).
+#[test]
+fn llama2c_checkpoints_stop_at_bos_and_eos() {
+    let dir = shared().join("models/stories260K");
+    let pre = Pretrained::load_llama2c(dir.join("stories260K.bin"), dir.join("tok512.bin"))
+        .expect("llama2.c model");
+    assert!(
+        pre.eos.contains(&BOS) && pre.eos.contains(&2),
+        "{:?}",
+        pre.eos
+    );
+}
+
 #[test]
 fn tokenizer_round_trips() {
     let (_, tok) = stories();

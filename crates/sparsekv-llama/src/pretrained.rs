@@ -70,14 +70,16 @@ impl Pretrained {
         })
     }
 
-    /// Loads a llama2.c checkpoint and its `tokenizer.bin` (EOS is token 2; no chat template).
+    /// Loads a llama2.c checkpoint and its `tokenizer.bin` (no chat template). Generation stops
+    /// at EOS (token 2) and, as llama2.c's `run.c` does, at BOS (token 1), which these models
+    /// emit where one story ends and the next would begin.
     pub fn load_llama2c(checkpoint: impl AsRef<Path>, tokenizer: impl AsRef<Path>) -> Result<Self> {
         let weights = load_llama2c(checkpoint)?;
         let tok = Llama2cTokenizer::load(tokenizer, weights.config.vocab_size)?;
         Ok(Pretrained {
             weights,
             tokenizer: Tokenizer::Llama2c(tok),
-            eos: vec![tokenizer::EOS],
+            eos: vec![tokenizer::EOS, tokenizer::BOS],
             chat_template: None,
         })
     }
