@@ -8,9 +8,9 @@
 //! are the rows of a 16-row operand (rows past the group are zero), so decoding a row costs
 //! about one walk over its kept values instead of a multiply per channel and head.
 //!
-//! Tile steps: stage the compressed words (as the parent's [`stage_rows`]/[`stage_values`]),
+//! Tile steps: stage the compressed words (as the parent's `stage_rows`/`stage_values`),
 //! zero the dense tiles, expand (keys by the first half of the cube, values by the second,
-//! window rows copied), scores by `cmma`, softmax state ([`cube_reduce`]), `P . V` by `cmma`
+//! window rows copied), scores by `cmma`, softmax state (`cube_reduce`), `P . V` by `cmma`
 //! into a tile output, then each unit rescales its share of the running output and adds the
 //! tile's.
 

@@ -6,18 +6,19 @@
 //! query head. The split is walked in tiles of `tile` tokens (one unit per token); each tile
 //! is four named steps:
 //!
-//! 1. **Stage** ([`stage_rows`]): the tile's compressed bitmap words and packed values (K and V,
-//!    loaded together so that many loads are in flight), or in the dense kernel its key rows,
-//!    are copied from global memory into shared memory with coalesced loads. Rows are laid out
-//!    with a padded stride so that one unit per row reads them without bank conflicts.
-//! 2. **Scores** ([`sparse_scores`], [`dense_scores`]): one unit per token computes the scores
-//!    of every query head of the group. A compressed key row is walked bit by bit, so only its
-//!    kept values are multiplied ("load compressed, compute sparse"): one gather of the query
-//!    vector of the group per kept value. The same unit records, per bitmap word of its value
+//! 1. **Stage** (`stage_compressed`, `stage_rows`): the tile's compressed bitmap words and
+//!    packed values (K and V, loaded together as 32-bit words so that many loads are in
+//!    flight), or in the dense kernel its key rows, are copied from global memory into shared
+//!    memory with coalesced loads. Rows read by one unit each get a padded stride where their
+//!    natural one would put every unit in the same bank.
+//! 2. **Scores** (`sparse_scores`, `dense_scores`): one unit per token computes the scores
+//!    of every query head of the group. A compressed key row is walked bit by bit (one loop
+//!    per bitmap word), so only its kept values are multiplied ("load compressed, compute
+//!    sparse"): one gather of the query vector of the group per kept value. The same unit records, per bitmap word of its value
 //!    row, how many values the earlier words keep.
-//! 3. **Softmax state** ([`cube_reduce`]): the tile's maximum per head, the rescale factor of
+//! 3. **Softmax state** (`cube_reduce`): the tile's maximum per head, the rescale factor of
 //!    what was accumulated so far, and the tile's probabilities, shared through memory.
-//! 4. **Values** ([`sparse_values`], [`dense_values`]): each unit owns `vec` consecutive
+//! 4. **Values** (`sparse_values`, `dense_values`): each unit owns `vec` consecutive
 //!    channels of one row at a time (a whole row is `head_dim / vec` units) and accumulates
 //!    `p * v` in registers. For a compressed row it finds its values by popcount of the bits
 //!    below its channels (the word prefix from step 2 plus the bits of its own word), so no
@@ -32,6 +33,10 @@
 //!
 //! The dense baseline is this kernel with the compressed part compiled out (`sparse = false`):
 //! all tokens come from the dense arrays, key rows staged the same way.
+//!
+//! [`DecodeKernel::TensorCore`] selects the experimental kernel of the `mma` module instead
+//! (CUDA, f16): compressed rows expanded into dense tiles, both products on matrix units. It is
+//! correct but slower so far; docs/PERF-NOTES.md has its profile.
 
 mod mma;
 
