@@ -105,6 +105,12 @@ impl KvCacheConfig {
         self
     }
 
+    /// The most dense tokens a sequence holds: `window + chunk` while decoding, never more than
+    /// `max_seq` (a window larger than the cache keeps everything dense).
+    pub(crate) fn dense_limit(&self) -> usize {
+        self.window.saturating_add(self.chunk).min(self.max_seq)
+    }
+
     fn validate(&self) -> Result<(HeadDim, Sparsity, Sparsity)> {
         if self.batch == 0 || self.kv_heads == 0 || self.max_seq == 0 {
             return Err(KvCacheError::Invalid(format!(
@@ -242,7 +248,7 @@ pub(crate) fn room_to_make(
     dense: &[usize],
     remaining: &[usize],
 ) -> Vec<usize> {
-    let full = config.window + config.chunk;
+    let full = config.dense_limit();
     dense
         .iter()
         .zip(remaining)
@@ -331,12 +337,7 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
         let streams = config.batch.checked_mul(config.kv_heads);
         let capacity = layout::aligned_capacity(config.max_seq);
         // The dense tokens never pass the cache's own capacity, however large the window.
-        let window_capacity = layout::aligned_capacity(
-            config
-                .window
-                .saturating_add(config.chunk)
-                .min(config.max_seq),
-        );
+        let window_capacity = layout::aligned_capacity(config.dense_limit());
         let es = config.value_type.size_bytes();
         let too_big = || {
             KvCacheError::Invalid(format!(
@@ -485,7 +486,7 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
         );
         let rows = k.dims()[2];
         let (k, v) = (k.into_primitive().tensor(), v.into_primitive().tensor());
-        let full = self.config.window + self.config.chunk;
+        let full = self.config.dense_limit();
         let mut offset = vec![0usize; b];
         loop {
             let remaining: Vec<usize> = (0..b).map(|s| counts[s] - offset[s]).collect();

@@ -352,7 +352,7 @@ impl<B: SparseKvBackend> KvCache<B> for MaskedKvCache<B> {
         let (b, h, d) = (self.config.batch, self.config.kv_heads, self.head_dim.get());
         let (k, v) = (host_values(k)?, host_values(v)?);
         let before = self.pruned.clone();
-        let full = self.config.window + self.config.chunk;
+        let full = self.config.dense_limit();
         // The sparse cache's policy, replayed on the host: a full window about to take a token
         // gives up its oldest chunk; a prompt keeps exactly the newest `window` tokens.
         let mut offset = vec![0usize; b];
