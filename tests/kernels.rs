@@ -409,7 +409,9 @@ fn sparse_attention_matches_oracle_bf16() {
 /// elsewhere asking for it must be a typed error.
 #[test]
 fn tensor_core_sparse_attention_matches_oracle_f16() {
-    run_cases::<half::f16>("tensor-core sparse attention", 20, |client, rng| {
+    // Elsewhere only the typed error is checked: two cases are enough (and keep CI short).
+    let cases = if cfg!(feature = "cuda") { 20 } else { 2 };
+    run_cases::<half::f16>("tensor-core sparse attention", cases, |client, rng| {
         let mut c = random_attention_case(rng, true);
         c.d = [16, 64, 128, 256][rng.random_range(0..4)];
         match attention_case::<half::f16>(client, rng, &c, true, DecodeKernel::TensorCore) {
