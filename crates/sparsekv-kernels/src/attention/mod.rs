@@ -1066,6 +1066,20 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         }
     }
     let es = F::size_bytes();
+    if let Some(s) = segment {
+        // Values are staged as 32-bit words: every stream must start on a whole word.
+        let per_word = 4 / es.min(4);
+        if !s.k_values_stride.is_multiple_of(per_word)
+            || !s.v_values_stride.is_multiple_of(per_word)
+        {
+            return Err(KernelError::InvalidArguments(format!(
+                "value strides ({} and {}) must be multiples of {per_word} {} values (FORMAT.md: stream capacities are multiples of 8 tokens)",
+                s.k_values_stride,
+                s.v_values_stride,
+                F::name()
+            )));
+        }
+    }
     check_len("queries", q, batch * q_heads * d * es)?;
     check_len("output", out, batch * q_heads * d * es)?;
     check_len("dense keys", window.k, streams * window.stride * es)?;
