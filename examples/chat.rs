@@ -229,10 +229,7 @@ fn run<B: SparseKvBackend>(
                 }
                 ids
             }
-            None => {
-                print!("{prompt}");
-                pre.tokenizer.encode(prompt, true)?
-            }
+            None => pre.tokenizer.encode(prompt, true)?,
         };
         if ids.len() >= c.max_seq {
             return Err(LlamaError::Invalid(format!(
@@ -240,6 +237,10 @@ fn run<B: SparseKvBackend>(
                 ids.len(),
                 c.max_seq
             )));
+        }
+        if template.is_none() {
+            // Plain completion: the answer continues the prompt on the same line.
+            print!("{prompt}");
         }
         let wanted = ids.len().saturating_add(args.max_tokens);
         if wanted > c.max_seq {
@@ -357,12 +358,39 @@ fn fetch(args: &Args) -> Result<Pretrained, LlamaError> {
     )))
 }
 
+/// Initialises the default wgpu device (as Burn's `init_setup` does) and says which adapter it
+/// is, so that numbers from a software rasteriser are not read as a GPU's.
+#[cfg(feature = "wgpu")]
+fn announce_wgpu_device() {
+    use sparsekv::kernels::cubecl::wgpu::{
+        AutoGraphicsApi, RuntimeOptions, WgpuDevice, init_setup,
+    };
+    let setup =
+        init_setup::<AutoGraphicsApi>(&WgpuDevice::DefaultDevice, RuntimeOptions::default());
+    let info = setup.adapter.get_info();
+    let kind = format!("{:?}", info.device_type);
+    eprintln!("[device: {} ({:?}, {kind})]", info.name, info.backend);
+    if kind == "Cpu" {
+        eprintln!(
+            "[this is a software rasteriser on the CPU (lavapipe): it computes the same results, \
+             but its tokens/s say nothing about a GPU]"
+        );
+    }
+}
+
 fn dispatch(args: &Args, pre: &Pretrained) -> Result<(), LlamaError> {
     let backend = args.backend.unwrap_or(if cfg!(feature = "cuda") {
         BackendName::Cuda
     } else {
         BackendName::Wgpu
     });
+    match backend {
+        #[cfg(feature = "wgpu")]
+        BackendName::Wgpu => announce_wgpu_device(),
+        BackendName::Cuda => eprintln!("[device: CUDA device 0]"),
+        #[allow(unreachable_patterns)]
+        _ => {}
+    }
     match (backend, args.dtype) {
         #[cfg(feature = "wgpu")]
         (BackendName::Wgpu, DTypeName::F32) => run::<
