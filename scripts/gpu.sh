@@ -6,9 +6,9 @@
 #   scripts/gpu.sh [--vulkan] [--only NAME[,NAME...]] [tests] [benches] [examples]
 #       what to stage (default: all three); --vulkan also stages the wgpu builds of the
 #       selected tests and benches (for Vulkan on the GPU); --only keeps just the named test
-#       and bench targets (e.g. --only kernels,attention) to save build time and transfer. Each binary links the whole stack
-#       (about 30 MB stripped, 10 MB gzipped): stage only what one run needs when the copy
-#       to the GPU machine is limited.
+#       and bench targets (e.g. --only kernels,attention) to save build time and transfer.
+#       Each binary links the whole stack (about 30 MB stripped, 10 MB gzipped): stage only
+#       what one run needs when the copy to the GPU machine is limited.
 #
 # On the GPU machine:
 #   bash .gpu/run.sh cuda test [filter...]   every staged test binary

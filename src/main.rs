@@ -134,7 +134,7 @@ fn kv_size(args: &KvSizeArgs) -> Result<(), FormatError> {
         ("V bitmaps", b.v_bitmap),
         ("V values", b.v_values),
         ("dense window (K+V)", b.window),
-        ("total", b.checked_total().unwrap_or(u64::MAX)),
+        ("total", b.total()),
         ("dense equivalent", b.dense_equivalent),
     ] {
         println!("| {name} | {v} | {} |", mib(v));

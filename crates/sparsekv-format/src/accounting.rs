@@ -2,7 +2,7 @@
 //! would occupy dense. Every byte a stream uses is counted (bitmap words, including the
 //! partial last word, and values); allocation slack from capacity rounding is not.
 
-use crate::layout::bitmap_words;
+use crate::layout::WORD_BITS;
 use crate::params::{HeadDim, Sparsity, ValueType, keep_count};
 
 /// The model-side shape of a KV cache.
@@ -97,16 +97,24 @@ pub fn dense_bytes_per_row(head_dim: HeadDim, value_type: ValueType) -> usize {
     head_dim.get() * value_type.size_bytes()
 }
 
-/// `(bitmap, values)` bytes of one stream of `tokens` compressed tokens.
+/// `(bitmap, values)` bytes of one stream of `tokens` compressed tokens (whole 32-bit bitmap
+/// words, as [`bitmap_words`](crate::layout::bitmap_words) counts them), `None` if a count does
+/// not fit in 64 bits.
 pub fn stream_bytes(
     tokens: usize,
     head_dim: HeadDim,
     keep: usize,
     value_type: ValueType,
-) -> (u64, u64) {
-    let bitmap = (bitmap_words(tokens, head_dim) * 4) as u64;
-    let values = (tokens * keep * value_type.size_bytes()) as u64;
-    (bitmap, values)
+) -> Option<(u64, u64)> {
+    let tokens = tokens as u64;
+    let bitmap = tokens
+        .checked_mul(head_dim.get() as u64)?
+        .div_ceil(WORD_BITS as u64)
+        .checked_mul(4)?;
+    let values = tokens
+        .checked_mul(keep as u64)?
+        .checked_mul(value_type.size_bytes() as u64)?;
+    Some((bitmap, values))
 }
 
 /// Bytes of one sequence of a cache (every layer and KV head) with checked arithmetic: `None`
@@ -119,19 +127,22 @@ fn sequence_bytes(
 ) -> Option<KvBytes> {
     let streams = (shape.layers as u64).checked_mul(shape.kv_heads as u64)?;
     let row = dense_bytes_per_row(shape.head_dim, shape.value_type) as u64;
-    let elem = shape.value_type.size_bytes() as u64;
-    let d = shape.head_dim.get() as u64;
-    let compressed = seq.compressed_tokens as u64;
-    let tokens = compressed.checked_add(seq.window_tokens as u64)?;
-    // Whole 32-bit words per stream: ceil(tokens * d / 32) * 4 bytes.
-    let bitmap = compressed.checked_mul(d)?.div_ceil(32).checked_mul(4)?;
-    let values = |keep: usize| compressed.checked_mul(keep as u64)?.checked_mul(elem);
+    let tokens = (seq.compressed_tokens as u64).checked_add(seq.window_tokens as u64)?;
+    let stream = |keep| {
+        stream_bytes(
+            seq.compressed_tokens,
+            shape.head_dim,
+            keep,
+            shape.value_type,
+        )
+    };
+    let ((k_bitmap, k_values), (v_bitmap, v_values)) = (stream(k_keep)?, stream(v_keep)?);
     let per_stream = |bytes: u64| bytes.checked_mul(streams);
     Some(KvBytes {
-        k_bitmap: per_stream(bitmap)?,
-        k_values: per_stream(values(k_keep)?)?,
-        v_bitmap: per_stream(bitmap)?,
-        v_values: per_stream(values(v_keep)?)?,
+        k_bitmap: per_stream(k_bitmap)?,
+        k_values: per_stream(k_values)?,
+        v_bitmap: per_stream(v_bitmap)?,
+        v_values: per_stream(v_values)?,
         window: per_stream((seq.window_tokens as u64).checked_mul(2 * row)?)?,
         dense_equivalent: per_stream(tokens.checked_mul(2 * row)?)?,
     })

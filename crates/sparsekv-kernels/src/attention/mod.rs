@@ -120,8 +120,8 @@ impl SplitPlan {
     }
 
     /// Shared memory a split cube uses, in bytes (mirrors the kernel's allocations).
-    fn shared_bytes(&self, elem: usize) -> usize {
-        let (d, g, t, u) = (self.head_dim, self.group, self.tile, self.units);
+    fn shared_bytes(&self) -> usize {
+        let (d, g, t, u, elem) = (self.head_dim, self.group, self.tile, self.units, self.elem);
         let common = 4 * (g * d + g * u + (g * u).max(d));
         if self.sparse {
             let bits = (t * d).div_ceil(32);
@@ -168,11 +168,11 @@ impl SplitPlan {
         // Dense key rows take the most shared memory: about 16 KB of them per tile.
         let rows = if sparse { MAX_TILE } else { 8192 / head_dim };
         let mut tile = rows.clamp(MIN_TILE, MAX_TILE).min(max_units);
-        while tile > MIN_TILE && plan(tile).shared_bytes(elem) > limit {
+        while tile > MIN_TILE && plan(tile).shared_bytes() > limit {
             tile /= 2;
         }
         let chosen = plan(tile);
-        let need = chosen.shared_bytes(elem);
+        let need = chosen.shared_bytes();
         if need > limit || chosen.units > max_units {
             return Err(KernelError::InvalidArguments(format!(
                 "decode attention needs {need} bytes of shared memory and {} units per cube (head_dim {head_dim}, group {group}); the device allows {limit} bytes and {max_units} units",
@@ -1066,6 +1066,10 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         }
     }
     let es = F::size_bytes();
+    check_len("queries", q, batch * q_heads * d * es)?;
+    check_len("output", out, batch * q_heads * d * es)?;
+    check_len("dense keys", window.k, streams * window.stride * es)?;
+    check_len("dense values", window.v, streams * window.stride * es)?;
     if let Some(s) = segment {
         // Values are staged as 32-bit words: every stream must start on a whole word.
         let per_word = 4 / es.min(4);
@@ -1079,12 +1083,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                 F::name()
             )));
         }
-    }
-    check_len("queries", q, batch * q_heads * d * es)?;
-    check_len("output", out, batch * q_heads * d * es)?;
-    check_len("dense keys", window.k, streams * window.stride * es)?;
-    check_len("dense values", window.v, streams * window.stride * es)?;
-    if let Some(s) = segment {
         check_len("K bitmap", s.k_bitmap, streams * s.bitmap_stride * 4)?;
         check_len("V bitmap", s.v_bitmap, streams * s.bitmap_stride * 4)?;
         check_len("K values", s.k_values, streams * s.k_values_stride * es)?;
