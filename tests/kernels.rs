@@ -13,7 +13,8 @@ use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
     AttentionArgs, CompressArgs, DecodeKernel, DenseCacheArgs, FloatElement, KernelError,
-    SparseSegmentArgs, decode_attention, decode_attention_with, prune_compress, supports_type,
+    SkinnyShape, SkinnyTuning, SparseSegmentArgs, decode_attention, decode_attention_with,
+    prune_compress, skinny_matmul_with, supports_type,
 };
 
 mod common;
@@ -445,6 +446,63 @@ fn dense_attention_matches_oracle_f16() {
     attention_cases::<half::f16>(15, false);
 }
 
+/// One random skinny matmul (`m` up to 20, so chunks of activation rows and partial chunks
+/// occur; `k` not always a multiple of the vector width; `n` not always a multiple of a cube's
+/// rows; random or automatic tuning) against an f64 reference, element by element: each output
+/// within `tol` of `Σ |x w|` of its reference.
+fn skinny_case<F: TestFloat>(
+    client: &ComputeClient<Rt>,
+    rng: &mut StdRng,
+    tol: f64,
+) -> Result<(), String> {
+    let m = [1, 2, 3, 4, 5, 8, 9, 16, 20][rng.random_range(0..9)];
+    let n = rng.random_range(1..=300usize);
+    let k = [1, 3, 8, 12, 64, 136, 1000, 4096][rng.random_range(0..8)];
+    let tuning = if rng.random_bool(0.5) {
+        Some(SkinnyTuning {
+            rows_per_plane: [1, 2, 4, 8][rng.random_range(0..4)],
+            planes: rng.random_range(1..=8),
+        })
+    } else {
+        None
+    };
+    let x = normals::<F>(rng, m * k);
+    let w = normals::<F>(rng, n * k);
+    let (x_h, w_h) = (upload::<F>(client, &x), upload::<F>(client, &w));
+    let out_h = upload::<F>(client, &vec![f64::NAN; m * n]);
+    skinny_matmul_with::<Rt, F>(client, SkinnyShape { m, n, k }, &x_h, &w_h, &out_h, tuning)
+        .map_err(|e| e.to_string())?;
+    let out = read::<F>(client, out_h);
+    for i in 0..m {
+        for j in 0..n {
+            let (xr, wr) = (&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
+            let reference: f64 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+            let scale: f64 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
+            let got = out[i * n + j];
+            // NaN (an unwritten, poisoned output) fails the comparison.
+            if !((got - reference).abs() <= tol * scale.max(1e-30)) {
+                return Err(format!(
+                    "m {m} n {n} k {k} {tuning:?}: out[{i}, {j}] = {got}, reference {reference}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn skinny_matmul_matches_reference() {
+    run_cases::<f32>("skinny matmul", case_count(20), |c, r| {
+        skinny_case::<f32>(c, r, 1e-5)
+    });
+    run_cases::<half::f16>("skinny matmul", case_count(20), |c, r| {
+        skinny_case::<half::f16>(c, r, 2e-3)
+    });
+    run_cases::<half::bf16>("skinny matmul", case_count(10), |c, r| {
+        skinny_case::<half::bf16>(c, r, 1e-2)
+    });
+}
+
 #[test]
 fn unsupported_types_and_bad_arguments_are_typed_errors() {
     let client = client();
@@ -511,6 +569,20 @@ fn unsupported_types_and_bad_arguments_are_typed_errors() {
         assert!(
             matches!(&err, Err(KernelError::InvalidArguments(m)) if m.contains("value strides")),
             "{err:?}"
+        );
+    }
+    for (shape, what) in [
+        (SkinnyShape { m: 0, n: 4, k: 4 }, "no rows"),
+        (SkinnyShape { m: 65, n: 4, k: 4 }, "too many rows"),
+        (
+            SkinnyShape { m: 4, n: 4, k: 32 },
+            "weights larger than the buffer",
+        ),
+    ] {
+        let err = skinny_matmul_with::<Rt, f32>(&client, shape, &h, &h, &h, None);
+        assert!(
+            matches!(err, Err(KernelError::InvalidArguments(_))),
+            "{what}: {err:?}"
         );
     }
     if !supports_type::<Rt, half::bf16>(&client) {

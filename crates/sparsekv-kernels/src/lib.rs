@@ -2,12 +2,14 @@
 //! per-token magnitude prune+compress ([`prune_compress`]) and split-K decode attention over a
 //! compressed segment plus a dense window ([`decode_attention`]), whose dense variant is the
 //! baseline it is measured against; and [`copy_rows`], which moves dense token rows between
-//! stream buffers at ragged per-sequence offsets.
+//! stream buffers at ragged per-sequence offsets; and [`skinny_matmul`], the weight-streaming
+//! matrix product of a decode step's projections.
 
 pub mod attention;
 pub mod compress;
 pub mod error;
 pub mod rows;
+pub mod skinny;
 
 pub use attention::{
     AttentionArgs, DecodeKernel, DenseCacheArgs, SparseSegmentArgs, decode_attention,
@@ -16,6 +18,7 @@ pub use attention::{
 pub use compress::{CompressArgs, prune_compress};
 pub use error::{KernelError, Result};
 pub use rows::{CopyRowsArgs, copy_rows};
+pub use skinny::{SkinnyShape, SkinnyTuning, skinny_matmul, skinny_matmul_with};
 
 /// The CubeCL version the kernels are built with, for callers that create clients.
 pub use cubecl;
