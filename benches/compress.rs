@@ -166,7 +166,7 @@ fn compress(c: &mut Criterion) {
     let max_seq = tokens + 256;
     let model =
         Llama::<ModelBackend>::random(&llama3_8b_shape(layers, max_seq), &device).expect("model");
-    let mut caches = filled_caches(layers, tokens, max_seq, SPARSITY, |cfg| {
+    let mut caches = filled_caches(MODEL_BATCH, layers, tokens, max_seq, SPARSITY, |cfg| {
         SparseKvCache::<ModelBackend>::new(cfg, &device).expect("cache")
     });
     decode_step_times(&model, &mut caches, 4);

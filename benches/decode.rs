@@ -1,13 +1,15 @@
 //! One end-to-end decode step of a Llama-3-8B-shaped model (random weights, f16; hidden
 //! 4096, FFN 14336, 32/8 heads of 128, vocabulary 128256, 32 layers or
-//! `SPARSEKV_BENCH_LAYERS`) at B = 8 and T in {4K, 16K} tokens already cached, dense cache vs
-//! sparse cache at s = 0.7 (K and V, window 32, chunk 64), in tokens/s.
+//! `SPARSEKV_BENCH_LAYERS`) at B = 8 with T in {4K, 16K, 32K} tokens already cached and at
+//! B = 1, T = 4K, dense cache vs sparse cache at s = 0.7 (K and V, window 32, chunk 64), in
+//! tokens/s, with the floor each row has at the read-only bandwidth measured in the same run
+//! (weights plus the cache's bytes). scripts/decode_baseline.py is the PyTorch peer.
 //!
 //! The caches are filled with random keys and values (a prefill of 16K tokens would need
 //! dense attention far larger than the step itself). Each step is synchronised. Criterion
 //! (`iter_custom`) times the steps; the printed table has the median and the mean over 128
 //! consecutive steps (two compressions of a 64-token chunk each for the sparse cache) after
-//! 4 warm-up steps. `SPARSEKV_BENCH_QUICK=1`: 2 layers, T = 1K.
+//! 4 warm-up steps. `SPARSEKV_BENCH_QUICK=1`: 2 layers, B = 2, T = 1K.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -16,9 +18,10 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    MODEL_BATCH, ModelBackend, backend_name, decode_step_times, filled_caches, llama3_8b_shape,
-    median_mean, model_layers, quick,
+    ModelBackend, Rt, backend_name, decode_step_times, filled_caches, llama3_8b_shape,
+    median_mean, model_layers, quick, read_bandwidth,
 };
+use sparsekv::kernels::cubecl::prelude::Runtime;
 use criterion::{Criterion, criterion_group, criterion_main};
 use sparsekv::cache::{DenseKvCache, KvCache, SparseKvCache};
 use sparsekv::llama::Llama;
@@ -56,49 +59,81 @@ fn measure<C: KvCache<ModelBackend>>(
     median_mean(&decode_step_times(model, &mut caches, STEPS))
 }
 
+/// Bytes of every weight a decode step reads: the fused projections, the norms and the head.
+fn weight_bytes(c: &sparsekv::llama::LlamaConfig) -> usize {
+    let hd = c.dim / c.n_heads;
+    let (q, kv) = (c.n_heads * hd, c.n_kv_heads * hd);
+    let layer = (q + 2 * kv) * c.dim + c.dim * q + 3 * c.hidden_dim * c.dim + 2 * c.dim;
+    2 * (c.n_layers * layer + c.vocab_size * c.dim + c.dim)
+}
+
 fn decode(c: &mut Criterion) {
     let layers = model_layers();
-    let token_counts: &[usize] = if quick() { &[1024] } else { &[4096, 16384] };
-    let max_t = token_counts.iter().copied().max().unwrap_or(0);
+    // (B, T): the issue's shapes; quick runs one small one.
+    let shapes: &[(usize, usize)] = if quick() {
+        &[(2, 1024)]
+    } else {
+        &[(8, 4096), (8, 16384), (8, 32768), (1, 4096)]
+    };
+    let max_t = shapes.iter().map(|s| s.1).max().unwrap_or(0);
     let device = Default::default();
-    let model = Llama::<ModelBackend>::random(&llama3_8b_shape(layers, max_t + SLACK), &device)
-        .expect("model");
+    let config = llama3_8b_shape(layers, max_t + SLACK);
+    let model = Llama::<ModelBackend>::random(&config, &device).expect("model");
+    let client = Rt::client(&Default::default());
+    let ceiling = read_bandwidth(&client, if quick() { 64 << 20 } else { 1 << 30 });
+    let weights = weight_bytes(&config);
     let mut table = format!(
-        "\nDecode step, Llama-3-8B shape with {layers} layers, f16, B = {MODEL_BATCH}, {}\n\n\
-         | cache | T | step ms (median) | step ms (mean of {STEPS}) | tokens/s (median) | speedup vs dense |\n\
-         |---|---|---|---|---|---|\n",
-        backend_name()
+        "\nDecode step, Llama-3-8B shape with {layers} layers, f16, {}; read-only ceiling {:.0} GB/s, \
+         weights {:.2} GB\n\n\
+         | cache | B | T | step ms (median) | step ms (mean of {STEPS}) | tokens/s (median) | speedup vs dense | GB read | floor ms at read-only | of floor |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+        backend_name(),
+        ceiling / 1e9,
+        weights as f64 / 1e9
     );
-    for &tokens in token_counts {
+    for &(batch, tokens) in shapes {
         let max_seq = tokens + SLACK;
-        let dense = filled_caches(layers, tokens, max_seq, 0.0, |cfg| {
+        let dense = filled_caches(batch, layers, tokens, max_seq, 0.0, |cfg| {
             DenseKvCache::<ModelBackend>::new(cfg, &device).expect("cache")
         });
-        let (dense_median, dense_mean) =
-            measure(c, &model, dense, max_seq, &format!("dense/T{tokens}"));
-        let sparse = filled_caches(layers, tokens, max_seq, 0.7, |cfg| {
+        let dense_kv: u64 = dense.iter().map(|c| c.memory().total()).sum();
+        let (dense_median, dense_mean) = measure(
+            c,
+            &model,
+            dense,
+            max_seq,
+            &format!("dense/B{batch}/T{tokens}"),
+        );
+        let sparse = filled_caches(batch, layers, tokens, max_seq, 0.7, |cfg| {
             SparseKvCache::<ModelBackend>::new(cfg, &device).expect("cache")
         });
+        let sparse_kv: u64 = sparse.iter().map(|c| c.memory().total()).sum();
         let (sparse_median, sparse_mean) = measure(
             c,
             &model,
             sparse,
             max_seq,
-            &format!("sparse_s0.7/T{tokens}"),
+            &format!("sparse_s0.7/B{batch}/T{tokens}"),
         );
-        for (name, median, mean) in [
-            ("dense", dense_median, dense_mean),
-            ("sparse s=0.7", sparse_median, sparse_mean),
+        for (name, median, mean, kv) in [
+            ("dense", dense_median, dense_mean, dense_kv),
+            ("sparse s=0.7", sparse_median, sparse_mean, sparse_kv),
         ] {
+            let bytes = weights as f64 + kv as f64;
+            let floor = bytes / ceiling;
             table.push_str(&format!(
-                "| {name} | {tokens} | {:.2} | {:.2} | {:.0} | {:.2}x |\n",
+                "| {name} | {batch} | {tokens} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2} | {:.2} | {:.0}% |\n",
                 median.as_secs_f64() * 1e3,
                 mean.as_secs_f64() * 1e3,
-                MODEL_BATCH as f64 / median.as_secs_f64(),
-                dense_median.as_secs_f64() / median.as_secs_f64()
+                batch as f64 / median.as_secs_f64(),
+                dense_median.as_secs_f64() / median.as_secs_f64(),
+                bytes / 1e9,
+                floor * 1e3,
+                100.0 * floor / median.as_secs_f64()
             ));
         }
-        eprintln!("done T={tokens}");
+        eprintln!("done B={batch} T={tokens}");
+        println!("{}", table.lines().last().unwrap_or_default());
     }
     println!("{table}");
 }

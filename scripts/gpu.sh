@@ -12,8 +12,8 @@
 #
 # On the GPU machine:
 #   bash .gpu/run.sh cuda test [filter...]   every staged test binary
-#   bash .gpu/run.sh cuda bench              every staged bench, then PyTorch SDPA (B = 8,
-#                                            T = 16K and 32K) when python3 has torch
+#   bash .gpu/run.sh cuda bench              every staged bench, then the PyTorch peers (SDPA,
+#                                            the decode step) when python3 has torch
 #   bash .gpu/run.sh wgpu bench              the wgpu benches (set VK_DRIVER_FILES first)
 # Bench environment: SPARSEKV_BENCH_ONLY=8x16384 (one attention shape),
 # SPARSEKV_BENCH_LAYERS=N (model benches), SPARSEKV_BENCH_QUICK=1 (small shapes).
@@ -72,7 +72,7 @@ for line in sys.stdin:
 
 cuda=(--no-default-features --features cuda)
 tests=$(targets --test kernels cache model)
-benches=$(targets --bench attention compress decode)
+benches=$(targets --bench attention compress decode skinny)
 want tests && [ -n "$tests" ] && build cuda "" test "${cuda[@]}" $tests
 want benches && [ -n "$benches" ] && build cuda bench_ bench "${cuda[@]}" $benches
 if want examples; then
@@ -85,7 +85,7 @@ if [ $vulkan = 1 ]; then
   want tests && [ -n "$tests" ] && build wgpu "" test $tests
   want benches && [ -n "$benches" ] && build wgpu bench_ bench $benches
 fi
-mkdir -p "$stage/scripts" && cp scripts/sdpa_baseline.py "$stage/scripts/"
+mkdir -p "$stage/scripts" && cp scripts/sdpa_baseline.py scripts/decode_baseline.py "$stage/scripts/"
 
 cat > "$stage/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -110,11 +110,17 @@ for bin in "$bin_dir"/*; do
            echo "== $name"; "$bin" --bench "$@" || status=1 ;;
   esac
 done
-if [ "$kind" = bench ] && [ "$backend" = cuda ] && python3 -c 'import torch' 2>/dev/null; then
-  for t in 16384 32768; do
-    echo "== PyTorch SDPA B=8 T=$t"
-    python3 "$here/scripts/sdpa_baseline.py" --batch 8 --tokens $t || status=1
+# The PyTorch peers, in the same invocation: SDPA at the attention bench's B = 8 shapes and at
+# B = 1, T = 4K and 32K; the decode step at the decode bench's shapes. PEERS=0 skips them.
+if [ "$kind" = bench ] && [ "$backend" = cuda ] && [ "${PEERS:-1}" = 1 ] \
+    && python3 -c 'import torch' 2>/dev/null; then
+  for bt in 8x16384 8x32768 8x131072 1x4096 1x32768; do
+    echo "== PyTorch SDPA B=${bt%x*} T=${bt#*x}"
+    python3 "$here/scripts/sdpa_baseline.py" --batch ${bt%x*} --tokens ${bt#*x} || status=1
   done
+  echo "== PyTorch decode step"
+  python3 "$here/scripts/decode_baseline.py" --batch 8 --tokens 4096 16384 32768 || status=1
+  python3 "$here/scripts/decode_baseline.py" --batch 1 --tokens 4096 || status=1
 fi
 exit $status
 RUN

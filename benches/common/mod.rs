@@ -224,9 +224,10 @@ pub fn llama3_8b_shape(layers: usize, max_seq: usize) -> sparsekv::llama::LlamaC
     }
 }
 
-/// One cache per layer for `MODEL_BATCH` sequences of up to `max_seq` tokens, f16, each
-/// already holding `tokens` random tokens (appended at once, as a prefill would).
+/// One cache per layer for `batch` sequences of up to `max_seq` tokens, f16, each already
+/// holding `tokens` random tokens (appended at once, as a prefill would).
 pub fn filled_caches<C: sparsekv::cache::KvCache<ModelBackend>>(
+    batch: usize,
     layers: usize,
     tokens: usize,
     max_seq: usize,
@@ -235,14 +236,14 @@ pub fn filled_caches<C: sparsekv::cache::KvCache<ModelBackend>>(
 ) -> Vec<C> {
     use sparsekv::cache::burn::tensor::{Distribution, Tensor};
     let device = Default::default();
-    let config = sparsekv::cache::KvCacheConfig::new(MODEL_BATCH, 8, 128, max_seq)
+    let config = sparsekv::cache::KvCacheConfig::new(batch, 8, 128, max_seq)
         .with_sparsity(sparsity, sparsity)
         .with_chunk(CHUNK)
         .with_value_type(sparsekv::format::ValueType::F16);
     (0..layers)
         .map(|_| {
             let mut cache = make(&config);
-            let shape = [MODEL_BATCH, 8, tokens, 128];
+            let shape = [batch, 8, tokens, 128];
             let k =
                 Tensor::<ModelBackend, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
             let v =
@@ -262,17 +263,13 @@ pub fn decode_step_times<C: sparsekv::cache::KvCache<ModelBackend>>(
 ) -> Vec<Duration> {
     use sparsekv::cache::burn::tensor::backend::Backend;
     let device = Default::default();
+    let batch = caches[0].lengths().len();
     (0..steps)
         .map(|_| {
             let pos = caches[0].lengths()[0];
             let t = Instant::now();
             let logits = model
-                .decode_batch(
-                    &[1; MODEL_BATCH],
-                    &[pos; MODEL_BATCH],
-                    &[true; MODEL_BATCH],
-                    caches,
-                )
+                .decode_batch(&vec![1; batch], &vec![pos; batch], &vec![true; batch], caches)
                 .expect("decode step");
             drop(logits);
             ModelBackend::sync(&device).expect("device sync");

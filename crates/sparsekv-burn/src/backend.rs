@@ -14,7 +14,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use sparsekv_format::{HeadDim, Sparsity, ValueType};
 use sparsekv_kernels::cubecl::server::Handle;
 use sparsekv_kernels::{
-    AttentionArgs, CompressArgs, CopyRowsArgs, DenseCacheArgs, SparseSegmentArgs,
+    AttentionArgs, CompressArgs, CopyRowsArgs, DenseCacheArgs, SkinnyShape, SparseSegmentArgs,
 };
 
 use crate::error::{KvCacheError, Result};
@@ -102,6 +102,9 @@ pub struct CompressRef<'a, B: SparseKvBackend> {
     pub sparsity: Sparsity,
 }
 
+/// The most activation rows [`SparseKvBackend::skinny_matmul`] takes.
+pub const SKINNY_MAX_ROWS: usize = sparsekv_kernels::skinny::MAX_M;
+
 /// A Burn backend that can run sparse KV caches.
 pub trait SparseKvBackend: Backend {
     /// A device buffer owned by a cache.
@@ -157,6 +160,13 @@ pub trait SparseKvBackend: Backend {
         dense: DenseRef<'_, Self>,
         shape: &DecodeShape<'_>,
     ) -> Result<FloatTensor<Self>>;
+
+    /// The projection of a decode step, `x · wᵀ`: `x` is `[m, k]` activations (one row per
+    /// sequence, `m` at most [`SKINNY_MAX_ROWS`]) and `w` the weights as
+    /// `[n, k]` rows (PyTorch's `nn.Linear` layout), both of the same float type; returns
+    /// `[m, n]`. The weights are streamed once at memory bandwidth (the skinny-matmul kernel),
+    /// where a general matmul would tile for reuse that a few rows do not have.
+    fn skinny_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> Result<FloatTensor<Self>>;
 }
 
 /// A device buffer of a CubeCL runtime.
@@ -407,6 +417,54 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
             q.device.clone(),
             burn::tensor::Shape::from(vec![batch, shape.q_heads, d]),
             out_handle,
+            value_dtype(value_type),
+        ))
+    }
+
+    fn skinny_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> Result<FloatTensor<Self>> {
+        let value_type = dtype_value_type(x.dtype)?;
+        if w.dtype != x.dtype {
+            return Err(KvCacheError::DType {
+                what: "weights",
+                expected: value_type.name(),
+                actual: w.dtype,
+            });
+        }
+        let (x_dims, w_dims) = (dims(&x), dims(&w));
+        let (&[m, k], &[n, wk]) = (x_dims.as_slice(), w_dims.as_slice()) else {
+            return Err(KvCacheError::Shape {
+                what: "skinny matmul operands (activations [m, k], weights [n, k])",
+                expected: vec![0, 0],
+                actual: if x_dims.len() == 2 { w_dims } else { x_dims },
+            });
+        };
+        if wk != k {
+            return Err(KvCacheError::Shape {
+                what: "weights",
+                expected: vec![0, k],
+                actual: w_dims,
+            });
+        }
+        let x = burn_cubecl::kernel::into_contiguous(x);
+        let w = burn_cubecl::kernel::into_contiguous(w);
+        let client = x.client.clone();
+        let out = client.empty(m * n * value_type.size_bytes());
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::skinny_matmul::<R, E>(
+                &client,
+                SkinnyShape { m, n, k },
+                &x.handle,
+                &w.handle,
+                &out
+            )?
+        );
+        Ok(CubeTensor::new_contiguous(
+            client,
+            x.device.clone(),
+            burn::tensor::Shape::from(vec![m, n]),
+            out,
             value_dtype(value_type),
         ))
     }

@@ -26,7 +26,7 @@ pub mod cache;
 pub mod error;
 pub mod masked;
 
-pub use backend::{CubeKvBuffer, SparseKvBackend};
+pub use backend::{CubeKvBuffer, SKINNY_MAX_ROWS, SparseKvBackend};
 pub use cache::{DenseKvCache, KvCache, KvCacheConfig, LayerCaches, SparseKvCache};
 pub use error::{KvCacheError, Result};
 pub use masked::{MaskedKvCache, PruneStrategy};

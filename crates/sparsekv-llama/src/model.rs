@@ -6,23 +6,28 @@
 //! one token per sequence, attending through the caches.
 
 use sparsekv_burn::burn::tensor::activation::{silu, softmax};
-use sparsekv_burn::burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
+use sparsekv_burn::burn::tensor::{DType, Distribution, Int, Tensor, TensorData, TensorPrimitive};
 use sparsekv_burn::{KvCache, SparseKvBackend};
 
 use crate::checkpoint::{LayerWeights, LlamaWeights};
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::error::{LlamaError, Result};
 
+/// One decoder layer. Every matrix is stored `[out, in]` (one row of input weights per output
+/// feature, PyTorch's `nn.Linear` layout), the layout the skinny matmul streams; projections
+/// that read the same input are fused into one matrix, so a decode step reads each input once
+/// and launches once per fused projection.
 struct Layer<B: SparseKvBackend> {
     attn_norm: Tensor<B, 1>,
-    wq: Tensor<B, 2>,
-    wk: Tensor<B, 2>,
-    wv: Tensor<B, 2>,
+    /// `[q_dim + 2 * kv_dim, dim]`: the query, key and value projections, in that order.
+    wqkv: Tensor<B, 2>,
+    /// `[dim, q_dim]`.
     wo: Tensor<B, 2>,
     ffn_norm: Tensor<B, 1>,
-    w1: Tensor<B, 2>,
+    /// `[2 * hidden, dim]`: the gate (`w1`) then the up (`w3`) projection.
+    w13: Tensor<B, 2>,
+    /// `[dim, hidden]`: the down projection.
     w2: Tensor<B, 2>,
-    w3: Tensor<B, 2>,
 }
 
 /// A loaded model on one device.
@@ -32,7 +37,7 @@ pub struct Llama<B: SparseKvBackend> {
     embedding: Tensor<B, 2>,
     layers: Vec<Layer<B>>,
     final_norm: Tensor<B, 1>,
-    /// `[dim, vocab]`.
+    /// `[vocab, dim]` (the embedding itself when tied).
     lm_head: Tensor<B, 2>,
     /// `[max_seq, head_dim / 2]`.
     rope_cos: Tensor<B, 2>,
@@ -47,14 +52,12 @@ impl<B: SparseKvBackend> std::fmt::Debug for Llama<B> {
     }
 }
 
-/// Uploads an `(out, in)` row-major matrix transposed to `[in, out]`, so `x.matmul(w)` applies it.
-fn linear<B: SparseKvBackend>(
-    w: &[f32],
-    out: usize,
-    inp: usize,
-    device: &B::Device,
-) -> Tensor<B, 2> {
-    Tensor::<B, 2>::from_data(TensorData::new(w.to_vec(), [out, inp]), device).transpose()
+/// Uploads the `(out, in)` row-major matrices `parts` stacked along `out` (the rows of the
+/// first, then the second, ...), as one `[Σ out, in]` tensor.
+fn linear<B: SparseKvBackend>(parts: &[&[f32]], inp: usize, device: &B::Device) -> Tensor<B, 2> {
+    let data: Vec<f32> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+    let out = data.len() / inp.max(1);
+    Tensor::<B, 2>::from_data(TensorData::new(data, [out, inp]), device)
 }
 
 /// RoPE `cos` and `sin` tables, `[max_seq, head_dim / 2]`.
@@ -94,25 +97,22 @@ impl<B: SparseKvBackend> Llama<B> {
                 "head_dim {hd} must be even for RoPE"
             )));
         }
-        let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
+        let q_dim = c.n_heads * hd;
         let layer = |w: &LayerWeights| Layer {
             attn_norm: vector(&w.attn_norm, device),
-            wq: linear(&w.wq, q_dim, dim, device),
-            wk: linear(&w.wk, kv_dim, dim, device),
-            wv: linear(&w.wv, kv_dim, dim, device),
-            wo: linear(&w.wo, dim, q_dim, device),
+            wqkv: linear(&[&w.wq, &w.wk, &w.wv], dim, device),
+            wo: linear(&[&w.wo], q_dim, device),
             ffn_norm: vector(&w.ffn_norm, device),
-            w1: linear(&w.w1, hidden, dim, device),
-            w2: linear(&w.w2, dim, hidden, device),
-            w3: linear(&w.w3, hidden, dim, device),
+            w13: linear(&[&w.w1, &w.w3], dim, device),
+            w2: linear(&[&w.w2], hidden, device),
         };
         let embedding = Tensor::<B, 2>::from_data(
             TensorData::new(weights.embedding.clone(), [c.vocab_size, dim]),
             device,
         );
         let lm_head = match &weights.classifier {
-            Some(w) => linear(w, c.vocab_size, dim, device),
-            None => embedding.clone().transpose(),
+            Some(w) => linear(&[w], dim, device),
+            None => embedding.clone(),
         };
         let (rope_cos, rope_sin) = rope_tables(c, device);
         Ok(Llama {
@@ -153,14 +153,11 @@ impl<B: SparseKvBackend> Llama<B> {
         let layers = (0..c.n_layers)
             .map(|_| Layer {
                 attn_norm: ones(dim),
-                wq: matrix(dim, q_dim),
-                wk: matrix(dim, kv_dim),
-                wv: matrix(dim, kv_dim),
-                wo: matrix(q_dim, dim),
+                wqkv: matrix(q_dim + 2 * kv_dim, dim),
+                wo: matrix(dim, q_dim),
                 ffn_norm: ones(dim),
-                w1: matrix(dim, hidden),
-                w2: matrix(hidden, dim),
-                w3: matrix(dim, hidden),
+                w13: matrix(2 * hidden, dim),
+                w2: matrix(dim, hidden),
             })
             .collect();
         let (rope_cos, rope_sin) = rope_tables(c, device);
@@ -170,7 +167,7 @@ impl<B: SparseKvBackend> Llama<B> {
             embedding: matrix(c.vocab_size, dim),
             layers,
             final_norm: ones(dim),
-            lm_head: matrix(dim, c.vocab_size),
+            lm_head: matrix(c.vocab_size, dim),
             rope_cos,
             rope_sin,
         })
@@ -266,19 +263,40 @@ impl<B: SparseKvBackend> Llama<B> {
             .reshape([b, n, self.config.dim]))
     }
 
-    fn feed_forward(&self, x: Tensor<B, 3>, l: &Layer<B>) -> Tensor<B, 3> {
+    /// `x · wᵀ` for `x` `[b, n, in]` and `w` `[out, in]`: `[b, n, out]`. A few rows (a decode
+    /// step, a short prompt) go through the skinny matmul, which streams the weights once at
+    /// memory bandwidth; more rows through Burn's matmul.
+    fn project(&self, x: Tensor<B, 3>, w: &Tensor<B, 2>) -> Result<Tensor<B, 3>> {
+        let [b, n, inp] = x.dims();
+        let [out, _] = w.dims();
+        if b * n <= sparsekv_burn::SKINNY_MAX_ROWS {
+            let y = B::skinny_matmul(
+                x.reshape([b * n, inp]).into_primitive().tensor(),
+                w.clone().into_primitive().tensor(),
+            )?;
+            Ok(Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape([b, n, out]))
+        } else {
+            Ok(x.matmul(w.clone().transpose().unsqueeze()))
+        }
+    }
+
+    fn feed_forward(&self, x: Tensor<B, 3>, l: &Layer<B>) -> Result<Tensor<B, 3>> {
+        let [b, n, _] = x.dims();
+        let hidden = self.config.hidden_dim;
         let h = self.rms_norm(x.clone(), &l.ffn_norm);
-        let gate = silu(h.clone().matmul(l.w1.clone().unsqueeze()));
-        let up = h.matmul(l.w3.clone().unsqueeze());
-        x + (gate * up).matmul(l.w2.clone().unsqueeze())
+        let gate_up = self.project(h, &l.w13)?;
+        let gate = silu(gate_up.clone().slice([0..b, 0..n, 0..hidden]));
+        let up = gate_up.slice([0..b, 0..n, hidden..2 * hidden]);
+        Ok(x + self.project(gate * up, &l.w2)?)
     }
 
     /// Logits `[b, vocab]` of `x` `[b, dim]`.
-    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    fn logits(&self, x: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
         let [b, dim] = x.dims();
-        self.rms_norm(x.reshape([1, b, dim]), &self.final_norm)
-            .matmul(self.lm_head.clone().unsqueeze())
-            .reshape([b, self.config.vocab_size])
+        let h = self.rms_norm(x.reshape([1, b, dim]), &self.final_norm);
+        Ok(self
+            .project(h, &self.lm_head)?
+            .reshape([b, self.config.vocab_size]))
     }
 
     /// Queries `[b, n, heads, hd]`, keys and values `[b, kv_heads, n, hd]` of the normalised
@@ -290,31 +308,26 @@ impl<B: SparseKvBackend> Llama<B> {
         l: &Layer<B>,
         cos: Tensor<B, 4>,
         sin: Tensor<B, 4>,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
         let c = &self.config;
         let [b, n, _] = hn.dims();
         let (h, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim());
+        let (q_dim, kv_dim) = (h * hd, kvh * hd);
+        // [b, n, q_dim + 2 * kv_dim]
+        let qkv = self.project(hn, &l.wqkv)?;
+        let part = |from: usize, width: usize| qkv.clone().slice([0..b, 0..n, from..from + width]);
         let q = self.rope(
-            hn.clone()
-                .matmul(l.wq.clone().unsqueeze())
-                .reshape([b, n, h, hd]),
+            part(0, q_dim).reshape([b, n, h, hd]),
             cos.clone(),
             sin.clone(),
         );
         let k = self
-            .rope(
-                hn.clone()
-                    .matmul(l.wk.clone().unsqueeze())
-                    .reshape([b, n, kvh, hd]),
-                cos,
-                sin,
-            )
+            .rope(part(q_dim, kv_dim).reshape([b, n, kvh, hd]), cos, sin)
             .swap_dims(1, 2);
-        let v = hn
-            .matmul(l.wv.clone().unsqueeze())
+        let v = part(q_dim + kv_dim, kv_dim)
             .reshape([b, n, kvh, hd])
             .swap_dims(1, 2);
-        (q, k, v)
+        Ok((q, k, v))
     }
 
     fn check_caches<C: KvCache<B>>(&self, caches: &[C], batch: usize) -> Result<()> {
@@ -383,7 +396,7 @@ impl<B: SparseKvBackend> Llama<B> {
         let mut x = self.embed(&ids, b, n)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let hn = self.rms_norm(x.clone(), &l.attn_norm);
-            let (q, k, v) = self.qkv(hn, l, cos.clone(), sin.clone());
+            let (q, k, v) = self.qkv(hn, l, cos.clone(), sin.clone())?;
             let q = q.swap_dims(1, 2);
             cache.append_ragged(k.clone(), v.clone(), &lengths)?;
             let group = h / kvh;
@@ -398,8 +411,8 @@ impl<B: SparseKvBackend> Llama<B> {
                 .matmul(expand(v))
                 .swap_dims(1, 2)
                 .reshape([b, n, h * hd]);
-            x = x + att.matmul(l.wo.clone().unsqueeze());
-            x = self.feed_forward(x, l);
+            x = x + self.project(att, &l.wo)?;
+            x = self.feed_forward(x, l)?;
         }
         let last: Vec<i32> = lengths
             .iter()
@@ -407,7 +420,7 @@ impl<B: SparseKvBackend> Llama<B> {
             .map(|(i, &len)| (i * n + len - 1) as i32)
             .collect();
         let last = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [b]), &self.device);
-        Ok(self.logits(x.reshape([b * n, c.dim]).select(0, last)))
+        self.logits(x.reshape([b * n, c.dim]).select(0, last))
     }
 
     /// Runs one token at position `pos` (one sequence), attending through the caches, and
@@ -454,12 +467,12 @@ impl<B: SparseKvBackend> Llama<B> {
         let mut x = self.embed(tokens, b, 1)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let hn = self.rms_norm(x.clone(), &l.attn_norm);
-            let (q, k, v) = self.qkv(hn, l, cos.clone(), sin.clone());
+            let (q, k, v) = self.qkv(hn, l, cos.clone(), sin.clone())?;
             cache.append_ragged(k, v, &counts)?;
             let att = cache.attend(q.reshape([b, h, hd]))?.reshape([b, 1, h * hd]);
-            x = x + att.matmul(l.wo.clone().unsqueeze());
-            x = self.feed_forward(x, l);
+            x = x + self.project(att, &l.wo)?;
+            x = self.feed_forward(x, l)?;
         }
-        Ok(self.logits(x.reshape([b, c.dim])))
+        self.logits(x.reshape([b, c.dim]))
     }
 }

@@ -1,0 +1,197 @@
+//! The skinny matmul of a decode step (`x · wᵀ`, `x` `[M, K]`, weights `[N, K]`) on the
+//! projection shapes of Llama-3-8B (fused QKV, output, fused gate+up, down, output head) at
+//! M in {1, 8, 32}, f16 and bf16 (where the device has them), against the read-only ceiling
+//! measured in the same run; at M = 8, f16, Burn's own matmul on the same shapes (what the
+//! model used before) as the peer.
+//!
+//! Weights are rotated (independent copies, at least 256 MB in all) so that L2 does not hold
+//! them between calls. The table has the median per call (15 batches of 20 back-to-back calls
+//! after 10 warm-up calls, device synchronised around each batch), the weight bytes over that
+//! time and its fraction of the read-only ceiling. Criterion (`iter_custom`) runs the M = 8, f16
+//! rows.
+//!
+//! `SPARSEKV_BENCH_QUICK=1`: small shapes (software adapters). `SPARSEKV_BENCH_SWEEP=1` adds,
+//! at M = 8, f16, every tuning (rows per plane x planes per cube) of every shape.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    ModelBackend, Rt, backend_name, median_call_time, quick, random_handle, read_bandwidth, sync,
+};
+use criterion::{Criterion, criterion_group, criterion_main};
+use sparsekv::kernels::cubecl::prelude::*;
+use sparsekv::kernels::cubecl::server::Handle;
+use sparsekv::kernels::{
+    FloatElement, SkinnyShape, SkinnyTuning, skinny_matmul, skinny_matmul_with, supports_type,
+};
+
+/// Weight bytes the rotated copies of a matrix add up to, at least.
+const ROTATION_BYTES: usize = 256 << 20;
+
+/// `(name, N, K)` of Llama-3-8B's decode projections, as the model stores them.
+const SHAPES: [(&str, usize, usize); 5] = [
+    ("qkv", 6144, 4096),
+    ("out", 4096, 4096),
+    ("gate+up", 28672, 4096),
+    ("down", 4096, 14336),
+    ("head", 128_256, 4096),
+];
+const QUICK_SHAPES: [(&str, usize, usize); 2] = [("small", 512, 256), ("tall", 4096, 512)];
+
+struct Weights {
+    copies: Vec<Handle>,
+    x: Handle,
+    out: Handle,
+}
+
+fn weights<F: FloatElement>(client: &ComputeClient<Rt>, m: usize, n: usize, k: usize) -> Weights {
+    let bytes = n * k * F::size_bytes();
+    let count = ROTATION_BYTES.div_ceil(bytes).clamp(1, 16);
+    let copies = (0..count)
+        .map(|i| random_handle::<F>(client, n * k, 100 + i as u32))
+        .collect();
+    let x = random_handle::<F>(client, m * k, 7);
+    let out = client.empty(m * n * F::size_bytes());
+    sync(client);
+    Weights { copies, x, out }
+}
+
+fn time_skinny<F: FloatElement>(
+    client: &ComputeClient<Rt>,
+    w: &Weights,
+    shape: SkinnyShape,
+    tuning: Option<SkinnyTuning>,
+) -> Duration {
+    median_call_time(client, |i| {
+        let copy = &w.copies[i % w.copies.len()];
+        skinny_matmul_with::<Rt, F>(client, shape, &w.x, copy, &w.out, tuning).expect("launch");
+    })
+}
+
+/// Burn's matmul on the same product, as the model ran it before: `x [1, m, k]` times the
+/// transposed `[n, k]` weights.
+fn time_burn_matmul(m: usize, n: usize, k: usize) -> Duration {
+    use sparsekv::cache::burn::tensor::backend::Backend;
+    use sparsekv::cache::burn::tensor::{Distribution, Tensor};
+    let device = Default::default();
+    let count = ROTATION_BYTES.div_ceil(n * k * 2).clamp(1, 16);
+    let ws: Vec<Tensor<ModelBackend, 2>> = (0..count)
+        .map(|_| Tensor::random([n, k], Distribution::Uniform(-1.0, 1.0), &device))
+        .collect();
+    let x = Tensor::<ModelBackend, 3>::random([1, m, k], Distribution::Uniform(-1.0, 1.0), &device);
+    let call = |i: usize| {
+        let y = x.clone().matmul(ws[i % count].clone().transpose().unsqueeze());
+        drop(y);
+    };
+    for i in 0..10 {
+        call(i);
+    }
+    ModelBackend::sync(&device).expect("sync");
+    let mut times: Vec<Duration> = (0..15)
+        .map(|_| {
+            let t = Instant::now();
+            for i in 0..20 {
+                call(i);
+            }
+            ModelBackend::sync(&device).expect("sync");
+            t.elapsed() / 20
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn row(name: &str, m: usize, n: usize, k: usize, es: usize, how: &str, t: Duration, ceiling: f64) -> String {
+    let bw = (n * k * es) as f64 / t.as_secs_f64();
+    format!(
+        "| {name} | {m} | {n} | {k} | {how} | {:.1} | {:.0} | {:.1}% |\n",
+        t.as_secs_f64() * 1e6,
+        bw / 1e9,
+        100.0 * bw / ceiling
+    )
+}
+
+fn sweep_type<F: FloatElement>(
+    c: &mut Criterion,
+    client: &ComputeClient<Rt>,
+    ceiling: f64,
+    table: &mut String,
+) {
+    if !supports_type::<Rt, F>(client) {
+        table.push_str(&format!("({} not supported by this device)\n", F::name()));
+        return;
+    }
+    let shapes: &[(&str, usize, usize)] = if quick() { &QUICK_SHAPES } else { &SHAPES };
+    let sweep = std::env::var_os("SPARSEKV_BENCH_SWEEP").is_some();
+    for &m in &[1usize, 8, 32] {
+        for &(name, n, k) in shapes {
+            let w = weights::<F>(client, m, n, k);
+            let shape = SkinnyShape { m, n, k };
+            let es = F::size_bytes();
+            let t = time_skinny::<F>(client, &w, shape, None);
+            table.push_str(&row(name, m, n, k, es, &format!("skinny {}", F::name()), t, ceiling));
+            if m == 8 && F::name() == "f16" {
+                let mut group = c.benchmark_group("skinny_matmul");
+                group.sample_size(10);
+                group.bench_function(format!("{name}/m{m}"), |b| {
+                    b.iter_custom(|iters| {
+                        sync(client);
+                        let start = Instant::now();
+                        for i in 0..iters as usize {
+                            let copy = &w.copies[i % w.copies.len()];
+                            skinny_matmul::<Rt, F>(client, shape, &w.x, copy, &w.out)
+                                .expect("launch");
+                        }
+                        sync(client);
+                        start.elapsed()
+                    })
+                });
+                group.finish();
+                if sweep {
+                    for rows_per_plane in [1, 2, 4, 8] {
+                        for planes in [2, 4, 8] {
+                            let tuning = SkinnyTuning { rows_per_plane, planes };
+                            let t = time_skinny::<F>(client, &w, shape, Some(tuning));
+                            table.push_str(&row(
+                                name,
+                                m,
+                                n,
+                                k,
+                                es,
+                                &format!("r{rows_per_plane} p{planes}"),
+                                t,
+                                ceiling,
+                            ));
+                        }
+                    }
+                }
+                drop(w);
+                let t = time_burn_matmul(m, n, k);
+                table.push_str(&row(name, m, n, k, es, "Burn matmul f16", t, ceiling));
+            }
+            println!("{}", table.lines().last().unwrap_or_default());
+        }
+    }
+}
+
+fn skinny(c: &mut Criterion) {
+    let client = Rt::client(&Default::default());
+    let ceiling = read_bandwidth(&client, if quick() { 64 << 20 } else { 1 << 30 });
+    let mut table = format!(
+        "\nSkinny matmul, {}; read-only ceiling {:.0} GB/s\n\n\
+         | matrix | M | N | K | kernel | us (median) | weight GB/s | of read-only |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        backend_name(),
+        ceiling / 1e9
+    );
+    sweep_type::<half::f16>(c, &client, ceiling, &mut table);
+    sweep_type::<half::bf16>(c, &client, ceiling, &mut table);
+    println!("{table}");
+}
+
+criterion_group!(benches, skinny);
+criterion_main!(benches);

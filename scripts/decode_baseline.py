@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""The PyTorch peer of benches/decode.rs: one greedy decode step of a Llama-3-8B-shaped model
+(random f16 weights; hidden 4096, FFN 14336, 32/8 heads of 128, vocabulary 128256), written
+directly in PyTorch the way a careful user would: cuBLAS matmuls with the QKV and gate+up
+projections fused, RMSNorm, rotate-half RoPE, a static KV cache per layer (written in place),
+SDPA with enable_gqa over the T cached tokens plus the new one, arg-max on the device, and the
+whole step captured in a CUDA graph and replayed.
+
+Prints one markdown row per (B, T): median step time over --steps replays (CUDA events,
+after warm-up), tokens/s, and the bytes a step must read (weights + KV) over that time.
+
+  python3 scripts/decode_baseline.py --batch 8 --tokens 4096 16384 32768
+"""
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+DIM, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 14336, 32, 8, 128, 128256
+
+
+def rms_norm(x, w, eps=1e-5):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def rope(x, cos, sin):
+    # x [b, heads, 1, hd]; cos, sin [1, 1, 1, hd / 2]
+    x0, x1 = x[..., : HEAD_DIM // 2], x[..., HEAD_DIM // 2 :]
+    return torch.cat([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--steps", type=int, default=50)
+    a = p.parse_args()
+    dev, dt = "cuda", torch.float16
+    torch.manual_seed(0)
+    q_dim, kv_dim = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+
+    def mat(rows, cols):
+        return (torch.randn(rows, cols, device=dev, dtype=dt) * 0.02)
+
+    layers = [
+        dict(
+            attn_norm=torch.ones(DIM, device=dev, dtype=dt),
+            wqkv=mat(q_dim + 2 * kv_dim, DIM),
+            wo=mat(DIM, q_dim),
+            ffn_norm=torch.ones(DIM, device=dev, dtype=dt),
+            w13=mat(2 * HIDDEN, DIM),
+            w2=mat(DIM, HIDDEN),
+        )
+        for _ in range(a.layers)
+    ]
+    embedding = mat(VOCAB, DIM)
+    final_norm = torch.ones(DIM, device=dev, dtype=dt)
+    lm_head = mat(VOCAB, DIM)
+    weight_bytes = sum(t.numel() * 2 for l in layers for t in l.values()) + lm_head.numel() * 2
+    print(f"\nPyTorch {torch.__version__} decode step, Llama-3-8B shape with {a.layers} layers, "
+          f"f16, {torch.cuda.get_device_name()}\n")
+    print("| peer | B | T | step ms (median) | tokens/s | GB read | GB/s |")
+    print("|---|---|---|---|---|---|---|")
+    b = a.batch
+    for t in a.tokens:
+        caches = [
+            (torch.rand(b, KV_HEADS, t + 1, HEAD_DIM, device=dev, dtype=dt) * 2 - 1,
+             torch.rand(b, KV_HEADS, t + 1, HEAD_DIM, device=dev, dtype=dt) * 2 - 1)
+            for _ in range(a.layers)
+        ]
+        pos = torch.tensor([t], device=dev)
+        inv = 500000.0 ** (-torch.arange(0, HEAD_DIM // 2, device=dev, dtype=torch.float32)
+                           * 2 / HEAD_DIM)
+        angle = t * inv
+        cos = angle.cos().to(dt).view(1, 1, 1, -1)
+        sin = angle.sin().to(dt).view(1, 1, 1, -1)
+        tokens = torch.ones(b, dtype=torch.long, device=dev)
+
+        def step():
+            x = embedding[tokens].view(b, 1, DIM)
+            for l, (kc, vc) in zip(layers, caches):
+                h = rms_norm(x, l["attn_norm"])
+                qkv = h @ l["wqkv"].t()
+                q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+                q = rope(q.view(b, 1, HEADS, HEAD_DIM).transpose(1, 2), cos, sin)
+                k = rope(k.view(b, 1, KV_HEADS, HEAD_DIM).transpose(1, 2), cos, sin)
+                v = v.view(b, 1, KV_HEADS, HEAD_DIM).transpose(1, 2)
+                kc.index_copy_(2, pos, k)
+                vc.index_copy_(2, pos, v)
+                o = F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+                x = x + o.transpose(1, 2).reshape(b, 1, q_dim) @ l["wo"].t()
+                h = rms_norm(x, l["ffn_norm"])
+                gu = h @ l["w13"].t()
+                g, u = gu.split([HIDDEN, HIDDEN], dim=-1)
+                x = x + (F.silu(g) * u) @ l["w2"].t()
+            logits = rms_norm(x.view(b, DIM), final_norm) @ lm_head.t()
+            tokens.copy_(logits.argmax(-1))
+
+        with torch.no_grad():
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            for _ in range(5):
+                graph.replay()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(a.steps):
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                graph.replay()
+                e1.record()
+                torch.cuda.synchronize()
+                times.append(e0.elapsed_time(e1))
+        ms = statistics.median(times)
+        kv_bytes = a.layers * 2 * b * KV_HEADS * (t + 1) * HEAD_DIM * 2
+        gb = (weight_bytes + kv_bytes) / 1e9
+        print(f"| PyTorch (cuBLAS, SDPA, CUDA graph) | {b} | {t} | {ms:.2f} | {b / ms * 1e3:.0f} "
+              f"| {gb:.2f} | {gb / ms * 1e3:.0f} |", flush=True)
+        del caches, graph
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
