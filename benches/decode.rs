@@ -18,12 +18,12 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    ModelBackend, Rt, backend_name, decode_step_times, filled_caches, llama3_8b_shape,
-    median_mean, model_layers, quick, read_bandwidth,
+    ModelBackend, Rt, backend_name, decode_step_times, filled_caches, llama3_8b_shape, median_mean,
+    model_layers, quick, read_bandwidth,
 };
-use sparsekv::kernels::cubecl::prelude::Runtime;
 use criterion::{Criterion, criterion_group, criterion_main};
 use sparsekv::cache::{DenseKvCache, KvCache, SparseKvCache};
+use sparsekv::kernels::cubecl::prelude::Runtime;
 use sparsekv::llama::Llama;
 
 const STEPS: usize = 128;

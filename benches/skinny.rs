@@ -84,7 +84,9 @@ fn time_burn_matmul(m: usize, n: usize, k: usize) -> Duration {
         .collect();
     let x = Tensor::<ModelBackend, 3>::random([1, m, k], Distribution::Uniform(-1.0, 1.0), &device);
     let call = |i: usize| {
-        let y = x.clone().matmul(ws[i % count].clone().transpose().unsqueeze());
+        let y = x
+            .clone()
+            .matmul(ws[i % count].clone().transpose().unsqueeze());
         drop(y);
     };
     for i in 0..10 {
@@ -105,7 +107,16 @@ fn time_burn_matmul(m: usize, n: usize, k: usize) -> Duration {
     times[times.len() / 2]
 }
 
-fn row(name: &str, m: usize, n: usize, k: usize, es: usize, how: &str, t: Duration, ceiling: f64) -> String {
+fn row(
+    name: &str,
+    m: usize,
+    n: usize,
+    k: usize,
+    es: usize,
+    how: &str,
+    t: Duration,
+    ceiling: f64,
+) -> String {
     let bw = (n * k * es) as f64 / t.as_secs_f64();
     format!(
         "| {name} | {m} | {n} | {k} | {how} | {:.1} | {:.0} | {:.1}% |\n",
@@ -133,7 +144,16 @@ fn sweep_type<F: FloatElement>(
             let shape = SkinnyShape { m, n, k };
             let es = F::size_bytes();
             let t = time_skinny::<F>(client, &w, shape, None);
-            table.push_str(&row(name, m, n, k, es, &format!("skinny {}", F::name()), t, ceiling));
+            table.push_str(&row(
+                name,
+                m,
+                n,
+                k,
+                es,
+                &format!("skinny {}", F::name()),
+                t,
+                ceiling,
+            ));
             if m == 8 && F::name() == "f16" {
                 let mut group = c.benchmark_group("skinny_matmul");
                 group.sample_size(10);
@@ -154,7 +174,10 @@ fn sweep_type<F: FloatElement>(
                 if sweep {
                     for rows_per_plane in [1, 2, 4, 8] {
                         for planes in [2, 4, 8] {
-                            let tuning = SkinnyTuning { rows_per_plane, planes };
+                            let tuning = SkinnyTuning {
+                                rows_per_plane,
+                                planes,
+                            };
                             let t = time_skinny::<F>(client, &w, shape, Some(tuning));
                             table.push_str(&row(
                                 name,

@@ -14,7 +14,7 @@ use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
     AttentionArgs, CompressArgs, DecodeKernel, DenseCacheArgs, FloatElement, KernelError,
     SkinnyShape, SkinnyTuning, SparseSegmentArgs, decode_attention, decode_attention_with,
-    prune_compress, skinny_matmul_with, supports_type,
+    prune_compress, rms_norm, skinny_matmul_with, supports_type,
 };
 
 mod common;
@@ -500,6 +500,67 @@ fn skinny_matmul_matches_reference() {
     });
     run_cases::<half::bf16>("skinny matmul", case_count(10), |c, r| {
         skinny_case::<half::bf16>(c, r, 1e-2)
+    });
+}
+
+/// One random RMSNorm (rows of random lengths, some all zero, some scaled far past where x²
+/// overflows 16-bit types, some tiny) against an f64 reference, element by element.
+fn rms_norm_case<F: TestFloat>(
+    client: &ComputeClient<Rt>,
+    rng: &mut StdRng,
+    tol: f64,
+    huge: f64,
+) -> Result<(), String> {
+    let rows = rng.random_range(1..=12usize);
+    let dim = [1, 3, 8, 64, 100, 4096][rng.random_range(0..6)];
+    let eps = [0.0, 1e-6, 1e-5][rng.random_range(0..3)];
+    let mut x = Vec::with_capacity(rows * dim);
+    for _ in 0..rows {
+        let scale = [0.0, 1e-3, 1.0, huge][rng.random_range(0..4)];
+        x.extend(
+            normals::<F>(rng, dim)
+                .into_iter()
+                .map(|v| TestFloat::to_f64(F::from_f64(v * scale))),
+        );
+    }
+    let w = normals::<F>(rng, dim);
+    let (x_h, w_h) = (upload::<F>(client, &x), upload::<F>(client, &w));
+    let out_h = upload::<F>(client, &vec![f64::NAN; rows * dim]);
+    rms_norm::<Rt, F>(client, rows, dim, eps as f32, &x_h, &w_h, &out_h)
+        .map_err(|e| e.to_string())?;
+    let out = read::<F>(client, out_h);
+    for r in 0..rows {
+        let xr = &x[r * dim..(r + 1) * dim];
+        let ms = xr.iter().map(|v| v * v).sum::<f64>() / dim as f64;
+        let factor = if ms + eps as f64 > 0.0 {
+            1.0 / (ms + eps as f64).sqrt()
+        } else {
+            0.0
+        };
+        for c in 0..dim {
+            let reference = xr[c] * factor * w[c];
+            let got = out[r * dim + c];
+            // Relative to the row's scale (|w| up to a few): NaN and unwritten outputs fail.
+            if !((got - reference).abs() <= tol * (1.0 + reference.abs())) {
+                return Err(format!(
+                    "rows {rows} dim {dim} eps {eps}: out[{r}, {c}] = {got}, reference {reference}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_matches_reference() {
+    run_cases::<f32>("RMSNorm", case_count(20), |c, r| {
+        rms_norm_case::<f32>(c, r, 1e-5, 1e20)
+    });
+    run_cases::<half::f16>("RMSNorm", case_count(20), |c, r| {
+        rms_norm_case::<half::f16>(c, r, 2e-3, 3e3)
+    });
+    run_cases::<half::bf16>("RMSNorm", case_count(10), |c, r| {
+        rms_norm_case::<half::bf16>(c, r, 1e-2, 1e30)
     });
 }
 

@@ -269,7 +269,12 @@ pub fn decode_step_times<C: sparsekv::cache::KvCache<ModelBackend>>(
             let pos = caches[0].lengths()[0];
             let t = Instant::now();
             let logits = model
-                .decode_batch(&vec![1; batch], &vec![pos; batch], &vec![true; batch], caches)
+                .decode_batch(
+                    &vec![1; batch],
+                    &vec![pos; batch],
+                    &vec![true; batch],
+                    caches,
+                )
                 .expect("decode step");
             drop(logits);
             ModelBackend::sync(&device).expect("device sync");

@@ -167,6 +167,15 @@ pub trait SparseKvBackend: Backend {
     /// `[m, n]`. The weights are streamed once at memory bandwidth (the skinny-matmul kernel),
     /// where a general matmul would tile for reuse that a few rows do not have.
     fn skinny_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> Result<FloatTensor<Self>>;
+
+    /// RMSNorm over the last axis in one launch: `x / sqrt(mean(x²) + eps) · weight`, computed
+    /// in f32 without overflow for 16-bit inputs; `weight` has the length of that axis and the
+    /// type of `x`. Returns a tensor of the shape and type of `x`.
+    fn rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> Result<FloatTensor<Self>>;
 }
 
 /// A device buffer of a CubeCL runtime.
@@ -464,6 +473,55 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
             client,
             x.device.clone(),
             burn::tensor::Shape::from(vec![m, n]),
+            out,
+            value_dtype(value_type),
+        ))
+    }
+
+    fn rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> Result<FloatTensor<Self>> {
+        let value_type = dtype_value_type(x.dtype)?;
+        if weight.dtype != x.dtype {
+            return Err(KvCacheError::DType {
+                what: "RMSNorm weights",
+                expected: value_type.name(),
+                actual: weight.dtype,
+            });
+        }
+        let x_dims = dims(&x);
+        let dim = x_dims.last().copied().unwrap_or(0);
+        if dims(&weight) != [dim] {
+            return Err(KvCacheError::Shape {
+                what: "RMSNorm weights",
+                expected: vec![dim],
+                actual: dims(&weight),
+            });
+        }
+        let rows = x_dims.iter().product::<usize>() / dim.max(1);
+        let x = burn_cubecl::kernel::into_contiguous(x);
+        let weight = burn_cubecl::kernel::into_contiguous(weight);
+        let client = x.client.clone();
+        let out = client.empty((rows * dim * value_type.size_bytes()).max(16));
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::rms_norm::<R, E>(
+                &client,
+                rows,
+                dim,
+                eps as f32,
+                &x.handle,
+                &weight.handle,
+                &out
+            )?
+        );
+        Ok(CubeTensor::new_contiguous(
+            client,
+            x.device.clone(),
+            burn::tensor::Shape::from(x_dims),
             out,
             value_dtype(value_type),
         ))

@@ -3,11 +3,13 @@
 //! compressed segment plus a dense window ([`decode_attention`]), whose dense variant is the
 //! baseline it is measured against; and [`copy_rows`], which moves dense token rows between
 //! stream buffers at ragged per-sequence offsets; and [`skinny_matmul`], the weight-streaming
-//! matrix product of a decode step's projections.
+//! matrix product of a decode step's projections, and [`rms_norm`], RMSNorm in one launch.
 
 pub mod attention;
 pub mod compress;
 pub mod error;
+pub mod norm;
+mod reduce;
 pub mod rows;
 pub mod skinny;
 
@@ -17,6 +19,7 @@ pub use attention::{
 };
 pub use compress::{CompressArgs, prune_compress};
 pub use error::{KernelError, Result};
+pub use norm::rms_norm;
 pub use rows::{CopyRowsArgs, copy_rows};
 pub use skinny::{SkinnyShape, SkinnyTuning, skinny_matmul, skinny_matmul_with};
 

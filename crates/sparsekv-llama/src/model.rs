@@ -6,7 +6,7 @@
 //! one token per sequence, attending through the caches.
 
 use sparsekv_burn::burn::tensor::activation::{silu, softmax};
-use sparsekv_burn::burn::tensor::{DType, Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use sparsekv_burn::burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
 use sparsekv_burn::{KvCache, SparseKvBackend};
 
 use crate::checkpoint::{LayerWeights, LlamaWeights};
@@ -178,22 +178,14 @@ impl<B: SparseKvBackend> Llama<B> {
         &self.config
     }
 
-    fn rms_norm(&self, x: Tensor<B, 3>, w: &Tensor<B, 1>) -> Tensor<B, 3> {
-        let dim = self.config.dim;
-        let eps = self.config.rms_eps as f64;
-        let w = w.clone().reshape([1, 1, dim]);
-        if x.dtype() == DType::F32 {
-            let ms = x.clone().powf_scalar(2.0).mean_dim(2);
-            return x * (ms + eps).sqrt().recip() * w;
-        }
-        // In 16-bit floats x^2 overflows past |x| = 256, and hidden states of real models
-        // reach that: normalise by the row's largest magnitude first (the result is the same
-        // function, x / sqrt(mean(x^2) + eps)).
-        let scale = x.clone().abs().max_dim(2).clamp_min(1e-2);
-        let y = x / scale.clone();
-        let ms = y.clone().powf_scalar(2.0).mean_dim(2);
-        let eps_scaled = (scale.recip() * eps.sqrt()).powf_scalar(2.0);
-        y * (ms + eps_scaled).sqrt().recip() * w
+    /// RMSNorm of `x` `[b, n, dim]` with weights `w`, in one launch (computed in f32).
+    fn rms_norm(&self, x: Tensor<B, 3>, w: &Tensor<B, 1>) -> Result<Tensor<B, 3>> {
+        let y = B::rms_norm(
+            x.into_primitive().tensor(),
+            w.clone().into_primitive().tensor(),
+            self.config.rms_eps as f64,
+        )?;
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(y)))
     }
 
     /// Rotates `x` `[b, n, heads, head_dim]` by the angles in `cos`, `sin`, which broadcast
@@ -283,7 +275,7 @@ impl<B: SparseKvBackend> Llama<B> {
     fn feed_forward(&self, x: Tensor<B, 3>, l: &Layer<B>) -> Result<Tensor<B, 3>> {
         let [b, n, _] = x.dims();
         let hidden = self.config.hidden_dim;
-        let h = self.rms_norm(x.clone(), &l.ffn_norm);
+        let h = self.rms_norm(x.clone(), &l.ffn_norm)?;
         let gate_up = self.project(h, &l.w13)?;
         let gate = silu(gate_up.clone().slice([0..b, 0..n, 0..hidden]));
         let up = gate_up.slice([0..b, 0..n, hidden..2 * hidden]);
@@ -293,7 +285,7 @@ impl<B: SparseKvBackend> Llama<B> {
     /// Logits `[b, vocab]` of `x` `[b, dim]`.
     fn logits(&self, x: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
         let [b, dim] = x.dims();
-        let h = self.rms_norm(x.reshape([1, b, dim]), &self.final_norm);
+        let h = self.rms_norm(x.reshape([1, b, dim]), &self.final_norm)?;
         Ok(self
             .project(h, &self.lm_head)?
             .reshape([b, self.config.vocab_size]))
@@ -395,7 +387,7 @@ impl<B: SparseKvBackend> Llama<B> {
         let (cos, sin) = self.angles_prefix(n);
         let mut x = self.embed(&ids, b, n)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            let hn = self.rms_norm(x.clone(), &l.attn_norm);
+            let hn = self.rms_norm(x.clone(), &l.attn_norm)?;
             let (q, k, v) = self.qkv(hn, l, cos.clone(), sin.clone())?;
             let q = q.swap_dims(1, 2);
             cache.append_ragged(k.clone(), v.clone(), &lengths)?;
@@ -466,7 +458,7 @@ impl<B: SparseKvBackend> Llama<B> {
         let (cos, sin) = self.angles_at(positions);
         let mut x = self.embed(tokens, b, 1)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            let hn = self.rms_norm(x.clone(), &l.attn_norm);
+            let hn = self.rms_norm(x.clone(), &l.attn_norm)?;
             let (q, k, v) = self.qkv(hn, l, cos.clone(), sin.clone())?;
             cache.append_ragged(k, v, &counts)?;
             let att = cache.attend(q.reshape([b, h, hd]))?.reshape([b, 1, h * hd]);

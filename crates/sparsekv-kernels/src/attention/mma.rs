@@ -16,7 +16,8 @@
 
 use cubecl::prelude::*;
 
-use super::{SplitPlan, cube_reduce, row_word, stage_compressed};
+use super::{SplitPlan, row_word, stage_compressed};
+use crate::reduce::cube_reduce;
 
 /// Rows, columns and depth of one matrix operation.
 pub(super) const MMA: usize = 16;
