@@ -92,13 +92,19 @@ fn rms_norm_kernel<F: Float, N: Size>(
         let base = row * plan.dim_vecs;
         one[0] = row_max_abs::<F, N>(x, base, plan);
         let amax = cube_reduce(&one, &mut red, 1usize, plan.units, true, plan.use_plane)[0];
-        // An all-zero row stays zero: inv is finite, the squares are zero and eps * inv² is
-        // large (or infinite), so the factor is zero.
+        // An all-zero row stays zero: inv is finite, the squares are zero and eps · inv² is
+        // large, so the factor is (close to) zero.
         let inv = 1.0f32 / max(amax, f32::new(1.0e-30));
         one[0] = row_scaled_squares::<F, N>(x, base, inv, plan);
         let sum = cube_reduce(&one, &mut red, 1usize, plan.units, false, plan.use_plane)[0];
-        // x / sqrt(mean(x²) + eps) = (x · inv) / sqrt(mean((x · inv)²) + eps · inv²)
-        let factor = inv / Sqrt::sqrt(sum / dim + eps * inv * inv);
+        // x / sqrt(mean(x²) + eps) = (x · inv) / sqrt(mean((x · inv)²) + eps · inv²); inv² is
+        // capped so that eps = 0 never meets infinity, and a zero row with eps = 0 gives 0.
+        let denom = sum / dim + eps * min(inv * inv, f32::new(3.0e38));
+        let factor = if denom > 0.0 {
+            inv / Sqrt::sqrt(denom)
+        } else {
+            f32::new(0.0)
+        };
         let mut i = UNIT_POS as usize;
         while i < plan.dim_vecs {
             let v = x[base + i];
