@@ -3,12 +3,14 @@
 //! compressed segment plus a dense window ([`decode_attention`]), whose dense variant is the
 //! baseline it is measured against; and [`copy_rows`], which moves dense token rows between
 //! stream buffers at ragged per-sequence offsets; and [`skinny_matmul`], the weight-streaming
-//! matrix product of a decode step's projections, and [`rms_norm`], RMSNorm in one launch.
+//! matrix product of a decode step's projections, [`rms_norm`], RMSNorm in one launch, and
+//! [`rope_split`], rotary embedding fused with the split of a fused QKV projection.
 
 pub mod attention;
 pub mod compress;
 pub mod error;
 pub mod norm;
+pub mod rope;
 mod reduce;
 pub mod rows;
 pub mod skinny;
@@ -20,6 +22,7 @@ pub use attention::{
 pub use compress::{CompressArgs, prune_compress};
 pub use error::{KernelError, Result};
 pub use norm::rms_norm;
+pub use rope::{RopeShape, RopeStyle, rope_split};
 pub use rows::{CopyRowsArgs, copy_rows};
 pub use skinny::{SkinnyShape, SkinnyTuning, skinny_matmul, skinny_matmul_with};
 

@@ -1,0 +1,193 @@
+//! Rotary position embedding fused with the split of a fused QKV projection: one launch takes
+//! the projection's output `[sequences, tokens, (q_heads + 2 kv_heads) · head_dim]` and writes
+//! the rotated queries `[sequences, tokens, q_heads, head_dim]` and the rotated keys and the
+//! values in the caches' layout `[sequences, kv_heads, tokens, head_dim]`, so they go into the
+//! cache without another copy.
+//!
+//! One unit per channel pair of every head of every token; the angles come per token
+//! (`cos`/`sin` rows, `[tokens, head_dim / 2]`, shared by the sequences, or one row per
+//! sequence and token), computed in f32.
+
+use cubecl::prelude::*;
+
+use crate::compress::check_len;
+use crate::error::{KernelError, Result};
+use crate::{FloatElement, check_type_supported};
+
+/// Units per cube.
+const UNITS: usize = 256;
+/// Most cubes; larger inputs are walked grid-stride.
+const MAX_CUBES: usize = 65_535;
+
+/// How rotary position embeddings pair up the channels of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RopeStyle {
+    /// llama2.c: adjacent pairs `(2i, 2i + 1)`.
+    Interleaved,
+    /// Hugging Face `rotate_half`: pairs `(i, i + head_dim / 2)`.
+    RotateHalf,
+}
+
+/// The shape of one [`rope_split`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RopeShape {
+    /// Sequences.
+    pub sequences: usize,
+    /// Tokens per sequence.
+    pub tokens: usize,
+    /// Query heads.
+    pub q_heads: usize,
+    /// Key and value heads.
+    pub kv_heads: usize,
+    /// Elements per head (even).
+    pub head_dim: usize,
+    /// Whether the angle rows are per sequence and token (`[sequences · tokens, head_dim / 2]`)
+    /// rather than per token, shared by the sequences (`[tokens, head_dim / 2]`).
+    pub angles_per_sequence: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct RopePlan {
+    head_dim: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    style: RopeStyle,
+    angles_per_sequence: bool,
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn rope_split_kernel<F: Float>(
+    qkv: &Array<F>,
+    cos: &Array<F>,
+    sin: &Array<F>,
+    q: &mut Array<F>,
+    k: &mut Array<F>,
+    v: &mut Array<F>,
+    tokens: u32,
+    pairs_total: u32,
+    #[comptime] plan: RopePlan,
+) {
+    let (d, hq, hkv) = comptime!((plan.head_dim, plan.q_heads, plan.kv_heads));
+    let half = comptime!(plan.head_dim / 2);
+    let heads = comptime!(plan.q_heads + 2 * plan.kv_heads);
+    let n = tokens as usize;
+    let mut idx = ABSOLUTE_POS;
+    while idx < pairs_total as usize {
+        let i = idx % half;
+        let rest = idx / half;
+        let head = rest % heads;
+        let row = rest / heads;
+        let (c0, c1) = if comptime!(plan.style == RopeStyle::Interleaved) {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
+        let base = row * heads * d + head * d;
+        let x0 = f32::cast_from(qkv[base + c0]);
+        let x1 = f32::cast_from(qkv[base + c1]);
+        let seq = row / n;
+        let t = row % n;
+        if head < hq + hkv {
+            let angle_row = if comptime!(plan.angles_per_sequence) {
+                row
+            } else {
+                t
+            };
+            let cs = f32::cast_from(cos[angle_row * half + i]);
+            let sn = f32::cast_from(sin[angle_row * half + i]);
+            let o0 = F::cast_from(x0 * cs - x1 * sn);
+            let o1 = F::cast_from(x0 * sn + x1 * cs);
+            if head < hq {
+                let out = (row * hq + head) * d;
+                q[out + c0] = o0;
+                q[out + c1] = o1;
+            } else {
+                let out = ((seq * hkv + head - hq) * n + t) * d;
+                k[out + c0] = o0;
+                k[out + c1] = o1;
+            }
+        } else {
+            let out = ((seq * hkv + head - hq - hkv) * n + t) * d;
+            v[out + c0] = F::cast_from(x0);
+            v[out + c1] = F::cast_from(x1);
+        }
+        idx += CUBE_COUNT * CUBE_DIM as usize;
+    }
+}
+
+/// Splits `qkv` into rotated queries (`q`), rotated keys (`k`) and values (`v`); see the
+/// module docs for the layouts. All buffers hold `F`. Nothing is read back.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_split<R: Runtime, F: FloatElement>(
+    client: &ComputeClient<R>,
+    shape: RopeShape,
+    style: RopeStyle,
+    qkv: &cubecl::server::Handle,
+    cos: &cubecl::server::Handle,
+    sin: &cubecl::server::Handle,
+    q: &cubecl::server::Handle,
+    k: &cubecl::server::Handle,
+    v: &cubecl::server::Handle,
+) -> Result<()> {
+    check_type_supported::<R, F>(client)?;
+    let RopeShape {
+        sequences,
+        tokens,
+        q_heads,
+        kv_heads,
+        head_dim,
+        angles_per_sequence,
+    } = shape;
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || q_heads == 0 || kv_heads == 0 {
+        return Err(KernelError::InvalidArguments(format!(
+            "RoPE over {q_heads} query and {kv_heads} KV heads of {head_dim}: needs heads and an even, non-zero head_dim"
+        )));
+    }
+    let rows = sequences * tokens;
+    let es = F::size_bytes();
+    let angle_rows = if angles_per_sequence { rows } else { tokens };
+    check_len("fused QKV", qkv, rows * (q_heads + 2 * kv_heads) * head_dim * es)?;
+    check_len("RoPE cos", cos, angle_rows * head_dim / 2 * es)?;
+    check_len("RoPE sin", sin, angle_rows * head_dim / 2 * es)?;
+    check_len("queries", q, rows * q_heads * head_dim * es)?;
+    check_len("keys", k, rows * kv_heads * head_dim * es)?;
+    check_len("values", v, rows * kv_heads * head_dim * es)?;
+    let pairs_total = rows * (q_heads + 2 * kv_heads) * head_dim / 2;
+    if pairs_total == 0 {
+        return Ok(());
+    }
+    if pairs_total > u32::MAX as usize {
+        return Err(KernelError::InvalidArguments(format!(
+            "RoPE over {pairs_total} channel pairs: more than 32-bit indices reach"
+        )));
+    }
+    let plan = RopePlan {
+        head_dim,
+        q_heads,
+        kv_heads,
+        style,
+        angles_per_sequence,
+    };
+    let arr = |h: &cubecl::server::Handle| unsafe {
+        ArrayArg::from_raw_parts(h.clone(), h.size() as usize / es)
+    };
+    // SAFETY: every index is below the sizes checked above (rows of the given shape).
+    unsafe {
+        rope_split_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(pairs_total.div_ceil(UNITS).min(MAX_CUBES) as u32, 1, 1),
+            CubeDim::new_1d(UNITS as u32),
+            arr(qkv),
+            arr(cos),
+            arr(sin),
+            arr(q),
+            arr(k),
+            arr(v),
+            tokens as u32,
+            pairs_total as u32,
+            plan,
+        );
+    }
+    Ok(())
+}
