@@ -9,7 +9,8 @@
 //! dense attention far larger than the step itself). Each step is synchronised. Criterion
 //! (`iter_custom`) times the steps; the printed table has the median and the mean over 128
 //! consecutive steps (two compressions of a 64-token chunk each for the sparse cache) after
-//! 4 warm-up steps. `SPARSEKV_BENCH_QUICK=1`: 2 layers, B = 2, T = 1K.
+//! 4 warm-up steps. `SPARSEKV_BENCH_QUICK=1`: 2 layers, B = 2, T = 1K;
+//! `SPARSEKV_BENCH_ONLY=8x16384,1x4096`: only those `BxT` shapes.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -70,10 +71,16 @@ fn weight_bytes(c: &sparsekv::llama::LlamaConfig) -> usize {
 fn decode(c: &mut Criterion) {
     let layers = model_layers();
     // (B, T): the shapes; quick runs one small one.
-    let shapes: &[(usize, usize)] = if quick() {
-        &[(2, 1024)]
-    } else {
-        &[(8, 4096), (8, 16384), (8, 32768), (1, 4096)]
+    let only: Option<Vec<(usize, usize)>> = std::env::var("SPARSEKV_BENCH_ONLY").ok().map(|v| {
+        v.split(',')
+            .filter_map(|s| s.split_once('x'))
+            .filter_map(|(b, t)| Some((b.parse().ok()?, t.parse().ok()?)))
+            .collect()
+    });
+    let shapes: &[(usize, usize)] = match &only {
+        Some(list) => list,
+        None if quick() => &[(2, 1024)],
+        None => &[(8, 4096), (8, 16384), (8, 32768), (1, 4096)],
     };
     let max_t = shapes.iter().map(|s| s.1).max().unwrap_or(0);
     let device = Default::default();

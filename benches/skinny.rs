@@ -11,7 +11,8 @@
 //! rows.
 //!
 //! `SPARSEKV_BENCH_QUICK=1`: small shapes (software adapters). `SPARSEKV_BENCH_SWEEP=1` adds,
-//! at M = 8, f16, every tuning (rows per plane x planes per cube) of every shape.
+//! at M = 8, f16, a sweep of tunings (kernel, rows per plane, planes per cube, unroll) of every
+//! shape.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -26,7 +27,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
-    FloatElement, SkinnyShape, SkinnyTuning, skinny_matmul, skinny_matmul_with, supports_type,
+    FloatElement, SkinnyKernel, SkinnyShape, SkinnyTuning, skinny_matmul, skinny_matmul_with,
+    supports_type,
 };
 
 /// Weight bytes the rotated copies of a matrix add up to, at least.
@@ -172,25 +174,7 @@ fn sweep_type<F: FloatElement>(
                 });
                 group.finish();
                 if sweep {
-                    for rows_per_plane in [1, 2, 4, 8] {
-                        for planes in [2, 4, 8] {
-                            let tuning = SkinnyTuning {
-                                rows_per_plane,
-                                planes,
-                            };
-                            let t = time_skinny::<F>(client, &w, shape, Some(tuning));
-                            table.push_str(&row(
-                                name,
-                                m,
-                                n,
-                                k,
-                                es,
-                                &format!("r{rows_per_plane} p{planes}"),
-                                t,
-                                ceiling,
-                            ));
-                        }
-                    }
+                    sweep_tunings::<F>(client, &w, shape, name, ceiling, table);
                 }
                 drop(w);
                 let t = time_burn_matmul(m, n, k);
@@ -198,6 +182,58 @@ fn sweep_type<F: FloatElement>(
             }
             println!("{}", table.lines().last().unwrap_or_default());
         }
+    }
+}
+
+/// Every tuning of the sweep (CUDA-core and tensor-core kernels) on one shape; kernels the
+/// device does not have are left out.
+fn sweep_tunings<F: FloatElement>(
+    client: &ComputeClient<Rt>,
+    w: &Weights,
+    shape: SkinnyShape,
+    name: &str,
+    ceiling: f64,
+    table: &mut String,
+) {
+    let mut tunings = Vec::new();
+    for rows_per_plane in [2, 4] {
+        for planes in [2, 4] {
+            for unroll in [1, 2, 4] {
+                tunings.push(SkinnyTuning {
+                    kernel: SkinnyKernel::Simt,
+                    rows_per_plane,
+                    planes,
+                    unroll,
+                });
+            }
+        }
+    }
+    for planes in [4, 8] {
+        for unroll in [1, 2, 4] {
+            tunings.push(SkinnyTuning {
+                kernel: SkinnyKernel::TensorCore,
+                rows_per_plane: 1,
+                planes,
+                unroll,
+            });
+        }
+    }
+    let SkinnyShape { m, n, k } = shape;
+    for tuning in tunings {
+        let how = match tuning.kernel {
+            SkinnyKernel::TensorCore => format!("tc p{} u{}", tuning.planes, tuning.unroll),
+            _ => format!(
+                "simt r{} p{} u{}",
+                tuning.rows_per_plane, tuning.planes, tuning.unroll
+            ),
+        };
+        let probe =
+            skinny_matmul_with::<Rt, F>(client, shape, &w.x, &w.copies[0], &w.out, Some(tuning));
+        if probe.is_err() {
+            continue;
+        }
+        let t = time_skinny::<F>(client, w, shape, Some(tuning));
+        table.push_str(&row(name, m, n, k, F::size_bytes(), &how, t, ceiling));
     }
 }
 

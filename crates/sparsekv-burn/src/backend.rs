@@ -14,7 +14,8 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use sparsekv_format::{HeadDim, Sparsity, ValueType};
 use sparsekv_kernels::cubecl::server::Handle;
 use sparsekv_kernels::{
-    AttentionArgs, CompressArgs, CopyRowsArgs, DenseCacheArgs, SkinnyShape, SparseSegmentArgs,
+    AttentionArgs, CompressArgs, CopyRowsArgs, DenseCacheArgs, RopeShape, RopeStyle, SkinnyShape,
+    SparseSegmentArgs,
 };
 
 use crate::error::{KvCacheError, Result};
@@ -176,6 +177,29 @@ pub trait SparseKvBackend: Backend {
         weight: FloatTensor<Self>,
         eps: f64,
     ) -> Result<FloatTensor<Self>>;
+
+    /// Splits the output of a fused QKV projection, `qkv` `[b, n, (q_heads + 2 kv_heads) ·
+    /// head_dim]`, into queries `[b, n, q_heads, head_dim]`, keys and values
+    /// `[b, kv_heads, n, head_dim]` (the caches' layout), rotating queries and keys by the
+    /// angles whose cosines and sines are `cos`, `sin` `[1 or b, n, head_dim / 2]` (shared by the
+    /// sequences, or per sequence), in one launch.
+    fn rope_split(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        heads: RopeHeads,
+    ) -> Result<[FloatTensor<Self>; 3]>;
+}
+
+/// The heads of [`SparseKvBackend::rope_split`] and how their channels pair up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RopeHeads {
+    /// Query heads.
+    pub q_heads: usize,
+    /// Key and value heads.
+    pub kv_heads: usize,
+    /// Channel pairing.
+    pub style: RopeStyle,
 }
 
 /// A device buffer of a CubeCL runtime.
@@ -525,5 +549,103 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
             out,
             value_dtype(value_type),
         ))
+    }
+
+    fn rope_split(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        heads: RopeHeads,
+    ) -> Result<[FloatTensor<Self>; 3]> {
+        let value_type = dtype_value_type(qkv.dtype)?;
+        for (what, t) in [("RoPE cos", &cos), ("RoPE sin", &sin)] {
+            if t.dtype != qkv.dtype {
+                return Err(KvCacheError::DType {
+                    what,
+                    expected: value_type.name(),
+                    actual: t.dtype,
+                });
+            }
+        }
+        let RopeHeads {
+            q_heads,
+            kv_heads,
+            style,
+        } = heads;
+        let qkv_dims = dims(&qkv);
+        let heads_total = q_heads + 2 * kv_heads;
+        let &[b, n, width] = qkv_dims.as_slice() else {
+            return Err(KvCacheError::Shape {
+                what: "fused QKV",
+                expected: vec![0, 0, 0],
+                actual: qkv_dims,
+            });
+        };
+        let d = if heads_total > 0 {
+            width / heads_total
+        } else {
+            0
+        };
+        if d * heads_total != width || d % 2 != 0 {
+            return Err(KvCacheError::Invalid(format!(
+                "fused QKV rows of {width} are not {q_heads} + 2 x {kv_heads} heads of an even head_dim"
+            )));
+        }
+        let cos_dims = dims(&cos);
+        let angles_per_sequence = cos_dims.first() == Some(&b) && b > 1;
+        for (what, t) in [("RoPE cos", &cos), ("RoPE sin", &sin)] {
+            let got = dims(t);
+            if got.len() != 3 || !(got[0] == 1 || got[0] == b) || got[1..] != [n, d / 2] {
+                return Err(KvCacheError::Shape {
+                    what,
+                    expected: vec![b, n, d / 2],
+                    actual: got,
+                });
+            }
+        }
+        let qkv = burn_cubecl::kernel::into_contiguous(qkv);
+        let cos = burn_cubecl::kernel::into_contiguous(cos);
+        let sin = burn_cubecl::kernel::into_contiguous(sin);
+        let client = qkv.client.clone();
+        let es = value_type.size_bytes();
+        let alloc = |heads: usize| client.empty((b * n * heads * d * es).max(16));
+        let (q, k, v) = (alloc(q_heads), alloc(kv_heads), alloc(kv_heads));
+        let shape = RopeShape {
+            sequences: b,
+            tokens: n,
+            q_heads,
+            kv_heads,
+            head_dim: d,
+            angles_per_sequence,
+        };
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::rope_split::<R, E>(
+                &client,
+                shape,
+                style,
+                &qkv.handle,
+                &cos.handle,
+                &sin.handle,
+                &q,
+                &k,
+                &v
+            )?
+        );
+        let tensor = |handle, shape: Vec<usize>| {
+            CubeTensor::new_contiguous(
+                client.clone(),
+                qkv.device.clone(),
+                burn::tensor::Shape::from(shape),
+                handle,
+                value_dtype(value_type),
+            )
+        };
+        Ok([
+            tensor(q, vec![b, n, q_heads, d]),
+            tensor(k, vec![b, kv_heads, n, d]),
+            tensor(v, vec![b, kv_heads, n, d]),
+        ])
     }
 }

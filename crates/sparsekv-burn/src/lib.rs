@@ -26,10 +26,11 @@ pub mod cache;
 pub mod error;
 pub mod masked;
 
-pub use backend::{CubeKvBuffer, SKINNY_MAX_ROWS, SparseKvBackend};
+pub use backend::{CubeKvBuffer, RopeHeads, SKINNY_MAX_ROWS, SparseKvBackend};
 pub use cache::{DenseKvCache, KvCache, KvCacheConfig, LayerCaches, SparseKvCache};
 pub use error::{KvCacheError, Result};
 pub use masked::{MaskedKvCache, PruneStrategy};
+pub use sparsekv_kernels::RopeStyle;
 
 /// The Burn version this crate is built with.
 pub use burn;

@@ -10,8 +10,8 @@ pub mod attention;
 pub mod compress;
 pub mod error;
 pub mod norm;
-pub mod rope;
 mod reduce;
+pub mod rope;
 pub mod rows;
 pub mod skinny;
 
@@ -24,7 +24,7 @@ pub use error::{KernelError, Result};
 pub use norm::rms_norm;
 pub use rope::{RopeShape, RopeStyle, rope_split};
 pub use rows::{CopyRowsArgs, copy_rows};
-pub use skinny::{SkinnyShape, SkinnyTuning, skinny_matmul, skinny_matmul_with};
+pub use skinny::{SkinnyKernel, SkinnyShape, SkinnyTuning, skinny_matmul, skinny_matmul_with};
 
 /// The CubeCL version the kernels are built with, for callers that create clients.
 pub use cubecl;

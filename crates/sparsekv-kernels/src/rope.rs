@@ -147,7 +147,11 @@ pub fn rope_split<R: Runtime, F: FloatElement>(
     let rows = sequences * tokens;
     let es = F::size_bytes();
     let angle_rows = if angles_per_sequence { rows } else { tokens };
-    check_len("fused QKV", qkv, rows * (q_heads + 2 * kv_heads) * head_dim * es)?;
+    check_len(
+        "fused QKV",
+        qkv,
+        rows * (q_heads + 2 * kv_heads) * head_dim * es,
+    )?;
     check_len("RoPE cos", cos, angle_rows * head_dim / 2 * es)?;
     check_len("RoPE sin", sin, angle_rows * head_dim / 2 * es)?;
     check_len("queries", q, rows * q_heads * head_dim * es)?;

@@ -9,7 +9,8 @@
 //! 1. **Stream** (`accumulate_rows`): each plane (warp) owns `rows_per_plane` consecutive
 //!    output features. Its lanes walk the `K` axis together, one vector of up to 16 bytes per
 //!    lane and weight row per step, so each step of a plane reads one contiguous, coalesced
-//!    run per row; the loads of all its rows are issued before they are used. The activation
+//!    run per row; the loads of all its rows, for `unroll` steps, are issued before they are
+//!    used. The activation
 //!    vectors of the step (`rows_m` of them, cached in L1, shared by every row) are widened to
 //!    f32 once and multiplied into `rows_m × rows_per_plane` f32 accumulators per lane.
 //! 2. **Reduce** (`plane_reduce`): the lanes' partial sums of each output are summed over the
@@ -18,6 +19,10 @@
 //!
 //! More than `MAX_ROWS_M` activation rows are handled in chunks along the grid's second axis:
 //! each chunk streams the weights again (from L2 when they fit).
+//!
+//! On CUDA, from 8 activation rows on, the products run on matrix units instead
+//! (`skinny_mma_kernel`, 8x32x16 tiles loaded straight from global memory): with 8 rows the
+//! multiply-adds of the plain kernel would take most of the issue slots that streaming needs.
 
 use cubecl::prelude::*;
 
@@ -36,18 +41,42 @@ const DEFAULT_PLANES: usize = 4;
 /// Cubes per streaming multiprocessor to aim for when choosing rows per plane: enough resident
 /// planes per SM to keep its share of the bandwidth in flight.
 const CUBES_PER_SM: usize = 4;
+/// Planes per cube and 16-wide tiles per group of the tensor-core kernel unless tuned
+/// otherwise: eight planes of 4 KB loads each keep about 32 KB per SM in flight.
+const DEFAULT_MMA_PLANES: usize = 8;
+const DEFAULT_MMA_UNROLL: usize = 4;
+/// Steps along `K` whose weight loads are issued together unless tuned otherwise.
+const DEFAULT_UNROLL: usize = 2;
 /// Units per simulated plane on devices without plane operations (the reduction tree's width).
 const FALLBACK_LANES: usize = 32;
+
+/// Which kernel a skinny matmul runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SkinnyKernel {
+    /// Matrix units where they apply (see [`SkinnyKernel::TensorCore`]), else CUDA cores.
+    #[default]
+    Auto,
+    /// Plain multiply-adds (every runtime, type and shape).
+    Simt,
+    /// 8x32x16 matrix-unit products (CUDA, f16 or bf16, at least 8 activation rows, at least
+    /// 32 output features, `K` a multiple of 16); anything else is an error.
+    TensorCore,
+}
 
 /// Tuning knobs of [`skinny_matmul_with`]; [`skinny_matmul`] chooses them from the shape and
 /// the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SkinnyTuning {
-    /// Output features per plane (1, 2, 4 or 8): more reuse of each activation load, fewer
-    /// planes.
+    /// The kernel.
+    pub kernel: SkinnyKernel,
+    /// Output features per plane (1, 2, 4 or 8; the tensor-core kernel always has 32 per
+    /// cube): more reuse of each activation load, fewer planes.
     pub rows_per_plane: usize,
     /// Planes per cube (1..=8).
     pub planes: usize,
+    /// Steps along `K` whose weight loads are issued together (1, 2 or 4; tiles of 16 for the
+    /// tensor-core kernel): more bytes in flight per lane, more registers.
+    pub unroll: usize,
 }
 
 /// Static launch parameters, chosen on the host.
@@ -63,6 +92,8 @@ struct SkinnyPlan {
     planes: usize,
     /// Elements per vector load.
     vec: usize,
+    /// Steps whose weight loads are issued together.
+    unroll: usize,
     /// Whether plane operations reduce the lanes' sums.
     use_plane: bool,
 }
@@ -95,35 +126,79 @@ fn accumulate_rows<F: Float, N: Size>(
     for i in 0..rows_m {
         x_base[i] = min(m0 + i, m - 1) * k_vecs;
     }
-    let mut wv = Array::<Vector<F, N>>::new(rows_n);
+    let unroll = comptime!(plan.unroll);
+    let mut wv = Array::<Vector<F, N>>::new(rows_n * unroll);
     let mut xf = Array::<f32>::new(rows_m * vec);
     let mut kv = lane;
+    // Whole groups of `unroll` steps: every weight load of the group first, so that
+    // `unroll * rows_n` loads per lane are in flight together.
+    while kv + (unroll - 1) * lanes < k_vecs {
+        #[unroll]
+        for u in 0..unroll {
+            #[unroll]
+            for j in 0..rows_n {
+                wv[u * rows_n + j] = w[w_base[j] + kv + u * lanes];
+            }
+        }
+        #[unroll]
+        for u in 0..unroll {
+            multiply_step::<F, N>(
+                x,
+                &x_base,
+                &wv,
+                &mut xf,
+                acc,
+                kv + u * lanes,
+                u * rows_n,
+                plan,
+            );
+        }
+        kv += unroll * lanes;
+    }
+    // The remaining steps, one at a time.
     while kv < k_vecs {
-        // Every weight load of the step first, so they are in flight together.
         #[unroll]
         for j in 0..rows_n {
             wv[j] = w[w_base[j] + kv];
         }
-        #[unroll]
-        for i in 0..rows_m {
-            let xv = x[x_base[i] + kv];
-            #[unroll]
-            for e in 0..vec {
-                xf[i * vec + e] = f32::cast_from(xv[e]);
-            }
-        }
-        #[unroll]
-        for j in 0..rows_n {
-            #[unroll]
-            for e in 0..vec {
-                let we = f32::cast_from(wv[j][e]);
-                #[unroll]
-                for i in 0..rows_m {
-                    acc[i * rows_n + j] += xf[i * vec + e] * we;
-                }
-            }
-        }
+        multiply_step::<F, N>(x, &x_base, &wv, &mut xf, acc, kv, 0usize, plan);
         kv += lanes;
+    }
+}
+
+/// One step: widens the activation vectors at `kv` to f32 (`xf`) and adds their products with
+/// the weight vectors `wv[w0 ..][.. rows_n]` to the accumulators.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn multiply_step<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    x_base: &Array<usize>,
+    wv: &Array<Vector<F, N>>,
+    xf: &mut Array<f32>,
+    acc: &mut Array<f32>,
+    kv: usize,
+    #[comptime] w0: usize,
+    #[comptime] plan: SkinnyPlan,
+) {
+    let (rows_m, rows_n, vec) = comptime!((plan.rows_m, plan.rows_n, plan.vec));
+    #[unroll]
+    for i in 0..rows_m {
+        let xv = x[x_base[i] + kv];
+        #[unroll]
+        for e in 0..vec {
+            xf[i * vec + e] = f32::cast_from(xv[e]);
+        }
+    }
+    #[unroll]
+    for j in 0..rows_n {
+        #[unroll]
+        for e in 0..vec {
+            let we = f32::cast_from(wv[w0 + j][e]);
+            #[unroll]
+            for i in 0..rows_m {
+                acc[i * rows_n + j] += xf[i * vec + e] * we;
+            }
+        }
     }
 }
 
@@ -199,6 +274,136 @@ fn skinny_matmul_kernel<F: Float, N: Size>(
     }
 }
 
+/// Activation rows, output features and `K` of one matrix-unit product.
+const MMA_M: usize = 8;
+const MMA_N: usize = 32;
+const MMA_K: usize = 16;
+
+/// Static launch parameters of the tensor-core kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct MmaPlan {
+    /// Planes per cube; they split `K` and sum through shared memory.
+    planes: usize,
+    /// 16-wide tiles of `K` a plane loads together.
+    unroll: usize,
+}
+
+/// The tensor-core kernel: each cube computes 8 activation rows by 32 output features. Its
+/// planes take turns over groups of `unroll` 16-wide tiles of `K` (a group is a whole 128-byte
+/// line per weight row at `unroll` 4), each tile an 8x32x16 product with f32 accumulators
+/// (activations as A, the weight rows as a column-major B), loaded straight from global
+/// memory. The planes' accumulators are summed through shared memory. The last cube along each
+/// axis is moved back to end at `m` / `n` (it recomputes a few outputs of its neighbour, with
+/// the same values), so no tile reads out of bounds.
+#[cube(launch_unchecked)]
+fn skinny_mma_kernel<F: Float>(
+    x: &Array<F>,
+    w: &Array<F>,
+    out: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    #[comptime] plan: MmaPlan,
+) {
+    let (planes, unroll) = comptime!((plan.planes, plan.unroll));
+    let tile_out = comptime!(MMA_M * MMA_N);
+    let mut sums = SharedMemory::<f32>::new(comptime!(plan.planes * MMA_M * MMA_N));
+    let (m, n, k) = (m as usize, n as usize, k as usize);
+    let plane = UNIT_POS as usize / 32;
+    let m0 = min(CUBE_POS_Y as usize * MMA_M, m - MMA_M);
+    let n0 = min(CUBE_POS_X as usize * MMA_N, n - MMA_N);
+    let acc = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        MMA_M,
+        MMA_N,
+        MMA_K,
+        cmma::MatrixLayout::Undefined,
+        0.0,
+    );
+    let group = comptime!(plan.unroll * MMA_K);
+    let mut k0 = plane * group;
+    while k0 + group <= k {
+        #[unroll]
+        for u in 0..unroll {
+            let kt = k0 + u * MMA_K;
+            let xa = x_base_tile(x, m0 * k + kt, k);
+            let wb = w_base_tile(w, n0 * k + kt, k);
+            cmma::execute::<F, F, f32, f32>(&xa, &wb, &acc, &acc);
+        }
+        k0 += planes * group;
+    }
+    // The tiles past the last whole group, one at a time (plane by plane).
+    let tail = k - k % group;
+    let mut kt = tail + plane * MMA_K;
+    while kt < k {
+        let xa = x_base_tile(x, m0 * k + kt, k);
+        let wb = w_base_tile(w, n0 * k + kt, k);
+        cmma::execute::<F, F, f32, f32>(&xa, &wb, &acc, &acc);
+        kt += planes * MMA_K;
+    }
+    let at = plane * tile_out;
+    let mut dst = sums.slice_mut(at, at + tile_out);
+    cmma::store(&mut dst, &acc, MMA_N as u32, cmma::MatrixLayout::RowMajor);
+    sync_cube();
+    let mut i = UNIT_POS as usize;
+    while i < tile_out {
+        let mut total = 0.0f32;
+        for p in 0..planes {
+            total += sums[p * tile_out + i];
+        }
+        out[(m0 + i / MMA_N) * n + n0 + i % MMA_N] = F::cast_from(total);
+        i += CUBE_DIM as usize;
+    }
+}
+
+/// The 8x16 activation tile at `at` (rows `k` apart), as matrix operand A.
+#[cube]
+fn x_base_tile<F: Float>(x: &Array<F>, at: usize, k: usize) -> cmma::Matrix<F> {
+    cmma::Matrix::<F>::from_slice(
+        cmma::MatrixIdent::A,
+        MMA_M,
+        MMA_N,
+        MMA_K,
+        cmma::MatrixLayout::RowMajor,
+        &x.slice(at, at + (MMA_M - 1) * k + MMA_K),
+        k as u32,
+    )
+}
+
+/// The 16x32 tile of transposed weights whose first element is `w[at]` (32 weight rows `k`
+/// apart, 16 elements each), as column-major matrix operand B.
+#[cube]
+fn w_base_tile<F: Float>(w: &Array<F>, at: usize, k: usize) -> cmma::Matrix<F> {
+    cmma::Matrix::<F>::from_slice(
+        cmma::MatrixIdent::B,
+        MMA_M,
+        MMA_N,
+        MMA_K,
+        cmma::MatrixLayout::ColMajor,
+        &w.slice(at, at + (MMA_N - 1) * k + MMA_K),
+        k as u32,
+    )
+}
+
+/// Whether `client`'s device has 8x32x16 matrix units for `F` with f32 accumulators.
+fn mma_supported<R: Runtime, F: FloatElement>(client: &ComputeClient<R>) -> bool {
+    use cubecl::ir::{ElemType, FloatKind};
+    let ty: cubecl::ir::StorageType = match F::name() {
+        "f16" => ElemType::Float(FloatKind::F16).into(),
+        "bf16" => ElemType::Float(FloatKind::BF16).into(),
+        _ => return false,
+    };
+    let config = cubecl::ir::features::MmaConfig {
+        a_type: ty,
+        b_type: ty,
+        cd_type: ElemType::Float(FloatKind::F32).into(),
+        m: MMA_M as u32,
+        n: MMA_N as u32,
+        k: MMA_K as u32,
+    };
+    client.features().matmul.cmma.contains(&config)
+}
+
 /// `out = x · wᵀ` for decoding: `x` holds `[m, k]` elements of `F` (row-major), `w` the weight
 /// matrix as `[n, k]` rows (row `j` = the input weights of output feature `j`), and `out`
 /// receives `[m, n]`. Accumulates in f32. `m` is 1..=[`MAX_M`]. Nothing is read back.
@@ -240,19 +445,75 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
         )));
     }
     if let Some(t) = tuning
-        && (!matches!(t.rows_per_plane, 1 | 2 | 4 | 8) || !(1..=8).contains(&t.planes))
+        && (!matches!(t.rows_per_plane, 1 | 2 | 4 | 8)
+            || !(1..=8).contains(&t.planes)
+            || !matches!(t.unroll, 1 | 2 | 4))
     {
         return Err(KernelError::InvalidArguments(format!(
-            "skinny matmul tuning {t:?}: rows_per_plane must be 1, 2, 4 or 8 and planes 1..=8"
+            "skinny matmul tuning {t:?}: rows_per_plane must be 1, 2, 4 or 8, planes 1..=8 and unroll 1, 2 or 4"
         )));
     }
     let es = F::size_bytes();
     check_len("activations", x, m * k * es)?;
     check_len("weights", w, n * k * es)?;
     check_len("output", out, m * n * es)?;
-    let cube_limit = client.properties().hardware.max_cube_count;
-
     let hw = &client.properties().hardware;
+    let cube_limit = hw.max_cube_count;
+    let kernel = tuning.map(|t| t.kernel).unwrap_or_default();
+    let mma_fits = R::name(client) == "cuda"
+        && m >= MMA_M
+        && n >= MMA_N
+        && k.is_multiple_of(MMA_K)
+        && hw.max_units_per_cube >= 32
+        && mma_supported::<R, F>(client);
+    match kernel {
+        SkinnyKernel::TensorCore if !mma_fits => {
+            return Err(KernelError::InvalidArguments(format!(
+                "the tensor-core skinny matmul needs CUDA with 8x32x16 {} matrix units, at least {MMA_M} activation rows, at least {MMA_N} output features and K a multiple of {MMA_K} (got {} {}, m {m}, n {n}, k {k})",
+                F::name(),
+                R::name(client),
+                F::name()
+            )));
+        }
+        SkinnyKernel::TensorCore | SkinnyKernel::Auto if mma_fits => {
+            let max_planes = (hw.max_units_per_cube as usize / 32).max(1);
+            let plan = match tuning {
+                Some(t) => MmaPlan {
+                    planes: t.planes.min(max_planes),
+                    unroll: t.unroll,
+                },
+                None => MmaPlan {
+                    planes: DEFAULT_MMA_PLANES.min(max_planes),
+                    unroll: DEFAULT_MMA_UNROLL,
+                },
+            };
+            let (cubes_n, cubes_m) = (n.div_ceil(MMA_N), m.div_ceil(MMA_M));
+            check_cube_count(cubes_n, cubes_m, cube_limit)?;
+            let arr = |h: &cubecl::server::Handle| unsafe {
+                ArrayArg::from_raw_parts(h.clone(), h.size() as usize / es)
+            };
+            // SAFETY: every tile starts inside `[m, k]` / `[n, k]` (the last cubes are moved
+            // back to end at `m` and `n`; `k` is a multiple of the tile width), within the
+            // checked sizes.
+            unsafe {
+                skinny_mma_kernel::launch_unchecked::<F, R>(
+                    client,
+                    CubeCount::Static(cubes_n as u32, cubes_m as u32, 1),
+                    CubeDim::new_1d((32 * plan.planes) as u32),
+                    arr(x),
+                    arr(w),
+                    arr(out),
+                    m as u32,
+                    n as u32,
+                    k as u32,
+                    plan,
+                );
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
+
     let mut vec = (16 / es).min(hw.max_vector_size as usize).max(1);
     while !k.is_multiple_of(vec) {
         vec /= 2;
@@ -272,8 +533,8 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
     let rows_m = m.min(MAX_ROWS_M);
     let m_chunks = m.div_ceil(rows_m);
     let max_planes = (hw.max_units_per_cube as usize / lanes).max(1);
-    let (rows_n, planes) = match tuning {
-        Some(t) => (t.rows_per_plane, t.planes.min(max_planes)),
+    let (rows_n, planes, unroll) = match tuning {
+        Some(t) => (t.rows_per_plane, t.planes.min(max_planes), t.unroll),
         None => {
             let planes = DEFAULT_PLANES.min(max_planes);
             let sms = hw.num_streaming_multiprocessors.unwrap_or(16) as usize;
@@ -282,22 +543,18 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                 .into_iter()
                 .find(|&r| n.div_ceil(r * planes) * m_chunks >= CUBES_PER_SM * sms)
                 .unwrap_or(1);
-            (rows_n, planes)
+            (rows_n, planes, DEFAULT_UNROLL)
         }
     };
     let cubes_n = n.div_ceil(rows_n * planes);
-    if cubes_n > cube_limit.0 as usize || m_chunks > cube_limit.1 as usize {
-        return Err(KernelError::InvalidArguments(format!(
-            "skinny matmul with {n} output features needs {cubes_n} cubes; the device allows {}",
-            cube_limit.0
-        )));
-    }
+    check_cube_count(cubes_n, m_chunks, cube_limit)?;
     let plan = SkinnyPlan {
         rows_m,
         rows_n,
         lanes,
         planes,
         vec,
+        unroll,
         use_plane,
     };
     let varr = |h: &cubecl::server::Handle| unsafe {
@@ -319,6 +576,17 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
             (k / vec) as u32,
             plan,
         );
+    }
+    Ok(())
+}
+
+/// A typed error if a grid of `x` by `y` cubes passes the device's limits.
+fn check_cube_count(x: usize, y: usize, limit: (u32, u32, u32)) -> Result<()> {
+    if x > limit.0 as usize || y > limit.1 as usize {
+        return Err(KernelError::InvalidArguments(format!(
+            "skinny matmul needs {x} x {y} cubes; the device allows {} x {}",
+            limit.0, limit.1
+        )));
     }
     Ok(())
 }

@@ -1,13 +1,6 @@
 //! Model hyper-parameters.
 
-/// How rotary position embeddings pair up channels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeStyle {
-    /// llama2.c: adjacent pairs `(2i, 2i + 1)`.
-    Interleaved,
-    /// Hugging Face `rotate_half`: pairs `(i, i + head_dim / 2)`.
-    RotateHalf,
-}
+pub use sparsekv_burn::RopeStyle;
 
 /// Llama-3's rotary frequency scaling (`rope_scaling` with `rope_type: "llama3"`): wavelengths
 /// shorter than `original_max_position / high_freq_factor` are kept, those longer than

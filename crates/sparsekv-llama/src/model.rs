@@ -7,10 +7,10 @@
 
 use sparsekv_burn::burn::tensor::activation::{silu, softmax};
 use sparsekv_burn::burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
-use sparsekv_burn::{KvCache, SparseKvBackend};
+use sparsekv_burn::{KvCache, RopeHeads, SparseKvBackend};
 
 use crate::checkpoint::{LayerWeights, LlamaWeights};
-use crate::config::{LlamaConfig, RopeStyle};
+use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
 
 /// One decoder layer. Every matrix is stored `[out, in]` (one row of input weights per output
@@ -188,49 +188,20 @@ impl<B: SparseKvBackend> Llama<B> {
         Ok(Tensor::from_primitive(TensorPrimitive::Float(y)))
     }
 
-    /// Rotates `x` `[b, n, heads, head_dim]` by the angles in `cos`, `sin`, which broadcast
-    /// as `[1 or b, n, 1, head_dim / 2]`.
-    fn rope(&self, x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, n, h, d] = x.dims();
-        let half = d / 2;
-        match self.config.rope_style {
-            RopeStyle::Interleaved => {
-                let pairs = x.reshape([b, n, h, half, 2]);
-                let x0 = pairs
-                    .clone()
-                    .slice([0..b, 0..n, 0..h, 0..half, 0..1])
-                    .reshape([b, n, h, half]);
-                let x1 = pairs
-                    .slice([0..b, 0..n, 0..h, 0..half, 1..2])
-                    .reshape([b, n, h, half]);
-                let o0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
-                let o1 = x0 * sin + x1 * cos;
-                Tensor::stack::<5>(vec![o0, o1], 4).reshape([b, n, h, d])
-            }
-            RopeStyle::RotateHalf => {
-                let x0 = x.clone().slice([0..b, 0..n, 0..h, 0..half]);
-                let x1 = x.slice([0..b, 0..n, 0..h, half..d]);
-                let o0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
-                let o1 = x1 * cos + x0 * sin;
-                Tensor::cat(vec![o0, o1], 3)
-            }
-        }
-    }
-
-    /// Rotary angles for positions `0..n`, shaped `[1, n, 1, head_dim / 2]`.
-    fn angles_prefix(&self, n: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    /// Rotary angles for positions `0..n`, shared by the sequences: `[1, n, head_dim / 2]`.
+    fn angles_prefix(&self, n: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let half = self.config.head_dim() / 2;
-        let take = |t: &Tensor<B, 2>| t.clone().slice([0..n, 0..half]).reshape([1, n, 1, half]);
+        let take = |t: &Tensor<B, 2>| t.clone().slice([0..n, 0..half]).reshape([1, n, half]);
         (take(&self.rope_cos), take(&self.rope_sin))
     }
 
-    /// Rotary angles for one position per sequence, shaped `[b, 1, 1, head_dim / 2]`.
-    fn angles_at(&self, positions: &[usize]) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    /// Rotary angles for one position per sequence: `[b, 1, head_dim / 2]`.
+    fn angles_at(&self, positions: &[usize]) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let half = self.config.head_dim() / 2;
         let b = positions.len();
         let ids: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b]), &self.device);
-        let take = |t: &Tensor<B, 2>| t.clone().select(0, ids.clone()).reshape([b, 1, 1, half]);
+        let take = |t: &Tensor<B, 2>| t.clone().select(0, ids.clone()).reshape([b, 1, half]);
         (take(&self.rope_cos), take(&self.rope_sin))
     }
 
@@ -292,34 +263,31 @@ impl<B: SparseKvBackend> Llama<B> {
     }
 
     /// Queries `[b, n, heads, hd]`, keys and values `[b, kv_heads, n, hd]` of the normalised
-    /// hidden states `hn` `[b, n, dim]`, rotated by `cos`, `sin`.
+    /// hidden states `hn` `[b, n, dim]`: one fused projection, then one launch that splits it
+    /// and rotates queries and keys by `cos`, `sin` `[1 or b, n, hd / 2]`.
     #[allow(clippy::type_complexity)]
     fn qkv(
         &self,
         hn: Tensor<B, 3>,
         l: &Layer<B>,
-        cos: Tensor<B, 4>,
-        sin: Tensor<B, 4>,
+        cos: &Tensor<B, 3>,
+        sin: &Tensor<B, 3>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
         let c = &self.config;
-        let [b, n, _] = hn.dims();
-        let (h, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim());
-        let (q_dim, kv_dim) = (h * hd, kvh * hd);
-        // [b, n, q_dim + 2 * kv_dim]
+        // [b, n, (heads + 2 kv_heads) * hd]
         let qkv = self.project(hn, &l.wqkv)?;
-        let part = |from: usize, width: usize| qkv.clone().slice([0..b, 0..n, from..from + width]);
-        let q = self.rope(
-            part(0, q_dim).reshape([b, n, h, hd]),
-            cos.clone(),
-            sin.clone(),
-        );
-        let k = self
-            .rope(part(q_dim, kv_dim).reshape([b, n, kvh, hd]), cos, sin)
-            .swap_dims(1, 2);
-        let v = part(q_dim + kv_dim, kv_dim)
-            .reshape([b, n, kvh, hd])
-            .swap_dims(1, 2);
-        Ok((q, k, v))
+        let [q, k, v] = B::rope_split(
+            qkv.into_primitive().tensor(),
+            cos.clone().into_primitive().tensor(),
+            sin.clone().into_primitive().tensor(),
+            RopeHeads {
+                q_heads: c.n_heads,
+                kv_heads: c.n_kv_heads,
+                style: c.rope_style,
+            },
+        )?;
+        let float = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+        Ok((float(q), float(k), float(v)))
     }
 
     fn check_caches<C: KvCache<B>>(&self, caches: &[C], batch: usize) -> Result<()> {
@@ -388,7 +356,7 @@ impl<B: SparseKvBackend> Llama<B> {
         let mut x = self.embed(&ids, b, n)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let hn = self.rms_norm(x.clone(), &l.attn_norm)?;
-            let (q, k, v) = self.qkv(hn, l, cos.clone(), sin.clone())?;
+            let (q, k, v) = self.qkv(hn, l, &cos, &sin)?;
             let q = q.swap_dims(1, 2);
             cache.append_ragged(k.clone(), v.clone(), &lengths)?;
             let group = h / kvh;
@@ -459,7 +427,7 @@ impl<B: SparseKvBackend> Llama<B> {
         let mut x = self.embed(tokens, b, 1)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let hn = self.rms_norm(x.clone(), &l.attn_norm)?;
-            let (q, k, v) = self.qkv(hn, l, cos.clone(), sin.clone())?;
+            let (q, k, v) = self.qkv(hn, l, &cos, &sin)?;
             cache.append_ragged(k, v, &counts)?;
             let att = cache.attend(q.reshape([b, h, hd]))?.reshape([b, 1, h * hd]);
             x = x + self.project(att, &l.wo)?;
