@@ -19,8 +19,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    ModelBackend, Rt, backend_name, decode_step_times, filled_caches, llama3_8b_shape, median_mean,
-    model_layers, quick, read_bandwidth,
+    ModelBackend, Rt, backend_name, decode_step_host_times, decode_step_times, filled_caches,
+    llama3_8b_shape, median_mean, model_layers, quick, read_bandwidth,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use sparsekv::cache::{DenseKvCache, KvCache, SparseKvCache};
@@ -37,7 +37,7 @@ fn measure<C: KvCache<ModelBackend>>(
     mut caches: Vec<C>,
     max_seq: usize,
     name: &str,
-) -> (Duration, Duration) {
+) -> (Duration, Duration, Duration) {
     decode_step_times(model, &mut caches, 4);
     let mut group = c.benchmark_group("decode_step");
     group
@@ -57,7 +57,10 @@ fn measure<C: KvCache<ModelBackend>>(
         })
     });
     group.finish();
-    median_mean(&decode_step_times(model, &mut caches, STEPS))
+    let times = decode_step_host_times(model, &mut caches, STEPS);
+    let (total, host): (Vec<Duration>, Vec<Duration>) = times.into_iter().unzip();
+    let (median, mean) = median_mean(&total);
+    (median, mean, median_mean(&host).0)
 }
 
 /// Bytes of every weight a decode step reads: the fused projections, the norms and the head.
@@ -92,8 +95,8 @@ fn decode(c: &mut Criterion) {
     let mut table = format!(
         "\nDecode step, Llama-3-8B shape with {layers} layers, f16, {}; read-only ceiling {:.0} GB/s, \
          weights {:.2} GB\n\n\
-         | cache | B | T | step ms (median) | step ms (mean of {STEPS}) | tokens/s (median) | speedup vs dense | GB read | floor ms at read-only | of floor |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         | cache | B | T | step ms (median) | step ms (mean of {STEPS}) | host ms to issue (median) | tokens/s (median) | speedup vs dense | GB read | floor ms at read-only | of floor |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
         backend_name(),
         ceiling / 1e9,
         weights as f64 / 1e9
@@ -104,7 +107,7 @@ fn decode(c: &mut Criterion) {
             DenseKvCache::<ModelBackend>::new(cfg, &device).expect("cache")
         });
         let dense_kv: u64 = dense.iter().map(|c| c.memory().total()).sum();
-        let (dense_median, dense_mean) = measure(
+        let (dense_median, dense_mean, dense_host) = measure(
             c,
             &model,
             dense,
@@ -115,23 +118,30 @@ fn decode(c: &mut Criterion) {
             SparseKvCache::<ModelBackend>::new(cfg, &device).expect("cache")
         });
         let sparse_kv: u64 = sparse.iter().map(|c| c.memory().total()).sum();
-        let (sparse_median, sparse_mean) = measure(
+        let (sparse_median, sparse_mean, sparse_host) = measure(
             c,
             &model,
             sparse,
             max_seq,
             &format!("sparse_s0.7/B{batch}/T{tokens}"),
         );
-        for (name, median, mean, kv) in [
-            ("dense", dense_median, dense_mean, dense_kv),
-            ("sparse s=0.7", sparse_median, sparse_mean, sparse_kv),
+        for (name, median, mean, host, kv) in [
+            ("dense", dense_median, dense_mean, dense_host, dense_kv),
+            (
+                "sparse s=0.7",
+                sparse_median,
+                sparse_mean,
+                sparse_host,
+                sparse_kv,
+            ),
         ] {
             let bytes = weights as f64 + kv as f64;
             let floor = bytes / ceiling;
             table.push_str(&format!(
-                "| {name} | {batch} | {tokens} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2} | {:.2} | {:.0}% |\n",
+                "| {name} | {batch} | {tokens} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2} | {:.2} | {:.0}% |\n",
                 median.as_secs_f64() * 1e3,
                 mean.as_secs_f64() * 1e3,
+                host.as_secs_f64() * 1e3,
                 batch as f64 / median.as_secs_f64(),
                 dense_median.as_secs_f64() / median.as_secs_f64(),
                 bytes / 1e9,

@@ -21,7 +21,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    ModelBackend, Rt, backend_name, median_call_time, quick, random_handle, read_bandwidth, sync,
+    ModelBackend, Rt, backend_name, median_call_times, quick, random_handle, read_bandwidth, sync,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use sparsekv::kernels::cubecl::prelude::*;
@@ -62,13 +62,14 @@ fn weights<F: FloatElement>(client: &ComputeClient<Rt>, m: usize, n: usize, k: u
     Weights { copies, x, out }
 }
 
+/// Median time per call and the host's share (see `median_call_times`).
 fn time_skinny<F: FloatElement>(
     client: &ComputeClient<Rt>,
     w: &Weights,
     shape: SkinnyShape,
     tuning: Option<SkinnyTuning>,
-) -> Duration {
-    median_call_time(client, |i| {
+) -> (Duration, Duration) {
+    median_call_times(client, |i| {
         let copy = &w.copies[i % w.copies.len()];
         skinny_matmul_with::<Rt, F>(client, shape, &w.x, copy, &w.out, tuning).expect("launch");
     })
@@ -116,12 +117,13 @@ fn row(
     k: usize,
     es: usize,
     how: &str,
-    t: Duration,
+    (t, host): (Duration, Option<Duration>),
     ceiling: f64,
 ) -> String {
     let bw = (n * k * es) as f64 / t.as_secs_f64();
+    let host = host.map_or("-".into(), |h| format!("{:.1}", h.as_secs_f64() * 1e6));
     format!(
-        "| {name} | {m} | {n} | {k} | {how} | {:.1} | {:.0} | {:.1}% |\n",
+        "| {name} | {m} | {n} | {k} | {how} | {:.1} | {host} | {:.0} | {:.1}% |\n",
         t.as_secs_f64() * 1e6,
         bw / 1e9,
         100.0 * bw / ceiling
@@ -145,7 +147,7 @@ fn sweep_type<F: FloatElement>(
             let w = weights::<F>(client, m, n, k);
             let shape = SkinnyShape { m, n, k };
             let es = F::size_bytes();
-            let t = time_skinny::<F>(client, &w, shape, None);
+            let (t, host) = time_skinny::<F>(client, &w, shape, None);
             table.push_str(&row(
                 name,
                 m,
@@ -153,7 +155,7 @@ fn sweep_type<F: FloatElement>(
                 k,
                 es,
                 &format!("skinny {}", F::name()),
-                t,
+                (t, Some(host)),
                 ceiling,
             ));
             if m == 8 && F::name() == "f16" {
@@ -178,7 +180,16 @@ fn sweep_type<F: FloatElement>(
                 }
                 drop(w);
                 let t = time_burn_matmul(m, n, k);
-                table.push_str(&row(name, m, n, k, es, "Burn matmul f16", t, ceiling));
+                table.push_str(&row(
+                    name,
+                    m,
+                    n,
+                    k,
+                    es,
+                    "Burn matmul f16",
+                    (t, None),
+                    ceiling,
+                ));
             }
             println!("{}", table.lines().last().unwrap_or_default());
         }
@@ -232,8 +243,17 @@ fn sweep_tunings<F: FloatElement>(
         if probe.is_err() {
             continue;
         }
-        let t = time_skinny::<F>(client, w, shape, Some(tuning));
-        table.push_str(&row(name, m, n, k, F::size_bytes(), &how, t, ceiling));
+        let (t, host) = time_skinny::<F>(client, w, shape, Some(tuning));
+        table.push_str(&row(
+            name,
+            m,
+            n,
+            k,
+            F::size_bytes(),
+            &how,
+            (t, Some(host)),
+            ceiling,
+        ));
     }
 }
 
@@ -242,8 +262,8 @@ fn skinny(c: &mut Criterion) {
     let ceiling = read_bandwidth(&client, if quick() { 64 << 20 } else { 1 << 30 });
     let mut table = format!(
         "\nSkinny matmul, {}; read-only ceiling {:.0} GB/s\n\n\
-         | matrix | M | N | K | kernel | us (median) | weight GB/s | of read-only |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         | matrix | M | N | K | kernel | us (median) | host us to issue | weight GB/s | of read-only |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
         backend_name(),
         ceiling / 1e9
     );

@@ -110,24 +110,36 @@ pub fn sync(client: &ComputeClient<Rt>) {
 /// Median per-call time of `call(i)` over 15 batches of 20 calls (call `i` of a batch gets
 /// `i`), after 10 warm-up calls, with the device synchronised around each batch (quick runs:
 /// 3 batches of 2 after 1).
-pub fn median_call_time(client: &ComputeClient<Rt>, mut call: impl FnMut(usize)) -> Duration {
+pub fn median_call_time(client: &ComputeClient<Rt>, call: impl FnMut(usize)) -> Duration {
+    median_call_times(client, call).0
+}
+
+/// [`median_call_time`] and the median host time per call of the same batches: the time until
+/// the last call of a batch returns, before the device is synchronised. When the two are
+/// close, the calls are bound by the host's launch work, not by the device.
+pub fn median_call_times(
+    client: &ComputeClient<Rt>,
+    mut call: impl FnMut(usize),
+) -> (Duration, Duration) {
     let (warm, batches, calls) = if quick() { (1, 3, 2) } else { (10, 15, 20) };
     for i in 0..warm {
         call(i);
     }
     sync(client);
-    let mut per_call: Vec<Duration> = (0..batches)
+    let (mut per_call, mut host): (Vec<Duration>, Vec<Duration>) = (0..batches)
         .map(|_| {
             let t = Instant::now();
             for i in 0..calls {
                 call(i);
             }
+            let enqueued = t.elapsed();
             sync(client);
-            t.elapsed() / calls as u32
+            (t.elapsed() / calls as u32, enqueued / calls as u32)
         })
-        .collect();
+        .unzip();
     per_call.sort();
-    per_call[per_call.len() / 2]
+    host.sort();
+    (per_call[per_call.len() / 2], host[host.len() / 2])
 }
 
 /// Device-to-device copy bandwidth in bytes per second (read + written), copying `bytes`
@@ -261,6 +273,19 @@ pub fn decode_step_times<C: sparsekv::cache::KvCache<ModelBackend>>(
     caches: &mut [C],
     steps: usize,
 ) -> Vec<Duration> {
+    decode_step_host_times(model, caches, steps)
+        .into_iter()
+        .map(|t| t.0)
+        .collect()
+}
+
+/// [`decode_step_times`] with, per step, the host time until the step's launches were all
+/// issued (before the device is synchronised).
+pub fn decode_step_host_times<C: sparsekv::cache::KvCache<ModelBackend>>(
+    model: &sparsekv::llama::Llama<ModelBackend>,
+    caches: &mut [C],
+    steps: usize,
+) -> Vec<(Duration, Duration)> {
     use sparsekv::cache::burn::tensor::backend::Backend;
     let device = Default::default();
     let batch = caches[0].lengths().len();
@@ -277,8 +302,9 @@ pub fn decode_step_times<C: sparsekv::cache::KvCache<ModelBackend>>(
                 )
                 .expect("decode step");
             drop(logits);
+            let issued = t.elapsed();
             ModelBackend::sync(&device).expect("device sync");
-            t.elapsed()
+            (t.elapsed(), issued)
         })
         .collect()
 }
