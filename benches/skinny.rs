@@ -219,8 +219,8 @@ fn sweep_tunings<F: FloatElement>(
             }
         }
     }
-    for planes in [4, 8] {
-        for unroll in [1, 2, 4] {
+    for planes in [8, 16, 32] {
+        for unroll in [2, 4] {
             tunings.push(SkinnyTuning {
                 kernel: SkinnyKernel::TensorCore,
                 rows_per_plane: 1,

@@ -14,7 +14,7 @@ use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
     AttentionArgs, CompressArgs, DecodeKernel, DenseCacheArgs, FloatElement, KernelError,
     SkinnyKernel, SkinnyShape, SkinnyTuning, SparseSegmentArgs, decode_attention,
-    decode_attention_with, prune_compress, rms_norm, skinny_matmul_with, supports_type,
+    decode_attention_with, prune_compress, rms_norm, skinny_matmul_with, supports_type, swiglu,
 };
 
 mod common;
@@ -581,6 +581,48 @@ fn rms_norm_matches_reference() {
     });
     run_cases::<half::bf16>("RMSNorm", case_count(10), |c, r| {
         rms_norm_case::<half::bf16>(c, r, 1e-2, 1e30)
+    });
+}
+
+/// One random SwiGLU (gates up to ±40, where exp overflows 16-bit types) against an f64
+/// reference, element by element.
+fn swiglu_case<F: TestFloat>(
+    client: &ComputeClient<Rt>,
+    rng: &mut StdRng,
+    tol: f64,
+) -> Result<(), String> {
+    let rows = rng.random_range(1..=9usize);
+    let hidden = [1, 3, 8, 100, 1024][rng.random_range(0..5)];
+    let x: Vec<f64> = normals::<F>(rng, rows * 2 * hidden)
+        .into_iter()
+        .map(|v| TestFloat::to_f64(F::from_f64(v * 10.0)))
+        .collect();
+    let x_h = upload::<F>(client, &x);
+    let out_h = upload::<F>(client, &vec![f64::NAN; rows * hidden]);
+    swiglu::<Rt, F>(client, rows, hidden, &x_h, &out_h).map_err(|e| e.to_string())?;
+    let out = read::<F>(client, out_h);
+    for r in 0..rows {
+        for c in 0..hidden {
+            let (g, u) = (x[r * 2 * hidden + c], x[r * 2 * hidden + hidden + c]);
+            let reference = g / (1.0 + (-g).exp()) * u;
+            let got = out[r * hidden + c];
+            if !((got - reference).abs() <= tol * (1.0 + reference.abs())) {
+                return Err(format!(
+                    "rows {rows} hidden {hidden}: out[{r}, {c}] = {got}, reference {reference}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn swiglu_matches_reference() {
+    run_cases::<f32>("SwiGLU", case_count(10), |c, r| {
+        swiglu_case::<f32>(c, r, 1e-5)
+    });
+    run_cases::<half::f16>("SwiGLU", case_count(10), |c, r| {
+        swiglu_case::<half::f16>(c, r, 2e-3)
     });
 }
 

@@ -189,6 +189,10 @@ pub trait SparseKvBackend: Backend {
         sin: FloatTensor<Self>,
         heads: RopeHeads,
     ) -> Result<[FloatTensor<Self>; 3]>;
+
+    /// SwiGLU in one launch: `gate_up` `[.., 2 * hidden]` holds the gate then the up
+    /// projection on its last axis; returns `silu(gate) · up`, `[.., hidden]`, computed in f32.
+    fn swiglu(gate_up: FloatTensor<Self>) -> Result<FloatTensor<Self>>;
 }
 
 /// The heads of [`SparseKvBackend::rope_split`] and how their channels pair up.
@@ -647,5 +651,36 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
             tensor(k, vec![b, kv_heads, n, d]),
             tensor(v, vec![b, kv_heads, n, d]),
         ])
+    }
+
+    fn swiglu(gate_up: FloatTensor<Self>) -> Result<FloatTensor<Self>> {
+        let value_type = dtype_value_type(gate_up.dtype)?;
+        let mut shape = dims(&gate_up);
+        let width = shape.last().copied().unwrap_or(0);
+        if width % 2 != 0 {
+            return Err(KvCacheError::Invalid(format!(
+                "SwiGLU input rows of {width} are not a gate and an up half"
+            )));
+        }
+        let hidden = width / 2;
+        let rows = shape.iter().product::<usize>() / width.max(1);
+        if let Some(last) = shape.last_mut() {
+            *last = hidden;
+        }
+        let gate_up = burn_cubecl::kernel::into_contiguous(gate_up);
+        let client = gate_up.client.clone();
+        let out = client.empty((rows * hidden * value_type.size_bytes()).max(16));
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::swiglu::<R, E>(&client, rows, hidden, &gate_up.handle, &out)?
+        );
+        Ok(CubeTensor::new_contiguous(
+            client,
+            gate_up.device.clone(),
+            burn::tensor::Shape::from(shape),
+            out,
+            value_dtype(value_type),
+        ))
     }
 }

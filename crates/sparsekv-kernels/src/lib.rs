@@ -4,8 +4,10 @@
 //! baseline it is measured against; and [`copy_rows`], which moves dense token rows between
 //! stream buffers at ragged per-sequence offsets; and [`skinny_matmul`], the weight-streaming
 //! matrix product of a decode step's projections, [`rms_norm`], RMSNorm in one launch, and
-//! [`rope_split`], rotary embedding fused with the split of a fused QKV projection.
+//! [`rope_split`], rotary embedding fused with the split of a fused QKV projection, and
+//! [`swiglu`], the feed-forward gate in one launch.
 
+pub mod activation;
 pub mod attention;
 pub mod compress;
 pub mod error;
@@ -15,6 +17,7 @@ pub mod rope;
 pub mod rows;
 pub mod skinny;
 
+pub use activation::swiglu;
 pub use attention::{
     AttentionArgs, DecodeKernel, DenseCacheArgs, SparseSegmentArgs, decode_attention,
     decode_attention_with,

@@ -72,7 +72,7 @@ pub struct SkinnyTuning {
     /// Output features per plane (1, 2, 4 or 8; the tensor-core kernel always has 32 per
     /// cube): more reuse of each activation load, fewer planes.
     pub rows_per_plane: usize,
-    /// Planes per cube (1..=8).
+    /// Planes per cube (1..=32, at most what the device's cubes hold).
     pub planes: usize,
     /// Steps along `K` whose weight loads are issued together (1, 2 or 4; tiles of 16 for the
     /// tensor-core kernel): more bytes in flight per lane, more registers.
@@ -446,11 +446,11 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
     }
     if let Some(t) = tuning
         && (!matches!(t.rows_per_plane, 1 | 2 | 4 | 8)
-            || !(1..=8).contains(&t.planes)
+            || !(1..=32).contains(&t.planes)
             || !matches!(t.unroll, 1 | 2 | 4))
     {
         return Err(KernelError::InvalidArguments(format!(
-            "skinny matmul tuning {t:?}: rows_per_plane must be 1, 2, 4 or 8, planes 1..=8 and unroll 1, 2 or 4"
+            "skinny matmul tuning {t:?}: rows_per_plane must be 1, 2, 4 or 8, planes 1..=32 and unroll 1, 2 or 4"
         )));
     }
     let es = F::size_bytes();

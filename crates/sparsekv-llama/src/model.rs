@@ -5,7 +5,7 @@
 //! keys and values to the caches (which prune all but their window); [`Llama::decode`] runs
 //! one token per sequence, attending through the caches.
 
-use sparsekv_burn::burn::tensor::activation::{silu, softmax};
+use sparsekv_burn::burn::tensor::activation::softmax;
 use sparsekv_burn::burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
 use sparsekv_burn::{KvCache, RopeHeads, SparseKvBackend};
 
@@ -244,13 +244,12 @@ impl<B: SparseKvBackend> Llama<B> {
     }
 
     fn feed_forward(&self, x: Tensor<B, 3>, l: &Layer<B>) -> Result<Tensor<B, 3>> {
-        let [b, n, _] = x.dims();
-        let hidden = self.config.hidden_dim;
         let h = self.rms_norm(x.clone(), &l.ffn_norm)?;
+        // [b, n, 2 * hidden]: the gate, then the up projection.
         let gate_up = self.project(h, &l.w13)?;
-        let gate = silu(gate_up.clone().slice([0..b, 0..n, 0..hidden]));
-        let up = gate_up.slice([0..b, 0..n, hidden..2 * hidden]);
-        Ok(x + self.project(gate * up, &l.w2)?)
+        let act = B::swiglu(gate_up.into_primitive().tensor())?;
+        let act = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(act));
+        Ok(x + self.project(act, &l.w2)?)
     }
 
     /// Logits `[b, vocab]` of `x` `[b, dim]`.

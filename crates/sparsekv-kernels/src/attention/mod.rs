@@ -52,6 +52,9 @@ use sparsekv_format::{HeadDim, Sparsity, keep_count};
 /// Cubes to aim for when splitting the token range: several waves of resident cubes on a large
 /// GPU, so that the last, partial wave is a small part of the call.
 const TARGET_CUBES: usize = 4096;
+/// Most splits per stream: the merge kernel walks every split of a row serially (twice), so
+/// small batches (few streams) must not turn into hundreds of tiny splits.
+const MAX_SPLITS: usize = 64;
 /// Fewest tiles in a split, so per-split work (query load, final reductions, the merge) stays
 /// small against the tiles.
 const MIN_TILES_PER_SPLIT: usize = 2;
@@ -1086,7 +1089,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         .map(|s| (args.compressed_lens[s] + args.window_lens[s]) as usize)
         .max()
         .unwrap_or(1);
-    let wanted_splits = TARGET_CUBES.div_ceil(streams).max(1);
+    let wanted_splits = TARGET_CUBES.div_ceil(streams).clamp(1, MAX_SPLITS);
     let split_tokens = max_total
         .div_ceil(wanted_splits)
         .div_ceil(tile)
