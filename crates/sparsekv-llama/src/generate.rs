@@ -40,19 +40,9 @@ impl SplitMix {
     }
 }
 
+/// Samples a token from `logits` at `sampling.temperature` (> 0; greedy decoding takes the
+/// arg-max on the device instead) within the `top_p` nucleus.
 fn pick(logits: &[f32], sampling: &Sampling, rng: &mut SplitMix) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
-                if x > best.1 { (i, x) } else { best }
-            })
-            .0 as u32
-    };
-    if sampling.temperature <= 0.0 {
-        return argmax();
-    }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut probs: Vec<(usize, f32)> = logits
         .iter()
@@ -83,6 +73,28 @@ fn pick(logits: &[f32], sampling: &Sampling, rng: &mut SplitMix) -> u32 {
 }
 
 /// Reads logits `[batch, vocab]` to the host, one row per sequence.
+/// What a step hands back to the host: each row's arg-max, computed on the device (greedy
+/// decoding reads back only the token ids), or the whole rows of logits to sample from.
+enum Scores {
+    Ids(Vec<u32>),
+    Logits(Vec<Vec<f32>>),
+}
+
+impl Scores {
+    fn read<B: SparseKvBackend>(logits: Tensor<B, 2>, greedy: bool) -> Result<Self> {
+        if !greedy {
+            return Ok(Scores::Logits(read_logits(logits)?));
+        }
+        let ids = logits
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .map_err(|e| LlamaError::Invalid(format!("reading token ids: {e:?}")))?;
+        Ok(Scores::Ids(ids.into_iter().map(|i| i as u32).collect()))
+    }
+}
+
 pub(crate) fn read_logits<B: SparseKvBackend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>> {
     let [_, vocab] = logits.dims();
     let flat = logits
@@ -143,12 +155,16 @@ pub fn generate_batch<B: SparseKvBackend, C: KvCache<B>>(
     let mut rngs: Vec<SplitMix> = (0..prompts.len())
         .map(|s| SplitMix(sampling.seed.wrapping_add(s as u64)))
         .collect();
-    let mut logits = read_logits(model.prefill_batch(prompts, caches)?)?;
+    let greedy = sampling.temperature <= 0.0;
+    let mut scores = Scores::read(model.prefill_batch(prompts, caches)?, greedy)?;
     loop {
         let mut last = Vec::with_capacity(tokens.len());
         for (s, seq) in tokens.iter_mut().enumerate() {
             if active[s] {
-                let next = pick(&logits[s], sampling, &mut rngs[s]);
+                let next = match &scores {
+                    Scores::Ids(ids) => ids[s],
+                    Scores::Logits(logits) => pick(&logits[s], sampling, &mut rngs[s]),
+                };
                 seq.push(next);
                 on_token(s, next);
                 active[s] = !eos.contains(&next) && seq.len() < max_tokens;
@@ -160,6 +176,9 @@ pub fn generate_batch<B: SparseKvBackend, C: KvCache<B>>(
         }
         // Each active sequence's newest token sits at position len - 1.
         let positions: Vec<usize> = tokens.iter().map(|t| t.len() - 1).collect();
-        logits = read_logits(model.decode_batch(&last, &positions, &active, caches)?)?;
+        scores = Scores::read(
+            model.decode_batch(&last, &positions, &active, caches)?,
+            greedy,
+        )?;
     }
 }
