@@ -257,8 +257,34 @@ fn sweep_tunings<F: FloatElement>(
     }
 }
 
+/// `SPARSEKV_BENCH_PROFILE=1`: five calls each of the CUDA-core and tensor-core kernels on the
+/// M = 8, f16 down projection, nothing else (for `ncu --kernel-name regex:skinny`).
+fn profile_calls(client: &ComputeClient<Rt>) {
+    let (m, n, k) = (8, 4096, 14336);
+    let w = weights::<half::f16>(client, m, n, k);
+    let shape = SkinnyShape { m, n, k };
+    for kernel in [SkinnyKernel::Simt, SkinnyKernel::TensorCore] {
+        let tuning = SkinnyTuning {
+            kernel,
+            rows_per_plane: 4,
+            planes: if kernel == SkinnyKernel::Simt { 2 } else { 16 },
+            unroll: if kernel == SkinnyKernel::Simt { 2 } else { 4 },
+        };
+        for i in 0..5 {
+            let copy = &w.copies[i % w.copies.len()];
+            skinny_matmul_with::<Rt, half::f16>(client, shape, &w.x, copy, &w.out, Some(tuning))
+                .expect("launch");
+        }
+        sync(client);
+    }
+}
+
 fn skinny(c: &mut Criterion) {
     let client = Rt::client(&Default::default());
+    if std::env::var_os("SPARSEKV_BENCH_PROFILE").is_some() {
+        profile_calls(&client);
+        return;
+    }
     let ceiling = read_bandwidth(&client, if quick() { 64 << 20 } else { 1 << 30 });
     let mut table = format!(
         "\nSkinny matmul, {}; read-only ceiling {:.0} GB/s\n\n\
