@@ -698,7 +698,11 @@ fn unsupported_types_and_bad_arguments_are_typed_errors() {
         (SkinnyShape { m: 0, n: 4, k: 4 }, "no rows"),
         (SkinnyShape { m: 65, n: 4, k: 4 }, "too many rows"),
         (
-            SkinnyShape { m: 4, n: 4, k: 4096 },
+            SkinnyShape {
+                m: 4,
+                n: 4,
+                k: 4096,
+            },
             "operands far larger than the buffer",
         ),
     ] {

@@ -21,8 +21,9 @@
 //! each chunk streams the weights again (from L2 when they fit).
 //!
 //! On CUDA, from 8 activation rows on, the products run on matrix units instead
-//! (`skinny_mma_kernel`, 8x32x16 tiles loaded straight from global memory): with 8 rows the
-//! multiply-adds of the plain kernel would take most of the issue slots that streaming needs.
+//! (`skinny_mma_kernel`, 8x32x16 tiles, weights staged through shared memory with coalesced
+//! loads): with 8 rows the multiply-adds and conversions of the plain kernel need more
+//! registers and issue slots than streaming leaves.
 
 use cubecl::prelude::*;
 
@@ -284,21 +285,32 @@ const MMA_K: usize = 16;
 struct MmaPlan {
     /// Planes per cube; they split `K` and sum through shared memory.
     planes: usize,
-    /// 16-wide tiles of `K` a plane loads together.
+    /// 16-wide tiles of `K` per group: a plane stages `32 x 16 * unroll` weights at a time.
     unroll: usize,
+    /// Elements per vector load of the weights (16 bytes).
+    vec: usize,
 }
 
-/// The tensor-core kernel: each cube computes 8 activation rows by 32 output features. Its
-/// planes take turns over groups of `unroll` 16-wide tiles of `K` (a group is a whole 128-byte
-/// line per weight row at `unroll` 4), each tile an 8x32x16 product with f32 accumulators
-/// (activations as A, the weight rows as a column-major B), loaded straight from global
-/// memory. The planes' accumulators are summed through shared memory. The last cube along each
-/// axis is moved back to end at `m` / `n` (it recomputes a few outputs of its neighbour, with
-/// the same values), so no tile reads out of bounds.
+/// The tensor-core kernel: each cube computes 8 activation rows by 32 output features; its
+/// planes take turns over groups of `16 * unroll` columns of `K`.
+///
+/// 1. **Stage**: a plane copies its group of the 32 weight rows into its own shared-memory
+///    tile with coalesced 16-byte loads (at `unroll` 4 each row's part is a whole 128-byte
+///    line), rows padded by 16 bytes against bank conflicts. The loads of the next group are
+///    issued before the products of this one, so a group is always in flight.
+/// 2. **Multiply**: per 16-wide tile an 8x32x16 product with f32 accumulators: the activations
+///    (A, read straight from global memory, where they stay in L1) times the staged weight rows
+///    (B, column-major).
+/// 3. **Sum**: the planes' accumulators meet in shared memory and the cube writes its outputs.
+///
+/// Columns past the last whole group go tile by tile with B read from global memory. The last
+/// cube along each axis is moved back to end at `m` / `n` (it recomputes a few outputs of its
+/// neighbour, with the same values), so no tile reads out of bounds.
 #[cube(launch_unchecked)]
-fn skinny_mma_kernel<F: Float>(
+fn skinny_mma_kernel<F: Float, N: Size>(
     x: &Array<F>,
     w: &Array<F>,
+    w_vecs: &Array<Vector<F, N>>,
     out: &mut Array<F>,
     m: u32,
     n: u32,
@@ -307,9 +319,20 @@ fn skinny_mma_kernel<F: Float>(
 ) {
     let (planes, unroll) = comptime!((plan.planes, plan.unroll));
     let tile_out = comptime!(MMA_M * MMA_N);
+    let group = comptime!(plan.unroll * MMA_K);
+    // Shared row stride of a staged weight row, in elements and in vectors (one vector of
+    // padding), and vectors per row per group = vectors each lane stages.
+    let (row, row_vecs, per_row) = comptime!((
+        plan.unroll * MMA_K + plan.vec,
+        plan.unroll * MMA_K / plan.vec + 1,
+        plan.unroll * MMA_K / plan.vec
+    ));
+    let tile_elems = comptime!(MMA_N * (plan.unroll * MMA_K + plan.vec));
+    let mut stage = SharedMemory::<F>::new_aligned(comptime!(plan.planes * tile_elems), 32usize);
     let mut sums = SharedMemory::<f32>::new(comptime!(plan.planes * MMA_M * MMA_N));
     let (m, n, k) = (m as usize, n as usize, k as usize);
     let plane = UNIT_POS as usize / 32;
+    let lane = UNIT_POS as usize % 32;
     let m0 = min(CUBE_POS_Y as usize * MMA_M, m - MMA_M);
     let n0 = min(CUBE_POS_X as usize * MMA_N, n - MMA_N);
     let acc = cmma::Matrix::<f32>::from_value(
@@ -320,24 +343,54 @@ fn skinny_mma_kernel<F: Float>(
         cmma::MatrixLayout::Undefined,
         0.0,
     );
-    let group = comptime!(plan.unroll * MMA_K);
+    let base = plane * tile_elems;
+    let mut staged = Array::<Vector<F, N>>::new(per_row);
     let mut k0 = plane * group;
+    if k0 + group <= k {
+        load_group::<F, N>(w_vecs, &mut staged, n0, k0, k, lane, plan);
+    }
     while k0 + group <= k {
+        {
+            let mut dst = stage
+                .slice_mut(base, base + tile_elems)
+                .into_vectorized()
+                .with_vector_size::<N>();
+            #[unroll]
+            for i in 0..per_row {
+                let v = i * 32 + lane;
+                dst[(v / per_row) * row_vecs + v % per_row] = staged[i];
+            }
+        }
+        sync_plane();
+        let next = k0 + planes * group;
+        if next + group <= k {
+            load_group::<F, N>(w_vecs, &mut staged, n0, next, k, lane, plan);
+        }
         #[unroll]
         for u in 0..unroll {
-            let kt = k0 + u * MMA_K;
-            let xa = x_base_tile(x, m0 * k + kt, k);
-            let wb = w_base_tile(w, n0 * k + kt, k);
+            let xa = x_tile(x, m0 * k + k0 + u * MMA_K, k);
+            let at = base + u * MMA_K;
+            let wb = cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::B,
+                MMA_M,
+                MMA_N,
+                MMA_K,
+                cmma::MatrixLayout::ColMajor,
+                &stage.slice(at, at + (MMA_N - 1) * row + MMA_K),
+                row as u32,
+            );
             cmma::execute::<F, F, f32, f32>(&xa, &wb, &acc, &acc);
         }
-        k0 += planes * group;
+        // The tile is overwritten by the next group only after every lane has read it.
+        sync_plane();
+        k0 = next;
     }
     // The tiles past the last whole group, one at a time (plane by plane).
     let tail = k - k % group;
     let mut kt = tail + plane * MMA_K;
     while kt < k {
-        let xa = x_base_tile(x, m0 * k + kt, k);
-        let wb = w_base_tile(w, n0 * k + kt, k);
+        let xa = x_tile(x, m0 * k + kt, k);
+        let wb = w_tile(w, n0 * k + kt, k);
         cmma::execute::<F, F, f32, f32>(&xa, &wb, &acc, &acc);
         kt += planes * MMA_K;
     }
@@ -356,9 +409,30 @@ fn skinny_mma_kernel<F: Float>(
     }
 }
 
+/// Loads this lane's share of the 32 weight rows from `n0`, columns `k0 .. k0 + 16 * unroll`:
+/// vector `i * 32 + lane` of the group, so 8 consecutive lanes read one row's 128 bytes.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_group<F: Float, N: Size>(
+    w_vecs: &Array<Vector<F, N>>,
+    staged: &mut Array<Vector<F, N>>,
+    n0: usize,
+    k0: usize,
+    k: usize,
+    lane: usize,
+    #[comptime] plan: MmaPlan,
+) {
+    let per_row = comptime!(plan.unroll * MMA_K / plan.vec);
+    #[unroll]
+    for i in 0..per_row {
+        let v = i * 32 + lane;
+        staged[i] = w_vecs[((n0 + v / per_row) * k + k0) / plan.vec + v % per_row];
+    }
+}
+
 /// The 8x16 activation tile at `at` (rows `k` apart), as matrix operand A.
 #[cube]
-fn x_base_tile<F: Float>(x: &Array<F>, at: usize, k: usize) -> cmma::Matrix<F> {
+fn x_tile<F: Float>(x: &Array<F>, at: usize, k: usize) -> cmma::Matrix<F> {
     cmma::Matrix::<F>::from_slice(
         cmma::MatrixIdent::A,
         MMA_M,
@@ -373,7 +447,7 @@ fn x_base_tile<F: Float>(x: &Array<F>, at: usize, k: usize) -> cmma::Matrix<F> {
 /// The 16x32 tile of transposed weights whose first element is `w[at]` (32 weight rows `k`
 /// apart, 16 elements each), as column-major matrix operand B.
 #[cube]
-fn w_base_tile<F: Float>(w: &Array<F>, at: usize, k: usize) -> cmma::Matrix<F> {
+fn w_tile<F: Float>(w: &Array<F>, at: usize, k: usize) -> cmma::Matrix<F> {
     cmma::Matrix::<F>::from_slice(
         cmma::MatrixIdent::B,
         MMA_M,
@@ -477,16 +551,27 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
         }
         SkinnyKernel::TensorCore | SkinnyKernel::Auto if mma_fits => {
             let max_planes = (hw.max_units_per_cube as usize / 32).max(1);
+            let vec = 16 / es;
             let plan = match tuning {
                 Some(t) => MmaPlan {
                     planes: t.planes.min(max_planes),
                     unroll: t.unroll,
+                    vec,
                 },
                 None => MmaPlan {
                     planes: DEFAULT_MMA_PLANES.min(max_planes),
                     unroll: DEFAULT_MMA_UNROLL,
+                    vec,
                 },
             };
+            let stage_bytes = plan.planes * MMA_N * (plan.unroll * MMA_K + vec) * es
+                + plan.planes * MMA_M * MMA_N * 4;
+            if stage_bytes > hw.max_shared_memory_size {
+                return Err(KernelError::InvalidArguments(format!(
+                    "the tensor-core skinny matmul with {} planes needs {stage_bytes} bytes of shared memory; the device allows {}",
+                    plan.planes, hw.max_shared_memory_size
+                )));
+            }
             let (cubes_n, cubes_m) = (n.div_ceil(MMA_N), m.div_ceil(MMA_M));
             check_cube_count(cubes_n, cubes_m, cube_limit)?;
             let arr = |h: &cubecl::server::Handle| unsafe {
@@ -500,8 +585,10 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     client,
                     CubeCount::Static(cubes_n as u32, cubes_m as u32, 1),
                     CubeDim::new_1d((32 * plan.planes) as u32),
+                    vec,
                     arr(x),
                     arr(w),
+                    ArrayArg::from_raw_parts(w.clone(), w.size() as usize / 16),
                     arr(out),
                     m as u32,
                     n as u32,
