@@ -127,8 +127,12 @@ impl Chunk {
                     dst_start: &zeros,
                     counts: &rest,
                 };
-                copy_rows::<Rt, half::f16>(client, &copy, &layer.window[kv], &layer.compacted[kv])
-                    .expect("compact");
+                copy_rows::<Rt, half::f16>(
+                    client,
+                    &copy,
+                    &[(&layer.window[kv], &layer.compacted[kv])],
+                )
+                .expect("compact");
             }
         }
     }

@@ -71,7 +71,8 @@ fn time_skinny<F: FloatElement>(
 ) -> (Duration, Duration) {
     median_call_times(client, |i| {
         let copy = &w.copies[i % w.copies.len()];
-        skinny_matmul_with::<Rt, F>(client, shape, &w.x, copy, &w.out, tuning).expect("launch");
+        skinny_matmul_with::<Rt, F>(client, shape, &w.x, copy, None, &w.out, tuning)
+            .expect("launch");
     })
 }
 
@@ -238,8 +239,15 @@ fn sweep_tunings<F: FloatElement>(
                 tuning.rows_per_plane, tuning.planes, tuning.unroll
             ),
         };
-        let probe =
-            skinny_matmul_with::<Rt, F>(client, shape, &w.x, &w.copies[0], &w.out, Some(tuning));
+        let probe = skinny_matmul_with::<Rt, F>(
+            client,
+            shape,
+            &w.x,
+            &w.copies[0],
+            None,
+            &w.out,
+            Some(tuning),
+        );
         if probe.is_err() {
             continue;
         }
@@ -272,8 +280,16 @@ fn profile_calls(client: &ComputeClient<Rt>) {
         };
         for i in 0..5 {
             let copy = &w.copies[i % w.copies.len()];
-            skinny_matmul_with::<Rt, half::f16>(client, shape, &w.x, copy, &w.out, Some(tuning))
-                .expect("launch");
+            skinny_matmul_with::<Rt, half::f16>(
+                client,
+                shape,
+                &w.x,
+                copy,
+                None,
+                &w.out,
+                Some(tuning),
+            )
+            .expect("launch");
         }
         sync(client);
     }

@@ -479,9 +479,19 @@ fn skinny_case<F: TestFloat>(
     let x = normals::<F>(rng, m * k);
     let w = normals::<F>(rng, n * k);
     let (x_h, w_h) = (upload::<F>(client, &x), upload::<F>(client, &w));
+    // Half the cases add a residual to the product.
+    let residual = rng.random_bool(0.5).then(|| normals::<F>(rng, m * n));
+    let residual_h = residual.as_ref().map(|r| upload::<F>(client, r));
     let out_h = upload::<F>(client, &vec![f64::NAN; m * n]);
-    let launched =
-        skinny_matmul_with::<Rt, F>(client, SkinnyShape { m, n, k }, &x_h, &w_h, &out_h, tuning);
+    let launched = skinny_matmul_with::<Rt, F>(
+        client,
+        SkinnyShape { m, n, k },
+        &x_h,
+        &w_h,
+        residual_h.as_ref(),
+        &out_h,
+        tuning,
+    );
     match launched {
         Err(KernelError::InvalidArguments(e))
             if tuning.is_some_and(|t| t.kernel == SkinnyKernel::TensorCore)
@@ -496,8 +506,9 @@ fn skinny_case<F: TestFloat>(
     for i in 0..m {
         for j in 0..n {
             let (xr, wr) = (&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
-            let reference: f64 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
-            let scale: f64 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
+            let add = residual.as_ref().map_or(0.0, |r| r[i * n + j]);
+            let reference: f64 = add + xr.iter().zip(wr).map(|(a, b)| a * b).sum::<f64>();
+            let scale: f64 = add.abs() + xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum::<f64>();
             let got = out[i * n + j];
             // NaN (an unwritten, poisoned output) fails the comparison.
             if !((got - reference).abs() <= tol * scale.max(1e-30)) {
@@ -706,7 +717,7 @@ fn unsupported_types_and_bad_arguments_are_typed_errors() {
             "operands far larger than the buffer",
         ),
     ] {
-        let err = skinny_matmul_with::<Rt, f32>(&client, shape, &h, &h, &h, None);
+        let err = skinny_matmul_with::<Rt, f32>(&client, shape, &h, &h, None, &h, None);
         assert!(
             matches!(err, Err(KernelError::InvalidArguments(_))),
             "{what}: {err:?}"

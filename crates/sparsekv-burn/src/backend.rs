@@ -120,20 +120,20 @@ pub trait SparseKvBackend: Backend {
     /// The value type of a float tensor, if the caches support it (f32, f16, bf16).
     fn kv_value_type(tensor: &FloatTensor<Self>) -> Result<ValueType>;
 
-    /// Writes token rows of `rows` (`[sequences, kv_heads, n, head_dim]`; sequence `s` uses its
-    /// first `copy.counts[s]` rows, from `copy.src_start[s]`) into `dst` at `copy.dst_start`.
+    /// Writes token rows of each tensor (`[sequences, kv_heads, n, head_dim]`; sequence `s` uses
+    /// its `copy.counts[s]` rows from `copy.src_start[s]`) into its buffer at `copy.dst_start`:
+    /// one or two (rows, buffer) pairs (a cache's keys and values), in one launch.
     fn kv_write_rows(
-        rows: FloatTensor<Self>,
-        dst: &Self::KvBuffer,
+        pairs: &[(FloatTensor<Self>, &Self::KvBuffer)],
         value_type: ValueType,
         copy: &RowCopy<'_>,
     ) -> Result<()>;
 
-    /// Copies rows between two distinct dense buffers.
+    /// Copies rows from each source buffer to its (distinct) destination: one or two
+    /// (source, destination) pairs, in one launch.
     fn kv_copy_rows(
         device: &Self::Device,
-        src: &Self::KvBuffer,
-        dst: &Self::KvBuffer,
+        pairs: &[(&Self::KvBuffer, &Self::KvBuffer)],
         value_type: ValueType,
         copy: &RowCopy<'_>,
     ) -> Result<()>;
@@ -166,8 +166,13 @@ pub trait SparseKvBackend: Backend {
     /// sequence, `m` at most [`SKINNY_MAX_ROWS`]) and `w` the weights as
     /// `[n, k]` rows (PyTorch's `nn.Linear` layout), both of the same float type; returns
     /// `[m, n]`. The weights are streamed once at memory bandwidth (the skinny-matmul kernel),
-    /// where a general matmul would tile for reuse that a few rows do not have.
-    fn skinny_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> Result<FloatTensor<Self>>;
+    /// where a general matmul would tile for reuse that a few rows do not have. With a
+    /// `residual` `[m, n]` (same type) the result is `residual + x · wᵀ`, in the same launch.
+    fn skinny_matmul(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        residual: Option<FloatTensor<Self>>,
+    ) -> Result<FloatTensor<Self>>;
 
     /// RMSNorm over the last axis in one launch: `x / sqrt(mean(x²) + eps) · weight`, computed
     /// in f32 without overflow for 16-bit inputs; `weight` has the length of that axis and the
@@ -302,51 +307,53 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
     }
 
     fn kv_write_rows(
-        rows: FloatTensor<Self>,
-        dst: &Self::KvBuffer,
+        pairs: &[(FloatTensor<Self>, &Self::KvBuffer)],
         value_type: ValueType,
         copy: &RowCopy<'_>,
     ) -> Result<()> {
-        let actual = dtype_value_type(rows.dtype)?;
-        if actual != value_type {
-            return Err(KvCacheError::DType {
-                what: "rows",
-                expected: value_type.name(),
-                actual: rows.dtype,
-            });
+        let mut rows = Vec::with_capacity(pairs.len());
+        for (t, _) in pairs {
+            let actual = dtype_value_type(t.dtype)?;
+            if actual != value_type {
+                return Err(KvCacheError::DType {
+                    what: "rows",
+                    expected: value_type.name(),
+                    actual: t.dtype,
+                });
+            }
+            rows.push(burn_cubecl::kernel::into_contiguous(t.clone()));
         }
-        let rows = burn_cubecl::kernel::into_contiguous(rows);
-        let client = rows.client.clone();
+        let Some(client) = rows.first().map(|r| r.client.clone()) else {
+            return Ok(());
+        };
+        let handles: Vec<_> = rows
+            .iter()
+            .zip(pairs)
+            .map(|(r, (_, dst))| (&r.handle, &dst.handle))
+            .collect();
         with_float!(
             value_type,
             E,
-            sparsekv_kernels::copy_rows::<R, E>(
-                &client,
-                &row_args(copy),
-                &rows.handle,
-                &dst.handle
-            )?
+            sparsekv_kernels::copy_rows::<R, E>(&client, &row_args(copy), &handles)?
         );
         Ok(())
     }
 
     fn kv_copy_rows(
         device: &Self::Device,
-        src: &Self::KvBuffer,
-        dst: &Self::KvBuffer,
+        pairs: &[(&Self::KvBuffer, &Self::KvBuffer)],
         value_type: ValueType,
         copy: &RowCopy<'_>,
     ) -> Result<()> {
         let client = R::client(device);
+        let handles: Vec<_> = pairs
+            .iter()
+            .map(|(src, dst)| (&src.handle, &dst.handle))
+            .collect();
         with_float!(
             value_type,
             E,
-            sparsekv_kernels::copy_rows::<R, E>(
-                &client,
-                &row_args(copy),
-                &src.handle,
-                &dst.handle
-            )?
+            sparsekv_kernels::copy_rows::<R, E>(&client, &row_args(copy), &handles)?
         );
         Ok(())
     }
@@ -458,14 +465,22 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         ))
     }
 
-    fn skinny_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> Result<FloatTensor<Self>> {
+    fn skinny_matmul(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        residual: Option<FloatTensor<Self>>,
+    ) -> Result<FloatTensor<Self>> {
         let value_type = dtype_value_type(x.dtype)?;
-        if w.dtype != x.dtype {
-            return Err(KvCacheError::DType {
-                what: "weights",
-                expected: value_type.name(),
-                actual: w.dtype,
-            });
+        for (what, t) in [("weights", Some(&w)), ("residual", residual.as_ref())] {
+            if let Some(t) = t
+                && t.dtype != x.dtype
+            {
+                return Err(KvCacheError::DType {
+                    what,
+                    expected: value_type.name(),
+                    actual: t.dtype,
+                });
+            }
         }
         let (x_dims, w_dims) = (dims(&x), dims(&w));
         let (&[m, k], &[n, wk]) = (x_dims.as_slice(), w_dims.as_slice()) else {
@@ -482,19 +497,31 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
                 actual: w_dims,
             });
         }
+        if let Some(r) = &residual
+            && dims(r) != [m, n]
+        {
+            return Err(KvCacheError::Shape {
+                what: "residual",
+                expected: vec![m, n],
+                actual: dims(r),
+            });
+        }
         let x = burn_cubecl::kernel::into_contiguous(x);
         let w = burn_cubecl::kernel::into_contiguous(w);
+        let residual = residual.map(burn_cubecl::kernel::into_contiguous);
         let client = x.client.clone();
         let out = client.empty(m * n * value_type.size_bytes());
         with_float!(
             value_type,
             E,
-            sparsekv_kernels::skinny_matmul::<R, E>(
+            sparsekv_kernels::skinny_matmul_with::<R, E>(
                 &client,
                 SkinnyShape { m, n, k },
                 &x.handle,
                 &w.handle,
-                &out
+                residual.as_ref().map(|r| &r.handle),
+                &out,
+                None
             )?
         );
         Ok(CubeTensor::new_contiguous(

@@ -454,15 +454,10 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
         };
         B::kv_copy_rows(
             &self.device,
-            &self.k_window[cur],
-            &self.k_window[1 - cur],
-            vt,
-            &copy,
-        )?;
-        B::kv_copy_rows(
-            &self.device,
-            &self.v_window[cur],
-            &self.v_window[1 - cur],
+            &[
+                (&self.k_window[cur], &self.k_window[1 - cur]),
+                (&self.v_window[cur], &self.v_window[1 - cur]),
+            ],
             vt,
             &copy,
         )?;
@@ -507,8 +502,14 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
                 dst_start: &to_u32(&self.dense),
                 counts: &to_u32(&take),
             };
-            B::kv_write_rows(k.clone(), &self.k_window[self.current], vt, &copy)?;
-            B::kv_write_rows(v.clone(), &self.v_window[self.current], vt, &copy)?;
+            B::kv_write_rows(
+                &[
+                    (k.clone(), &self.k_window[self.current]),
+                    (v.clone(), &self.v_window[self.current]),
+                ],
+                vt,
+                &copy,
+            )?;
             for s in 0..b {
                 self.dense[s] += take[s];
                 offset[s] += take[s];
@@ -665,8 +666,14 @@ impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
             counts: &to_u32(counts),
         };
         let vt = self.config.value_type;
-        B::kv_write_rows(k.into_primitive().tensor(), &self.k, vt, &copy)?;
-        B::kv_write_rows(v.into_primitive().tensor(), &self.v, vt, &copy)?;
+        B::kv_write_rows(
+            &[
+                (k.into_primitive().tensor(), &self.k),
+                (v.into_primitive().tensor(), &self.v),
+            ],
+            vt,
+            &copy,
+        )?;
         for (len, c) in self.lengths.iter_mut().zip(counts) {
             *len += c;
         }

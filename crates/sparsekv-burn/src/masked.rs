@@ -333,8 +333,7 @@ impl<B: SparseKvBackend> MaskedKvCache<B> {
             let (k_buffer, v_buffer) = self.dense.buffers();
             let buffer = if keys { k_buffer } else { v_buffer };
             B::kv_write_rows(
-                tensor.into_primitive().tensor(),
-                buffer,
+                &[(tensor.into_primitive().tensor(), buffer)],
                 self.config.value_type,
                 &copy,
             )?;

@@ -14,25 +14,32 @@ const UNITS: usize = 256;
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn copy_rows_kernel<F: Float, N: Size>(
-    src: &Array<Vector<F, N>>,
-    dst: &mut Array<Vector<F, N>>,
-    src_start: &Array<u32>,
-    dst_start: &Array<u32>,
-    counts: &Array<u32>,
+    src_a: &Array<Vector<F, N>>,
+    dst_a: &mut Array<Vector<F, N>>,
+    src_b: &Array<Vector<F, N>>,
+    dst_b: &mut Array<Vector<F, N>>,
+    offsets: &Array<u32>,
     src_stride: u32,
     dst_stride: u32,
     kv_heads: u32,
     #[comptime] row_vecs: usize,
 ) {
     let stream = CUBE_POS_Y as usize;
+    let seqs = CUBE_COUNT_Y as usize / kv_heads as usize;
     let seq = stream / kv_heads as usize;
     let i = ABSOLUTE_POS_X as usize;
     let row = i / row_vecs;
     let part = i % row_vecs;
-    if row < counts[seq] as usize {
-        let s = stream * src_stride as usize + (src_start[seq] as usize + row) * row_vecs + part;
-        let d = stream * dst_stride as usize + (dst_start[seq] as usize + row) * row_vecs + part;
-        dst[d] = src[s];
+    // offsets: source start rows, destination start rows, counts (one per sequence each).
+    if row < offsets[2 * seqs + seq] as usize {
+        let s = stream * src_stride as usize + (offsets[seq] as usize + row) * row_vecs + part;
+        let d =
+            stream * dst_stride as usize + (offsets[seqs + seq] as usize + row) * row_vecs + part;
+        if CUBE_POS_Z == 0 {
+            dst_a[d] = src_a[s];
+        } else {
+            dst_b[d] = src_b[s];
+        }
     }
 }
 
@@ -60,14 +67,28 @@ pub struct CopyRowsArgs<'a> {
     pub counts: &'a [u32],
 }
 
-/// Copies rows of `F` elements from `src` to `dst` (distinct buffers) on the device.
+/// Copies rows of `F` elements from each source to its destination (distinct buffers), the
+/// same rows for every pair (one or two pairs: the keys and the values of a cache), in one
+/// launch with one upload of the offsets. Nothing is read back.
 pub fn copy_rows<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
     args: &CopyRowsArgs<'_>,
-    src: &cubecl::server::Handle,
-    dst: &cubecl::server::Handle,
+    pairs: &[(&cubecl::server::Handle, &cubecl::server::Handle)],
 ) -> Result<()> {
     check_type_supported::<R, F>(client)?;
+    // A single pair binds small placeholders as the second one (never read: the grid has
+    // one layer), so no buffer is bound twice.
+    let placeholder = (client.empty(16), client.empty(16));
+    let (&(src_a, dst_a), (src_b, dst_b)) = match pairs {
+        [a] => (a, (&placeholder.0, &placeholder.1)),
+        [a, b] => (a, *b),
+        _ => {
+            return Err(KernelError::InvalidArguments(format!(
+                "copy_rows takes one or two (source, destination) pairs, got {}",
+                pairs.len()
+            )));
+        }
+    };
     let (seqs, d) = (args.sequences, args.head_dim);
     for (name, v) in [
         ("src_start", args.src_start),
@@ -94,12 +115,14 @@ pub fn copy_rows<R: Runtime, F: FloatElement>(
     }
     let streams = seqs * args.kv_heads;
     let es = F::size_bytes();
-    check_len("source rows", src, streams * args.src_capacity * d * es)?;
-    check_len(
-        "destination rows",
-        dst,
-        streams * args.dst_capacity * d * es,
-    )?;
+    for &(src, dst) in pairs {
+        check_len("source rows", src, streams * args.src_capacity * d * es)?;
+        check_len(
+            "destination rows",
+            dst,
+            streams * args.dst_capacity * d * es,
+        )?;
+    }
     let max = args.counts.iter().copied().max().unwrap_or(0) as usize;
     if max == 0 || streams == 0 {
         return Ok(());
@@ -109,26 +132,26 @@ pub fn copy_rows<R: Runtime, F: FloatElement>(
         vec /= 2;
     }
     let row_vecs = d / vec;
-    let upload = |v: &[u32]| client.create_from_slice(u32::as_bytes(v));
-    let (ss, ds, cs) = (
-        upload(args.src_start),
-        upload(args.dst_start),
-        upload(args.counts),
-    );
+    let offsets = client.create_from_slice(u32::as_bytes(
+        &[args.src_start, args.dst_start, args.counts].concat(),
+    ));
     let varr = |h: &cubecl::server::Handle| unsafe {
         ArrayArg::from_raw_parts(h.clone(), h.size() as usize / (es * vec))
     };
-    let arr = |h: &cubecl::server::Handle| unsafe { ArrayArg::from_raw_parts(h.clone(), seqs) };
     copy_rows_kernel::launch::<F, R>(
         client,
-        CubeCount::Static((max * row_vecs).div_ceil(UNITS) as u32, streams as u32, 1),
+        CubeCount::Static(
+            (max * row_vecs).div_ceil(UNITS) as u32,
+            streams as u32,
+            pairs.len() as u32,
+        ),
         CubeDim::new_1d(UNITS as u32),
         vec,
-        varr(src),
-        varr(dst),
-        arr(&ss),
-        arr(&ds),
-        arr(&cs),
+        varr(src_a),
+        varr(dst_a),
+        varr(src_b),
+        varr(dst_b),
+        unsafe { ArrayArg::from_raw_parts(offsets, 3 * seqs) },
         (args.src_capacity * row_vecs) as u32,
         (args.dst_capacity * row_vecs) as u32,
         args.kv_heads as u32,

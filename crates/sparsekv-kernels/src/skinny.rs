@@ -43,9 +43,12 @@ const DEFAULT_PLANES: usize = 4;
 /// planes per SM to keep its share of the bandwidth in flight.
 const CUBES_PER_SM: usize = 4;
 /// Planes per cube and 16-wide tiles per group of the tensor-core kernel unless tuned
-/// otherwise: eight planes of 4 KB loads each keep about 32 KB per SM in flight.
-const DEFAULT_MMA_PLANES: usize = 8;
+/// otherwise (the best of the H200 sweep in BENCHMARKS.md on the Llama-3-8B shapes): 16 planes
+/// staging 4 KB each; from `LONG_K` columns on, 32 planes of 2 KB.
+const DEFAULT_MMA_PLANES: usize = 16;
 const DEFAULT_MMA_UNROLL: usize = 4;
+const LONG_K: usize = 8192;
+const LONG_K_MMA_PLANES: usize = 32;
 /// Steps along `K` whose weight loads are issued together unless tuned otherwise.
 const DEFAULT_UNROLL: usize = 2;
 /// Units per simulated plane on devices without plane operations (the reduction tree's width).
@@ -97,6 +100,8 @@ struct SkinnyPlan {
     unroll: usize,
     /// Whether plane operations reduce the lanes' sums.
     use_plane: bool,
+    /// Whether the output adds a residual.
+    residual: bool,
 }
 
 /// Adds `x[m0 + i, :] · w[n0 + j, :]` over this lane's share of `K` to `acc[i * rows_n + j]`.
@@ -203,6 +208,17 @@ fn multiply_step<F: Float, N: Size>(
     }
 }
 
+/// `sum` plus `residual[at]` when the call adds a residual (the epilogue that saves a separate
+/// addition launch in a decoder layer).
+#[cube]
+fn with_residual<F: Float>(sum: f32, residual: &Array<F>, at: usize, #[comptime] add: bool) -> f32 {
+    if comptime!(add) {
+        sum + f32::cast_from(residual[at])
+    } else {
+        sum
+    }
+}
+
 /// The sum of `value` over the lanes of this unit's plane, valid in lane 0. `red` holds one
 /// float per unit of the cube (unused with plane operations).
 #[cube]
@@ -237,6 +253,7 @@ fn plane_reduce(
 fn skinny_matmul_kernel<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
     w: &Array<Vector<F, N>>,
+    residual: &Array<F>,
     out: &mut Array<F>,
     m: u32,
     n: u32,
@@ -269,7 +286,8 @@ fn skinny_matmul_kernel<F: Float, N: Size>(
         for j in 0..rows_n {
             let sum = plane_reduce(acc[i * rows_n + j], &mut red, lane, plan);
             if lane == 0 && m0 + i < m && n0 + j < n {
-                out[(m0 + i) * n + n0 + j] = F::cast_from(sum);
+                let at = (m0 + i) * n + n0 + j;
+                out[at] = F::cast_from(with_residual(sum, residual, at, plan.residual));
             }
         }
     }
@@ -289,6 +307,8 @@ struct MmaPlan {
     unroll: usize,
     /// Elements per vector load of the weights (16 bytes).
     vec: usize,
+    /// Whether the output adds a residual.
+    residual: bool,
 }
 
 /// The tensor-core kernel: each cube computes 8 activation rows by 32 output features; its
@@ -311,6 +331,7 @@ fn skinny_mma_kernel<F: Float, N: Size>(
     x: &Array<F>,
     w: &Array<F>,
     w_vecs: &Array<Vector<F, N>>,
+    residual: &Array<F>,
     out: &mut Array<F>,
     m: u32,
     n: u32,
@@ -404,7 +425,8 @@ fn skinny_mma_kernel<F: Float, N: Size>(
         for p in 0..planes {
             total += sums[p * tile_out + i];
         }
-        out[(m0 + i / MMA_N) * n + n0 + i % MMA_N] = F::cast_from(total);
+        let at = (m0 + i / MMA_N) * n + n0 + i % MMA_N;
+        out[at] = F::cast_from(with_residual(total, residual, at, plan.residual));
         i += CUBE_DIM as usize;
     }
 }
@@ -481,6 +503,7 @@ fn mma_supported<R: Runtime, F: FloatElement>(client: &ComputeClient<R>) -> bool
 /// `out = x · wᵀ` for decoding: `x` holds `[m, k]` elements of `F` (row-major), `w` the weight
 /// matrix as `[n, k]` rows (row `j` = the input weights of output feature `j`), and `out`
 /// receives `[m, n]`. Accumulates in f32. `m` is 1..=[`MAX_M`]. Nothing is read back.
+/// [`skinny_matmul_with`] also adds a residual and takes tuning.
 pub fn skinny_matmul<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
     shape: SkinnyShape,
@@ -488,7 +511,7 @@ pub fn skinny_matmul<R: Runtime, F: FloatElement>(
     w: &cubecl::server::Handle,
     out: &cubecl::server::Handle,
 ) -> Result<()> {
-    skinny_matmul_with::<R, F>(client, shape, x, w, out, None)
+    skinny_matmul_with::<R, F>(client, shape, x, w, None, out, None)
 }
 
 /// The sizes of one [`skinny_matmul`]: `x` is `[m, k]`, the weights `[n, k]`, `out` `[m, n]`.
@@ -502,12 +525,15 @@ pub struct SkinnyShape {
     pub k: usize,
 }
 
-/// [`skinny_matmul`] with explicit tuning (`None`: chosen from the shape and device).
+/// [`skinny_matmul`] plus, when given, a residual `[m, n]` added to the output (`out` must not
+/// be the residual's buffer), with explicit tuning (`None`: chosen from the shape and device).
+#[allow(clippy::too_many_arguments)]
 pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
     shape: SkinnyShape,
     x: &cubecl::server::Handle,
     w: &cubecl::server::Handle,
+    residual: Option<&cubecl::server::Handle>,
     out: &cubecl::server::Handle,
     tuning: Option<SkinnyTuning>,
 ) -> Result<()> {
@@ -531,6 +557,19 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
     check_len("activations", x, m * k * es)?;
     check_len("weights", w, n * k * es)?;
     check_len("output", out, m * n * es)?;
+    if let Some(r) = residual {
+        check_len("residual", r, m * n * es)?;
+    }
+    // Without a residual a small placeholder is bound (never read: the addition is compiled
+    // out).
+    let placeholder;
+    let residual_h = match residual {
+        Some(r) => r,
+        None => {
+            placeholder = client.empty(16);
+            &placeholder
+        }
+    };
     let hw = &client.properties().hardware;
     let cube_limit = hw.max_cube_count;
     let kernel = tuning.map(|t| t.kernel).unwrap_or_default();
@@ -557,11 +596,21 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     planes: t.planes.min(max_planes),
                     unroll: t.unroll,
                     vec,
+                    residual: residual.is_some(),
+                },
+                // Long rows (the down projection) have few cubes (one per 32 outputs): more
+                // planes split each row and keep more bytes in flight (H200 sweep).
+                None if k >= LONG_K => MmaPlan {
+                    planes: LONG_K_MMA_PLANES.min(max_planes),
+                    unroll: 2,
+                    vec,
+                    residual: residual.is_some(),
                 },
                 None => MmaPlan {
                     planes: DEFAULT_MMA_PLANES.min(max_planes),
                     unroll: DEFAULT_MMA_UNROLL,
                     vec,
+                    residual: residual.is_some(),
                 },
             };
             let stage_bytes = plan.planes * MMA_N * (plan.unroll * MMA_K + vec) * es
@@ -589,6 +638,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     arr(x),
                     arr(w),
                     ArrayArg::from_raw_parts(w.clone(), w.size() as usize / 16),
+                    arr(residual_h),
                     arr(out),
                     m as u32,
                     n as u32,
@@ -643,6 +693,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
         vec,
         unroll,
         use_plane,
+        residual: residual.is_some(),
     };
     let varr = |h: &cubecl::server::Handle| unsafe {
         ArrayArg::from_raw_parts(h.clone(), h.size() as usize / (es * vec))
@@ -657,6 +708,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
             vec,
             varr(x),
             varr(w),
+            ArrayArg::from_raw_parts(residual_h.clone(), residual_h.size() as usize / es),
             ArrayArg::from_raw_parts(out.clone(), m * n),
             m as u32,
             n as u32,

@@ -226,30 +226,41 @@ impl<B: SparseKvBackend> Llama<B> {
             .reshape([b, n, self.config.dim]))
     }
 
-    /// `x · wᵀ` for `x` `[b, n, in]` and `w` `[out, in]`: `[b, n, out]`. A few rows (a decode
-    /// step, a short prompt) go through the skinny matmul, which streams the weights once at
-    /// memory bandwidth; more rows through Burn's matmul.
-    fn project(&self, x: Tensor<B, 3>, w: &Tensor<B, 2>) -> Result<Tensor<B, 3>> {
+    /// `x · wᵀ` for `x` `[b, n, in]` and `w` `[out, in]`: `[b, n, out]`, plus `residual`
+    /// `[b, n, out]` when given. A few rows (a decode step, a short prompt) go through the
+    /// skinny matmul, which streams the weights once at memory bandwidth and adds the residual
+    /// in the same launch; more rows through Burn's matmul.
+    fn project(
+        &self,
+        x: Tensor<B, 3>,
+        w: &Tensor<B, 2>,
+        residual: Option<Tensor<B, 3>>,
+    ) -> Result<Tensor<B, 3>> {
         let [b, n, inp] = x.dims();
         let [out, _] = w.dims();
         if b * n <= sparsekv_burn::SKINNY_MAX_ROWS {
             let y = B::skinny_matmul(
                 x.reshape([b * n, inp]).into_primitive().tensor(),
                 w.clone().into_primitive().tensor(),
+                residual.map(|r| r.reshape([b * n, out]).into_primitive().tensor()),
             )?;
             Ok(Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape([b, n, out]))
         } else {
-            Ok(x.matmul(w.clone().transpose().unsqueeze()))
+            let y = x.matmul(w.clone().transpose().unsqueeze());
+            Ok(match residual {
+                Some(r) => r + y,
+                None => y,
+            })
         }
     }
 
     fn feed_forward(&self, x: Tensor<B, 3>, l: &Layer<B>) -> Result<Tensor<B, 3>> {
         let h = self.rms_norm(x.clone(), &l.ffn_norm)?;
         // [b, n, 2 * hidden]: the gate, then the up projection.
-        let gate_up = self.project(h, &l.w13)?;
+        let gate_up = self.project(h, &l.w13, None)?;
         let act = B::swiglu(gate_up.into_primitive().tensor())?;
         let act = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(act));
-        Ok(x + self.project(act, &l.w2)?)
+        self.project(act, &l.w2, Some(x))
     }
 
     /// Logits `[b, vocab]` of `x` `[b, dim]`.
@@ -257,7 +268,7 @@ impl<B: SparseKvBackend> Llama<B> {
         let [b, dim] = x.dims();
         let h = self.rms_norm(x.reshape([1, b, dim]), &self.final_norm)?;
         Ok(self
-            .project(h, &self.lm_head)?
+            .project(h, &self.lm_head, None)?
             .reshape([b, self.config.vocab_size]))
     }
 
@@ -274,7 +285,7 @@ impl<B: SparseKvBackend> Llama<B> {
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
         let c = &self.config;
         // [b, n, (heads + 2 kv_heads) * hd]
-        let qkv = self.project(hn, &l.wqkv)?;
+        let qkv = self.project(hn, &l.wqkv, None)?;
         let [q, k, v] = B::rope_split(
             qkv.into_primitive().tensor(),
             cos.clone().into_primitive().tensor(),
@@ -370,7 +381,7 @@ impl<B: SparseKvBackend> Llama<B> {
                 .matmul(expand(v))
                 .swap_dims(1, 2)
                 .reshape([b, n, h * hd]);
-            x = x + self.project(att, &l.wo)?;
+            x = self.project(att, &l.wo, Some(x))?;
             x = self.feed_forward(x, l)?;
         }
         let last: Vec<i32> = lengths
@@ -429,7 +440,7 @@ impl<B: SparseKvBackend> Llama<B> {
             let (q, k, v) = self.qkv(hn, l, &cos, &sin)?;
             cache.append_ragged(k, v, &counts)?;
             let att = cache.attend(q.reshape([b, h, hd]))?.reshape([b, 1, h * hd]);
-            x = x + self.project(att, &l.wo)?;
+            x = self.project(att, &l.wo, Some(x))?;
             x = self.feed_forward(x, l)?;
         }
         self.logits(x.reshape([b, c.dim]))

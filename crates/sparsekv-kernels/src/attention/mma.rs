@@ -116,8 +116,7 @@ pub(super) fn decode_split_mma_kernel<F: Float, N: Size>(
     v_vals: &Array<u32>,
     k_win: &Array<Vector<F, N>>,
     v_win: &Array<Vector<F, N>>,
-    comp_len: &Array<u32>,
-    win_len: &Array<u32>,
+    lens: &Array<u32>,
     part_o: &mut Array<f32>,
     part_ml: &mut Array<f32>,
     bits_stride: u32,
@@ -161,8 +160,9 @@ pub(super) fn decode_split_mma_kernel<F: Float, N: Size>(
     let stream = b * kv_heads + h;
     let tid = UNIT_POS as usize;
     let plane = PLANE_POS as usize;
-    let tc = comp_len[b] as usize;
-    let total = tc + win_len[b] as usize;
+    // lens: the compressed lengths of the batch, then the window lengths.
+    let tc = lens[b] as usize;
+    let total = tc + lens[CUBE_COUNT_Z as usize + b] as usize;
     let s0 = split * split_tokens as usize;
     let s1 = min(s0 + split_tokens as usize, total);
     let win0 = stream * win_stride as usize / vec;

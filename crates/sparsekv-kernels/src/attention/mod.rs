@@ -518,8 +518,7 @@ fn decode_split_kernel<F: Float, N: Size>(
     v_vals: &Array<u32>,
     k_win: &Array<Vector<F, N>>,
     v_win: &Array<Vector<F, N>>,
-    comp_len: &Array<u32>,
-    win_len: &Array<u32>,
+    lens: &Array<u32>,
     part_o: &mut Array<f32>,
     part_ml: &mut Array<f32>,
     bits_stride: u32,
@@ -586,8 +585,9 @@ fn decode_split_kernel<F: Float, N: Size>(
     let splits = CUBE_COUNT_X as usize;
     let stream = b * kv_heads + h;
     let tid = UNIT_POS as usize;
-    let tc = comp_len[b] as usize;
-    let total = tc + win_len[b] as usize;
+    // lens: the compressed lengths of the batch, then the window lengths.
+    let tc = lens[b] as usize;
+    let total = tc + lens[CUBE_COUNT_Z as usize + b] as usize;
     let s0 = split * split_tokens as usize;
     let s1 = min(s0 + split_tokens as usize, total);
     // First vector of this stream's dense rows.
@@ -1098,7 +1098,8 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     let splits = max_total.div_ceil(split_tokens);
 
     let upload = |v: &[u32]| client.create_from_slice(u32::as_bytes(v));
-    let (comp_len, win_len) = (upload(args.compressed_lens), upload(args.window_lens));
+    // One upload: the compressed lengths, then the window lengths.
+    let lens = upload(&[args.compressed_lens, args.window_lens].concat());
     let rows = batch * q_heads;
     let part_o = client.empty(rows * splits * d * 4);
     let part_ml = client.empty(rows * splits * 2 * 4);
@@ -1151,8 +1152,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                     vv,
                     varr(window.k),
                     varr(window.v),
-                    arr(&comp_len, 4),
-                    arr(&win_len, 4),
+                    arr(&lens, 4),
                     arr(&part_o, 4),
                     arr(&part_ml, 4),
                     bits_stride as u32,
