@@ -117,23 +117,27 @@ impl Chunk {
                     &layer.values[kv],
                 )
                 .expect("compress");
-                let copy = CopyRowsArgs {
-                    sequences: MODEL_BATCH,
-                    kv_heads: KV_HEADS,
-                    head_dim: HEAD_DIM,
-                    src_capacity: self.window_capacity,
-                    dst_capacity: self.window_capacity,
-                    src_start: &from,
-                    dst_start: &zeros,
-                    counts: &rest,
-                };
-                copy_rows::<Rt, half::f16>(
-                    client,
-                    &copy,
-                    &[(&layer.window[kv], &layer.compacted[kv])],
-                )
-                .expect("compact");
             }
+            // The K and V windows are compacted in one launch, as the cache does.
+            let copy = CopyRowsArgs {
+                sequences: MODEL_BATCH,
+                kv_heads: KV_HEADS,
+                head_dim: HEAD_DIM,
+                src_capacity: self.window_capacity,
+                dst_capacity: self.window_capacity,
+                src_start: &from,
+                dst_start: &zeros,
+                counts: &rest,
+            };
+            copy_rows::<Rt, half::f16>(
+                client,
+                &copy,
+                &[
+                    (&layer.window[0], &layer.compacted[0]),
+                    (&layer.window[1], &layer.compacted[1]),
+                ],
+            )
+            .expect("compact");
         }
     }
 }

@@ -22,9 +22,7 @@ const NAN_KEY: u32 = 0x7F80_0001;
 #[cube(launch)]
 fn prune_compress_kernel<F: Float>(
     src: &Array<F>,
-    src_start: &Array<u32>,
-    dst_start: &Array<u32>,
-    counts: &Array<u32>,
+    offsets: &Array<u32>,
     bitmap: &mut Array<u32>,
     values: &mut Array<F>,
     src_stride: u32,
@@ -39,9 +37,11 @@ fn prune_compress_kernel<F: Float>(
     let mut kept = SharedMemory::<u32>::new(ROW_BITS);
 
     let stream = CUBE_POS_Y as usize;
+    let seqs = CUBE_COUNT_Y as usize / kv_heads as usize;
     let seq = stream / kv_heads as usize;
-    let count = counts[seq] as usize;
-    let dst0 = dst_start[seq] as usize;
+    // offsets: source start tokens, destination start tokens, counts (one per sequence each).
+    let count = offsets[2 * seqs + seq] as usize;
+    let dst0 = offsets[seqs + seq] as usize;
     let tile_first = (dst0 / rows) * rows + CUBE_POS_X as usize * rows;
     let unit = UNIT_POS as usize;
     let row = unit / head_dim;
@@ -52,7 +52,7 @@ fn prune_compress_kernel<F: Float>(
     let mut x = F::new(0.0);
     let mut key = 0u32;
     if valid {
-        let src_token = src_start[seq] as usize + (dst_token - dst0);
+        let src_token = offsets[seq] as usize + (dst_token - dst0);
         x = src[stream * src_stride as usize + src_token * head_dim + elem];
         key = u32::reinterpret(f32::cast_from(x)) & 0x7FFF_FFFFu32;
         if key > 0x7F80_0000u32 {
@@ -199,12 +199,10 @@ pub fn prune_compress<R: Runtime, F: FloatElement>(
     let rows = ROW_BITS / d;
     // +1 tile: destination tiles are aligned down to whole bitmap words.
     let tiles = max_count.div_ceil(rows) + 1;
-    let upload = |v: &[u32]| client.create_from_slice(u32::as_bytes(v));
-    let (src_start, dst_start, counts) = (
-        upload(args.src_start),
-        upload(args.dst_start),
-        upload(args.counts),
-    );
+    // One upload: source starts, destination starts, counts.
+    let offsets = client.create_from_slice(u32::as_bytes(
+        &[args.src_start, args.dst_start, args.counts].concat(),
+    ));
     let word_count = |h: &cubecl::server::Handle, elem: usize| h.size() as usize / elem;
     unsafe {
         prune_compress_kernel::launch::<F, R>(
@@ -212,9 +210,7 @@ pub fn prune_compress<R: Runtime, F: FloatElement>(
             CubeCount::Static(tiles as u32, streams as u32, 1),
             CubeDim::new_1d(ROW_BITS as u32),
             ArrayArg::from_raw_parts(src.clone(), word_count(src, F::size_bytes())),
-            ArrayArg::from_raw_parts(src_start, args.sequences),
-            ArrayArg::from_raw_parts(dst_start, args.sequences),
-            ArrayArg::from_raw_parts(counts, args.sequences),
+            ArrayArg::from_raw_parts(offsets, 3 * args.sequences),
             ArrayArg::from_raw_parts(bitmap.clone(), word_count(bitmap, 4)),
             ArrayArg::from_raw_parts(values.clone(), word_count(values, F::size_bytes())),
             args.src_stride as u32,
