@@ -2,6 +2,16 @@
 //! ([`SparseKvCache`], [`DenseKvCache`]) that a Burn model puts into its attention layers.
 //! [`cache`] shows a cache inside an attention layer.
 //!
+//! # Decode-step operations
+//!
+//! Besides the caches' own operations, [`SparseKvBackend`] carries the fused operations a
+//! decoder layer needs to make a decode step bandwidth-bound, each one launch:
+//! [`SparseKvBackend::skinny_matmul`] (a projection of a few rows, `x · wᵀ` with the weights as
+//! `[out, in]` rows, optionally adding the residual), [`SparseKvBackend::rms_norm`],
+//! [`SparseKvBackend::rope_split`] (RoPE fused with the split of a fused QKV projection into
+//! queries and cache-layout keys and values) and [`SparseKvBackend::swiglu`].
+//! `sparsekv_llama`'s model is written with them.
+//!
 //! # Which backend type
 //!
 //! [`SparseKvBackend`] is implemented for `CubeBackend<R, F, I, BT>` over every CubeCL
