@@ -452,17 +452,16 @@ fn load_group<F: Float, N: Size>(
     }
 }
 
-/// The 8x16 activation tile at `at` (rows `k` apart), as matrix operand A.
+/// The 8x16 activation tile at `x[at]` (rows `k` apart), as row-major matrix operand A.
 #[cube]
 fn x_tile<F: Float>(x: &Array<F>, at: usize, k: usize) -> cmma::Matrix<F> {
-    cmma::Matrix::<F>::from_slice(
+    global_tile(
+        x,
+        at,
+        k,
         cmma::MatrixIdent::A,
-        MMA_M,
-        MMA_N,
-        MMA_K,
         cmma::MatrixLayout::RowMajor,
-        &x.slice(at, at + (MMA_M - 1) * k + MMA_K),
-        k as u32,
+        MMA_M,
     )
 }
 
@@ -470,13 +469,34 @@ fn x_tile<F: Float>(x: &Array<F>, at: usize, k: usize) -> cmma::Matrix<F> {
 /// apart, 16 elements each), as column-major matrix operand B.
 #[cube]
 fn w_tile<F: Float>(w: &Array<F>, at: usize, k: usize) -> cmma::Matrix<F> {
-    cmma::Matrix::<F>::from_slice(
+    global_tile(
+        w,
+        at,
+        k,
         cmma::MatrixIdent::B,
+        cmma::MatrixLayout::ColMajor,
+        MMA_N,
+    )
+}
+
+/// An operand of the 8x32x16 product read from global memory: `rows` runs of 16 elements,
+/// `k` apart, from `src[at]`.
+#[cube]
+fn global_tile<F: Float>(
+    src: &Array<F>,
+    at: usize,
+    k: usize,
+    #[comptime] ident: cmma::MatrixIdent,
+    layout: cmma::MatrixLayout,
+    #[comptime] rows: usize,
+) -> cmma::Matrix<F> {
+    cmma::Matrix::<F>::from_slice(
+        ident,
         MMA_M,
         MMA_N,
         MMA_K,
-        cmma::MatrixLayout::ColMajor,
-        &w.slice(at, at + (MMA_N - 1) * k + MMA_K),
+        layout,
+        &src.slice(at, at + (rows - 1) * k + MMA_K),
         k as u32,
     )
 }
