@@ -5,7 +5,7 @@ use cubecl::prelude::*;
 
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
-use crate::{FloatElement, check_type_supported};
+use crate::{FloatElement, check_type_supported, vector_size};
 
 /// Units per cube.
 const UNITS: usize = 256;
@@ -59,10 +59,7 @@ pub fn swiglu<R: Runtime, F: FloatElement>(
         return Ok(());
     }
     let hw = &client.properties().hardware;
-    let mut vec = (16 / es).min(hw.max_vector_size as usize).max(1);
-    while !hidden.is_multiple_of(vec) {
-        vec /= 2;
-    }
+    let vec = vector_size(es, hw.max_vector_size, hidden, &[]);
     let total_vecs = total / vec;
     if total_vecs > u32::MAX as usize {
         return Err(KernelError::InvalidArguments(format!(

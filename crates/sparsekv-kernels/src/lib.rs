@@ -111,3 +111,22 @@ pub(crate) fn check_type_supported<R: Runtime, F: FloatElement>(
         })
     }
 }
+
+/// Elements per vector load: 16 bytes at most and at most the device's widest vector (4 on
+/// wgpu, where wider vectors are split by the compiler in ways some indexing patterns of these
+/// kernels do not survive), dividing the head dimension and every stride, so that each dense
+/// row starts on a whole vector.
+pub(crate) fn vector_size(
+    elem: usize,
+    max_vector: usize,
+    head_dim: usize,
+    strides: &[usize],
+) -> usize {
+    let mut vec = (16 / elem).min(max_vector).max(1);
+    while vec > 1
+        && (!head_dim.is_multiple_of(vec) || strides.iter().any(|s| !s.is_multiple_of(vec)))
+    {
+        vec /= 2;
+    }
+    vec
+}

@@ -11,7 +11,7 @@ use cubecl::prelude::*;
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
 use crate::reduce::cube_reduce;
-use crate::{FloatElement, check_type_supported};
+use crate::{FloatElement, check_type_supported, vector_size};
 
 /// Most units per cube (a row of Llama-3-8B's 4096 f16 values is 512 vectors).
 const MAX_UNITS: usize = 256;
@@ -147,10 +147,7 @@ pub fn rms_norm<R: Runtime, F: FloatElement>(
         return Ok(());
     }
     let hw = &client.properties().hardware;
-    let mut vec = (16 / es).min(hw.max_vector_size as usize).max(1);
-    while !dim.is_multiple_of(vec) {
-        vec /= 2;
-    }
+    let vec = vector_size(es, hw.max_vector_size, dim, &[]);
     let dim_vecs = dim / vec;
     let use_plane = client
         .features()

@@ -29,7 +29,7 @@ use cubecl::prelude::*;
 
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
-use crate::{FloatElement, check_type_supported};
+use crate::{FloatElement, check_type_supported, vector_size};
 
 /// Activation rows one cube multiplies: its accumulators live in registers, `rows_m` per
 /// output feature of each lane.
@@ -256,7 +256,7 @@ fn skinny_matmul_kernel<F: Float, N: Size>(
     residual: &Array<F>,
     out: &mut Array<F>,
     m: u32,
-    n: u32,
+    features: u32,
     k_vecs: u32,
     #[comptime] plan: SkinnyPlan,
 ) {
@@ -267,7 +267,7 @@ fn skinny_matmul_kernel<F: Float, N: Size>(
         plan.lanes * plan.planes
     });
     let mut red = SharedMemory::<f32>::new(red_cap);
-    let (m, n) = (m as usize, n as usize);
+    let (m, n) = (m as usize, features as usize);
     let lane = UNIT_POS as usize % lanes;
     let plane = UNIT_POS as usize / lanes;
     let n0 = (CUBE_POS_X as usize * comptime!(plan.planes) + plane) * rows_n;
@@ -334,7 +334,7 @@ fn skinny_mma_kernel<F: Float, N: Size>(
     residual: &Array<F>,
     out: &mut Array<F>,
     m: u32,
-    n: u32,
+    features: u32,
     k: u32,
     #[comptime] plan: MmaPlan,
 ) {
@@ -351,7 +351,7 @@ fn skinny_mma_kernel<F: Float, N: Size>(
     let tile_elems = comptime!(MMA_N * (plan.unroll * MMA_K + plan.vec));
     let mut stage = SharedMemory::<F>::new_aligned(comptime!(plan.planes * tile_elems), 32usize);
     let mut sums = SharedMemory::<f32>::new(comptime!(plan.planes * MMA_M * MMA_N));
-    let (m, n, k) = (m as usize, n as usize, k as usize);
+    let (m, n, k) = (m as usize, features as usize, k as usize);
     let plane = UNIT_POS as usize / 32;
     let lane = UNIT_POS as usize % 32;
     let m0 = min(CUBE_POS_Y as usize * MMA_M, m - MMA_M);
@@ -671,10 +671,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
         _ => {}
     }
 
-    let mut vec = (16 / es).min(hw.max_vector_size as usize).max(1);
-    while !k.is_multiple_of(vec) {
-        vec /= 2;
-    }
+    let vec = vector_size(es, hw.max_vector_size, k, &[]);
     // Plane operations only where every plane has the same, known width.
     let use_plane = client
         .features()

@@ -46,7 +46,7 @@ use cubecl::prelude::*;
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
 use crate::reduce::cube_reduce;
-use crate::{FloatElement, check_type_supported};
+use crate::{FloatElement, check_type_supported, vector_size};
 use sparsekv_format::{HeadDim, Sparsity, keep_count};
 
 /// Cubes to aim for when splitting the token range: several waves of resident cubes on a large
@@ -833,20 +833,6 @@ fn mma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
     };
     let cmma = &client.features().matmul.cmma;
     cmma.contains(&config(ElemType::Float(FloatKind::F32))) && cmma.contains(&config(f16))
-}
-
-/// Elements per vector load: 16 bytes at most and at most the device's widest vector (4 on
-/// wgpu, where wider vectors are split by the compiler in ways some indexing patterns of these
-/// kernels do not survive), dividing the head dimension and every stride, so that each dense
-/// row starts on a whole vector.
-fn vector_size(elem: usize, max_vector: usize, head_dim: usize, strides: &[usize]) -> usize {
-    let mut vec = (16 / elem).min(max_vector).max(1);
-    while vec > 1
-        && (!head_dim.is_multiple_of(vec) || strides.iter().any(|s| !s.is_multiple_of(vec)))
-    {
-        vec /= 2;
-    }
-    vec
 }
 
 /// Shapes and per-sequence lengths of one decode-attention call.
