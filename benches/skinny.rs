@@ -113,9 +113,7 @@ fn time_burn_matmul(m: usize, n: usize, k: usize) -> Duration {
 
 fn row(
     name: &str,
-    m: usize,
-    n: usize,
-    k: usize,
+    SkinnyShape { m, n, k }: SkinnyShape,
     es: usize,
     how: &str,
     (t, host): (Duration, Option<Duration>),
@@ -151,9 +149,7 @@ fn sweep_type<F: FloatElement>(
             let (t, host) = time_skinny::<F>(client, &w, shape, None);
             table.push_str(&row(
                 name,
-                m,
-                n,
-                k,
+                SkinnyShape { m, n, k },
                 es,
                 &format!("skinny {}", F::name()),
                 (t, Some(host)),
@@ -183,9 +179,7 @@ fn sweep_type<F: FloatElement>(
                 let t = time_burn_matmul(m, n, k);
                 table.push_str(&row(
                     name,
-                    m,
-                    n,
-                    k,
+                    SkinnyShape { m, n, k },
                     es,
                     "Burn matmul f16",
                     (t, None),
@@ -254,9 +248,7 @@ fn sweep_tunings<F: FloatElement>(
         let (t, host) = time_skinny::<F>(client, w, shape, Some(tuning));
         table.push_str(&row(
             name,
-            m,
-            n,
-            k,
+            SkinnyShape { m, n, k },
             F::size_bytes(),
             &how,
             (t, Some(host)),

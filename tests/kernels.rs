@@ -446,6 +446,12 @@ fn dense_attention_matches_oracle_f16() {
     attention_cases::<half::f16>(15, false);
 }
 
+/// Whether `got` is within `bound` of `reference`; never for NaN (an unwritten, poisoned
+/// output).
+fn within(got: f64, reference: f64, bound: f64) -> bool {
+    (got - reference).abs() <= bound
+}
+
 /// One random skinny matmul (`m` up to 20, so chunks of activation rows and partial chunks
 /// occur; `k` not always a multiple of the vector width; `n` not always a multiple of a cube's
 /// rows; random or automatic tuning) against an f64 reference, element by element: each output
@@ -511,7 +517,7 @@ fn skinny_case<F: TestFloat>(
             let scale: f64 = add.abs() + xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum::<f64>();
             let got = out[i * n + j];
             // NaN (an unwritten, poisoned output) fails the comparison.
-            if !((got - reference).abs() <= tol * scale.max(1e-30)) {
+            if !within(got, reference, tol * scale.max(1e-30)) {
                 return Err(format!(
                     "m {m} n {n} k {k} {tuning:?}: out[{i}, {j}] = {got}, reference {reference}"
                 ));
@@ -563,8 +569,8 @@ fn rms_norm_case<F: TestFloat>(
     for r in 0..rows {
         let xr = &x[r * dim..(r + 1) * dim];
         let ms = xr.iter().map(|v| v * v).sum::<f64>() / dim as f64;
-        let factor = if ms + eps as f64 > 0.0 {
-            1.0 / (ms + eps as f64).sqrt()
+        let factor = if ms + eps > 0.0 {
+            1.0 / (ms + eps).sqrt()
         } else {
             0.0
         };
@@ -572,7 +578,7 @@ fn rms_norm_case<F: TestFloat>(
             let reference = xr[c] * factor * w[c];
             let got = out[r * dim + c];
             // Relative to the row's scale (|w| up to a few): NaN and unwritten outputs fail.
-            if !((got - reference).abs() <= tol * (1.0 + reference.abs())) {
+            if !within(got, reference, tol * (1.0 + reference.abs())) {
                 return Err(format!(
                     "rows {rows} dim {dim} eps {eps}: out[{r}, {c}] = {got}, reference {reference}"
                 ));
@@ -617,7 +623,7 @@ fn swiglu_case<F: TestFloat>(
             let (g, u) = (x[r * 2 * hidden + c], x[r * 2 * hidden + hidden + c]);
             let reference = g / (1.0 + (-g).exp()) * u;
             let got = out[r * hidden + c];
-            if !((got - reference).abs() <= tol * (1.0 + reference.abs())) {
+            if !within(got, reference, tol * (1.0 + reference.abs())) {
                 return Err(format!(
                     "rows {rows} hidden {hidden}: out[{r}, {c}] = {got}, reference {reference}"
                 ));

@@ -612,11 +612,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
                 actual: qkv_dims,
             });
         };
-        let d = if heads_total > 0 {
-            width / heads_total
-        } else {
-            0
-        };
+        let d = width.checked_div(heads_total).unwrap_or(0);
         if d * heads_total != width || d % 2 != 0 {
             return Err(KvCacheError::Invalid(format!(
                 "fused QKV rows of {width} are not {q_heads} + 2 x {kv_heads} heads of an even head_dim"
