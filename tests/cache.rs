@@ -391,6 +391,30 @@ fn huge_windows_and_sizes_are_capped_or_refused() {
     );
 }
 
+/// A cache whose buffers are larger than the device allocates in one piece is refused with a
+/// typed error at construction (not a panic or a failed launch later), and the same
+/// configuration shrunk to fit is accepted.
+#[test]
+fn caches_larger_than_the_device_allocates_are_typed_errors() {
+    let device = Default::default();
+    // 64 sequences x 8 KV heads x 2^22 tokens x 128 x 4 bytes: 1 TiB per K buffer (dense) and
+    // hundreds of GB compressed, past any device's largest buffer, without overflowing usize.
+    let config = KvCacheConfig::new(64, 8, 128, 1 << 22);
+    let dense = DenseKvCache::<B>::new(&config, &device);
+    assert!(
+        matches!(&dense, Err(KvCacheError::Allocation { bytes, limit }) if *bytes as u64 > *limit),
+        "{dense:?}"
+    );
+    let sparse = SparseKvCache::<B>::new(&config.clone().with_sparsity(0.7, 0.7), &device);
+    assert!(
+        matches!(&sparse, Err(KvCacheError::Allocation { .. })),
+        "{sparse:?}"
+    );
+    let message = sparse.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("largest buffer"), "{message}");
+    assert!(DenseKvCache::<B>::new(&KvCacheConfig::new(1, 8, 128, 1024), &device).is_ok());
+}
+
 /// The backend types Burn users write implement the extension when Burn's `fusion` feature is
 /// off (this crate never turns it on). With fusion on, `burn::backend::Wgpu` is
 /// `Fusion<CubeBackend<..>>`; the documented path is to name the `CubeBackend` type itself

@@ -111,8 +111,9 @@ pub trait SparseKvBackend: Backend {
     /// A device buffer owned by a cache.
     type KvBuffer: Clone + Send + Sync + std::fmt::Debug;
 
-    /// Allocates `bytes` bytes on `device` (contents unspecified).
-    fn kv_alloc(device: &Self::Device, bytes: usize) -> Self::KvBuffer;
+    /// Allocates `bytes` bytes on `device` (contents unspecified); a typed error when the
+    /// device cannot allocate a buffer that large in one piece.
+    fn kv_alloc(device: &Self::Device, bytes: usize) -> Result<Self::KvBuffer>;
 
     /// Size of a buffer in bytes.
     fn kv_buffer_bytes(buffer: &Self::KvBuffer) -> usize;
@@ -288,14 +289,20 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
 {
     type KvBuffer = CubeKvBuffer<R>;
 
-    fn kv_alloc(device: &Self::Device, bytes: usize) -> Self::KvBuffer {
+    fn kv_alloc(device: &Self::Device, bytes: usize) -> Result<Self::KvBuffer> {
         let client = R::client(device);
+        // CubeCL's memory pools take nothing larger than a page; a larger request would fail
+        // inside the runtime instead of here.
+        let limit = client.properties().memory.max_page_size;
+        if bytes as u64 > limit {
+            return Err(KvCacheError::Allocation { bytes, limit });
+        }
         // Never zero bytes: a zero-sized binding is not valid on every runtime.
-        CubeKvBuffer {
+        Ok(CubeKvBuffer {
             handle: client.empty(bytes.max(16)),
             bytes,
             _runtime: std::marker::PhantomData,
-        }
+        })
     }
 
     fn kv_buffer_bytes(buffer: &Self::KvBuffer) -> usize {

@@ -361,6 +361,10 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
         let (k_values, v_values) = (values(k_sparsity)?, values(v_sparsity)?);
         let window = bytes(window_capacity, head_dim.get() * es)?;
         let alloc = |bytes| B::kv_alloc(device, bytes);
+        let (k_bitmap, v_bitmap) = (alloc(bitmap)?, alloc(bitmap)?);
+        let (k_values, v_values) = (alloc(k_values)?, alloc(v_values)?);
+        let k_window = [alloc(window)?, alloc(window)?];
+        let v_window = [alloc(window)?, alloc(window)?];
         Ok(SparseKvCache {
             config: config.clone(),
             head_dim,
@@ -369,12 +373,12 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
             device: device.clone(),
             capacity,
             window_capacity,
-            k_bitmap: alloc(bitmap),
-            v_bitmap: alloc(bitmap),
-            k_values: alloc(k_values),
-            v_values: alloc(v_values),
-            k_window: [alloc(window), alloc(window)],
-            v_window: [alloc(window), alloc(window)],
+            k_bitmap,
+            v_bitmap,
+            k_values,
+            v_values,
+            k_window,
+            v_window,
             current: 0,
             compressed: vec![0; config.batch],
             dense: vec![0; config.batch],
@@ -618,18 +622,24 @@ impl<B: SparseKvBackend> DenseKvCache<B> {
     pub fn new(config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
         let (head_dim, _, _) = config.validate()?;
         let capacity = layout::aligned_capacity(config.max_seq);
-        let bytes = config.batch
-            * config.kv_heads
-            * capacity
-            * head_dim.get()
-            * config.value_type.size_bytes();
+        let bytes = [config.kv_heads, capacity, head_dim.get(), config.value_type.size_bytes()]
+            .into_iter()
+            .try_fold(config.batch, usize::checked_mul)
+            .ok_or_else(|| {
+                KvCacheError::Invalid(format!(
+                    "a dense cache of {} sequences x {} KV heads x {capacity} tokens x {} needs more bytes than this machine can address",
+                    config.batch,
+                    config.kv_heads,
+                    head_dim.get()
+                ))
+            })?;
         Ok(DenseKvCache {
             config: config.clone(),
             head_dim,
             device: device.clone(),
             capacity,
-            k: B::kv_alloc(device, bytes),
-            v: B::kv_alloc(device, bytes),
+            k: B::kv_alloc(device, bytes)?,
+            v: B::kv_alloc(device, bytes)?,
             lengths: vec![0; config.batch],
         })
     }

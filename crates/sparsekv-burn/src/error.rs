@@ -44,6 +44,16 @@ pub enum KvCacheError {
         /// The cache's limit.
         max_seq: usize,
     },
+    /// A cache buffer larger than the device allocates in one piece.
+    #[error(
+        "a cache buffer of {bytes} bytes is larger than the largest buffer this device allocates ({limit} bytes): lower the batch, KV heads or max_seq, or split the cache"
+    )]
+    Allocation {
+        /// Bytes the buffer needs.
+        bytes: usize,
+        /// The device's largest buffer.
+        limit: u64,
+    },
     /// Any other invalid argument or configuration.
     #[error("invalid argument: {0}")]
     Invalid(String),
