@@ -449,6 +449,7 @@ fn quiet_vulkan_loader() {
 
 fn main() -> ExitCode {
     quiet_vulkan_loader();
+    sparsekv::exit_on_any_thread_panic();
     let args = Args::parse();
     match validate(&args)
         .and_then(|()| load(&args))

@@ -535,6 +535,7 @@ fn dispatch(args: &Args, pre: &Pretrained) -> Result<(), LlamaError> {
 }
 
 fn main() -> ExitCode {
+    sparsekv::exit_on_any_thread_panic();
     let args = Args::parse();
     if let Some(csv) = &args.replot {
         return match replot(&args, csv) {

@@ -1,6 +1,7 @@
 //! The `sparsekv` command line: bad or extreme arguments end with a clear message and a
 //! non-zero exit, never a wrapped number, an abort or a silently wrong table.
 
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn kv_size(args: &[&str]) -> Output {
@@ -53,4 +54,109 @@ fn kv_size_names_the_flag_of_a_bad_sparsity() {
         "--v-sparsity: sparsity NaN is out of range",
     );
     assert_fails_with(&["--k-sparsity", "1"], "--k-sparsity");
+}
+
+/// The chat example built beside this test (`cargo test` builds the examples).
+fn chat_example() -> PathBuf {
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|t| Some(t.parent()?.parent()?.join("examples/chat")))
+        .filter(|p| p.exists());
+    exe.unwrap_or_else(|| {
+        panic!("the chat example is not built: run `cargo test` (it builds the examples) first")
+    })
+}
+
+fn stories260k() -> PathBuf {
+    let dir =
+        PathBuf::from(std::env::var("SPARSEKV_SHARED").unwrap_or_else(|_| "../shared".into()))
+            .join("models/stories260K");
+    assert!(
+        dir.join("stories260K.bin").exists(),
+        "test data not found at {}: set SPARSEKV_SHARED to the folder holding models/",
+        dir.display()
+    );
+    dir
+}
+
+fn chat(args: &[&str]) -> Output {
+    let dir = stories260k();
+    Command::new(chat_example())
+        .arg("--model")
+        .arg(dir.join("stories260K.bin"))
+        .arg("--tokenizer")
+        .arg(dir.join("tok512.bin"))
+        .args(["--chat-template", "none"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the chat example: {e}"))
+}
+
+/// An over-long prompt, an out-of-range sparsity and a missing model end with a non-zero exit
+/// and a message that names the problem, never a silent `[0 tokens ...]`.
+#[test]
+fn chat_refuses_bad_input_with_a_message_and_a_non_zero_exit() {
+    let long = "Once upon a time there was a cat. ".repeat(100);
+    let out = chat(&["--prompt", &long, "--max-tokens", "4"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an over-long prompt succeeded: {stderr}"
+    );
+    assert!(
+        stderr.contains("but the model's context is 512 tokens"),
+        "{stderr}"
+    );
+    let out = chat(&["--prompt", "Hi", "--k-sparsity", "-0.1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--k-sparsity"),
+        "{stderr}"
+    );
+    let out = Command::new(chat_example())
+        .args([
+            "--model",
+            "no/such/model.bin",
+            "--tokenizer",
+            "no/such/tok.bin",
+            "--prompt",
+            "Hi",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the chat example: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no/such/model.bin"),
+        "{stderr}"
+    );
+}
+
+/// A panic on a thread other than `main` (as when a GPU runtime's device thread fails) ends
+/// the process with a non-zero exit once `exit_on_any_thread_panic` is installed: this test
+/// runs itself again as a child that panics on a worker thread and then would exit 0.
+#[test]
+fn a_panic_on_another_thread_ends_the_process() {
+    if std::env::var_os("SPARSEKV_PANIC_CHILD").is_some() {
+        sparsekv::exit_on_any_thread_panic();
+        let worker = std::thread::Builder::new()
+            .name("worker".into())
+            .spawn(|| panic!("simulated device-thread failure"));
+        // The hook exits the process from the worker; were it not installed, the join would
+        // return the panic as an error and this child would exit 0.
+        let _ = worker.map(|w| w.join());
+        return;
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no test binary path: {e}"));
+    let out = Command::new(exe)
+        .args([
+            "a_panic_on_another_thread_ends_the_process",
+            "--exact",
+            "--nocapture",
+        ])
+        .env("SPARSEKV_PANIC_CHILD", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot rerun the test binary: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(101), "{stderr}");
+    assert!(stderr.contains("thread worker failed"), "{stderr}");
 }
