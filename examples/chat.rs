@@ -430,25 +430,9 @@ fn dispatch(args: &Args, pre: &Pretrained) -> Result<(), LlamaError> {
     }
 }
 
-/// Points `XDG_RUNTIME_DIR` at a private directory when it is unset, so that the Vulkan
-/// loader (lavapipe, the software driver) does not print errors that read like failures.
-fn quiet_vulkan_loader() {
-    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!("sparsekv-runtime-{}", std::process::id()));
-    let made = std::fs::create_dir_all(&dir).and_then(|()| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-    });
-    if made.is_ok() {
-        // SAFETY: called first thing in `main`, before any other thread exists.
-        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
-    }
-}
-
 fn main() -> ExitCode {
-    quiet_vulkan_loader();
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { sparsekv::quiet_vulkan_loader() };
     sparsekv::exit_on_any_thread_panic();
     let args = Args::parse();
     match validate(&args)

@@ -535,6 +535,8 @@ fn dispatch(args: &Args, pre: &Pretrained) -> Result<(), LlamaError> {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { sparsekv::quiet_vulkan_loader() };
     sparsekv::exit_on_any_thread_panic();
     let args = Args::parse();
     if let Some(csv) = &args.replot {

@@ -31,3 +31,35 @@ pub fn exit_on_any_thread_panic() {
         }
     }));
 }
+
+/// Points `XDG_RUNTIME_DIR` at a private temporary directory when it is unset, so that the
+/// Vulkan loader (lavapipe, the software driver CI uses) does not print errors that read like
+/// failures on every run.
+///
+/// # Safety
+///
+/// It sets an environment variable: call it first thing in `main`, before any other thread
+/// exists (the examples do).
+pub unsafe fn quiet_vulkan_loader() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sparsekv-runtime-{}", std::process::id()));
+    let made = std::fs::create_dir_all(&dir).and_then(|()| private(&dir));
+    if made.is_ok() {
+        // SAFETY: the caller guarantees that no other thread exists yet.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+    }
+}
+
+/// Makes `dir` readable by its owner only (the runtime directory's required mode).
+#[cfg(unix)]
+fn private(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+#[cfg(not(unix))]
+fn private(_dir: &std::path::Path) -> std::io::Result<()> {
+    Ok(())
+}

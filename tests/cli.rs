@@ -107,6 +107,8 @@ fn chat_refuses_bad_input_with_a_message_and_a_non_zero_exit() {
         stderr.contains("but the model's context is 512 tokens"),
         "{stderr}"
     );
+    // The example quiets the Vulkan loader's complaint about an unset XDG_RUNTIME_DIR.
+    assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
     let out = chat(&["--prompt", "Hi", "--k-sparsity", "-0.1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
