@@ -2,8 +2,9 @@
 //! Burn and CubeCL.
 //!
 //! This crate re-exports the member crates:
-//! - [`format`]: the compressed KV format, byte accounting and the f64 CPU oracle;
-//! - [`kernels`]: the CubeCL kernels (prune+compress, sparse and dense decode attention);
+//! - [`format`](mod@format): the compressed KV format, byte accounting and the f64 CPU oracle;
+//! - [`kernels`]: the CubeCL kernels (prune+compress, sparse and dense decode attention, and
+//!   the fused operations of a decode step);
 //! - [`cache`]: the Burn backend extension and the sparse and dense KV caches;
 //! - [`llama`]: a Llama decoder, loaders, tokenizer and generation.
 

@@ -7,10 +7,10 @@
 //!
 //! | strategy | score of element (t, c) | kept |
 //! |---|---|---|
-//! | per-token magnitude | `|x[t,c]|` | top `keep_count(s, d)` of each row |
-//! | per-token output-aware, keys | `|q̄_c · K[t,c]|` | top `keep_count(s, d)` of each row |
-//! | per-token output-aware, values | `a_t · |V[t,c]|` | top `keep_count(s, d)` of each row |
-//! | per-channel magnitude | `|x[t,c]|` | per channel, per group of `g` tokens, top `keep_count(s, g)` |
+//! | per-token magnitude | `abs(x[t,c])` | top `keep_count(s, d)` of each row |
+//! | per-token output-aware, keys | `abs(q̄_c · K[t,c])` | top `keep_count(s, d)` of each row |
+//! | per-token output-aware, values | `a_t · abs(V[t,c])` | top `keep_count(s, d)` of each row |
+//! | per-channel magnitude | `abs(x[t,c])` | per channel, per group of `g` tokens, top `keep_count(s, g)` |
 //! | per-channel output-aware | as the per-token output-aware scores | as per-channel magnitude |
 //! | ThinK (keys) | channel score `mean_q(q_c²) · mean_t(K[t,c]²)` | top `d − floor(s·d)` channels, all tokens |
 //!
