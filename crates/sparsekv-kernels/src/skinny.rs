@@ -10,9 +10,9 @@
 //!    output features. Its lanes walk the `K` axis together, one vector of up to 16 bytes per
 //!    lane and weight row per step, so each step of a plane reads one contiguous, coalesced
 //!    run per row; the loads of all its rows, for `unroll` steps, are issued before they are
-//!    used. The activation
-//!    vectors of the step (`rows_m` of them, cached in L1, shared by every row) are widened to
-//!    f32 once and multiplied into `rows_m × rows_per_plane` f32 accumulators per lane.
+//!    used. The activation vectors of the step (`rows_m` of them, cached in L1, shared by
+//!    every row) are widened to f32 once and multiplied into `rows_m × rows_per_plane` f32
+//!    accumulators per lane, and the output adds the residual when one is given.
 //! 2. **Reduce** (`plane_reduce`): the lanes' partial sums of each output are summed over the
 //!    plane with plane operations where the device has them, through a shared-memory tree
 //!    where it does not (lavapipe), chosen at compile time; the first lane writes the output.
