@@ -79,17 +79,39 @@ fn stories260k() -> PathBuf {
     dir
 }
 
-fn chat(args: &[&str]) -> Output {
+/// Runs the chat example on stories260K with `args` after the model flags (plain completion
+/// unless `args` choose a template), `stdin` as its standard input.
+fn chat_with_input(args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
     let dir = stories260k();
-    Command::new(chat_example())
+    let template: &[&str] = if args.contains(&"--chat-template") {
+        &[]
+    } else {
+        &["--chat-template", "none"]
+    };
+    let mut child = Command::new(chat_example())
         .arg("--model")
         .arg(dir.join("stories260K.bin"))
         .arg("--tokenizer")
         .arg(dir.join("tok512.bin"))
-        .args(["--chat-template", "none"])
+        .args(template)
         .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the chat example: {e}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run the chat example: {e}"));
+    if let Some(mut input) = child.stdin.take() {
+        // A prompt flag makes the example ignore standard input: a failed write is fine then.
+        let _ = input.write_all(stdin.as_bytes());
+    }
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("cannot wait for the chat example: {e}"))
+}
+
+fn chat(args: &[&str]) -> Output {
+    chat_with_input(args, "")
 }
 
 /// An over-long prompt, an out-of-range sparsity and a missing model end with a non-zero exit
@@ -161,4 +183,20 @@ fn a_panic_on_another_thread_ends_the_process() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(101), "{stderr}");
     assert!(stderr.contains("thread worker failed"), "{stderr}");
+}
+
+/// The REPL keeps a conversation under a chat template; when the turns outgrow the model's
+/// context it drops the oldest ones, says so on standard error, and goes on answering.
+#[test]
+fn chat_repl_drops_the_oldest_turns_with_a_notice() {
+    let turn =
+        "Once upon a time there was a little cat who liked to play in the garden. ".repeat(6);
+    let input = format!("{turn}\n").repeat(6);
+    let out = chat_with_input(&["--chat-template", "zephyr", "--max-tokens", "4"], &input);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("[dropped the oldest turn to fit the model's context of 512 tokens]"),
+        "{stderr}"
+    );
 }
