@@ -247,6 +247,23 @@ fn value_dtype(value_type: ValueType) -> DType {
     }
 }
 
+/// A typed error unless `tensor` holds `value_type` (an operand that must match the others).
+fn check_dtype<R: CubeRuntime>(
+    what: &'static str,
+    tensor: &CubeTensor<R>,
+    value_type: ValueType,
+) -> Result<()> {
+    if tensor.dtype == value_dtype(value_type) {
+        Ok(())
+    } else {
+        Err(KvCacheError::DType {
+            what,
+            expected: value_type.name(),
+            actual: tensor.dtype,
+        })
+    }
+}
+
 /// Calls `$body` with `$F` bound to the kernel element type of `$vt`.
 macro_rules! with_float {
     ($vt:expr, $F:ident, $body:expr) => {
@@ -320,14 +337,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
     ) -> Result<()> {
         let mut rows = Vec::with_capacity(pairs.len());
         for (t, _) in pairs {
-            let actual = dtype_value_type(t.dtype)?;
-            if actual != value_type {
-                return Err(KvCacheError::DType {
-                    what: "rows",
-                    expected: value_type.name(),
-                    actual: t.dtype,
-                });
-            }
+            check_dtype("rows", t, value_type)?;
             rows.push(burn_cubecl::kernel::into_contiguous(t.clone()));
         }
         let Some(client) = rows.first().map(|r| r.client.clone()) else {
@@ -478,16 +488,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         residual: Option<FloatTensor<Self>>,
     ) -> Result<FloatTensor<Self>> {
         let value_type = dtype_value_type(x.dtype)?;
-        for (what, t) in [("weights", Some(&w)), ("residual", residual.as_ref())] {
-            if let Some(t) = t
-                && t.dtype != x.dtype
-            {
-                return Err(KvCacheError::DType {
-                    what,
-                    expected: value_type.name(),
-                    actual: t.dtype,
-                });
-            }
+        check_dtype("weights", &w, value_type)?;
+        if let Some(r) = &residual {
+            check_dtype("residual", r, value_type)?;
         }
         let (x_dims, w_dims) = (dims(&x), dims(&w));
         let (&[m, k], &[n, wk]) = (x_dims.as_slice(), w_dims.as_slice()) else {
@@ -546,13 +549,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         eps: f64,
     ) -> Result<FloatTensor<Self>> {
         let value_type = dtype_value_type(x.dtype)?;
-        if weight.dtype != x.dtype {
-            return Err(KvCacheError::DType {
-                what: "RMSNorm weights",
-                expected: value_type.name(),
-                actual: weight.dtype,
-            });
-        }
+        check_dtype("RMSNorm weights", &weight, value_type)?;
         let x_dims = dims(&x);
         let dim = x_dims.last().copied().unwrap_or(0);
         if dims(&weight) != [dim] {
@@ -596,15 +593,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         heads: RopeHeads,
     ) -> Result<[FloatTensor<Self>; 3]> {
         let value_type = dtype_value_type(qkv.dtype)?;
-        for (what, t) in [("RoPE cos", &cos), ("RoPE sin", &sin)] {
-            if t.dtype != qkv.dtype {
-                return Err(KvCacheError::DType {
-                    what,
-                    expected: value_type.name(),
-                    actual: t.dtype,
-                });
-            }
-        }
+        check_dtype("RoPE cos", &cos, value_type)?;
+        check_dtype("RoPE sin", &sin, value_type)?;
         let RopeHeads {
             q_heads,
             kv_heads,
