@@ -130,3 +130,22 @@ pub(crate) fn vector_size(
     }
     vec
 }
+
+/// Whether `client`'s device has `m x n x k` matrix-unit products of `operands` (A and B)
+/// into `accumulator` (C and D).
+pub(crate) fn has_mma<R: Runtime>(
+    client: &ComputeClient<R>,
+    operands: cubecl::ir::ElemType,
+    accumulator: cubecl::ir::ElemType,
+    (m, n, k): (usize, usize, usize),
+) -> bool {
+    let config = cubecl::ir::features::MmaConfig {
+        a_type: operands.into(),
+        b_type: operands.into(),
+        cd_type: accumulator.into(),
+        m: m as u32,
+        n: n as u32,
+        k: k as u32,
+    };
+    client.features().matmul.cmma.contains(&config)
+}

@@ -29,7 +29,7 @@ use cubecl::prelude::*;
 
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
-use crate::{FloatElement, check_type_supported, vector_size};
+use crate::{FloatElement, check_type_supported, has_mma, vector_size};
 
 /// Activation rows one cube multiplies: its accumulators live in registers, `rows_m` per
 /// output feature of each lane.
@@ -504,20 +504,13 @@ fn global_tile<F: Float>(
 /// Whether `client`'s device has 8x32x16 matrix units for `F` with f32 accumulators.
 fn mma_supported<R: Runtime, F: FloatElement>(client: &ComputeClient<R>) -> bool {
     use cubecl::ir::{ElemType, FloatKind};
-    let ty: cubecl::ir::StorageType = match F::name() {
-        "f16" => ElemType::Float(FloatKind::F16).into(),
-        "bf16" => ElemType::Float(FloatKind::BF16).into(),
+    let operands = match F::name() {
+        "f16" => ElemType::Float(FloatKind::F16),
+        "bf16" => ElemType::Float(FloatKind::BF16),
         _ => return false,
     };
-    let config = cubecl::ir::features::MmaConfig {
-        a_type: ty,
-        b_type: ty,
-        cd_type: ElemType::Float(FloatKind::F32).into(),
-        m: MMA_M as u32,
-        n: MMA_N as u32,
-        k: MMA_K as u32,
-    };
-    client.features().matmul.cmma.contains(&config)
+    let f32 = ElemType::Float(FloatKind::F32);
+    has_mma(client, operands, f32, (MMA_M, MMA_N, MMA_K))
 }
 
 /// `out = x · wᵀ` for decoding: `x` holds `[m, k]` elements of `F` (row-major), `w` the weight

@@ -46,7 +46,7 @@ use cubecl::prelude::*;
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
 use crate::reduce::cube_reduce;
-use crate::{FloatElement, check_type_supported, vector_size};
+use crate::{FloatElement, check_type_supported, has_mma, vector_size};
 use sparsekv_format::{HeadDim, Sparsity, keep_count};
 
 /// Cubes to aim for when splitting the token range: several waves of resident cubes on a large
@@ -823,16 +823,8 @@ fn decode_merge_kernel<F: Float>(
 /// uses (f32 accumulators for the products, f16 for the zeroing stores).
 fn mma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
     let f16 = ElemType::Float(FloatKind::F16);
-    let config = |cd: ElemType| cubecl::ir::features::MmaConfig {
-        a_type: f16.into(),
-        b_type: f16.into(),
-        cd_type: cd.into(),
-        m: mma::MMA as u32,
-        n: mma::MMA as u32,
-        k: mma::MMA as u32,
-    };
-    let cmma = &client.features().matmul.cmma;
-    cmma.contains(&config(ElemType::Float(FloatKind::F32))) && cmma.contains(&config(f16))
+    let shape = (mma::MMA, mma::MMA, mma::MMA);
+    has_mma(client, f16, ElemType::Float(FloatKind::F32), shape) && has_mma(client, f16, f16, shape)
 }
 
 /// Shapes and per-sequence lengths of one decode-attention call.
