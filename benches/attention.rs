@@ -18,8 +18,8 @@
 //!
 //! `SPARSEKV_BENCH_QUICK=1` runs only B = 1 at 1K and 4K (for software adapters);
 //! `SPARSEKV_BENCH_ONLY=8x16384,8x32768x256` only those shapes (`BxT` at head_dim 128, or
-//! `BxTxD`), without criterion (for profilers and short runs); `SPARSEKV_BENCH_KERNEL=tensor-core`
-//! runs the sparse rows on the experimental tensor-core kernel.
+//! `BxTxD`), without criterion (for profilers and short runs); `SPARSEKV_BENCH_KERNEL=simt` or
+//! `=tensor-core` runs every row on that split kernel instead of the default (`Auto`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -36,7 +36,7 @@ use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
     AttentionArgs, CompressArgs, DecodeKernel, DenseCacheArgs, FloatElement, SparseSegmentArgs,
-    decode_attention, decode_attention_with, prune_compress, supports_type,
+    decode_attention_with, prune_compress, supports_type,
 };
 
 const Q_HEADS: usize = 32;
@@ -194,7 +194,7 @@ impl Shape {
                     Some(&segment),
                     &window,
                     out,
-                    sparse_kernel(),
+                    bench_kernel(),
                 )
             }
             None => {
@@ -213,18 +213,19 @@ impl Shape {
                     v: &set.dense_v,
                     stride: self.tokens * self.head_dim,
                 };
-                decode_attention::<Rt, F>(client, &args, q, None, &window, out)
+                decode_attention_with::<Rt, F>(client, &args, q, None, &window, out, bench_kernel())
             }
         };
         result.expect("launch");
     }
 }
 
-/// The split kernel of the sparse rows: `SPARSEKV_BENCH_KERNEL=tensor-core` measures the
-/// experimental tensor-core kernel instead of the default.
-fn sparse_kernel() -> DecodeKernel {
+/// The split kernel of every row: `SPARSEKV_BENCH_KERNEL=simt` or `=tensor-core` measures that
+/// kernel instead of the default (`Auto`).
+fn bench_kernel() -> DecodeKernel {
     match std::env::var("SPARSEKV_BENCH_KERNEL").as_deref() {
         Ok("tensor-core") => DecodeKernel::TensorCore,
+        Ok("simt") => DecodeKernel::Simt,
         _ => DecodeKernel::Auto,
     }
 }
@@ -271,9 +272,13 @@ fn shapes() -> Vec<Shape> {
 }
 
 fn label(which: Option<usize>) -> String {
-    match which {
+    let kind = match which {
         Some(i) => format!("sparse s={}", SPARSITIES[i]),
         None => "dense".into(),
+    };
+    match bench_kernel() {
+        DecodeKernel::Auto => kind,
+        kernel => format!("{kind} ({kernel:?})"),
     }
 }
 

@@ -131,21 +131,39 @@ pub(crate) fn vector_size(
     vec
 }
 
-/// Whether `client`'s device has `m x n x k` matrix-unit products of `operands` (A and B)
-/// into `accumulator` (C and D).
-pub(crate) fn has_mma<R: Runtime>(
+/// Which matrix-unit interface a kernel uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MmaApi {
+    /// Whole-fragment operations (`cmma`: load, execute, store).
+    Fragment,
+    /// Per-lane registers (`mma.sync` with `ldmatrix`), CUDA only.
+    Registers,
+}
+
+/// Whether `client`'s device has `m x n x k` matrix-unit products with `F` operands (A and B,
+/// 16-bit floats only) into f32 accumulators (C and D), through `api`.
+pub(crate) fn has_mma<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
-    operands: cubecl::ir::ElemType,
-    accumulator: cubecl::ir::ElemType,
+    api: MmaApi,
     (m, n, k): (usize, usize, usize),
 ) -> bool {
+    use cubecl::ir::{ElemType, FloatKind};
+    let operands = match F::name() {
+        "f16" => ElemType::Float(FloatKind::F16),
+        "bf16" => ElemType::Float(FloatKind::BF16),
+        _ => return false,
+    };
     let config = cubecl::ir::features::MmaConfig {
         a_type: operands.into(),
         b_type: operands.into(),
-        cd_type: accumulator.into(),
+        cd_type: ElemType::Float(FloatKind::F32).into(),
         m: m as u32,
         n: n as u32,
         k: k as u32,
     };
-    client.features().matmul.cmma.contains(&config)
+    let matmul = &client.features().matmul;
+    match api {
+        MmaApi::Fragment => matmul.cmma.contains(&config),
+        MmaApi::Registers => matmul.mma.contains(&config),
+    }
 }

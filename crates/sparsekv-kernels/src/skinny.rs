@@ -29,7 +29,7 @@ use cubecl::prelude::*;
 
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
-use crate::{FloatElement, check_type_supported, has_mma, vector_size};
+use crate::{FloatElement, MmaApi, check_type_supported, has_mma, vector_size};
 
 /// Activation rows one cube multiplies: its accumulators live in registers, `rows_m` per
 /// output feature of each lane.
@@ -501,18 +501,6 @@ fn global_tile<F: Float>(
     )
 }
 
-/// Whether `client`'s device has 8x32x16 matrix units for `F` with f32 accumulators.
-fn mma_supported<R: Runtime, F: FloatElement>(client: &ComputeClient<R>) -> bool {
-    use cubecl::ir::{ElemType, FloatKind};
-    let operands = match F::name() {
-        "f16" => ElemType::Float(FloatKind::F16),
-        "bf16" => ElemType::Float(FloatKind::BF16),
-        _ => return false,
-    };
-    let f32 = ElemType::Float(FloatKind::F32);
-    has_mma(client, operands, f32, (MMA_M, MMA_N, MMA_K))
-}
-
 /// `out = x · wᵀ` for decoding: `x` holds `[m, k]` elements of `F` (row-major), `w` the weight
 /// matrix as `[n, k]` rows (row `j` = the input weights of output feature `j`), and `out`
 /// receives `[m, n]`. Accumulates in f32. `m` is 1..=[`MAX_M`]. Nothing is read back.
@@ -591,7 +579,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
         && n >= MMA_N
         && k.is_multiple_of(MMA_K)
         && hw.max_units_per_cube >= 32
-        && mma_supported::<R, F>(client);
+        && has_mma::<R, F>(client, MmaApi::Fragment, (MMA_M, MMA_N, MMA_K));
     match kernel {
         SkinnyKernel::TensorCore if !mma_fits => {
             return Err(KernelError::InvalidArguments(format!(

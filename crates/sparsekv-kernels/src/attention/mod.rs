@@ -38,16 +38,16 @@
 //! (CUDA, f16): compressed rows expanded into dense tiles, both products on matrix units. It is
 //! correct but slower so far; docs/PERF-NOTES.md has its profile.
 
-mod mma;
+mod tensor_core;
 
-use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::*;
 
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
 use crate::reduce::cube_reduce;
-use crate::{FloatElement, check_type_supported, has_mma, vector_size};
+use crate::{FloatElement, MmaApi, check_type_supported, has_mma, vector_size};
 use sparsekv_format::{HeadDim, Sparsity, keep_count};
+use tensor_core::TilePlan;
 
 /// Cubes to aim for when splitting the token range: several waves of resident cubes on a large
 /// GPU, so that the last, partial wave is a small part of the call.
@@ -819,14 +819,6 @@ fn decode_merge_kernel<F: Float>(
     out[row * head_dim + c] = F::cast_from(o / l);
 }
 
-/// Whether `client`'s device has the 16x16x16 f16 matrix operations the tensor-core kernel
-/// uses (f32 accumulators for the products, f16 for the zeroing stores).
-fn mma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
-    let f16 = ElemType::Float(FloatKind::F16);
-    let shape = (mma::MMA, mma::MMA, mma::MMA);
-    has_mma(client, f16, ElemType::Float(FloatKind::F32), shape) && has_mma(client, f16, f16, shape)
-}
-
 /// Shapes and per-sequence lengths of one decode-attention call.
 #[derive(Debug, Clone)]
 pub struct AttentionArgs<'a> {
@@ -881,15 +873,15 @@ pub struct DenseCacheArgs<'a> {
 /// Which split kernel [`decode_attention_with`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DecodeKernel {
-    /// The fastest kernel for the device and arguments: today the CUDA-core kernel everywhere.
+    /// The tensor-core kernel where it applies, else the CUDA-core kernel.
     #[default]
     Auto,
     /// The CUDA-core kernel (every runtime, type and shape).
     Simt,
-    /// The experimental tensor-core kernel: compressed rows expanded into dense f16 tiles,
-    /// both products on 16x16x16 matrix units. CUDA, f16, a compressed segment, head_dim a
-    /// multiple of 16 and at most 16 query heads per KV head; anything else is an error. Slower
-    /// than [`DecodeKernel::Simt`] so far (docs/PERF-NOTES.md).
+    /// The tensor-core kernel: each plane expands its tiles' compressed rows into dense 16-bit
+    /// tiles and runs both products on 16x8x16 matrix units (module `tensor_core`). CUDA,
+    /// f16 or bf16, head_dim a multiple of 16, at most 8 query heads per KV head, 16-byte
+    /// aligned streams; anything else is an error.
     TensorCore,
 }
 
@@ -1001,68 +993,62 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     }
 
     let hw = &client.properties().hardware;
-    let vec = vector_size(es, hw.max_vector_size, d, &[window.stride]);
-    let use_plane = client
-        .features()
-        .plane
-        .contains(cubecl::features::Plane::Ops);
-    // 16-bit values are unpacked by a bit cast on CUDA, with integer operations elsewhere.
-    let unpack = if es == 4 || R::name(client) == "cuda" {
-        Unpack::Bitcast
-    } else if F::name() == "bf16" {
-        Unpack::Bf16Bits
-    } else {
-        Unpack::F16Bits
-    };
-    let plan = SplitPlan::new(
-        d,
+    let sparse = segment.is_some();
+    let tc_plan = TilePlan {
+        head_dim: d,
         group,
         keep_k,
         keep_v,
-        es,
-        unpack,
-        vec,
-        segment.is_some(),
-        use_plane,
-        hw.max_shared_memory_size,
-        hw.max_units_per_cube as usize,
-    )?;
-    // The tensor-core kernel, only when asked for (it is slower so far).
-    let use_mma = kernel == DecodeKernel::TensorCore;
-    if use_mma
-        && !(segment.is_some()
-            && R::name(client) == "cuda"
-            && F::name() == "f16"
-            && d.is_multiple_of(mma::MMA)
-            && group <= mma::MMA
-            && mma_supported(client)
-            && hw.max_units_per_cube as usize >= mma::MMA_UNITS)
-    {
-        return Err(KernelError::InvalidArguments(format!(
-            "the tensor-core decode kernel needs CUDA with f16 matrix operations, f16 values, a compressed segment, head_dim a multiple of 16 and at most 16 query heads per KV head (got {} {}, head_dim {d}, group {group}, segment: {})",
-            R::name(client),
-            F::name(),
-            segment.is_some()
-        )));
-    }
-    let plan = if use_mma {
-        SplitPlan {
-            tile: mma::MMA_TILE,
-            units: mma::MMA_UNITS,
-            v_row: SplitPlan::padded_values(keep_v, es),
-            ..plan
-        }
-    } else {
-        plan
+        sparse,
     };
-    if use_mma && mma::mma_shared_bytes(&plan) > hw.max_shared_memory_size {
-        return Err(KernelError::InvalidArguments(format!(
-            "the tensor-core decode kernel needs {} bytes of shared memory; the device allows {}",
-            mma::mma_shared_bytes(&plan),
-            hw.max_shared_memory_size
-        )));
-    }
-    let tile = plan.tile;
+    let use_tc = match kernel {
+        DecodeKernel::Simt => false,
+        DecodeKernel::Auto => {
+            tensor_core_unsupported::<R, F>(client, &tc_plan, segment, window.stride).is_none()
+        }
+        DecodeKernel::TensorCore => {
+            match tensor_core_unsupported::<R, F>(client, &tc_plan, segment, window.stride) {
+                Some(why) => {
+                    return Err(KernelError::InvalidArguments(format!(
+                        "the tensor-core decode kernel does not apply: {why}"
+                    )));
+                }
+                None => true,
+            }
+        }
+    };
+    let vec = vector_size(es, hw.max_vector_size, d, &[window.stride]);
+    let simt_plan = if use_tc {
+        None
+    } else {
+        let use_plane = client
+            .features()
+            .plane
+            .contains(cubecl::features::Plane::Ops);
+        // 16-bit values are unpacked by a bit cast on CUDA, with integer operations elsewhere.
+        let unpack = if es == 4 || R::name(client) == "cuda" {
+            Unpack::Bitcast
+        } else if F::name() == "bf16" {
+            Unpack::Bf16Bits
+        } else {
+            Unpack::F16Bits
+        };
+        Some(SplitPlan::new(
+            d,
+            group,
+            keep_k,
+            keep_v,
+            es,
+            unpack,
+            vec,
+            sparse,
+            use_plane,
+            hw.max_shared_memory_size,
+            hw.max_units_per_cube as usize,
+        )?)
+    };
+    // Tokens a cube walks per step: split lengths are whole multiples of it.
+    let tile = simt_plan.map_or(tensor_core::PLANES * tensor_core::TILE, |p| p.tile);
     let max_total = (0..batch)
         .map(|s| (args.compressed_lens[s] + args.window_lens[s]) as usize)
         .max()
@@ -1082,75 +1068,87 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     let part_o = client.empty(rows * splits * d * 4);
     let part_ml = client.empty(rows * splits * 2 * 4);
     let placeholder = client.empty(32);
-    let elems = |h: &cubecl::server::Handle, size: usize| h.size() as usize / size;
-    let arr = |h: &cubecl::server::Handle, size: usize| unsafe {
-        ArrayArg::from_raw_parts(h.clone(), elems(h, size))
-    };
-    // Dense rows and queries are read as vectors of `vec` elements.
-    let varr = |h: &cubecl::server::Handle| unsafe {
-        ArrayArg::from_raw_parts(h.clone(), elems(h, es * vec))
-    };
     let (kb, kv, vb, vv, bits_stride, kvs, vvs) = match segment {
         Some(s) => (
-            arr(s.k_bitmap, 4),
-            arr(s.k_values, 4),
-            arr(s.v_bitmap, 4),
-            arr(s.v_values, 4),
+            s.k_bitmap,
+            s.k_values,
+            s.v_bitmap,
+            s.v_values,
             s.bitmap_stride,
             s.k_values_stride,
             s.v_values_stride,
         ),
         None => (
-            arr(&placeholder, 4),
-            arr(&placeholder, 4),
-            arr(&placeholder, 4),
-            arr(&placeholder, 4),
+            &placeholder,
+            &placeholder,
+            &placeholder,
+            &placeholder,
             0,
             0,
             0,
         ),
     };
+    // Arrays of `bytes`-byte items.
+    let arr = |h: &cubecl::server::Handle, bytes: usize| unsafe {
+        ArrayArg::from_raw_parts(h.clone(), h.size() as usize / bytes)
+    };
+    let count = CubeCount::Static(splits as u32, kv_heads as u32, batch as u32);
+    let scale = 1.0 / (d as f32).sqrt();
     // SAFETY: every index the kernels compute stays inside the buffers whose sizes were
     // checked above: tokens below each sequence's lengths, which fit the stream capacities,
-    // and the partial buffers sized from `splits`.
+    // and the partial buffers sized from `splits`. The tensor-core kernel's 16-byte chunks
+    // stay inside each stream because streams and tiles are chunk-aligned (checked by
+    // `tensor_core_unsupported`).
     unsafe {
-        // Both split kernels take the same arguments (the tensor-core one reads the queries
-        // as scalars).
-        macro_rules! launch_split {
-            ($kernel:path, $q:expr) => {
-                $kernel(
-                    client,
-                    CubeCount::Static(splits as u32, kv_heads as u32, batch as u32),
-                    CubeDim::new_1d(plan.units as u32),
-                    vec,
-                    $q,
-                    kb,
-                    kv,
-                    vb,
-                    vv,
-                    varr(window.k),
-                    varr(window.v),
-                    arr(&lens, 4),
-                    arr(&part_o, 4),
-                    arr(&part_ml, 4),
-                    bits_stride as u32,
-                    kvs as u32,
-                    vvs as u32,
-                    window.stride as u32,
-                    split_tokens as u32,
-                    q_heads as u32,
-                    1.0 / (d as f32).sqrt(),
-                    plan,
-                )
-            };
-        }
-        if use_mma {
-            launch_split!(
-                mma::decode_split_mma_kernel::launch_unchecked::<F, R>,
-                arr(q, es)
-            );
-        } else {
-            launch_split!(decode_split_kernel::launch_unchecked::<F, R>, varr(q));
+        match simt_plan {
+            None => tensor_core::decode_split_tc_kernel::launch_unchecked::<F, R>(
+                client,
+                count,
+                CubeDim::new_1d(tensor_core::UNITS as u32),
+                4,
+                arr(q, es),
+                arr(kb, 16),
+                arr(kv, 16),
+                arr(vb, 16),
+                arr(vv, 16),
+                arr(window.k, 16),
+                arr(window.v, 16),
+                arr(&lens, 4),
+                arr(&part_o, 4),
+                arr(&part_ml, 4),
+                bits_stride as u32,
+                kvs as u32,
+                vvs as u32,
+                window.stride as u32,
+                split_tokens as u32,
+                q_heads as u32,
+                scale,
+                tc_plan,
+            ),
+            Some(plan) => decode_split_kernel::launch_unchecked::<F, R>(
+                client,
+                count,
+                CubeDim::new_1d(plan.units as u32),
+                vec,
+                arr(q, es * vec),
+                arr(kb, 4),
+                arr(kv, 4),
+                arr(vb, 4),
+                arr(vv, 4),
+                arr(window.k, es * vec),
+                arr(window.v, es * vec),
+                arr(&lens, 4),
+                arr(&part_o, 4),
+                arr(&part_ml, 4),
+                bits_stride as u32,
+                kvs as u32,
+                vvs as u32,
+                window.stride as u32,
+                split_tokens as u32,
+                q_heads as u32,
+                scale,
+                plan,
+            ),
         }
         decode_merge_kernel::launch_unchecked::<F, R>(
             client,
@@ -1164,4 +1162,51 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         );
     }
     Ok(())
+}
+
+/// Why the tensor-core kernel cannot run this call on `client`, or `None` when it can.
+fn tensor_core_unsupported<R: Runtime, F: FloatElement>(
+    client: &ComputeClient<R>,
+    plan: &TilePlan,
+    segment: Option<&SparseSegmentArgs<'_>>,
+    window_stride: usize,
+) -> Option<String> {
+    let hw = &client.properties().hardware;
+    let shape = (16, tensor_core::HEADS, 16);
+    let (d, group) = (plan.head_dim, plan.group);
+    if R::name(client) != "cuda" || !has_mma::<R, F>(client, MmaApi::Registers, shape) {
+        return Some(format!(
+            "it needs CUDA with 16x8x16 {} matrix units (got {})",
+            F::name(),
+            R::name(client)
+        ));
+    }
+    if !d.is_multiple_of(16) || group > tensor_core::HEADS {
+        return Some(format!(
+            "it needs head_dim a multiple of 16 and at most {} query heads per KV head (got {d} and {group})",
+            tensor_core::HEADS
+        ));
+    }
+    // 16-byte chunks: 8 values, 4 bitmap words.
+    let misaligned = !window_stride.is_multiple_of(8)
+        || segment.is_some_and(|s| {
+            !s.bitmap_stride.is_multiple_of(4)
+                || !s.k_values_stride.is_multiple_of(8)
+                || !s.v_values_stride.is_multiple_of(8)
+        });
+    if misaligned {
+        return Some(
+            "it needs 16-byte aligned streams (window stride a multiple of 8 values, bitmap stride of 4 words, value strides of 8 values)".to_string(),
+        );
+    }
+    let shared = plan.shared_bytes();
+    if shared > hw.max_shared_memory_size || (hw.max_units_per_cube as usize) < tensor_core::UNITS {
+        return Some(format!(
+            "it needs {shared} bytes of shared memory and {} units per cube; the device allows {} and {}",
+            tensor_core::UNITS,
+            hw.max_shared_memory_size,
+            hw.max_units_per_cube
+        ));
+    }
+    None
 }
