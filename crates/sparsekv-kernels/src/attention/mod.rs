@@ -34,9 +34,11 @@
 //! The dense baseline is this kernel with the compressed part compiled out (`sparse = false`):
 //! all tokens come from the dense arrays, key rows staged the same way.
 //!
-//! [`DecodeKernel::TensorCore`] selects the experimental kernel of the `mma` module instead
-//! (CUDA, f16): compressed rows expanded into dense tiles, both products on matrix units. It is
-//! correct but slower so far; docs/PERF-NOTES.md has its profile.
+//! On CUDA with 16-bit values, [`DecodeKernel::Auto`] runs the kernel of the `tensor_core`
+//! module instead (same split contract and merge): each plane expands its tiles' compressed
+//! rows into dense tiles and runs both products on 16x8x16 matrix units. The kernel described
+//! above serves every other runtime and type (f32, wgpu, lavapipe) and
+//! [`DecodeKernel::Simt`].
 
 mod tensor_core;
 
