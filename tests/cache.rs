@@ -428,3 +428,66 @@ fn burns_own_backend_aliases_implement_the_extension() {
     implements::<sparsekv::cache::burn::backend::Cuda>();
     implements::<CubeBackend<Rt, half::f16, i32, u32>>();
 }
+
+/// After a GPU runtime's device thread panics, cache operations are typed errors instead of
+/// work on dead buffers. The test runs itself again as a child process (the failure is
+/// process-wide), where a thread named as CubeCL 0.10 names its device threads panics after
+/// a cache has been created and used.
+#[test]
+fn a_failed_device_thread_makes_cache_operations_errors() {
+    if std::env::var_os("SPARSEKV_DEVICE_PANIC_CHILD").is_some() {
+        let device = Default::default();
+        let config = KvCacheConfig::new(1, 1, 16, 64).with_sparsity(0.5, 0.5);
+        let mut cache = SparseKvCache::<B>::new(&config, &device).expect("cache");
+        let rows = |n: usize| Tensor::<B, 4>::ones([1, 1, n, 16], &device);
+        cache
+            .append(rows(4), rows(4))
+            .expect("append before the failure");
+        let failed = std::thread::Builder::new()
+            .name("DSU-0-0".into())
+            .spawn(|| panic!("simulated allocation failure"))
+            .map(|t| t.join().is_err());
+        assert_eq!(
+            failed.ok(),
+            Some(true),
+            "the simulated device thread must panic"
+        );
+        let append = cache.append(rows(1), rows(1));
+        let attend = cache.attend(Tensor::<B, 3>::ones([1, 2, 16], &device));
+        let fresh = DenseKvCache::<B>::new(&config, &device);
+        for (what, err) in [
+            ("append", append.err()),
+            ("attend", attend.err()),
+            ("new", fresh.err()),
+        ] {
+            match err {
+                Some(KvCacheError::DeviceThread(m))
+                    if m.contains("simulated allocation failure") =>
+                {
+                    println!("device-thread error from {what}: {m}");
+                }
+                other => panic!("{what}: expected the device-thread error, got {other:?}"),
+            }
+        }
+        return;
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no test binary path: {e}"));
+    let out = std::process::Command::new(exe)
+        .args([
+            "a_failed_device_thread_makes_cache_operations_errors",
+            "--exact",
+            "--nocapture",
+        ])
+        .env("SPARSEKV_DEVICE_PANIC_CHILD", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot rerun the test binary: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed: {stdout}\n{stderr}");
+    for what in ["append", "attend", "new"] {
+        assert!(
+            stdout.contains(&format!("device-thread error from {what}")),
+            "{stdout}\n{stderr}"
+        );
+    }
+}

@@ -161,6 +161,13 @@ pub trait KvCache<B: SparseKvBackend> {
     fn allocated_bytes(&self) -> usize;
 }
 
+/// Every cache operation starts here: the device-thread watch is installed (once per
+/// process) and an earlier failure of a device thread is an error (see [`crate::runtime`]).
+fn device_ready() -> Result<()> {
+    crate::runtime::watch_device_threads();
+    crate::runtime::check_device_threads()
+}
+
 /// Common argument checks of `append_ragged`.
 fn check_append<B: SparseKvBackend>(
     config: &KvCacheConfig,
@@ -170,6 +177,7 @@ fn check_append<B: SparseKvBackend>(
     counts: &[usize],
     lengths: &[usize],
 ) -> Result<()> {
+    device_ready()?;
     let kd = k.dims();
     let expected = vec![config.batch, config.kv_heads, kd[2], config.head_dim];
     for (what, t) in [("keys", k), ("values", v)] {
@@ -217,6 +225,7 @@ fn check_query<B: SparseKvBackend>(
     q: &Tensor<B, 3>,
     lengths: &[usize],
 ) -> Result<usize> {
+    device_ready()?;
     let [batch, q_heads, d] = q.dims();
     if batch != config.batch
         || d != config.head_dim
@@ -333,6 +342,7 @@ impl<B: SparseKvBackend> std::fmt::Debug for SparseKvCache<B> {
 impl<B: SparseKvBackend> SparseKvCache<B> {
     /// Allocates a cache for `config` on `device`.
     pub fn new(config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
+        device_ready()?;
         let (head_dim, k_sparsity, v_sparsity) = config.validate()?;
         let streams = config.batch.checked_mul(config.kv_heads);
         let capacity = layout::aligned_capacity(config.max_seq);
@@ -620,6 +630,7 @@ impl<B: SparseKvBackend> std::fmt::Debug for DenseKvCache<B> {
 impl<B: SparseKvBackend> DenseKvCache<B> {
     /// Allocates a cache for `config` on `device` (window, chunk and sparsities are ignored).
     pub fn new(config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
+        device_ready()?;
         let (head_dim, _, _) = config.validate()?;
         let capacity = layout::aligned_capacity(config.max_seq);
         let bytes = [config.kv_heads, capacity, head_dim.get(), config.value_type.size_bytes()]

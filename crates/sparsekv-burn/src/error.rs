@@ -54,6 +54,11 @@ pub enum KvCacheError {
         /// The device's largest buffer.
         limit: u64,
     },
+    /// A GPU runtime's device thread panicked earlier in this process (see
+    /// [`crate::runtime`]): its buffers are gone, so nothing computed on that device can be
+    /// trusted. The program should stop.
+    #[error("the device runtime failed ({0}); no further work can be trusted on this device")]
+    DeviceThread(String),
     /// Any other invalid argument or configuration.
     #[error("invalid argument: {0}")]
     Invalid(String),

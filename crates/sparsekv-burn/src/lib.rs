@@ -35,11 +35,13 @@ pub mod backend;
 pub mod cache;
 pub mod error;
 pub mod masked;
+pub mod runtime;
 
 pub use backend::{CubeKvBuffer, RopeHeads, SKINNY_MAX_ROWS, SparseKvBackend};
 pub use cache::{DenseKvCache, KvCache, KvCacheConfig, LayerCaches, SparseKvCache};
 pub use error::{KvCacheError, Result};
 pub use masked::{MaskedKvCache, PruneStrategy};
+pub use runtime::{check_device_threads, watch_device_threads};
 pub use sparsekv_kernels::RopeStyle;
 
 /// The Burn version this crate is built with.

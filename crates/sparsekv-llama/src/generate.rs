@@ -91,6 +91,8 @@ impl Scores {
             .convert::<i64>()
             .to_vec::<i64>()
             .map_err(|e| LlamaError::Invalid(format!("reading token ids: {e:?}")))?;
+        // What was read is garbage if a device thread failed during the step.
+        sparsekv_burn::check_device_threads()?;
         Ok(Scores::Ids(ids.into_iter().map(|i| i as u32).collect()))
     }
 }
@@ -102,6 +104,7 @@ pub(crate) fn read_logits<B: SparseKvBackend>(logits: Tensor<B, 2>) -> Result<Ve
         .convert::<f32>()
         .to_vec::<f32>()
         .map_err(|e| LlamaError::Invalid(format!("reading logits: {e:?}")))?;
+    sparsekv_burn::check_device_threads()?;
     Ok(flat.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect())
 }
 

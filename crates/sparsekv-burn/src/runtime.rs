@@ -1,0 +1,54 @@
+//! Noticing that a GPU runtime's device thread has failed.
+//!
+//! CubeCL runs each device's work on threads of its own. When one of them panics (an
+//! allocation or launch failure nobody foresaw), the caller's thread does not notice: its
+//! buffers are dead and what it reads back is garbage. [`watch_device_threads`] installs, once
+//! per process, a panic hook that records such a panic (and then runs the hook that was there
+//! before, so messages and the program's own hooks are unchanged); [`check_device_threads`]
+//! turns the record into [`KvCacheError::DeviceThread`]. The caches call both, so their
+//! operations return that error from the first call after the failure instead of computing
+//! with dead buffers.
+
+use std::sync::{Once, OnceLock};
+
+use crate::error::{KvCacheError, Result};
+
+/// The first device-thread failure of the process: thread name and panic message.
+static FAILURE: OnceLock<String> = OnceLock::new();
+static WATCH: Once = Once::new();
+
+/// Whether `name` is a CubeCL device thread: cubecl-common 0.10 names them `DSU-<type>-<index>`
+/// (upstream) and `DSD-<type>-<index>` (downstream).
+fn is_device_thread(name: &str) -> bool {
+    name.starts_with("DSU-") || name.starts_with("DSD-")
+}
+
+/// Installs the panic hook that records a device thread's panic, once per process (later calls
+/// do nothing). The caches call it when they are created; a program may call it earlier.
+pub fn watch_device_threads() {
+    WATCH.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            if let Some(name) = thread.name().filter(|n| is_device_thread(n)) {
+                let payload = info.payload();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                let _ = FAILURE.set(format!("{name}: {message}"));
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// `Ok` while no device thread has failed since [`watch_device_threads`] was installed, else
+/// [`KvCacheError::DeviceThread`] with the first failure's thread and message.
+pub fn check_device_threads() -> Result<()> {
+    match FAILURE.get() {
+        Some(failure) => Err(KvCacheError::DeviceThread(failure.clone())),
+        None => Ok(()),
+    }
+}
