@@ -20,7 +20,7 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use sparsekv::cache::burn_cubecl::CubeBackend;
 use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, SparseKvBackend, SparseKvCache};
-use sparsekv::format::{KvBytes, Sparsity, ValueType};
+use sparsekv::format::{KvBytes, ValueType};
 use sparsekv::llama::{
     BuiltinTemplate, ChatTemplate, Llama, LlamaError, Message, Pretrained, Sampling, generate,
 };
@@ -295,7 +295,7 @@ fn validate(args: &Args) -> Result<(), LlamaError> {
         ("--k-sparsity", args.k_sparsity),
         ("--v-sparsity", args.v_sparsity),
     ] {
-        Sparsity::new(s).map_err(|e| LlamaError::Invalid(format!("{flag}: {e}")))?;
+        sparsekv::llama::args::sparsity(flag, s)?;
     }
     if !(args.temperature.is_finite() && args.temperature >= 0.0) {
         return Err(LlamaError::Invalid(format!(
@@ -310,11 +310,8 @@ fn validate(args: &Args) -> Result<(), LlamaError> {
         )));
     }
     for (flag, path) in [("--model", &args.model), ("--tokenizer", &args.tokenizer)] {
-        if let Some(p) = path.as_ref().filter(|p| !p.exists()) {
-            return Err(LlamaError::Invalid(format!(
-                "{flag} {}: no such file or directory",
-                p.display()
-            )));
+        if let Some(p) = path {
+            sparsekv::llama::args::existing_path(flag, p)?;
         }
     }
     Ok(())
@@ -322,16 +319,7 @@ fn validate(args: &Args) -> Result<(), LlamaError> {
 
 fn load(args: &Args) -> Result<Pretrained, LlamaError> {
     match &args.model {
-        Some(path) if path.is_dir() => Pretrained::load_dir(path),
-        Some(path) => {
-            let tokenizer = args.tokenizer.as_ref().ok_or_else(|| {
-                LlamaError::Invalid(format!(
-                    "{} is a llama2.c checkpoint: pass its tokenizer.bin with --tokenizer",
-                    path.display()
-                ))
-            })?;
-            Pretrained::load_llama2c(path, tokenizer)
-        }
+        Some(path) => Pretrained::load(path, args.tokenizer.as_deref()),
         None => fetch(args),
     }
 }

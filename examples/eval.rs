@@ -80,7 +80,12 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
     /// Sparsities to sweep.
-    #[arg(long, value_delimiter = ',', default_value = "0,0.3,0.5,0.7,0.8")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,0.3,0.5,0.7,0.8",
+        allow_negative_numbers = true
+    )]
     sparsities: Vec<f64>,
     /// Dense windows to sweep.
     #[arg(long, value_delimiter = ',', default_value = "0,32")]
@@ -480,24 +485,24 @@ fn replot(args: &Args, csv: &Path) -> Result<(), LlamaError> {
 }
 
 fn load(args: &Args) -> Result<Pretrained, LlamaError> {
-    let model = args.model.clone().unwrap_or_default();
-    if model.is_dir() {
-        return Pretrained::load_dir(&model);
-    }
-    let tokenizer = args.tokenizer.as_ref().ok_or_else(|| {
-        LlamaError::Invalid(format!(
-            "{} is a llama2.c checkpoint: pass its tokenizer.bin with --tokenizer",
-            model.display()
-        ))
-    })?;
-    Pretrained::load_llama2c(&model, tokenizer)
+    Pretrained::load(
+        args.model.clone().unwrap_or_default(),
+        args.tokenizer.as_deref(),
+    )
 }
 
 fn check(args: &Args) -> Result<(), LlamaError> {
-    if let Some(s) = args.sparsities.iter().find(|s| !(0.0..1.0).contains(*s)) {
-        return Err(LlamaError::Invalid(format!(
-            "--sparsities: {s} is outside [0, 1)"
-        )));
+    for &s in &args.sparsities {
+        sparsekv::llama::args::sparsity("--sparsities", s)?;
+    }
+    for (flag, path) in [
+        ("--model", &args.model),
+        ("--tokenizer", &args.tokenizer),
+        ("--text", &args.text),
+    ] {
+        if let Some(p) = path {
+            sparsekv::llama::args::existing_path(flag, p)?;
+        }
     }
     if args.sparsities.is_empty() || args.windows.is_empty() || args.chunk == 0 {
         return Err(LlamaError::Invalid(

@@ -56,15 +56,19 @@ fn kv_size_names_the_flag_of_a_bad_sparsity() {
     assert_fails_with(&["--k-sparsity", "1"], "--k-sparsity");
 }
 
-/// The chat example built beside this test (`cargo test` builds the examples).
-fn chat_example() -> PathBuf {
+/// The example `name` built beside this test (`cargo test` builds the examples).
+fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe()
         .ok()
-        .and_then(|t| Some(t.parent()?.parent()?.join("examples/chat")))
+        .and_then(|t| Some(t.parent()?.parent()?.join("examples").join(name)))
         .filter(|p| p.exists());
     exe.unwrap_or_else(|| {
-        panic!("the chat example is not built: run `cargo test` (it builds the examples) first")
+        panic!("the {name} example is not built: run `cargo test` (it builds the examples) first")
     })
+}
+
+fn chat_example() -> PathBuf {
+    example("chat")
 }
 
 fn stories260k() -> PathBuf {
@@ -183,6 +187,50 @@ fn a_panic_on_another_thread_ends_the_process() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(101), "{stderr}");
     assert!(stderr.contains("thread worker failed"), "{stderr}");
+}
+
+/// The eval example checks its arguments as chat does, before loading anything: a missing
+/// model or text file is named as missing, a negative sparsity reaches the range check.
+#[test]
+fn eval_refuses_bad_input_before_loading() {
+    let eval = |args: &[&str]| {
+        Command::new(example("eval"))
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run the eval example: {e}"))
+    };
+    let dir = stories260k();
+    let model = dir.join("stories260K.bin");
+    let tokenizer = dir.join("tok512.bin");
+    let (model, tokenizer) = (model.to_string_lossy(), tokenizer.to_string_lossy());
+    for (args, message) in [
+        (
+            vec!["--model", "no/such/model.bin", "--text", "no/such/text.txt"],
+            "--model no/such/model.bin: no such file or directory",
+        ),
+        (
+            vec![
+                "--model",
+                &model,
+                "--tokenizer",
+                &tokenizer,
+                "--text",
+                "no/such/text.txt",
+            ],
+            "--text no/such/text.txt: no such file or directory",
+        ),
+        (
+            vec!["--model", &model, "--text", "x", "--sparsities", "0.5,-0.1"],
+            "--sparsities",
+        ),
+    ] {
+        let out = eval(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(message),
+            "{args:?}: expected {message:?} in {stderr}"
+        );
+    }
 }
 
 /// The REPL keeps a conversation under a chat template; when the turns outgrow the model's

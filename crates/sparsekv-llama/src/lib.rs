@@ -2,6 +2,7 @@
 //! Hugging Face directories (safetensors, `tokenizer.json`, chat templates) and llama2.c
 //! checkpoints, the model, and batched generation.
 
+pub mod args;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;

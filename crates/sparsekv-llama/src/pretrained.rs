@@ -37,6 +37,27 @@ fn eos_ids(value: Option<&serde_json::Value>) -> Vec<u32> {
 }
 
 impl Pretrained {
+    /// Loads what a command line names: a Hugging Face model directory, or a llama2.c
+    /// checkpoint with its `tokenizer.bin`. A path that does not exist is an error saying so
+    /// (not a guess at what kind of model it was meant to be).
+    pub fn load(model: impl AsRef<Path>, tokenizer: Option<&Path>) -> Result<Self> {
+        let model = model.as_ref();
+        crate::args::existing_path("model", model)?;
+        if let Some(t) = tokenizer {
+            crate::args::existing_path("tokenizer", t)?;
+        }
+        if model.is_dir() {
+            return Self::load_dir(model);
+        }
+        let tokenizer = tokenizer.ok_or_else(|| {
+            LlamaError::Invalid(format!(
+                "{} is a llama2.c checkpoint: pass its tokenizer.bin with --tokenizer",
+                model.display()
+            ))
+        })?;
+        Self::load_llama2c(model, tokenizer)
+    }
+
     /// Loads a Hugging Face model directory: `config.json`, safetensors weights,
     /// `tokenizer.json`, and when present `generation_config.json` (stop tokens) and the chat
     /// template (`tokenizer_config.json` or `chat_template.jinja`).
