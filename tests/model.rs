@@ -672,3 +672,51 @@ fn evaluation_rejects_bad_arguments() {
     let long = vec![vec![1u32; model.config().max_seq + 1]];
     assert!(evaluate(&model, &long, &dense, 8, ValueType::F32, &device, || {}).is_err());
 }
+
+/// Prefill attention runs in blocks of queries (memory O(block x prompt), not O(prompt²)):
+/// blocks of 5 and 1 queries give the logits of one block for the whole prompt, on both shared
+/// models (tinystories-656K has grouped KV heads), for a ragged batch.
+#[test]
+fn blockwise_prefill_matches_one_block() {
+    let (stories_model, tok) = stories();
+    let (tiny_model, _) = tinystories();
+    let prompt = tok
+        .encode(
+            "Once upon a time, there was a little girl named Lily. She loved",
+            true,
+        )
+        .expect("encode");
+    let short = &prompt[..7];
+    for mut model in [stories_model, tiny_model] {
+        let c = model.config().clone();
+        let logits = |model: &Llama<B>| {
+            let mut caches: Vec<DenseKvCache<B>> = (0..c.n_layers)
+                .map(|_| {
+                    let cfg = KvCacheConfig::new(2, c.n_kv_heads, c.head_dim(), 64);
+                    DenseKvCache::new(&cfg, &Default::default()).expect("cache")
+                })
+                .collect();
+            model
+                .prefill_batch(&[&prompt, short], &mut caches)
+                .expect("prefill")
+                .into_data()
+                .to_vec::<f32>()
+                .expect("f32")
+        };
+        let whole = logits(&model);
+        for block in [5, 1] {
+            model.set_prefill_block(Some(block));
+            let blocked = logits(&model);
+            let worst = whole
+                .iter()
+                .zip(&blocked)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < 1e-4 && blocked.iter().all(|x| x.is_finite()),
+                "block {block}: max difference {worst}"
+            );
+        }
+        assert!(prompt.len() > 10, "the prompt must span several blocks");
+    }
+}

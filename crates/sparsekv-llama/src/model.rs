@@ -42,7 +42,15 @@ pub struct Llama<B: SparseKvBackend> {
     /// `[max_seq, head_dim / 2]`.
     rope_cos: Tensor<B, 2>,
     rope_sin: Tensor<B, 2>,
+    /// Query rows per block of prefill attention (`None`: from [`PREFILL_SCORE_BUDGET`]).
+    prefill_block: Option<usize>,
 }
+
+/// Score elements one block of prefill attention may hold (`batch x heads x block x keys`,
+/// f32): 2^26, 256 MB. A prompt of `n` tokens takes blocks of
+/// `budget / (batch x heads x n)` queries (at least 16), so prefill memory grows as
+/// O(block x n), not O(n^2).
+pub const PREFILL_SCORE_BUDGET: usize = 1 << 26;
 
 impl<B: SparseKvBackend> std::fmt::Debug for Llama<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,6 +132,7 @@ impl<B: SparseKvBackend> Llama<B> {
             lm_head,
             rope_cos,
             rope_sin,
+            prefill_block: None,
         })
     }
 
@@ -170,12 +179,84 @@ impl<B: SparseKvBackend> Llama<B> {
             lm_head: matrix(c.vocab_size, dim),
             rope_cos,
             rope_sin,
+            prefill_block: None,
         })
     }
 
     /// Hyper-parameters.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// Sets the query rows per block of prefill attention (`None`: chosen from
+    /// [`PREFILL_SCORE_BUDGET`]). Results do not depend on it beyond rounding; smaller blocks
+    /// use less memory and launch more.
+    pub fn set_prefill_block(&mut self, queries: Option<usize>) {
+        self.prefill_block = queries.map(|q| q.max(1));
+    }
+
+    /// Causal attention of a whole prompt, one block of queries at a time: `q` `[b, h, n, hd]`,
+    /// `k` and `v` `[b, kv_heads, n, hd]` (each KV head serves its group of query heads by
+    /// broadcasting, never repeated in memory). Block `[i0, i1)` scores
+    /// `[b, kv_heads, group, i1 - i0, i1]` against the keys it may see. Returns
+    /// `[b, n, h * hd]`.
+    fn prefill_attention(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, h, n, hd] = q.dims();
+        let kvh = k.dims()[1];
+        let group = h / kvh;
+        let block = self
+            .prefill_block
+            .unwrap_or_else(|| (PREFILL_SCORE_BUDGET / (b * h * n).max(1)).max(16))
+            .min(n);
+        let q = q.reshape([b, kvh, group, n, hd]);
+        let k = k.reshape([b, kvh, 1, n, hd]);
+        let v = v.reshape([b, kvh, 1, n, hd]);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut blocks = Vec::with_capacity(n.div_ceil(block));
+        let mut diagonal: Option<(usize, Tensor<B, 5>)> = None;
+        for i0 in (0..n).step_by(block) {
+            let i1 = (i0 + block).min(n);
+            let c = i1 - i0;
+            let qb = q.clone().slice([0..b, 0..kvh, 0..group, i0..i1, 0..hd]);
+            let kb = k
+                .clone()
+                .slice([0..b, 0..kvh, 0..1, 0..i1, 0..hd])
+                .expand([b, kvh, group, i1, hd]);
+            let vb = v
+                .clone()
+                .slice([0..b, 0..kvh, 0..1, 0..i1, 0..hd])
+                .expand([b, kvh, group, i1, hd]);
+            // Query i0 + r sees keys 0..=i0 + r: the keys before the block all (zeros, made on
+            // the device), the block's own causally (a c x c mask, uploaded once per size).
+            let diag = match &diagonal {
+                Some((size, mask)) if *size == c => mask.clone(),
+                _ => {
+                    let mut mask = vec![0.0f32; c * c];
+                    for r in 0..c {
+                        for j in r + 1..c {
+                            mask[r * c + j] = -1e30;
+                        }
+                    }
+                    let mask = Tensor::<B, 5>::from_data(
+                        TensorData::new(mask, [1, 1, 1, c, c]),
+                        &self.device,
+                    );
+                    diagonal = Some((c, mask.clone()));
+                    mask
+                }
+            };
+            let mask = if i0 == 0 {
+                diag
+            } else {
+                Tensor::cat(vec![Tensor::zeros([1, 1, 1, c, i0], &self.device), diag], 4)
+            };
+            let scores = qb.matmul(kb.swap_dims(3, 4)) * scale + mask;
+            blocks.push(softmax(scores, 4).matmul(vb));
+        }
+        Tensor::cat(blocks, 3)
+            .reshape([b, h, n, hd])
+            .swap_dims(1, 2)
+            .reshape([b, n, h * hd])
     }
 
     /// RMSNorm of `x` `[b, n, dim]` with weights `w`, in one launch (computed in f32).
@@ -348,20 +429,12 @@ impl<B: SparseKvBackend> Llama<B> {
             )));
         }
         let c = &self.config;
-        let (h, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim());
         let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
         let mut ids = Vec::with_capacity(b * n);
         for p in prompts {
             ids.extend_from_slice(p);
             ids.extend(std::iter::repeat_n(p[0], n - p.len()));
         }
-        let mut mask = vec![0.0f32; n * n];
-        for i in 0..n {
-            for j in i + 1..n {
-                mask[i * n + j] = -1e30;
-            }
-        }
-        let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, n, n]), &self.device);
         let (cos, sin) = self.angles_prefix(n);
         let mut x = self.embed(&ids, b, n)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
@@ -369,18 +442,7 @@ impl<B: SparseKvBackend> Llama<B> {
             let (q, k, v) = self.qkv(hn, l, &cos, &sin)?;
             let q = q.swap_dims(1, 2);
             cache.append_ragged(k.clone(), v.clone(), &lengths)?;
-            let group = h / kvh;
-            let expand = |t: Tensor<B, 4>| {
-                t.reshape([b, kvh, 1, n, hd])
-                    .repeat_dim(2, group)
-                    .reshape([b, h, n, hd])
-            };
-            let scores =
-                q.matmul(expand(k).swap_dims(2, 3)) * (1.0 / (hd as f64).sqrt()) + mask.clone();
-            let att = softmax(scores, 3)
-                .matmul(expand(v))
-                .swap_dims(1, 2)
-                .reshape([b, n, h * hd]);
+            let att = self.prefill_attention(q, k, v);
             x = self.project(att, &l.wo, Some(x))?;
             x = self.feed_forward(x, l)?;
         }
