@@ -30,6 +30,12 @@
 //! The float element type of the backend is its default; the caches store the
 //! [`KvCacheConfig::value_type`] and accept keys, values and queries of that type (f32, f16,
 //! bf16 where the device supports it).
+//!
+//! # When the GPU runtime fails
+//!
+//! If one of CubeCL's device threads panics (an allocation or launch failure nobody
+//! foresaw), every later cache operation returns [`KvCacheError::DeviceThread`] instead of
+//! computing with dead buffers ([`runtime`]).
 
 pub mod backend;
 pub mod cache;
