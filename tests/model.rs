@@ -720,3 +720,20 @@ fn blockwise_prefill_matches_one_block() {
         assert!(prompt.len() > 10, "the prompt must span several blocks");
     }
 }
+
+/// A model whose buffers the device cannot hold is refused before anything is allocated,
+/// with the sizes and the config fields that set them: here RoPE tables for a context of
+/// 2^40 tokens (which would also have been a terabyte of host memory).
+#[test]
+fn models_larger_than_the_device_allocates_are_typed_errors() {
+    let dir = shared().join("models/stories260K");
+    let mut weights = load_llama2c(dir.join("stories260K.bin")).expect("checkpoint");
+    weights.config.max_seq = 1 << 40;
+    match Llama::<B>::new(&weights, &Default::default()) {
+        Err(LlamaError::TooLarge { what, bytes, limit }) => {
+            assert!(what.contains("max_seq"), "{what}");
+            assert!(bytes > limit, "{bytes} <= {limit}");
+        }
+        other => panic!("expected the too-large error, got {other:?}"),
+    }
+}

@@ -118,6 +118,11 @@ pub trait SparseKvBackend: Backend {
     /// Size of a buffer in bytes.
     fn kv_buffer_bytes(buffer: &Self::KvBuffer) -> usize;
 
+    /// The largest buffer `device` allocates in one piece, in bytes (on wgpu the adapter's
+    /// storage-buffer limit, on CUDA a share of device memory). Anything larger fails inside
+    /// the runtime, so callers compare against it before allocating.
+    fn max_buffer_bytes(device: &Self::Device) -> u64;
+
     /// The value type of a float tensor, if the caches support it (f32, f16, bf16).
     fn kv_value_type(tensor: &FloatTensor<Self>) -> Result<ValueType>;
 
@@ -307,13 +312,11 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
     type KvBuffer = CubeKvBuffer<R>;
 
     fn kv_alloc(device: &Self::Device, bytes: usize) -> Result<Self::KvBuffer> {
-        let client = R::client(device);
-        // CubeCL's memory pools take nothing larger than a page; a larger request would fail
-        // inside the runtime instead of here.
-        let limit = client.properties().memory.max_page_size;
+        let limit = Self::max_buffer_bytes(device);
         if bytes as u64 > limit {
             return Err(KvCacheError::Allocation { bytes, limit });
         }
+        let client = R::client(device);
         // Never zero bytes: a zero-sized binding is not valid on every runtime.
         Ok(CubeKvBuffer {
             handle: client.empty(bytes.max(16)),
@@ -324,6 +327,11 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
 
     fn kv_buffer_bytes(buffer: &Self::KvBuffer) -> usize {
         buffer.bytes
+    }
+
+    fn max_buffer_bytes(device: &Self::Device) -> u64 {
+        // CubeCL's memory pools take nothing larger than a page.
+        R::client(device).properties().memory.max_page_size
     }
 
     fn kv_value_type(tensor: &FloatTensor<Self>) -> Result<ValueType> {

@@ -29,6 +29,18 @@ pub enum LlamaError {
     /// A model could not be fetched from the Hugging Face Hub.
     #[error("{0}")]
     Download(String),
+    /// A model buffer larger than the device allocates in one piece.
+    #[error(
+        "{what} needs {bytes} bytes, more than the largest buffer this device allocates ({limit} bytes)"
+    )]
+    TooLarge {
+        /// Which buffer, and the config fields that size it.
+        what: String,
+        /// Bytes it needs (`u64::MAX` when the size does not even fit in 64 bits).
+        bytes: u64,
+        /// The device's largest buffer.
+        limit: u64,
+    },
     /// Any other invalid argument.
     #[error("invalid argument: {0}")]
     Invalid(String),

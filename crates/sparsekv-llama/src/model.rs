@@ -106,6 +106,42 @@ impl<B: SparseKvBackend> Llama<B> {
             )));
         }
         let q_dim = c.n_heads * hd;
+        // Every device buffer must fit the device before anything is built (the RoPE tables
+        // are computed on the host from max_seq: check them before that allocation too).
+        let elem = std::mem::size_of::<B::FloatElem>() as u64;
+        let limit = B::max_buffer_bytes(device);
+        let kv_dim = c.n_kv_heads * hd;
+        for (what, rows, cols) in [
+            ("the embedding (vocab_size x dim)", c.vocab_size, dim),
+            (
+                "the fused QKV projection ((n_heads + 2 n_kv_heads) x head_dim x dim)",
+                q_dim + 2 * kv_dim,
+                dim,
+            ),
+            (
+                "the fused gate and up projection (2 hidden_dim x dim)",
+                2 * hidden,
+                dim,
+            ),
+            ("the down projection (dim x hidden_dim)", dim, hidden),
+            (
+                "each RoPE table (max_seq x head_dim / 2)",
+                c.max_seq,
+                hd / 2,
+            ),
+        ] {
+            let bytes = (rows as u64)
+                .checked_mul(cols as u64)
+                .and_then(|n| n.checked_mul(elem))
+                .unwrap_or(u64::MAX);
+            if bytes > limit {
+                return Err(LlamaError::TooLarge {
+                    what: what.into(),
+                    bytes,
+                    limit,
+                });
+            }
+        }
         let layer = |w: &LayerWeights| Layer {
             attn_norm: vector(&w.attn_norm, device),
             wqkv: linear(&[&w.wq, &w.wk, &w.wv], dim, device),
