@@ -80,6 +80,10 @@ struct Args {
     /// Recent tokens kept dense.
     #[arg(long, default_value_t = 32)]
     window: usize,
+    /// Tokens compressed at once when the dense part reaches window + chunk (the caches'
+    /// default; eval uses the same).
+    #[arg(long, default_value_t = sparsekv::cache::cache::DEFAULT_CHUNK)]
+    chunk: usize,
     /// Most new tokens per answer.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -255,6 +259,7 @@ fn run<B: SparseKvBackend>(
         let max_seq = wanted.min(c.max_seq);
         let config = KvCacheConfig::new(1, c.n_kv_heads, c.head_dim(), max_seq)
             .with_window(args.window)
+            .with_chunk(args.chunk)
             .with_sparsity(args.k_sparsity, args.v_sparsity)
             .with_value_type(value_type);
         let text = if args.k_sparsity == 0.0 && args.v_sparsity == 0.0 {
@@ -296,6 +301,11 @@ fn validate(args: &Args) -> Result<(), LlamaError> {
         ("--v-sparsity", args.v_sparsity),
     ] {
         sparsekv::llama::args::sparsity(flag, s)?;
+    }
+    if args.chunk == 0 {
+        return Err(LlamaError::Invalid(
+            "--chunk 0: at least one token must be compressed at a time".into(),
+        ));
     }
     if !(args.temperature.is_finite() && args.temperature >= 0.0) {
         return Err(LlamaError::Invalid(format!(

@@ -93,8 +93,9 @@ struct Args {
     /// Strategies to sweep (default: all five).
     #[arg(long, value_enum, value_delimiter = ',')]
     strategies: Vec<StrategyName>,
-    /// Tokens pruned at once when the window overflows (also the per-channel group).
-    #[arg(long, default_value_t = 32)]
+    /// Tokens pruned at once when the window overflows (also the per-channel group); the
+    /// caches' default, as in the chat example.
+    #[arg(long, default_value_t = sparsekv::cache::cache::DEFAULT_CHUNK)]
     chunk: usize,
     /// Also run per-token magnitude as a mask simulation and report how far it is from the
     /// compressed cache.

@@ -135,12 +135,11 @@ fn chat_refuses_bad_input_with_a_message_and_a_non_zero_exit() {
     );
     // The example quiets the Vulkan loader's complaint about an unset XDG_RUNTIME_DIR.
     assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
-    let out = chat(&["--prompt", "Hi", "--k-sparsity", "-0.1"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("--k-sparsity"),
-        "{stderr}"
-    );
+    for (flag, value) in [("--k-sparsity", "-0.1"), ("--chunk", "0")] {
+        let out = chat(&["--prompt", "Hi", flag, value]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(flag), "{stderr}");
+    }
     let out = Command::new(chat_example())
         .args([
             "--model",
