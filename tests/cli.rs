@@ -188,6 +188,51 @@ fn a_panic_on_another_thread_ends_the_process() {
     assert!(stderr.contains("thread worker failed"), "{stderr}");
 }
 
+/// Extreme numbers behave as documented: a NaN temperature is refused naming the flag;
+/// `--max-tokens` near `usize::MAX` is capped at the context with a notice, and generates; a
+/// window of `usize::MAX` keeps everything dense (capped at the context), so its greedy text
+/// is the dense cache's.
+#[test]
+fn chat_caps_or_refuses_extreme_numbers() {
+    let text = |out: &Output| {
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        stdout.lines().next().unwrap_or_default().to_string()
+    };
+    let out = chat(&["--prompt", "Hi", "--temperature", "NaN"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--temperature"),
+        "{stderr}"
+    );
+    let prompt = "Once upon a time";
+    let out = chat(&["--prompt", prompt, "--max-tokens", "18446744073709551615"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("capped at"), "{stderr}");
+    assert!(text(&out).len() > prompt.len(), "nothing generated");
+    let huge_window = chat(&[
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "24",
+        "--window",
+        "18446744073709551615",
+    ]);
+    let dense = chat(&[
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "24",
+        "--k-sparsity",
+        "0",
+        "--v-sparsity",
+        "0",
+    ]);
+    assert!(huge_window.status.success() && dense.status.success());
+    assert_eq!(text(&huge_window), text(&dense));
+    assert!(text(&dense).len() > prompt.len(), "nothing generated");
+}
+
 /// The eval example checks its arguments as chat does, before loading anything: a missing
 /// model or text file is named as missing, a negative sparsity reaches the range check.
 #[test]
