@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the KV cache size of a model shape, compressed vs dense.
+    /// Print the KV cache size of a model shape, compressed vs dense, and with --memory-gib
+    /// whether each fits the device.
     KvSize(KvSizeArgs),
 }
 
@@ -89,6 +90,42 @@ struct KvSizeArgs {
     /// Fraction of each value row pruned, in [0, 1) (defaults to --k-sparsity).
     #[arg(long, allow_negative_numbers = true)]
     v_sparsity: Option<f64>,
+    /// Device memory, in GiB: also say whether the dense and the compressed cache fit in it.
+    #[arg(long, allow_negative_numbers = true)]
+    memory_gib: Option<f64>,
+    /// Memory the model's weights (and anything else) take from --memory-gib, in GiB.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    weights_gib: f64,
+}
+
+/// Bytes in `gib` GiB, for a finite, non-negative `gib` given with `flag`.
+fn gib_bytes(flag: &str, gib: f64) -> Result<u64, FormatError> {
+    if !(gib.is_finite() && gib >= 0.0 && gib * 1024.0 * 1024.0 * 1024.0 < u64::MAX as f64) {
+        return Err(FormatError::InvalidArgument(format!(
+            "{flag} {gib}: must be a finite number of GiB, at least 0"
+        )));
+    }
+    Ok((gib * 1024.0 * 1024.0 * 1024.0) as u64)
+}
+
+/// `--memory-gib` and the room it leaves for the cache after `--weights-gib`, in bytes.
+fn memory_room(args: &KvSizeArgs) -> Result<Option<(u64, u64)>, FormatError> {
+    let Some(memory_gib) = args.memory_gib else {
+        return Ok(None);
+    };
+    let memory = gib_bytes("--memory-gib", memory_gib)?;
+    let weights = gib_bytes("--weights-gib", args.weights_gib)?;
+    let room = memory.checked_sub(weights).ok_or_else(|| {
+        FormatError::InvalidArgument(format!(
+            "--weights-gib {} is more than --memory-gib {memory_gib}",
+            args.weights_gib
+        ))
+    })?;
+    Ok(Some((memory, room)))
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1024.0 * 1024.0 * 1024.0))
 }
 
 fn mib(bytes: u64) -> String {
@@ -107,6 +144,7 @@ fn kv_size(args: &KvSizeArgs) -> Result<(), FormatError> {
     let ks = Sparsity::new(args.k_sparsity).map_err(|e| named("--k-sparsity", e))?;
     let vs = Sparsity::new(args.v_sparsity.unwrap_or(args.k_sparsity))
         .map_err(|e| named("--v-sparsity", e))?;
+    let memory = memory_room(args)?;
     let occupancy = SequenceOccupancy::steady_state(args.tokens, args.window);
     let b: KvBytes = uniform_kv_bytes(&shape, args.batch as u64, occupancy, ks, vs)?;
     let d = shape.head_dim.get();
@@ -143,6 +181,25 @@ fn kv_size(args: &KvSizeArgs) -> Result<(), FormatError> {
         "compressed cache = {:.1}% of dense",
         100.0 * b.fraction_of_dense()
     );
+    if let Some((memory, room)) = memory {
+        let fits = |bytes: u64| {
+            if bytes <= room {
+                "fits"
+            } else {
+                "does not fit"
+            }
+        };
+        println!(
+            "memory: {} less {} of weights leaves {} for the cache: dense cache {} {}; compressed cache {} {}",
+            gib(memory),
+            gib(memory - room),
+            gib(room),
+            gib(b.dense_equivalent),
+            fits(b.dense_equivalent),
+            gib(b.total()),
+            fits(b.total())
+        );
+    }
     Ok(())
 }
 

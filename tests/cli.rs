@@ -34,6 +34,46 @@ fn kv_size_prints_the_worked_example() {
     );
 }
 
+/// With a memory budget, kv-size says whether each cache fits: Llama-3-8B at B = 8, T = 128K
+/// on a 141 GiB device with 15 GiB of weights: the dense cache (128 GiB) does not, the
+/// compressed one at s = 0.7 does. A bad budget names its flag before anything is printed.
+#[test]
+fn kv_size_says_whether_each_cache_fits_the_memory() {
+    let out = kv_size(&[
+        "--batch",
+        "8",
+        "--tokens",
+        "131072",
+        "--memory-gib",
+        "141",
+        "--weights-gib",
+        "15",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("leaves 126.00 GiB for the cache: dense cache 128.00 GiB does not fit; compressed cache 46.02 GiB fits"),
+        "{stdout}"
+    );
+    for (args, message) in [
+        (&["--memory-gib", "NaN"][..], "--memory-gib NaN"),
+        (&["--memory-gib", "-1"][..], "--memory-gib -1"),
+        (
+            &["--memory-gib", "1", "--weights-gib", "2"][..],
+            "--weights-gib 2",
+        ),
+    ] {
+        let out = kv_size(args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.is_empty(), "printed before failing: {stdout}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(message),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn kv_size_reports_overflow_instead_of_aborting_or_wrapping() {
     assert_fails_with(&["--batch", "1000000000000"], "does not fit in 64 bits");
