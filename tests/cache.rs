@@ -471,16 +471,10 @@ fn a_failed_device_thread_makes_cache_operations_errors() {
         }
         return;
     }
-    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no test binary path: {e}"));
-    let out = std::process::Command::new(exe)
-        .args([
-            "a_failed_device_thread_makes_cache_operations_errors",
-            "--exact",
-            "--nocapture",
-        ])
-        .env("SPARSEKV_DEVICE_PANIC_CHILD", "1")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot rerun the test binary: {e}"));
+    let out = common::rerun_as_child(
+        "a_failed_device_thread_makes_cache_operations_errors",
+        "SPARSEKV_DEVICE_PANIC_CHILD",
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "child failed: {stdout}\n{stderr}");

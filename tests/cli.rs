@@ -1,6 +1,8 @@
 //! The `sparsekv` command line: bad or extreme arguments end with a clear message and a
 //! non-zero exit, never a wrapped number, an abort or a silently wrong table.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -213,16 +215,10 @@ fn a_panic_on_another_thread_ends_the_process() {
         let _ = worker.map(|w| w.join());
         return;
     }
-    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no test binary path: {e}"));
-    let out = Command::new(exe)
-        .args([
-            "a_panic_on_another_thread_ends_the_process",
-            "--exact",
-            "--nocapture",
-        ])
-        .env("SPARSEKV_PANIC_CHILD", "1")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot rerun the test binary: {e}"));
+    let out = common::rerun_as_child(
+        "a_panic_on_another_thread_ends_the_process",
+        "SPARSEKV_PANIC_CHILD",
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(101), "{stderr}");
     assert!(stderr.contains("thread worker failed"), "{stderr}");

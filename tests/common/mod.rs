@@ -47,3 +47,15 @@ pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
     let den: f64 = reference.iter().map(|b| b * b).sum();
     (num / den.max(1e-300)).sqrt()
 }
+
+/// Runs the test `name` of this test binary again in a child process with `env_var` set (for
+/// tests whose subject is process-wide: panic hooks, a failed device thread), returning its
+/// output; the test itself does the child's work when it finds `env_var` set.
+pub fn rerun_as_child(name: &str, env_var: &str) -> std::process::Output {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no test binary path: {e}"));
+    std::process::Command::new(exe)
+        .args([name, "--exact", "--nocapture"])
+        .env(env_var, "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot rerun the test binary: {e}"))
+}
