@@ -11,17 +11,17 @@
 //!   1. **Stage** (`load_compressed`, `store_compressed`): the tile's compressed bitmap words
 //!      and packed values of K and V, one virtual array of 16-byte chunks, are loaded into
 //!      registers with coalesced loads while the plane still works on the previous tile, then
-//!      stored into the plane's shared memory; dense rows (the window, or every row in the
-//!      dense kernel) go straight into the plane's dense K/V tiles, rows past the split's end
-//!      as zeros.
+//!      stored into the plane's shared memory; dense rows (`stage_dense_rows`: the window, or
+//!      every row in the dense kernel) go straight into the plane's dense K/V tiles, rows past
+//!      the split's end as zeros.
 //!   2. **Expand** (`expand_row`): lane `r` of the first half-plane rebuilds key row `r`, lane
 //!      `16 + r` value row `r`, as a dense row: zeroed with 16-byte stores, then its kept values
 //!      written at their channels by walking the bitmap (one trip per kept value). Keys and
 //!      values run the same instructions, so the half-planes never diverge by kind.
-//!   3. **Scores** (`tile_scores`): `S^T = K Q^T` (16 tokens x 8 heads) with `d / 16`
+//!   3. **Scores** (in the kernel body): `S^T = K Q^T` (16 tokens x 8 heads) with `d / 16`
 //!      16x8x16 products; the key tile and the query of the group (staged once per cube, heads
 //!      past the group zero) are read with `ldmatrix`.
-//!   4. **Softmax and values** (`softmax_step`, `tile_values`): the online-softmax state of each
+//!   4. **Softmax and values** (in the kernel body): the online-softmax state of each
 //!      lane's two heads, reductions over the tile by plane shuffles, the probabilities handed
 //!      to the `B` operand through 256 bytes of shared memory; then `O^T += V^T P^T` with
 //!      `d / 16` products, the value tile read transposed by `ldmatrix`.
