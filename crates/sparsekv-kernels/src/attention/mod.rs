@@ -1019,10 +1019,10 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             }
         }
     };
-    let vec = vector_size(es, hw.max_vector_size, d, &[window.stride]);
     let simt_plan = if use_tc {
         None
     } else {
+        let vec = vector_size(es, hw.max_vector_size, d, &[window.stride]);
         let use_plane = client
             .features()
             .plane
@@ -1131,14 +1131,14 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                 client,
                 count,
                 CubeDim::new_1d(plan.units as u32),
-                vec,
-                arr(q, es * vec),
+                plan.vec,
+                arr(q, es * plan.vec),
                 arr(kb, 4),
                 arr(kv, 4),
                 arr(vb, 4),
                 arr(vv, 4),
-                arr(window.k, es * vec),
-                arr(window.v, es * vec),
+                arr(window.k, es * plan.vec),
+                arr(window.v, es * plan.vec),
                 arr(&lens, 4),
                 arr(&part_o, 4),
                 arr(&part_ml, 4),
