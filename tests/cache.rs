@@ -10,14 +10,17 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sparsekv::cache::burn::tensor::{Tensor, TensorData};
 use sparsekv::cache::burn_cubecl::CubeBackend;
-use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, KvCacheError, SparseKvCache};
+use sparsekv::cache::{
+    DenseKvCache, KvCache, KvCacheConfig, KvCacheError, SparseKvBackend, SparseKvCache,
+};
 use sparsekv::format::oracle::{self, DenseBlock, HeadCache};
 use sparsekv::format::{HeadDim, Sparsity, keep_count};
 
 mod common;
 
-use common::{Rt, rel_err, seed, standard_normal};
+use common::{Fused, Rt, rel_err, seed, standard_normal};
 
+/// The bare backend: CubeCL kernels launched at once.
 type B = CubeBackend<Rt, f32, i32, u32>;
 
 fn normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
@@ -70,7 +73,7 @@ fn random_scenario(rng: &mut StdRng) -> Scenario {
 
 /// Appends `counts[s]` random rows per sequence (padded to the largest count) to the cache and
 /// the history.
-fn append(
+fn append<B: SparseKvBackend>(
     rng: &mut StdRng,
     sc: &Scenario,
     cache: &mut dyn KvCache<B>,
@@ -131,7 +134,7 @@ fn oracle_output(sc: &Scenario, hist: &History, q: &[f64], compressed: &[usize])
     oracle::sparse_decode_attention(q, sc.kv_heads * sc.group, &cache).expect("oracle")
 }
 
-fn attend(
+fn attend<B: SparseKvBackend>(
     rng: &mut StdRng,
     sc: &Scenario,
     cache: &dyn KvCache<B>,
@@ -168,7 +171,7 @@ fn formula_bytes(sc: &Scenario, comp: &[usize], win: &[usize]) -> (u64, u64) {
     (total as u64, dense as u64)
 }
 
-fn run_scenario(rng: &mut StdRng, sc: &Scenario) -> Result<(), String> {
+fn run_scenario<B: SparseKvBackend>(rng: &mut StdRng, sc: &Scenario) -> Result<(), String> {
     let device = Default::default();
     let max_seq = sc.prefill.iter().max().copied().unwrap_or(0) + sc.steps + 8;
     let config = KvCacheConfig::new(sc.batch, sc.kv_heads, sc.head_dim, max_seq)
@@ -242,13 +245,13 @@ fn describe(sc: &Scenario) -> String {
     )
 }
 
-#[test]
-fn sparse_cache_matches_the_oracle_through_prefill_and_decode() {
+/// `scenarios` random scenarios through caches of backend `B`.
+fn oracle_scenarios<B: SparseKvBackend>(scenarios: usize) {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
-    for i in 0..4 {
+    for i in 0..scenarios {
         let sc = random_scenario(&mut rng);
-        if let Err(e) = run_scenario(&mut rng, &sc) {
+        if let Err(e) = run_scenario::<B>(&mut rng, &sc) {
             panic!(
                 "scenario {i} ({}), SPARSEKV_SEED={seed}: {e}",
                 describe(&sc)
@@ -258,7 +261,28 @@ fn sparse_cache_matches_the_oracle_through_prefill_and_decode() {
 }
 
 #[test]
+fn sparse_cache_matches_the_oracle_through_prefill_and_decode() {
+    oracle_scenarios::<B>(4);
+}
+
+/// The same through Burn's fused backend (`burn::backend::Wgpu` / `Cuda` with Burn's default
+/// features), where every cache operation is queued on the fusion stream.
+#[test]
+fn fused_backend_cache_matches_the_oracle_through_prefill_and_decode() {
+    oracle_scenarios::<Fused>(3);
+}
+
+#[test]
 fn sparsity_zero_matches_the_dense_cache() {
+    sparse_at_zero_equals_dense::<B>();
+}
+
+#[test]
+fn fused_backend_sparsity_zero_matches_the_dense_cache() {
+    sparse_at_zero_equals_dense::<Fused>();
+}
+
+fn sparse_at_zero_equals_dense<B: SparseKvBackend>() {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut sc = random_scenario(&mut rng);
@@ -415,13 +439,15 @@ fn caches_larger_than_the_device_allocates_are_typed_errors() {
     assert!(DenseKvCache::<B>::new(&KvCacheConfig::new(1, 8, 128, 1024), &device).is_ok());
 }
 
-/// The backend types Burn users write implement the extension when Burn's `fusion` feature is
-/// off (this crate never turns it on). With fusion on, `burn::backend::Wgpu` is
-/// `Fusion<CubeBackend<..>>`; the documented path is to name the `CubeBackend` type itself
-/// (see the crate documentation of sparsekv-burn).
+/// The backend types Burn users write implement the extension: Burn's own aliases (fused, as
+/// Burn's default features make them) and the bare `CubeBackend`.
 #[test]
 fn burns_own_backend_aliases_implement_the_extension() {
-    fn implements<B: sparsekv::cache::SparseKvBackend>() {}
+    fn implements<B: SparseKvBackend>() {}
+    // With Burn's default features (its `fusion` feature; this crate turns it on too) the
+    // aliases are the fused backend, so the `Fused` tests run the fusion path.
+    let fused = std::any::type_name::<Fused>();
+    assert!(fused.contains("Fusion<"), "{fused}");
     #[cfg(not(feature = "cuda"))]
     implements::<sparsekv::cache::burn::backend::Wgpu>();
     #[cfg(feature = "cuda")]
@@ -481,6 +507,66 @@ fn a_failed_device_thread_makes_cache_operations_errors() {
     for what in ["append", "attend", "new"] {
         assert!(
             stdout.contains(&format!("device-thread error from {what}")),
+            "{stdout}\n{stderr}"
+        );
+    }
+}
+
+/// On the fused backend an operation runs after its call returned: one that fails then (here a
+/// row copy past its buffers, which only the kernel launcher checks) is recorded, and the
+/// caches' next operations return it. The bare backend refuses the same call at once. Runs as
+/// a child process (the record is process-wide).
+#[test]
+fn a_queued_operation_that_fails_makes_cache_operations_errors() {
+    use sparsekv::cache::backend::RowCopy;
+    use sparsekv::cache::burn::tensor::backend::Backend;
+    use sparsekv::format::ValueType;
+    if std::env::var_os("SPARSEKV_QUEUED_FAILURE_CHILD").is_some() {
+        let device = Default::default();
+        let config = KvCacheConfig::new(1, 1, 16, 64).with_sparsity(0.5, 0.5);
+        let mut cache = SparseKvCache::<Fused>::new(&config, &device).expect("cache");
+        let rows = |n: usize| Tensor::<Fused, 4>::ones([1, 1, n, 16], &device);
+        cache.append(rows(4), rows(4)).expect("append before");
+        // 100 rows of 16 f32 between buffers of 64 bytes.
+        let copy = RowCopy {
+            sequences: 1,
+            kv_heads: 1,
+            head_dim: HeadDim::new(16).expect("valid"),
+            src_capacity: 100,
+            dst_capacity: 100,
+            src_start: vec![0],
+            dst_start: vec![0],
+            counts: vec![100],
+        };
+        let small = || Fused::kv_alloc(&device, 64).expect("buffer");
+        let (src, dst) = (small(), small());
+        let bare = B::kv_copy_rows(&device, &[(&src, &dst)], ValueType::F32, &copy);
+        assert!(bare.is_err(), "the bare backend must refuse at once");
+        Fused::kv_copy_rows(&device, &[(&src, &dst)], ValueType::F32, &copy)
+            .expect("queued: checked only when it runs");
+        Fused::sync(&device).expect("sync");
+        let append = cache.append(rows(1), rows(1));
+        let attend = cache.attend(Tensor::<Fused, 3>::ones([1, 2, 16], &device));
+        for (what, err) in [("append", append.err()), ("attend", attend.err())] {
+            match err {
+                Some(KvCacheError::QueuedOperation(m)) if m.contains("sparsekv_copy_rows") => {
+                    println!("queued-operation error from {what}: {m}");
+                }
+                other => panic!("{what}: expected the queued-operation error, got {other:?}"),
+            }
+        }
+        return;
+    }
+    let out = common::rerun_as_child(
+        "a_queued_operation_that_fails_makes_cache_operations_errors",
+        "SPARSEKV_QUEUED_FAILURE_CHILD",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed: {stdout}\n{stderr}");
+    for what in ["append", "attend"] {
+        assert!(
+            stdout.contains(&format!("queued-operation error from {what}")),
             "{stdout}\n{stderr}"
         );
     }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 use sparsekv::cache::burn_cubecl::CubeBackend;
-use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, PruneStrategy, SparseKvCache};
+use sparsekv::cache::{
+    DenseKvCache, KvCache, KvCacheConfig, PruneStrategy, SparseKvBackend, SparseKvCache,
+};
 use sparsekv::format::ValueType;
 use sparsekv::llama::tokenizer::{BOS, Llama2cTokenizer};
 use sparsekv::llama::{
@@ -17,7 +19,8 @@ use sparsekv::llama::{
 
 mod common;
 
-use common::Rt;
+use common::{Fused, Rt};
+/// The bare backend: CubeCL kernels launched at once.
 type B = CubeBackend<Rt, f32, i32, u32>;
 
 /// llama2.c's `run.c`, temperature 0, 64 steps, prompt "Once upon a time" (shared/models/README.md).
@@ -35,7 +38,7 @@ fn shared() -> PathBuf {
     dir
 }
 
-fn stories() -> (Llama<B>, Llama2cTokenizer) {
+fn stories<B: SparseKvBackend>() -> (Llama<B>, Llama2cTokenizer) {
     let dir = shared().join("models/stories260K");
     let weights = load_llama2c(dir.join("stories260K.bin")).expect("checkpoint");
     let tok = Llama2cTokenizer::load(dir.join("tok512.bin"), weights.config.vocab_size)
@@ -46,18 +49,33 @@ fn stories() -> (Llama<B>, Llama2cTokenizer) {
     )
 }
 
-fn config(model: &Llama<B>, sparsity: f64) -> KvCacheConfig {
+fn config<B: SparseKvBackend>(model: &Llama<B>, sparsity: f64) -> KvCacheConfig {
     let c = model.config();
     KvCacheConfig::new(1, c.n_kv_heads, c.head_dim(), c.max_seq).with_sparsity(sparsity, sparsity)
 }
 
-fn run<C: KvCache<B>>(model: &Llama<B>, caches: &mut [C], prompt: &[u32]) -> Vec<u32> {
+fn run<B: SparseKvBackend, C: KvCache<B>>(
+    model: &Llama<B>,
+    caches: &mut [C],
+    prompt: &[u32],
+) -> Vec<u32> {
     generate(model, caches, prompt, 65, &[], &Sampling::default(), |_| {}).expect("generate")
 }
 
 #[test]
 fn stories260k_reproduces_llama2c_with_both_caches() {
-    let (model, tok) = stories();
+    stories260k_reference::<B>();
+}
+
+/// The same through Burn's fused backend (`burn::backend::Wgpu` / `Cuda` as Burn's default
+/// features make them).
+#[test]
+fn fused_backend_stories260k_reproduces_llama2c_with_both_caches() {
+    stories260k_reference::<Fused>();
+}
+
+fn stories260k_reference<B: SparseKvBackend>() {
+    let (model, tok) = stories::<B>();
     let prompt = tok.encode("Once upon a time", true).expect("encode");
     assert_eq!(prompt, [1, 403, 407, 261, 378]);
     let layers = model.config().n_layers;
@@ -115,7 +133,7 @@ fn llama2c_checkpoints_stop_at_bos_and_eos() {
 
 #[test]
 fn tokenizer_round_trips() {
-    let (_, tok) = stories();
+    let (_, tok) = stories::<B>();
     for text in [
         "Once upon a time",
         "Hello, world! 123",
@@ -139,7 +157,7 @@ const TINYSTORIES_GOLDEN: [u32; 64] = [
     1858, 204, 1803, 94, 1252, 444, 666, 309, 448, 825,
 ];
 
-fn tinystories() -> (Llama<B>, Pretrained) {
+fn tinystories<B: SparseKvBackend>() -> (Llama<B>, Pretrained) {
     let pre = Pretrained::load_dir(shared().join("models/tinystories-656K")).expect("load");
     (
         Llama::new(&pre.weights, &Default::default()).expect("model"),
@@ -149,7 +167,17 @@ fn tinystories() -> (Llama<B>, Pretrained) {
 
 #[test]
 fn tinystories_656k_matches_the_reference_with_both_caches() {
-    let (model, pre) = tinystories();
+    tinystories_reference::<B>();
+}
+
+/// The same through Burn's fused backend.
+#[test]
+fn fused_backend_tinystories_656k_matches_the_reference_with_both_caches() {
+    tinystories_reference::<Fused>();
+}
+
+fn tinystories_reference<B: SparseKvBackend>() {
+    let (model, pre) = tinystories::<B>();
     let c = model.config();
     assert_eq!((c.dim, c.n_layers, c.head_dim()), (128, 2, 16));
     assert_eq!(pre.eos, [2]);
@@ -220,7 +248,7 @@ fn tinystories_656k_matches_the_reference_with_both_caches() {
 
 #[test]
 fn hf_tokenizer_round_trips_and_streams() {
-    let (_, pre) = tinystories();
+    let (_, pre) = tinystories::<B>();
     let tok = &pre.tokenizer;
     for text in [
         "Once upon a time",
@@ -251,7 +279,7 @@ fn hf_tokenizer_round_trips_and_streams() {
 
 #[test]
 fn batched_ragged_generation_equals_one_prompt_at_a_time() {
-    let (model, tok) = stories();
+    let (model, tok) = stories::<B>();
     let prompts: Vec<Vec<u32>> = [
         "Once upon a time",
         "The dog",
@@ -552,7 +580,7 @@ fn eval_case(cache: CacheKind, target: Target, sparsity: f64, window: usize) -> 
 
 #[test]
 fn evaluation_at_sparsity_zero_reproduces_dense_for_every_strategy() {
-    let (model, pre) = tinystories();
+    let (model, pre) = tinystories::<B>();
     let windows = eval_windows(&pre, 2, 40);
     let device = Default::default();
     let score = |case: EvalCase, chunk: usize| {
@@ -597,7 +625,7 @@ fn evaluation_at_sparsity_zero_reproduces_dense_for_every_strategy() {
 
 #[test]
 fn mask_simulation_of_per_token_magnitude_equals_the_compressed_cache() {
-    let (model, pre) = tinystories();
+    let (model, pre) = tinystories::<B>();
     let windows = eval_windows(&pre, 2, 48);
     let device = Default::default();
     let score = |case: EvalCase| {
@@ -634,7 +662,7 @@ fn mask_simulation_of_per_token_magnitude_equals_the_compressed_cache() {
 
 #[test]
 fn evaluation_rejects_bad_arguments() {
-    let (model, pre) = tinystories();
+    let (model, pre) = tinystories::<B>();
     let device = Default::default();
     assert!(text_windows(&pre.tokenizer, "Once upon a time.", 64, 100).is_err());
     assert!(text_windows(&pre.tokenizer, "Once upon a time.", 1, 100).is_err());
@@ -678,8 +706,8 @@ fn evaluation_rejects_bad_arguments() {
 /// models (tinystories-656K has grouped KV heads), for a ragged batch.
 #[test]
 fn blockwise_prefill_matches_one_block() {
-    let (stories_model, tok) = stories();
-    let (tiny_model, _) = tinystories();
+    let (stories_model, tok) = stories::<B>();
+    let (tiny_model, _) = tinystories::<B>();
     let prompt = tok
         .encode(
             "Once upon a time, there was a little girl named Lily. She loved",

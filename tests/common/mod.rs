@@ -15,6 +15,15 @@ pub type Rt = sparsekv::kernels::cubecl::cuda::CudaRuntime;
 #[cfg(not(feature = "cuda"))]
 pub type Rt = sparsekv::kernels::cubecl::wgpu::WgpuRuntime;
 
+/// Burn's own backend alias for the runtime under test, as Burn's default features make it
+/// (`Fusion<CubeBackend<..>>`): what a Burn user's model runs on.
+#[cfg(feature = "cuda")]
+pub type Fused = sparsekv::cache::burn::backend::Cuda<f32, i32>;
+/// Burn's own backend alias for the runtime under test, as Burn's default features make it
+/// (`Fusion<CubeBackend<..>>`): what a Burn user's model runs on.
+#[cfg(not(feature = "cuda"))]
+pub type Fused = sparsekv::cache::burn::backend::Wgpu<f32, i32, u32>;
+
 /// `SPARSEKV_SEED` if set (to replay a failure), else a fresh seed from the clock.
 pub fn seed() -> u64 {
     std::env::var("SPARSEKV_SEED")

@@ -33,7 +33,7 @@ use sparsekv_format::{
     layout,
 };
 
-use crate::backend::{CompressRef, DecodeShape, DenseRef, RowCopy, SegmentRef, SparseKvBackend};
+use crate::backend::{CompressTarget, DecodeShape, DenseRows, RowCopy, Segment, SparseKvBackend};
 use crate::error::{KvCacheError, Result};
 
 /// Default number of recent tokens kept dense.
@@ -422,10 +422,19 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
             self.head_dim,
             self.config.value_type,
         );
-        let zeros = vec![0u32; b];
-        let dst = to_u32(&self.compressed);
         let n = to_u32(counts);
         let cur = self.current;
+        // The oldest window rows of each sequence become its next compressed tokens.
+        let rows = RowCopy {
+            sequences: b,
+            kv_heads: h,
+            head_dim: d,
+            src_capacity: self.window_capacity,
+            dst_capacity: self.capacity,
+            src_start: vec![0; b],
+            dst_start: to_u32(&self.compressed),
+            counts: n.clone(),
+        };
         for (window, bitmap, values, sparsity) in [
             (
                 &self.k_window[cur],
@@ -440,15 +449,13 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
                 self.v_sparsity,
             ),
         ] {
-            let target = CompressRef::<B> {
-                src: window,
-                src_capacity: self.window_capacity,
-                bitmap,
-                values,
-                capacity: self.capacity,
+            let target = CompressTarget::<B> {
+                src: window.clone(),
+                bitmap: bitmap.clone(),
+                values: values.clone(),
                 sparsity,
             };
-            B::kv_prune_compress(&self.device, &target, vt, b, h, d, &zeros, &dst, &n)?;
+            B::kv_prune_compress(&self.device, &target, vt, &rows)?;
         }
         let remaining: Vec<usize> = self
             .dense
@@ -456,15 +463,13 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
             .zip(counts)
             .map(|(&w, &c)| w - c)
             .collect();
+        // The rest of the window moves to the front of the other window buffer.
         let copy = RowCopy {
-            sequences: b,
-            kv_heads: h,
-            head_dim: d,
-            src_capacity: self.window_capacity,
             dst_capacity: self.window_capacity,
-            src_start: &n,
-            dst_start: &zeros,
-            counts: &to_u32(&remaining),
+            src_start: n,
+            dst_start: vec![0; b],
+            counts: to_u32(&remaining),
+            ..rows
         };
         B::kv_copy_rows(
             &self.device,
@@ -512,9 +517,9 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
                 head_dim: d,
                 src_capacity: rows,
                 dst_capacity: self.window_capacity,
-                src_start: &to_u32(&offset),
-                dst_start: &to_u32(&self.dense),
-                counts: &to_u32(&take),
+                src_start: to_u32(&offset),
+                dst_start: to_u32(&self.dense),
+                counts: to_u32(&take),
             };
             B::kv_write_rows(
                 &[
@@ -535,29 +540,29 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
         let q_heads = check_query(&self.config, &self.device, &q, &self.lengths())?;
         let cur = self.current;
-        let segment = SegmentRef::<B> {
-            k_bitmap: &self.k_bitmap,
-            k_values: &self.k_values,
-            v_bitmap: &self.v_bitmap,
-            v_values: &self.v_values,
+        let segment = Segment::<B> {
+            k_bitmap: self.k_bitmap.clone(),
+            k_values: self.k_values.clone(),
+            v_bitmap: self.v_bitmap.clone(),
+            v_values: self.v_values.clone(),
             capacity: self.capacity,
             k_sparsity: self.k_sparsity,
             v_sparsity: self.v_sparsity,
         };
-        let dense = DenseRef::<B> {
-            k: &self.k_window[cur],
-            v: &self.v_window[cur],
+        let dense = DenseRows::<B> {
+            k: self.k_window[cur].clone(),
+            v: self.v_window[cur].clone(),
             capacity: self.window_capacity,
         };
         let shape = DecodeShape {
             q_heads,
             kv_heads: self.config.kv_heads,
             head_dim: self.head_dim,
-            compressed_lens: &to_u32(&self.compressed),
-            dense_lens: &to_u32(&self.dense),
+            compressed_lens: to_u32(&self.compressed),
+            dense_lens: to_u32(&self.dense),
         };
         let out =
-            B::kv_decode_attention(q.into_primitive().tensor(), Some(segment), dense, &shape)?;
+            B::kv_decode_attention(q.into_primitive().tensor(), Some(&segment), &dense, &shape)?;
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
     }
 
@@ -675,16 +680,15 @@ impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
     fn append_ragged(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>, counts: &[usize]) -> Result<()> {
         check_append(&self.config, &self.device, &k, &v, counts, &self.lengths)?;
         let rows = k.dims()[2];
-        let zeros = vec![0u32; self.config.batch];
         let copy = RowCopy {
             sequences: self.config.batch,
             kv_heads: self.config.kv_heads,
             head_dim: self.head_dim,
             src_capacity: rows,
             dst_capacity: self.capacity,
-            src_start: &zeros,
-            dst_start: &to_u32(&self.lengths),
-            counts: &to_u32(counts),
+            src_start: vec![0; self.config.batch],
+            dst_start: to_u32(&self.lengths),
+            counts: to_u32(counts),
         };
         let vt = self.config.value_type;
         B::kv_write_rows(
@@ -703,20 +707,19 @@ impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
 
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
         let q_heads = check_query(&self.config, &self.device, &q, &self.lengths)?;
-        let zeros = vec![0u32; self.config.batch];
         let shape = DecodeShape {
             q_heads,
             kv_heads: self.config.kv_heads,
             head_dim: self.head_dim,
-            compressed_lens: &zeros,
-            dense_lens: &to_u32(&self.lengths),
+            compressed_lens: vec![0; self.config.batch],
+            dense_lens: to_u32(&self.lengths),
         };
-        let dense = DenseRef::<B> {
-            k: &self.k,
-            v: &self.v,
+        let dense = DenseRows::<B> {
+            k: self.k.clone(),
+            v: self.v.clone(),
             capacity: self.capacity,
         };
-        let out = B::kv_decode_attention(q.into_primitive().tensor(), None, dense, &shape)?;
+        let out = B::kv_decode_attention(q.into_primitive().tensor(), None, &dense, &shape)?;
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
     }
 

@@ -59,6 +59,13 @@ pub enum KvCacheError {
     /// trusted. The program should stop.
     #[error("the device runtime failed ({0}); no further work can be trusted on this device")]
     DeviceThread(String),
+    /// An operation queued on a fused backend's stream failed when it ran, after its call had
+    /// returned (see [`crate::backend::fusion`]): what it should have written is missing, so
+    /// nothing computed later on that device can be trusted.
+    #[error(
+        "a queued operation failed when it ran ({0}); no further work can be trusted on this device"
+    )]
+    QueuedOperation(String),
     /// Any other invalid argument or configuration.
     #[error("invalid argument: {0}")]
     Invalid(String),

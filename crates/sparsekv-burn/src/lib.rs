@@ -14,17 +14,18 @@
 //!
 //! # Which backend type
 //!
-//! [`SparseKvBackend`] is implemented for `CubeBackend<R, F, I, BT>` over every CubeCL
-//! runtime, which is what `burn::backend::Wgpu` and `burn::backend::Cuda` are when Burn's
-//! `fusion` feature is off (this crate never enables it). With `fusion` on (Burn's default
-//! features turn it on), those aliases are `Fusion<CubeBackend<..>>`, which does not implement
-//! the extension yet; name the inner type for the model instead, with the same device type:
+//! [`SparseKvBackend`] is implemented for `CubeBackend<R, F, I, BT>` over every CubeCL runtime
+//! and for Burn's `Fusion<B>` over any such backend, so Burn's own aliases work as they are:
+//! `burn::backend::Wgpu` and `burn::backend::Cuda` are `Fusion<CubeBackend<..>>` with Burn's
+//! default features (its `fusion` feature, which this crate turns on too) and the bare
+//! `CubeBackend` without it. Under fusion every operation of the extension is queued on the
+//! fusion stream in call order ([`backend::fusion`]); nothing waits for the device.
 //!
 //! ```ignore
-//! // wgpu (Burn's own `Wgpu` without fusion is exactly this type):
+//! type B = burn::backend::Wgpu<f32>;             // fused: Fusion<CubeBackend<WgpuRuntime, ..>>
+//! type B = burn::backend::Cuda<half::f16>;       // fused, CUDA
+//! // The bare backend, without Burn's operation fusion:
 //! type B = sparsekv_burn::burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
-//! // CUDA (Burn's own `Cuda` without fusion):
-//! type B = sparsekv_burn::burn_cubecl::CubeBackend<sparsekv_kernels::cubecl::cuda::CudaRuntime, f32, i32, u8>;
 //! ```
 //!
 //! The float element type of the backend is its default; the caches store the

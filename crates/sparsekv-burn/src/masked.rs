@@ -326,9 +326,9 @@ impl<B: SparseKvBackend> MaskedKvCache<B> {
                 head_dim: self.head_dim,
                 src_capacity: n,
                 dst_capacity: self.dense.capacity(),
-                src_start: &zeros,
-                dst_start: &starts,
-                counts: &counts,
+                src_start: zeros,
+                dst_start: starts,
+                counts,
             };
             let (k_buffer, v_buffer) = self.dense.buffers();
             let buffer = if keys { k_buffer } else { v_buffer };

@@ -15,6 +15,9 @@ use crate::error::{KvCacheError, Result};
 
 /// The first device-thread failure of the process: thread name and panic message.
 static FAILURE: OnceLock<String> = OnceLock::new();
+/// The first failure of an operation that ran after its call returned (queued on a fusion
+/// stream): the operation and its error.
+static QUEUED_FAILURE: OnceLock<String> = OnceLock::new();
 static WATCH: Once = Once::new();
 
 /// Whether `name` is a CubeCL device thread: cubecl-common 0.10 names them `DSU-<type>-<index>`
@@ -44,11 +47,22 @@ pub fn watch_device_threads() {
     });
 }
 
-/// `Ok` while no device thread has failed since [`watch_device_threads`] was installed, else
-/// [`KvCacheError::DeviceThread`] with the first failure's thread and message.
+/// Records that the queued operation `operation` failed when it ran (a fused backend runs an
+/// operation after its call returned, so the error has no caller to go to). The first such
+/// failure is kept; [`check_device_threads`] reports it.
+pub(crate) fn record_queued_failure(operation: &str, error: &KvCacheError) {
+    let _ = QUEUED_FAILURE.set(format!("{operation}: {error}"));
+}
+
+/// `Ok` while no device thread has failed since [`watch_device_threads`] was installed and no
+/// queued operation has failed, else [`KvCacheError::DeviceThread`] with the first failure's
+/// thread and message, or [`KvCacheError::QueuedOperation`] with the operation and its error.
 pub fn check_device_threads() -> Result<()> {
-    match FAILURE.get() {
-        Some(failure) => Err(KvCacheError::DeviceThread(failure.clone())),
+    if let Some(failure) = FAILURE.get() {
+        return Err(KvCacheError::DeviceThread(failure.clone()));
+    }
+    match QUEUED_FAILURE.get() {
+        Some(failure) => Err(KvCacheError::QueuedOperation(failure.clone())),
         None => Ok(()),
     }
 }

@@ -1,0 +1,341 @@
+//! [`SparseKvBackend`] for Burn's `CubeBackend` over any CubeCL runtime: each operation checks
+//! its operands (the shared checks of [`super`]) and launches its kernel at once.
+
+use burn::tensor::ops::FloatTensor;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use sparsekv_format::ValueType;
+use sparsekv_kernels::cubecl::server::Handle;
+use sparsekv_kernels::{AttentionArgs, CompressArgs, DenseCacheArgs, SparseSegmentArgs};
+
+use super::{
+    CompressTarget, DecodeShape, DenseRows, Operand, RopeHeads, RowCopy, Segment, SparseKvBackend,
+    check_rows, decode_output, rms_norm_plan, rope_output_dims, rope_plan, row_args, skinny_plan,
+    swiglu_plan, value_dtype,
+};
+use crate::error::{KvCacheError, Result};
+
+/// A device buffer of a CubeCL runtime.
+#[derive(Clone)]
+pub struct CubeKvBuffer<R: CubeRuntime> {
+    handle: Handle,
+    bytes: usize,
+    _runtime: std::marker::PhantomData<R>,
+}
+
+impl<R: CubeRuntime> std::fmt::Debug for CubeKvBuffer<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CubeKvBuffer({} bytes)", self.bytes)
+    }
+}
+
+/// Calls `$body` with `$F` bound to the kernel element type of `$vt`.
+macro_rules! with_float {
+    ($vt:expr, $F:ident, $body:expr) => {
+        match $vt {
+            ValueType::F32 => {
+                type $F = f32;
+                $body
+            }
+            ValueType::F16 => {
+                type $F = half::f16;
+                $body
+            }
+            ValueType::BF16 => {
+                type $F = half::bf16;
+                $body
+            }
+        }
+    };
+}
+
+/// A contiguous tensor of `dims` over `handle`, on the device and client of `like`.
+fn tensor_like<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    handle: Handle,
+    dims: Vec<usize>,
+    value_type: ValueType,
+) -> CubeTensor<R> {
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        burn::tensor::Shape::from(dims),
+        handle,
+        value_dtype(value_type),
+    )
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBackend
+    for CubeBackend<R, F, I, BT>
+{
+    type KvBuffer = CubeKvBuffer<R>;
+
+    fn kv_alloc(device: &Self::Device, bytes: usize) -> Result<Self::KvBuffer> {
+        let limit = Self::max_buffer_bytes(device);
+        if bytes as u64 > limit {
+            return Err(KvCacheError::Allocation { bytes, limit });
+        }
+        let client = R::client(device);
+        // Never zero bytes: a zero-sized binding is not valid on every runtime.
+        Ok(CubeKvBuffer {
+            handle: client.empty(bytes.max(16)),
+            bytes,
+            _runtime: std::marker::PhantomData,
+        })
+    }
+
+    fn kv_buffer_bytes(buffer: &Self::KvBuffer) -> usize {
+        buffer.bytes
+    }
+
+    fn max_buffer_bytes(device: &Self::Device) -> u64 {
+        // CubeCL's memory pools take nothing larger than a page.
+        R::client(device).properties().memory.max_page_size
+    }
+
+    fn kv_write_rows(
+        pairs: &[(FloatTensor<Self>, &Self::KvBuffer)],
+        value_type: ValueType,
+        copy: &RowCopy,
+    ) -> Result<()> {
+        let operands: Vec<_> = pairs.iter().map(|(t, _)| Operand::of(t)).collect();
+        check_rows(&operands, value_type)?;
+        let rows: Vec<_> = pairs
+            .iter()
+            .map(|(t, _)| burn_cubecl::kernel::into_contiguous(t.clone()))
+            .collect();
+        let Some(client) = rows.first().map(|r| r.client.clone()) else {
+            return Ok(());
+        };
+        let handles: Vec<_> = rows
+            .iter()
+            .zip(pairs)
+            .map(|(r, (_, dst))| (&r.handle, &dst.handle))
+            .collect();
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::copy_rows::<R, E>(&client, &row_args(copy), &handles)?
+        );
+        Ok(())
+    }
+
+    fn kv_copy_rows(
+        device: &Self::Device,
+        pairs: &[(&Self::KvBuffer, &Self::KvBuffer)],
+        value_type: ValueType,
+        copy: &RowCopy,
+    ) -> Result<()> {
+        let client = R::client(device);
+        let handles: Vec<_> = pairs
+            .iter()
+            .map(|(src, dst)| (&src.handle, &dst.handle))
+            .collect();
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::copy_rows::<R, E>(&client, &row_args(copy), &handles)?
+        );
+        Ok(())
+    }
+
+    fn kv_prune_compress(
+        device: &Self::Device,
+        target: &CompressTarget<Self>,
+        value_type: ValueType,
+        rows: &RowCopy,
+    ) -> Result<()> {
+        let client = R::client(device);
+        let head_dim = rows.head_dim;
+        let keep = sparsekv_format::keep_count(target.sparsity, head_dim);
+        let args = CompressArgs {
+            sequences: rows.sequences,
+            kv_heads: rows.kv_heads,
+            head_dim,
+            sparsity: target.sparsity,
+            src_stride: rows.src_capacity * head_dim.get(),
+            src_start: &rows.src_start,
+            dst_start: &rows.dst_start,
+            counts: &rows.counts,
+            bitmap_stride: sparsekv_format::layout::bitmap_words(rows.dst_capacity, head_dim),
+            values_stride: rows.dst_capacity * keep,
+        };
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::prune_compress::<R, E>(
+                &client,
+                &args,
+                &target.src.handle,
+                &target.bitmap.handle,
+                &target.values.handle
+            )?
+        );
+        Ok(())
+    }
+
+    fn kv_decode_attention(
+        q: FloatTensor<Self>,
+        segment: Option<&Segment<Self>>,
+        dense: &DenseRows<Self>,
+        shape: &DecodeShape,
+    ) -> Result<FloatTensor<Self>> {
+        let (value_type, out_dims) = decode_output(&Operand::of(&q), shape)?;
+        let d = shape.head_dim.get();
+        let q = burn_cubecl::kernel::into_contiguous(q);
+        let client = q.client.clone();
+        let out_handle = client.empty(out_dims.iter().product::<usize>() * value_type.size_bytes());
+        let args = AttentionArgs {
+            batch: shape.compressed_lens.len(),
+            q_heads: shape.q_heads,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+            compressed_lens: &shape.compressed_lens,
+            window_lens: &shape.dense_lens,
+        };
+        let window = DenseCacheArgs {
+            k: &dense.k.handle,
+            v: &dense.v.handle,
+            stride: dense.capacity * d,
+        };
+        let seg = segment.map(|s| {
+            let keep = |sp| sparsekv_format::keep_count(sp, shape.head_dim);
+            SparseSegmentArgs {
+                k_bitmap: &s.k_bitmap.handle,
+                k_values: &s.k_values.handle,
+                v_bitmap: &s.v_bitmap.handle,
+                v_values: &s.v_values.handle,
+                bitmap_stride: sparsekv_format::layout::bitmap_words(s.capacity, shape.head_dim),
+                k_values_stride: s.capacity * keep(s.k_sparsity),
+                v_values_stride: s.capacity * keep(s.v_sparsity),
+                k_sparsity: s.k_sparsity,
+                v_sparsity: s.v_sparsity,
+            }
+        });
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::decode_attention::<R, E>(
+                &client,
+                &args,
+                &q.handle,
+                seg.as_ref(),
+                &window,
+                &out_handle
+            )?
+        );
+        Ok(tensor_like(&q, out_handle, out_dims, value_type))
+    }
+
+    fn skinny_matmul(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        residual: Option<FloatTensor<Self>>,
+    ) -> Result<FloatTensor<Self>> {
+        let (value_type, shape) = skinny_plan(
+            &Operand::of(&x),
+            &Operand::of(&w),
+            residual.as_ref().map(Operand::of).as_ref(),
+        )?;
+        let x = burn_cubecl::kernel::into_contiguous(x);
+        let w = burn_cubecl::kernel::into_contiguous(w);
+        let residual = residual.map(burn_cubecl::kernel::into_contiguous);
+        let client = x.client.clone();
+        let out = client.empty(shape.m * shape.n * value_type.size_bytes());
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::skinny_matmul_with::<R, E>(
+                &client,
+                shape,
+                &x.handle,
+                &w.handle,
+                residual.as_ref().map(|r| &r.handle),
+                &out,
+                None
+            )?
+        );
+        Ok(tensor_like(&x, out, vec![shape.m, shape.n], value_type))
+    }
+
+    fn rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> Result<FloatTensor<Self>> {
+        let plan = rms_norm_plan(&Operand::of(&x), &Operand::of(&weight), eps)?;
+        let x = burn_cubecl::kernel::into_contiguous(x);
+        let weight = burn_cubecl::kernel::into_contiguous(weight);
+        let client = x.client.clone();
+        let out = client.empty((plan.rows * plan.dim * plan.value_type.size_bytes()).max(16));
+        with_float!(
+            plan.value_type,
+            E,
+            sparsekv_kernels::rms_norm::<R, E>(
+                &client,
+                plan.rows,
+                plan.dim,
+                eps as f32,
+                &x.handle,
+                &weight.handle,
+                &out
+            )?
+        );
+        Ok(tensor_like(&x, out, plan.dims, plan.value_type))
+    }
+
+    fn rope_split(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        heads: RopeHeads,
+    ) -> Result<[FloatTensor<Self>; 3]> {
+        let (value_type, shape) = rope_plan(
+            &Operand::of(&qkv),
+            &Operand::of(&cos),
+            &Operand::of(&sin),
+            heads,
+        )?;
+        let qkv = burn_cubecl::kernel::into_contiguous(qkv);
+        let cos = burn_cubecl::kernel::into_contiguous(cos);
+        let sin = burn_cubecl::kernel::into_contiguous(sin);
+        let client = qkv.client.clone();
+        let es = value_type.size_bytes();
+        let [q_dims, k_dims, v_dims] = rope_output_dims(&shape);
+        let alloc = |dims: &[usize]| client.empty((dims.iter().product::<usize>() * es).max(16));
+        let (q, k, v) = (alloc(&q_dims), alloc(&k_dims), alloc(&v_dims));
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::rope_split::<R, E>(
+                &client,
+                shape,
+                heads.style,
+                &qkv.handle,
+                &cos.handle,
+                &sin.handle,
+                &q,
+                &k,
+                &v
+            )?
+        );
+        Ok([
+            tensor_like(&qkv, q, q_dims, value_type),
+            tensor_like(&qkv, k, k_dims, value_type),
+            tensor_like(&qkv, v, v_dims, value_type),
+        ])
+    }
+
+    fn swiglu(gate_up: FloatTensor<Self>) -> Result<FloatTensor<Self>> {
+        let plan = swiglu_plan(&Operand::of(&gate_up))?;
+        let gate_up = burn_cubecl::kernel::into_contiguous(gate_up);
+        let client = gate_up.client.clone();
+        let out = client.empty((plan.rows * plan.dim * plan.value_type.size_bytes()).max(16));
+        with_float!(
+            plan.value_type,
+            E,
+            sparsekv_kernels::swiglu::<R, E>(&client, plan.rows, plan.dim, &gate_up.handle, &out)?
+        );
+        Ok(tensor_like(&gate_up, out, plan.dims, plan.value_type))
+    }
+}

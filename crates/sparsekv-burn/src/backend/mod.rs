@@ -1,0 +1,484 @@
+//! The backend extension: the operations a KV cache needs, as a trait extending Burn's
+//! `Backend` (Burn's backend-extension pattern), implemented once for `CubeBackend` over any
+//! CubeCL runtime ([`cube`]: CUDA and wgpu from one implementation) and once for Burn's
+//! `Fusion<B>` over any such backend ([`fusion`]: what `burn::backend::Wgpu` and
+//! `burn::backend::Cuda` are with Burn's default features).
+//!
+//! The caches own raw device buffers ([`SparseKvBackend::KvBuffer`]): compressed streams are
+//! bit strings and packed values, not tensors. Queries, keys and values enter and the
+//! attention output leaves as ordinary Burn float tensors.
+//!
+//! Both implementations check their operands with the functions below (shapes and types are
+//! known before anything runs, also in a fusion stream), so both refuse the same inputs with
+//! the same typed errors.
+
+pub mod cube;
+pub mod fusion;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, TensorMetadata};
+use sparsekv_format::{HeadDim, Sparsity, ValueType};
+use sparsekv_kernels::{CopyRowsArgs, RopeShape, RopeStyle, SkinnyShape};
+
+use crate::error::{KvCacheError, Result};
+
+pub use cube::CubeKvBuffer;
+
+/// Rows moved per sequence between stream buffers `[streams, capacity, head_dim]` (see
+/// [`SparseKvBackend::kv_copy_rows`], [`SparseKvBackend::kv_write_rows`] and
+/// [`SparseKvBackend::kv_prune_compress`]). It owns its offsets, so a fusion stream can keep it
+/// until the operation runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowCopy {
+    /// Sequences in the batch.
+    pub sequences: usize,
+    /// KV heads per sequence.
+    pub kv_heads: usize,
+    /// Elements per row.
+    pub head_dim: HeadDim,
+    /// Rows per stream of the source.
+    pub src_capacity: usize,
+    /// Rows (tokens) per stream of the destination.
+    pub dst_capacity: usize,
+    /// First source row per sequence.
+    pub src_start: Vec<u32>,
+    /// First destination row per sequence.
+    pub dst_start: Vec<u32>,
+    /// Rows to copy per sequence.
+    pub counts: Vec<u32>,
+}
+
+/// A compressed segment: K and V bitmaps and packed values (docs/FORMAT.md layout). Buffers
+/// are shared handles: cloning one does not copy device memory.
+#[derive(Debug, Clone)]
+pub struct Segment<B: SparseKvBackend> {
+    /// K bitmap words.
+    pub k_bitmap: B::KvBuffer,
+    /// K packed values.
+    pub k_values: B::KvBuffer,
+    /// V bitmap words.
+    pub v_bitmap: B::KvBuffer,
+    /// V packed values.
+    pub v_values: B::KvBuffer,
+    /// Token capacity of each stream.
+    pub capacity: usize,
+    /// Key sparsity.
+    pub k_sparsity: Sparsity,
+    /// Value sparsity.
+    pub v_sparsity: Sparsity,
+}
+
+/// Dense K and V rows: `[streams, capacity, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct DenseRows<B: SparseKvBackend> {
+    /// Keys.
+    pub k: B::KvBuffer,
+    /// Values.
+    pub v: B::KvBuffer,
+    /// Token capacity of each stream.
+    pub capacity: usize,
+}
+
+/// The shape of one decode-attention call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeShape {
+    /// Query heads.
+    pub q_heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: HeadDim,
+    /// Compressed tokens per sequence.
+    pub compressed_lens: Vec<u32>,
+    /// Dense tokens per sequence (after the compressed ones).
+    pub dense_lens: Vec<u32>,
+}
+
+/// Where prune+compress reads and writes (see [`SparseKvBackend::kv_prune_compress`]).
+#[derive(Debug, Clone)]
+pub struct CompressTarget<B: SparseKvBackend> {
+    /// Dense source rows, `[streams, src_capacity, head_dim]`.
+    pub src: B::KvBuffer,
+    /// Destination bitmap words.
+    pub bitmap: B::KvBuffer,
+    /// Destination packed values.
+    pub values: B::KvBuffer,
+    /// Sparsity to prune at.
+    pub sparsity: Sparsity,
+}
+
+/// The most activation rows [`SparseKvBackend::skinny_matmul`] takes.
+pub const SKINNY_MAX_ROWS: usize = sparsekv_kernels::skinny::MAX_M;
+
+/// A Burn backend that can run sparse KV caches.
+pub trait SparseKvBackend: Backend {
+    /// A device buffer owned by a cache.
+    type KvBuffer: Clone + Send + Sync + std::fmt::Debug;
+
+    /// Allocates `bytes` bytes on `device` (contents unspecified); a typed error when the
+    /// device cannot allocate a buffer that large in one piece.
+    fn kv_alloc(device: &Self::Device, bytes: usize) -> Result<Self::KvBuffer>;
+
+    /// Size of a buffer in bytes.
+    fn kv_buffer_bytes(buffer: &Self::KvBuffer) -> usize;
+
+    /// The largest buffer `device` allocates in one piece, in bytes (on wgpu the adapter's
+    /// storage-buffer limit, on CUDA a share of device memory). Anything larger fails inside
+    /// the runtime, so callers compare against it before allocating.
+    fn max_buffer_bytes(device: &Self::Device) -> u64;
+
+    /// The value type of a float tensor, if the caches support it (f32, f16, bf16).
+    fn kv_value_type(tensor: &FloatTensor<Self>) -> Result<ValueType> {
+        Operand::of(tensor).value_type("tensor")
+    }
+
+    /// Writes token rows of each tensor (`[sequences, kv_heads, n, head_dim]`; sequence `s` uses
+    /// its `copy.counts[s]` rows from `copy.src_start[s]`) into its buffer at `copy.dst_start`:
+    /// one or two (rows, buffer) pairs (a cache's keys and values), in one launch.
+    fn kv_write_rows(
+        pairs: &[(FloatTensor<Self>, &Self::KvBuffer)],
+        value_type: ValueType,
+        copy: &RowCopy,
+    ) -> Result<()>;
+
+    /// Copies rows from each source buffer to its (distinct) destination: one or two
+    /// (source, destination) pairs, in one launch.
+    fn kv_copy_rows(
+        device: &Self::Device,
+        pairs: &[(&Self::KvBuffer, &Self::KvBuffer)],
+        value_type: ValueType,
+        copy: &RowCopy,
+    ) -> Result<()>;
+
+    /// Prunes rows `rows.src_start[s] ..` (`rows.counts[s]` of them) of every stream of
+    /// sequence `s` of `target.src` and writes them compressed as tokens `rows.dst_start[s] ..`
+    /// of its destination streams (`rows.dst_capacity` tokens each).
+    fn kv_prune_compress(
+        device: &Self::Device,
+        target: &CompressTarget<Self>,
+        value_type: ValueType,
+        rows: &RowCopy,
+    ) -> Result<()>;
+
+    /// Decode attention for queries `[sequences, q_heads, head_dim]` over an optional
+    /// compressed segment followed by dense rows; returns `[sequences, q_heads, head_dim]`.
+    fn kv_decode_attention(
+        q: FloatTensor<Self>,
+        segment: Option<&Segment<Self>>,
+        dense: &DenseRows<Self>,
+        shape: &DecodeShape,
+    ) -> Result<FloatTensor<Self>>;
+
+    /// The projection of a decode step, `x · wᵀ`: `x` is `[m, k]` activations (one row per
+    /// sequence, `m` at most [`SKINNY_MAX_ROWS`]) and `w` the weights as
+    /// `[n, k]` rows (PyTorch's `nn.Linear` layout), both of the same float type; returns
+    /// `[m, n]`. The weights are streamed once at memory bandwidth (the skinny-matmul kernel),
+    /// where a general matmul would tile for reuse that a few rows do not have. With a
+    /// `residual` `[m, n]` (same type) the result is `residual + x · wᵀ`, in the same launch.
+    fn skinny_matmul(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        residual: Option<FloatTensor<Self>>,
+    ) -> Result<FloatTensor<Self>>;
+
+    /// RMSNorm over the last axis in one launch: `x / sqrt(mean(x²) + eps) · weight`, computed
+    /// in f32 without overflow for 16-bit inputs; `weight` has the length of that axis and the
+    /// type of `x`. Returns a tensor of the shape and type of `x`.
+    fn rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> Result<FloatTensor<Self>>;
+
+    /// Splits the output of a fused QKV projection, `qkv` `[b, n, (q_heads + 2 kv_heads) ·
+    /// head_dim]`, into queries `[b, n, q_heads, head_dim]`, keys and values
+    /// `[b, kv_heads, n, head_dim]` (the caches' layout), rotating queries and keys by the
+    /// angles whose cosines and sines are `cos`, `sin` `[1 or b, n, head_dim / 2]` (shared by the
+    /// sequences, or per sequence), in one launch.
+    fn rope_split(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        heads: RopeHeads,
+    ) -> Result<[FloatTensor<Self>; 3]>;
+
+    /// SwiGLU in one launch: `gate_up` `[.., 2 * hidden]` holds the gate then the up
+    /// projection on its last axis; returns `silu(gate) · up`, `[.., hidden]`, computed in f32.
+    fn swiglu(gate_up: FloatTensor<Self>) -> Result<FloatTensor<Self>>;
+}
+
+/// The heads of [`SparseKvBackend::rope_split`] and how their channels pair up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RopeHeads {
+    /// Query heads.
+    pub q_heads: usize,
+    /// Key and value heads.
+    pub kv_heads: usize,
+    /// Channel pairing.
+    pub style: RopeStyle,
+}
+
+/// The shape and type of a tensor operand, read before an operation runs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Operand {
+    dims: Vec<usize>,
+    dtype: DType,
+}
+
+impl Operand {
+    /// The shape and type of `tensor` (any backend's tensor primitive).
+    pub(crate) fn of<T: TensorMetadata>(tensor: &T) -> Self {
+        Operand {
+            dims: tensor.shape().to_vec(),
+            dtype: tensor.dtype(),
+        }
+    }
+
+    /// The value type of a tensor the caches take (f32, f16, bf16), else a typed error.
+    fn value_type(&self, what: &'static str) -> Result<ValueType> {
+        match self.dtype {
+            DType::F32 => Ok(ValueType::F32),
+            DType::F16 => Ok(ValueType::F16),
+            DType::BF16 => Ok(ValueType::BF16),
+            other => Err(KvCacheError::DType {
+                what,
+                expected: "f32, f16 or bf16",
+                actual: other,
+            }),
+        }
+    }
+
+    /// A typed error unless this operand holds `value_type` (one that must match the others).
+    fn expect_type(&self, what: &'static str, value_type: ValueType) -> Result<()> {
+        if self.dtype == value_dtype(value_type) {
+            Ok(())
+        } else {
+            Err(KvCacheError::DType {
+                what,
+                expected: value_type.name(),
+                actual: self.dtype,
+            })
+        }
+    }
+}
+
+/// Burn's type for a value type.
+pub(crate) fn value_dtype(value_type: ValueType) -> DType {
+    match value_type {
+        ValueType::F32 => DType::F32,
+        ValueType::F16 => DType::F16,
+        ValueType::BF16 => DType::BF16,
+    }
+}
+
+/// Checks the row tensors of [`SparseKvBackend::kv_write_rows`] against the cache's type.
+pub(crate) fn check_rows(rows: &[Operand], value_type: ValueType) -> Result<()> {
+    rows.iter()
+        .try_for_each(|r| r.expect_type("rows", value_type))
+}
+
+/// Checks the queries of [`SparseKvBackend::kv_decode_attention`]; returns their value type
+/// and the output's shape `[sequences, q_heads, head_dim]`.
+pub(crate) fn decode_output(q: &Operand, shape: &DecodeShape) -> Result<(ValueType, Vec<usize>)> {
+    let value_type = q.value_type("queries")?;
+    let expected = vec![
+        shape.compressed_lens.len(),
+        shape.q_heads,
+        shape.head_dim.get(),
+    ];
+    if q.dims != expected {
+        return Err(KvCacheError::Shape {
+            what: "queries",
+            expected,
+            actual: q.dims.clone(),
+        });
+    }
+    Ok((value_type, expected))
+}
+
+/// Checks the operands of [`SparseKvBackend::skinny_matmul`]; returns the value type and the
+/// product's shape.
+pub(crate) fn skinny_plan(
+    x: &Operand,
+    w: &Operand,
+    residual: Option<&Operand>,
+) -> Result<(ValueType, SkinnyShape)> {
+    let value_type = x.value_type("activations")?;
+    w.expect_type("weights", value_type)?;
+    if let Some(r) = residual {
+        r.expect_type("residual", value_type)?;
+    }
+    let (&[m, k], &[n, wk]) = (x.dims.as_slice(), w.dims.as_slice()) else {
+        return Err(KvCacheError::Shape {
+            what: "skinny matmul operands (activations [m, k], weights [n, k])",
+            expected: vec![0, 0],
+            actual: if x.dims.len() == 2 {
+                w.dims.clone()
+            } else {
+                x.dims.clone()
+            },
+        });
+    };
+    if wk != k {
+        return Err(KvCacheError::Shape {
+            what: "weights",
+            expected: vec![0, k],
+            actual: w.dims.clone(),
+        });
+    }
+    if !(1..=SKINNY_MAX_ROWS).contains(&m) || n == 0 || k == 0 {
+        return Err(KvCacheError::Invalid(format!(
+            "skinny matmul of [{m}, {k}] by [{n}, {k}]ᵀ: needs 1..={SKINNY_MAX_ROWS} activation rows and non-empty weights"
+        )));
+    }
+    if let Some(r) = residual
+        && r.dims != [m, n]
+    {
+        return Err(KvCacheError::Shape {
+            what: "residual",
+            expected: vec![m, n],
+            actual: r.dims.clone(),
+        });
+    }
+    Ok((value_type, SkinnyShape { m, n, k }))
+}
+
+/// The rows and the normalised axis of an RMSNorm input.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NormPlan {
+    pub(crate) value_type: ValueType,
+    pub(crate) rows: usize,
+    pub(crate) dim: usize,
+    /// The output's shape (the input's).
+    pub(crate) dims: Vec<usize>,
+}
+
+/// Checks the operands of [`SparseKvBackend::rms_norm`].
+pub(crate) fn rms_norm_plan(x: &Operand, weight: &Operand, eps: f64) -> Result<NormPlan> {
+    let value_type = x.value_type("RMSNorm input")?;
+    weight.expect_type("RMSNorm weights", value_type)?;
+    let dim = x.dims.last().copied().unwrap_or(0);
+    if dim == 0 || !(eps.is_finite() && eps >= 0.0) {
+        return Err(KvCacheError::Invalid(format!(
+            "RMSNorm over rows of {dim} elements with eps {eps}: needs non-empty rows and a finite eps >= 0"
+        )));
+    }
+    if weight.dims != [dim] {
+        return Err(KvCacheError::Shape {
+            what: "RMSNorm weights",
+            expected: vec![dim],
+            actual: weight.dims.clone(),
+        });
+    }
+    Ok(NormPlan {
+        value_type,
+        rows: x.dims.iter().product::<usize>() / dim.max(1),
+        dim,
+        dims: x.dims.clone(),
+    })
+}
+
+/// Checks the operands of [`SparseKvBackend::rope_split`]; returns the value type and the
+/// kernel's shape.
+pub(crate) fn rope_plan(
+    qkv: &Operand,
+    cos: &Operand,
+    sin: &Operand,
+    heads: RopeHeads,
+) -> Result<(ValueType, RopeShape)> {
+    let value_type = qkv.value_type("fused QKV")?;
+    cos.expect_type("RoPE cos", value_type)?;
+    sin.expect_type("RoPE sin", value_type)?;
+    let RopeHeads {
+        q_heads, kv_heads, ..
+    } = heads;
+    let heads_total = q_heads + 2 * kv_heads;
+    let &[b, n, width] = qkv.dims.as_slice() else {
+        return Err(KvCacheError::Shape {
+            what: "fused QKV",
+            expected: vec![0, 0, 0],
+            actual: qkv.dims.clone(),
+        });
+    };
+    let d = width.checked_div(heads_total).unwrap_or(0);
+    if d == 0 || d * heads_total != width || d % 2 != 0 || q_heads == 0 || kv_heads == 0 {
+        return Err(KvCacheError::Invalid(format!(
+            "fused QKV rows of {width} are not {q_heads} + 2 x {kv_heads} heads of an even head_dim"
+        )));
+    }
+    for (what, t) in [("RoPE cos", cos), ("RoPE sin", sin)] {
+        let got = &t.dims;
+        if got.len() != 3 || !(got[0] == 1 || got[0] == b) || got[1..] != [n, d / 2] {
+            return Err(KvCacheError::Shape {
+                what,
+                expected: vec![b, n, d / 2],
+                actual: got.clone(),
+            });
+        }
+    }
+    let shape = RopeShape {
+        sequences: b,
+        tokens: n,
+        q_heads,
+        kv_heads,
+        head_dim: d,
+        angles_per_sequence: cos.dims.first() == Some(&b) && b > 1,
+    };
+    Ok((value_type, shape))
+}
+
+/// The output shapes of [`SparseKvBackend::rope_split`]: queries `[b, n, q_heads, d]`, keys and
+/// values `[b, kv_heads, n, d]`.
+pub(crate) fn rope_output_dims(shape: &RopeShape) -> [Vec<usize>; 3] {
+    let RopeShape {
+        sequences: b,
+        tokens: n,
+        q_heads,
+        kv_heads,
+        head_dim: d,
+        ..
+    } = *shape;
+    [
+        vec![b, n, q_heads, d],
+        vec![b, kv_heads, n, d],
+        vec![b, kv_heads, n, d],
+    ]
+}
+
+/// Checks the input of [`SparseKvBackend::swiglu`]; `dim` of the plan is the hidden width and
+/// `dims` the output's shape.
+pub(crate) fn swiglu_plan(gate_up: &Operand) -> Result<NormPlan> {
+    let value_type = gate_up.value_type("SwiGLU input")?;
+    let mut dims = gate_up.dims.clone();
+    let width = dims.last().copied().unwrap_or(0);
+    if width % 2 != 0 {
+        return Err(KvCacheError::Invalid(format!(
+            "SwiGLU input rows of {width} are not a gate and an up half"
+        )));
+    }
+    let rows = dims.iter().product::<usize>() / width.max(1);
+    if let Some(last) = dims.last_mut() {
+        *last = width / 2;
+    }
+    Ok(NormPlan {
+        value_type,
+        rows,
+        dim: width / 2,
+        dims,
+    })
+}
+
+/// The kernels' arguments of a [`RowCopy`].
+pub(crate) fn row_args(copy: &RowCopy) -> CopyRowsArgs<'_> {
+    CopyRowsArgs {
+        sequences: copy.sequences,
+        kv_heads: copy.kv_heads,
+        head_dim: copy.head_dim.get(),
+        src_capacity: copy.src_capacity,
+        dst_capacity: copy.dst_capacity,
+        src_start: &copy.src_start,
+        dst_start: &copy.dst_start,
+        counts: &copy.counts,
+    }
+}
