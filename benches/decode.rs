@@ -11,6 +11,10 @@
 //! consecutive steps (two compressions of a 64-token chunk each for the sparse cache) after
 //! 4 warm-up steps. `SPARSEKV_BENCH_QUICK=1`: 2 layers, B = 2, T = 1K;
 //! `SPARSEKV_BENCH_ONLY=8x16384,1x4096`: only those `BxT` shapes.
+//!
+//! Every row runs on both Burn backend types, one after the other in the same process: the
+//! bare `CubeBackend` and Burn's fused backend (`burn::backend::Cuda<f16>` / `Wgpu<f16>` as
+//! Burn's default features make them). `SPARSEKV_BENCH_BACKENDS=bare` or `=fused`: only one.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -19,11 +23,11 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    ModelBackend, Rt, backend_name, decode_step_host_times, decode_step_times, filled_caches,
-    llama3_8b_shape, median_mean, model_layers, quick, read_bandwidth,
+    FusedModelBackend, ModelBackend, Rt, backend_name, decode_step_host_times, decode_step_times,
+    filled_caches, llama3_8b_shape, median_mean, model_layers, quick, read_bandwidth,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
-use sparsekv::cache::{DenseKvCache, KvCache, SparseKvCache};
+use sparsekv::cache::{DenseKvCache, KvCache, SparseKvBackend, SparseKvCache};
 use sparsekv::kernels::cubecl::prelude::Runtime;
 use sparsekv::llama::Llama;
 
@@ -31,9 +35,9 @@ const STEPS: usize = 128;
 /// Room for warm-up, criterion's steps and the timed steps.
 const SLACK: usize = 1024;
 
-fn measure<C: KvCache<ModelBackend>>(
+fn measure<B: SparseKvBackend, C: KvCache<B>>(
     c: &mut Criterion,
-    model: &Llama<ModelBackend>,
+    model: &Llama<B>,
     mut caches: Vec<C>,
     max_seq: usize,
     name: &str,
@@ -71,6 +75,14 @@ fn weight_bytes(c: &sparsekv::llama::LlamaConfig) -> usize {
     2 * (c.n_layers * layer + c.vocab_size * c.dim + c.dim)
 }
 
+/// What every row of the table shares.
+struct Setup {
+    layers: usize,
+    shapes: Vec<(usize, usize)>,
+    ceiling: f64,
+    weights: usize,
+}
+
 fn decode(c: &mut Criterion) {
     let layers = model_layers();
     // (B, T): the issue's shapes; quick runs one small one.
@@ -80,31 +92,57 @@ fn decode(c: &mut Criterion) {
             .filter_map(|(b, t)| Some((b.parse().ok()?, t.parse().ok()?)))
             .collect()
     });
-    let shapes: &[(usize, usize)] = match &only {
+    let shapes = match only {
         Some(list) => list,
-        None if quick() => &[(2, 1024)],
-        None => &[(8, 4096), (8, 16384), (8, 32768), (1, 4096)],
+        None if quick() => vec![(2, 1024)],
+        None => vec![(8, 4096), (8, 16384), (8, 32768), (1, 4096)],
     };
-    let max_t = shapes.iter().map(|s| s.1).max().unwrap_or(0);
-    let device = Default::default();
-    let config = llama3_8b_shape(layers, max_t + SLACK);
-    let model = Llama::<ModelBackend>::random(&config, &device).expect("model");
     let client = Rt::client(&Default::default());
     let ceiling = read_bandwidth(&client, if quick() { 64 << 20 } else { 1 << 30 });
-    let weights = weight_bytes(&config);
+    let max_t = shapes.iter().map(|s| s.1).max().unwrap_or(0);
+    let weights = weight_bytes(&llama3_8b_shape(layers, max_t + SLACK));
+    let setup = Setup {
+        layers,
+        shapes,
+        ceiling,
+        weights,
+    };
     let mut table = format!(
         "\nDecode step, Llama-3-8B shape with {layers} layers, f16, {}; read-only ceiling {:.0} GB/s, \
          weights {:.2} GB\n\n\
-         | cache | B | T | step ms (median) | step ms (mean of {STEPS}) | host ms to issue (median) | tokens/s (median) | speedup vs dense | GB read | floor ms at read-only | of floor |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         | backend | cache | B | T | step ms (median) | step ms (mean of {STEPS}) | host ms to issue (median) | tokens/s (median) | speedup vs dense | GB read | floor ms at read-only | of floor |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         backend_name(),
         ceiling / 1e9,
         weights as f64 / 1e9
     );
+    let backends = std::env::var("SPARSEKV_BENCH_BACKENDS").unwrap_or_else(|_| "bare,fused".into());
+    for backend in backends.split(',') {
+        match backend {
+            "bare" => rows::<ModelBackend>(c, "bare", &setup, &mut table),
+            "fused" => rows::<FusedModelBackend>(c, "fused", &setup, &mut table),
+            other => panic!("SPARSEKV_BENCH_BACKENDS: unknown backend {other:?} (bare, fused)"),
+        }
+    }
+    println!("{table}");
+}
+
+/// The table's rows of one backend type (its model is dropped before the next one's).
+fn rows<B: SparseKvBackend>(c: &mut Criterion, label: &str, setup: &Setup, table: &mut String) {
+    let Setup {
+        layers,
+        ref shapes,
+        ceiling,
+        weights,
+    } = *setup;
+    let max_t = shapes.iter().map(|s| s.1).max().unwrap_or(0);
+    let device = Default::default();
+    let config = llama3_8b_shape(layers, max_t + SLACK);
+    let model = Llama::<B>::random(&config, &device).expect("model");
     for &(batch, tokens) in shapes {
         let max_seq = tokens + SLACK;
         let dense = filled_caches(batch, layers, tokens, max_seq, 0.0, |cfg| {
-            DenseKvCache::<ModelBackend>::new(cfg, &device).expect("cache")
+            DenseKvCache::<B>::new(cfg, &device).expect("cache")
         });
         let dense_kv: u64 = dense.iter().map(|c| c.memory().total()).sum();
         let (dense_median, dense_mean, dense_host) = measure(
@@ -112,10 +150,10 @@ fn decode(c: &mut Criterion) {
             &model,
             dense,
             max_seq,
-            &format!("dense/B{batch}/T{tokens}"),
+            &format!("{label}/dense/B{batch}/T{tokens}"),
         );
         let sparse = filled_caches(batch, layers, tokens, max_seq, 0.7, |cfg| {
-            SparseKvCache::<ModelBackend>::new(cfg, &device).expect("cache")
+            SparseKvCache::<B>::new(cfg, &device).expect("cache")
         });
         let sparse_kv: u64 = sparse.iter().map(|c| c.memory().total()).sum();
         let (sparse_median, sparse_mean, sparse_host) = measure(
@@ -123,7 +161,7 @@ fn decode(c: &mut Criterion) {
             &model,
             sparse,
             max_seq,
-            &format!("sparse_s0.7/B{batch}/T{tokens}"),
+            &format!("{label}/sparse_s0.7/B{batch}/T{tokens}"),
         );
         for (name, median, mean, host, kv) in [
             ("dense", dense_median, dense_mean, dense_host, dense_kv),
@@ -138,7 +176,7 @@ fn decode(c: &mut Criterion) {
             let bytes = weights as f64 + kv as f64;
             let floor = bytes / ceiling;
             table.push_str(&format!(
-                "| {name} | {batch} | {tokens} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2} | {:.2} | {:.0}% |\n",
+                "| {label} | {name} | {batch} | {tokens} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2}x | {:.2} | {:.2} | {:.0}% |\n",
                 median.as_secs_f64() * 1e3,
                 mean.as_secs_f64() * 1e3,
                 host.as_secs_f64() * 1e3,
@@ -149,10 +187,9 @@ fn decode(c: &mut Criterion) {
                 100.0 * floor / median.as_secs_f64()
             ));
         }
-        eprintln!("done B={batch} T={tokens}");
+        eprintln!("done {label} B={batch} T={tokens}");
         println!("{}", table.lines().last().unwrap_or_default());
     }
-    println!("{table}");
 }
 
 criterion_group!(benches, decode);

@@ -17,31 +17,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, ValueEnum};
-use sparsekv::cache::burn_cubecl::CubeBackend;
+use clap::Parser;
+use sparsekv::backends::{FloatName, FusionChoice, OnBackend, RuntimeName, run_on};
 use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, SparseKvBackend, SparseKvCache};
 use sparsekv::format::{KvBytes, ValueType};
 use sparsekv::llama::{
     BuiltinTemplate, ChatTemplate, Llama, LlamaError, Message, Pretrained, Sampling, generate,
 };
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum BackendName {
-    /// wgpu (Vulkan, Metal, DX12).
-    Wgpu,
-    /// CUDA (needs the `cuda` feature).
-    Cuda,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum DTypeName {
-    /// 32-bit floats.
-    F32,
-    /// 16-bit floats (IEEE half).
-    F16,
-    /// bfloat16 (CUDA only).
-    Bf16,
-}
 
 #[derive(Parser, Debug)]
 #[command(about = "Chat with a Llama model through a sparse KV cache")]
@@ -67,10 +49,14 @@ struct Args {
     system: Option<String>,
     /// Backend (default: cuda when built with the `cuda` feature, else wgpu).
     #[arg(long, value_enum)]
-    backend: Option<BackendName>,
+    backend: Option<RuntimeName>,
+    /// Burn's operation fusion: on (Burn's own `Wgpu`/`Cuda` as its default features make
+    /// them) or off (the bare `CubeBackend`).
+    #[arg(long, value_enum, default_value = "on")]
+    fusion: FusionChoice,
     /// Float type of the weights, activations and cache.
     #[arg(long, value_enum, default_value = "f32")]
-    dtype: DTypeName,
+    dtype: FloatName,
     /// Fraction of each key row pruned, in [0, 1); 0 with --v-sparsity 0 uses the dense cache.
     #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     k_sparsity: f64,
@@ -376,56 +362,30 @@ fn announce_wgpu_device() {
     }
 }
 
+/// The chat, generic over the backend type the options pick.
+struct Chat<'a> {
+    args: &'a Args,
+    pre: &'a Pretrained,
+}
+
+impl OnBackend for Chat<'_> {
+    type Output = Result<(), LlamaError>;
+    fn run<B: SparseKvBackend>(self, device: B::Device, value_type: ValueType) -> Self::Output {
+        run::<B>(self.args, self.pre, value_type, device)
+    }
+}
+
 fn dispatch(args: &Args, pre: &Pretrained) -> Result<(), LlamaError> {
-    let backend = args.backend.unwrap_or(if cfg!(feature = "cuda") {
-        BackendName::Cuda
-    } else {
-        BackendName::Wgpu
-    });
-    match backend {
+    let runtime = args.backend.unwrap_or_else(RuntimeName::build_default);
+    match runtime {
         #[cfg(feature = "wgpu")]
-        BackendName::Wgpu => announce_wgpu_device(),
-        BackendName::Cuda => eprintln!("[device: CUDA device 0]"),
+        RuntimeName::Wgpu => announce_wgpu_device(),
+        RuntimeName::Cuda => eprintln!("[device: CUDA device 0]"),
         #[allow(unreachable_patterns)]
         _ => {}
     }
-    match (backend, args.dtype) {
-        #[cfg(feature = "wgpu")]
-        (BackendName::Wgpu, DTypeName::F32) => run::<
-            CubeBackend<sparsekv::kernels::cubecl::wgpu::WgpuRuntime, f32, i32, u32>,
-        >(
-            args, pre, ValueType::F32, Default::default()
-        ),
-        #[cfg(feature = "wgpu")]
-        (BackendName::Wgpu, DTypeName::F16) => run::<
-            CubeBackend<sparsekv::kernels::cubecl::wgpu::WgpuRuntime, half::f16, i32, u32>,
-        >(
-            args, pre, ValueType::F16, Default::default()
-        ),
-        #[cfg(feature = "cuda")]
-        (BackendName::Cuda, DTypeName::F32) => run::<
-            CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, f32, i32, u8>,
-        >(
-            args, pre, ValueType::F32, Default::default()
-        ),
-        #[cfg(feature = "cuda")]
-        (BackendName::Cuda, DTypeName::F16) => run::<
-            CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, half::f16, i32, u8>,
-        >(
-            args, pre, ValueType::F16, Default::default()
-        ),
-        #[cfg(feature = "cuda")]
-        (BackendName::Cuda, DTypeName::Bf16) => run::<
-            CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, half::bf16, i32, u8>,
-        >(
-            args, pre, ValueType::BF16, Default::default()
-        ),
-        #[allow(unreachable_patterns)]
-        (backend, dtype) => Err(LlamaError::Invalid(format!(
-            "this build cannot run {dtype:?} on {backend:?} (bf16 needs CUDA; a backend needs \
-             its cargo feature: --features cuda or wgpu)"
-        ))),
-    }
+    run_on(runtime, args.dtype, args.fusion, Chat { args, pre })
+        .map_err(|e| LlamaError::Invalid(e.to_string()))?
 }
 
 fn main() -> ExitCode {

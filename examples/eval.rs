@@ -19,21 +19,13 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
-use sparsekv::cache::burn_cubecl::CubeBackend;
+use sparsekv::backends::{FloatName, FusionChoice, OnBackend, RuntimeName, run_on};
 use sparsekv::cache::{PruneStrategy, SparseKvBackend};
 use sparsekv::format::ValueType;
 use sparsekv::llama::{
     CacheKind, EvalCase, Llama, LlamaError, Pretrained, Scores, Target, evaluate, sweep,
     text_windows,
 };
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum BackendName {
-    /// wgpu (Vulkan, Metal, DX12).
-    Wgpu,
-    /// CUDA (needs the `cuda` feature).
-    Cuda,
-}
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum StrategyName {
@@ -103,7 +95,11 @@ struct Args {
     check_simulation: bool,
     /// Backend (default: cuda when built with the `cuda` feature, else wgpu).
     #[arg(long, value_enum)]
-    backend: Option<BackendName>,
+    backend: Option<RuntimeName>,
+    /// Burn's operation fusion: on (Burn's own `Wgpu`/`Cuda` as its default features make
+    /// them) or off (the bare `CubeBackend`).
+    #[arg(long, value_enum, default_value = "on")]
+    fusion: FusionChoice,
     /// Folder for eval.md, eval.csv and perplexity.svg.
     #[arg(long, default_value = "eval-out")]
     out: PathBuf,
@@ -518,26 +514,29 @@ fn check(args: &Args) -> Result<(), LlamaError> {
     Ok(())
 }
 
-fn dispatch(args: &Args, pre: &Pretrained) -> Result<(), LlamaError> {
-    let backend = args.backend.unwrap_or(if cfg!(feature = "cuda") {
-        BackendName::Cuda
-    } else {
-        BackendName::Wgpu
-    });
-    match backend {
-        #[cfg(feature = "wgpu")]
-        BackendName::Wgpu => run::<
-            CubeBackend<sparsekv::kernels::cubecl::wgpu::WgpuRuntime, f32, i32, u32>,
-        >(args, pre, Default::default()),
-        #[cfg(feature = "cuda")]
-        BackendName::Cuda => run::<
-            CubeBackend<sparsekv::kernels::cubecl::cuda::CudaRuntime, f32, i32, u8>,
-        >(args, pre, Default::default()),
-        #[allow(unreachable_patterns)]
-        other => Err(LlamaError::Invalid(format!(
-            "this build has no {other:?} backend (its cargo feature: --features cuda or wgpu)"
-        ))),
+/// The evaluation, generic over the backend type the options pick (f32 throughout: the
+/// scores are compared across sparsities).
+struct Evaluation<'a> {
+    args: &'a Args,
+    pre: &'a Pretrained,
+}
+
+impl OnBackend for Evaluation<'_> {
+    type Output = Result<(), LlamaError>;
+    fn run<B: SparseKvBackend>(self, device: B::Device, _: ValueType) -> Self::Output {
+        run::<B>(self.args, self.pre, device)
     }
+}
+
+fn dispatch(args: &Args, pre: &Pretrained) -> Result<(), LlamaError> {
+    let runtime = args.backend.unwrap_or_else(RuntimeName::build_default);
+    run_on(
+        runtime,
+        FloatName::F32,
+        args.fusion,
+        Evaluation { args, pre },
+    )
+    .map_err(|e| LlamaError::Invalid(e.to_string()))?
 }
 
 fn main() -> ExitCode {

@@ -6,7 +6,12 @@
 //! - [`kernels`]: the CubeCL kernels (prune+compress, sparse and dense decode attention, and
 //!   the fused operations of a decode step);
 //! - [`cache`]: the Burn backend extension and the sparse and dense KV caches;
-//! - [`llama`]: a Llama decoder, loaders, tokenizer and generation.
+//! - [`llama`]: a Llama decoder, loaders, tokenizer and generation;
+//!
+//! and adds [`backends`], which picks a Burn backend type from run-time options (runtime,
+//! float type, Burn's fusion on or off) for programs such as the examples.
+
+pub mod backends;
 
 pub use sparsekv_burn as cache;
 pub use sparsekv_format as format;

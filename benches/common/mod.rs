@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use sparsekv::cache::SparseKvBackend;
 use sparsekv::kernels::FloatElement;
 use sparsekv::kernels::cubecl;
 use sparsekv::kernels::cubecl::prelude::*;
@@ -198,11 +199,18 @@ pub fn read_bandwidth(client: &ComputeClient<Rt>, bytes: usize) -> f64 {
     (n * 4) as f64 / t.as_secs_f64()
 }
 
-/// The Burn backend of the model benches: f16 on the selected runtime.
+/// The Burn backend of the model benches: f16 on the selected runtime, bare (kernels launched
+/// at once).
 #[cfg(feature = "cuda")]
 pub type ModelBackend = sparsekv::cache::burn_cubecl::CubeBackend<Rt, half::f16, i32, u8>;
 #[cfg(not(feature = "cuda"))]
 pub type ModelBackend = sparsekv::cache::burn_cubecl::CubeBackend<Rt, half::f16, i32, u32>;
+/// [`ModelBackend`] under Burn's operation fusion: Burn's own `Cuda<f16>` / `Wgpu<f16>` as its
+/// default features make them.
+#[cfg(feature = "cuda")]
+pub type FusedModelBackend = sparsekv::cache::burn::backend::Cuda<half::f16, i32>;
+#[cfg(not(feature = "cuda"))]
+pub type FusedModelBackend = sparsekv::cache::burn::backend::Wgpu<half::f16, i32, u32>;
 
 /// Batch of the model benches.
 pub const MODEL_BATCH: usize = 8;
@@ -238,7 +246,7 @@ pub fn llama3_8b_shape(layers: usize, max_seq: usize) -> sparsekv::llama::LlamaC
 
 /// One cache per layer for `batch` sequences of up to `max_seq` tokens, f16, each already
 /// holding `tokens` random tokens (appended at once, as a prefill would).
-pub fn filled_caches<C: sparsekv::cache::KvCache<ModelBackend>>(
+pub fn filled_caches<B: SparseKvBackend, C: sparsekv::cache::KvCache<B>>(
     batch: usize,
     layers: usize,
     tokens: usize,
@@ -256,10 +264,8 @@ pub fn filled_caches<C: sparsekv::cache::KvCache<ModelBackend>>(
         .map(|_| {
             let mut cache = make(&config);
             let shape = [batch, 8, tokens, 128];
-            let k =
-                Tensor::<ModelBackend, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
-            let v =
-                Tensor::<ModelBackend, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+            let k = Tensor::<B, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+            let v = Tensor::<B, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
             cache.append(k, v).expect("fill the cache");
             cache
         })
@@ -268,8 +274,8 @@ pub fn filled_caches<C: sparsekv::cache::KvCache<ModelBackend>>(
 
 /// Times `steps` decode steps of `model` (one token per sequence), each synchronised; returns
 /// the per-step times. The caches grow by one token per step.
-pub fn decode_step_times<C: sparsekv::cache::KvCache<ModelBackend>>(
-    model: &sparsekv::llama::Llama<ModelBackend>,
+pub fn decode_step_times<B: SparseKvBackend, C: sparsekv::cache::KvCache<B>>(
+    model: &sparsekv::llama::Llama<B>,
     caches: &mut [C],
     steps: usize,
 ) -> Vec<Duration> {
@@ -281,12 +287,11 @@ pub fn decode_step_times<C: sparsekv::cache::KvCache<ModelBackend>>(
 
 /// [`decode_step_times`] with, per step, the host time until the step's launches were all
 /// issued (before the device is synchronised).
-pub fn decode_step_host_times<C: sparsekv::cache::KvCache<ModelBackend>>(
-    model: &sparsekv::llama::Llama<ModelBackend>,
+pub fn decode_step_host_times<B: SparseKvBackend, C: sparsekv::cache::KvCache<B>>(
+    model: &sparsekv::llama::Llama<B>,
     caches: &mut [C],
     steps: usize,
 ) -> Vec<(Duration, Duration)> {
-    use sparsekv::cache::burn::tensor::backend::Backend;
     let device = Default::default();
     let batch = caches[0].lengths().len();
     (0..steps)
@@ -303,7 +308,7 @@ pub fn decode_step_host_times<C: sparsekv::cache::KvCache<ModelBackend>>(
                 .expect("decode step");
             drop(logits);
             let issued = t.elapsed();
-            ModelBackend::sync(&device).expect("device sync");
+            B::sync(&device).expect("device sync");
             (t.elapsed(), issued)
         })
         .collect()

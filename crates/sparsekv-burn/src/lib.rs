@@ -55,3 +55,5 @@ pub use sparsekv_kernels::RopeStyle;
 pub use burn;
 /// Burn's CubeCL backend crate (`CubeBackend`), for naming backend types.
 pub use burn_cubecl;
+/// Burn's fusion crate (`Fusion<B>`), for naming fused backend types.
+pub use burn_fusion;
