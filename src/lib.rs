@@ -1,6 +1,24 @@
 //! sparsekv: MUSTAFAR-style unstructured sparse KV caches for LLM decoding, in pure Rust on
 //! Burn and CubeCL.
 //!
+//! ```
+//! # #[cfg(feature = "wgpu")] fn main() -> Result<(), sparsekv::cache::KvCacheError> {
+//! use sparsekv::cache::burn::{backend::Wgpu, tensor::Tensor};
+//! use sparsekv::cache::{KvCache, KvCacheConfig, SparseKvCache};
+//! let (device, config) = (Default::default(), KvCacheConfig::new(1, 2, 64, 512).with_sparsity(0.7, 0.7));
+//! let mut cache = SparseKvCache::<Wgpu>::new(&config, &device)?; // Burn's own backend type
+//! cache.append(Tensor::ones([1, 2, 100, 64], &device), Tensor::ones([1, 2, 100, 64], &device))?;
+//! let out = cache.attend(Tensor::ones([1, 8, 64], &device))?; // [batch, q_heads, head_dim]
+//! # assert_eq!(out.dims(), [1, 8, 64]);
+//! # Ok(()) }
+//! # #[cfg(not(feature = "wgpu"))] fn main() {}
+//! ```
+//!
+//! Keys and values (`[batch, kv_heads, tokens, head_dim]`, after RoPE) go in with `append`; the
+//! newest tokens stay dense, older ones are pruned per token by magnitude and compressed; a
+//! query per sequence comes out attended over all of them. `examples/burn_attention.rs` shows
+//! the change to an attention layer written the usual Burn way.
+//!
 //! This crate re-exports the member crates:
 //! - [`format`](mod@format): the compressed KV format, byte accounting and the f64 CPU oracle;
 //! - [`kernels`]: the CubeCL kernels (prune+compress, sparse and dense decode attention, and

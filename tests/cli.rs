@@ -328,3 +328,24 @@ fn chat_repl_drops_the_oldest_turns_with_a_notice() {
         "{stderr}"
     );
 }
+
+/// The adoption example: an attention layer written the usual Burn way and the same layer on
+/// the sparse cache, on Burn's own (fused) backend type; at sparsity 0 they must agree (the
+/// example exits non-zero otherwise).
+#[test]
+fn burn_attention_example_matches_the_usual_burn_layer() {
+    let out = Command::new(example("burn_attention"))
+        .output()
+        .expect("run the burn_attention example");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("at sparsity 0 the sparse cache matches the usual Burn layer"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("sparsity 0.7: 64 of 160 tokens compressed"),
+        "{stdout}"
+    );
+}

@@ -9,7 +9,7 @@ use sparsekv_kernels::cubecl::server::Handle;
 use sparsekv_kernels::{AttentionArgs, CompressArgs, DenseCacheArgs, SparseSegmentArgs};
 
 use super::{
-    CompressTarget, DecodeShape, DenseRows, Operand, RopeHeads, RowCopy, Segment, SparseKvBackend,
+    CompressTarget, DecodeShape, DenseRows, RopeHeads, RowCopy, Segment, SparseKvBackend,
     check_rows, decode_output, rms_norm_plan, rope_output_dims, rope_plan, row_args, skinny_plan,
     swiglu_plan, value_dtype,
 };
@@ -98,8 +98,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         value_type: ValueType,
         copy: &RowCopy,
     ) -> Result<()> {
-        let operands: Vec<_> = pairs.iter().map(|(t, _)| Operand::of(t)).collect();
-        check_rows(&operands, value_type)?;
+        check_rows(pairs.iter().map(|(t, _)| t), value_type)?;
         let rows: Vec<_> = pairs
             .iter()
             .map(|(t, _)| burn_cubecl::kernel::into_contiguous(t.clone()))
@@ -180,7 +179,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         dense: &DenseRows<Self>,
         shape: &DecodeShape,
     ) -> Result<FloatTensor<Self>> {
-        let (value_type, out_dims) = decode_output(&Operand::of(&q), shape)?;
+        let (value_type, out_dims) = decode_output(&q, shape)?;
         let d = shape.head_dim.get();
         let q = burn_cubecl::kernel::into_contiguous(q);
         let client = q.client.clone();
@@ -232,11 +231,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         w: FloatTensor<Self>,
         residual: Option<FloatTensor<Self>>,
     ) -> Result<FloatTensor<Self>> {
-        let (value_type, shape) = skinny_plan(
-            &Operand::of(&x),
-            &Operand::of(&w),
-            residual.as_ref().map(Operand::of).as_ref(),
-        )?;
+        let (value_type, shape) = skinny_plan(&x, &w, residual.as_ref())?;
         let x = burn_cubecl::kernel::into_contiguous(x);
         let w = burn_cubecl::kernel::into_contiguous(w);
         let residual = residual.map(burn_cubecl::kernel::into_contiguous);
@@ -263,7 +258,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         weight: FloatTensor<Self>,
         eps: f64,
     ) -> Result<FloatTensor<Self>> {
-        let plan = rms_norm_plan(&Operand::of(&x), &Operand::of(&weight), eps)?;
+        let plan = rms_norm_plan(&x, &weight, eps)?;
         let x = burn_cubecl::kernel::into_contiguous(x);
         let weight = burn_cubecl::kernel::into_contiguous(weight);
         let client = x.client.clone();
@@ -290,12 +285,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         sin: FloatTensor<Self>,
         heads: RopeHeads,
     ) -> Result<[FloatTensor<Self>; 3]> {
-        let (value_type, shape) = rope_plan(
-            &Operand::of(&qkv),
-            &Operand::of(&cos),
-            &Operand::of(&sin),
-            heads,
-        )?;
+        let (value_type, shape) = rope_plan(&qkv, &cos, &sin, heads)?;
         let qkv = burn_cubecl::kernel::into_contiguous(qkv);
         let cos = burn_cubecl::kernel::into_contiguous(cos);
         let sin = burn_cubecl::kernel::into_contiguous(sin);
@@ -327,7 +317,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
     }
 
     fn swiglu(gate_up: FloatTensor<Self>) -> Result<FloatTensor<Self>> {
-        let plan = swiglu_plan(&Operand::of(&gate_up))?;
+        let plan = swiglu_plan(&gate_up)?;
         let gate_up = burn_cubecl::kernel::into_contiguous(gate_up);
         let client = gate_up.client.clone();
         let out = client.empty((plan.rows * plan.dim * plan.value_type.size_bytes()).max(16));

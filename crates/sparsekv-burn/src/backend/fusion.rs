@@ -25,7 +25,7 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use sparsekv_format::ValueType;
 
 use super::{
-    CompressTarget, DecodeShape, DenseRows, Operand, RopeHeads, RowCopy, Segment, SparseKvBackend,
+    CompressTarget, DecodeShape, DenseRows, RopeHeads, RowCopy, Segment, SparseKvBackend,
     check_rows, decode_output, rms_norm_plan, rope_output_dims, rope_plan, skinny_plan,
     swiglu_plan, value_dtype,
 };
@@ -152,8 +152,7 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         value_type: ValueType,
         copy: &RowCopy,
     ) -> Result<()> {
-        let operands: Vec<_> = pairs.iter().map(|(t, _)| Operand::of(t)).collect();
-        check_rows(&operands, value_type)?;
+        check_rows(pairs.iter().map(|(t, _)| t), value_type)?;
         let Some(client) = pairs.first().map(|(t, _)| t.client.clone()) else {
             return Ok(());
         };
@@ -208,12 +207,7 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         rows: &RowCopy,
     ) -> Result<()> {
         let device = device.clone();
-        let target = CompressTarget::<B> {
-            src: target.src.clone(),
-            bitmap: target.bitmap.clone(),
-            values: target.values.clone(),
-            sparsity: target.sparsity,
-        };
+        let target = target.rebind::<B>();
         let rows = rows.clone();
         queue::<B, _>(
             &burn_fusion::get_client::<B>(&device),
@@ -232,22 +226,10 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         dense: &DenseRows<Self>,
         shape: &DecodeShape,
     ) -> Result<FloatTensor<Self>> {
-        let (value_type, out_dims) = decode_output(&Operand::of(&q), shape)?;
+        let (value_type, out_dims) = decode_output(&q, shape)?;
         let client = q.client.clone();
-        let segment = segment.map(|s| Segment::<B> {
-            k_bitmap: s.k_bitmap.clone(),
-            k_values: s.k_values.clone(),
-            v_bitmap: s.v_bitmap.clone(),
-            v_values: s.v_values.clone(),
-            capacity: s.capacity,
-            k_sparsity: s.k_sparsity,
-            v_sparsity: s.v_sparsity,
-        });
-        let dense = DenseRows::<B> {
-            k: dense.k.clone(),
-            v: dense.v.clone(),
-            capacity: dense.capacity,
-        };
+        let segment = segment.map(Segment::rebind::<B>);
+        let dense = dense.rebind::<B>();
         let shape = shape.clone();
         let outputs = queue::<B, _>(
             &client,
@@ -270,11 +252,7 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         w: FloatTensor<Self>,
         residual: Option<FloatTensor<Self>>,
     ) -> Result<FloatTensor<Self>> {
-        let (value_type, shape) = skinny_plan(
-            &Operand::of(&x),
-            &Operand::of(&w),
-            residual.as_ref().map(Operand::of).as_ref(),
-        )?;
+        let (value_type, shape) = skinny_plan(&x, &w, residual.as_ref())?;
         let client = x.client.clone();
         let inputs = [Some(x), Some(w), residual].into_iter().flatten().collect();
         let outputs = queue::<B, _>(
@@ -303,7 +281,7 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         weight: FloatTensor<Self>,
         eps: f64,
     ) -> Result<FloatTensor<Self>> {
-        let plan = rms_norm_plan(&Operand::of(&x), &Operand::of(&weight), eps)?;
+        let plan = rms_norm_plan(&x, &weight, eps)?;
         let client = x.client.clone();
         let outputs = queue::<B, _>(
             &client,
@@ -332,12 +310,7 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         sin: FloatTensor<Self>,
         heads: RopeHeads,
     ) -> Result<[FloatTensor<Self>; 3]> {
-        let (value_type, shape) = rope_plan(
-            &Operand::of(&qkv),
-            &Operand::of(&cos),
-            &Operand::of(&sin),
-            heads,
-        )?;
+        let (value_type, shape) = rope_plan(&qkv, &cos, &sin, heads)?;
         let client = qkv.client.clone();
         let outputs = queue::<B, _>(
             &client,
@@ -368,7 +341,7 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
     }
 
     fn swiglu(gate_up: FloatTensor<Self>) -> Result<FloatTensor<Self>> {
-        let plan = swiglu_plan(&Operand::of(&gate_up))?;
+        let plan = swiglu_plan(&gate_up)?;
         let client = gate_up.client.clone();
         let outputs = queue::<B, _>(
             &client,

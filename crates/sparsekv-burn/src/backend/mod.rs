@@ -69,6 +69,22 @@ pub struct Segment<B: SparseKvBackend> {
     pub v_sparsity: Sparsity,
 }
 
+impl<B: SparseKvBackend> Segment<B> {
+    /// The same buffers for another backend type with the same buffer type (a fused backend
+    /// and the backend it wraps).
+    pub fn rebind<C: SparseKvBackend<KvBuffer = B::KvBuffer>>(&self) -> Segment<C> {
+        Segment {
+            k_bitmap: self.k_bitmap.clone(),
+            k_values: self.k_values.clone(),
+            v_bitmap: self.v_bitmap.clone(),
+            v_values: self.v_values.clone(),
+            capacity: self.capacity,
+            k_sparsity: self.k_sparsity,
+            v_sparsity: self.v_sparsity,
+        }
+    }
+}
+
 /// Dense K and V rows: `[streams, capacity, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct DenseRows<B: SparseKvBackend> {
@@ -78,6 +94,17 @@ pub struct DenseRows<B: SparseKvBackend> {
     pub v: B::KvBuffer,
     /// Token capacity of each stream.
     pub capacity: usize,
+}
+
+impl<B: SparseKvBackend> DenseRows<B> {
+    /// The same buffers for another backend type with the same buffer type.
+    pub fn rebind<C: SparseKvBackend<KvBuffer = B::KvBuffer>>(&self) -> DenseRows<C> {
+        DenseRows {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            capacity: self.capacity,
+        }
+    }
 }
 
 /// The shape of one decode-attention call.
@@ -106,6 +133,18 @@ pub struct CompressTarget<B: SparseKvBackend> {
     pub values: B::KvBuffer,
     /// Sparsity to prune at.
     pub sparsity: Sparsity,
+}
+
+impl<B: SparseKvBackend> CompressTarget<B> {
+    /// The same buffers for another backend type with the same buffer type.
+    pub fn rebind<C: SparseKvBackend<KvBuffer = B::KvBuffer>>(&self) -> CompressTarget<C> {
+        CompressTarget {
+            src: self.src.clone(),
+            bitmap: self.bitmap.clone(),
+            values: self.values.clone(),
+            sparsity: self.sparsity,
+        }
+    }
 }
 
 /// The most activation rows [`SparseKvBackend::skinny_matmul`] takes.
@@ -221,14 +260,14 @@ pub struct RopeHeads {
 
 /// The shape and type of a tensor operand, read before an operation runs.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Operand {
+struct Operand {
     dims: Vec<usize>,
     dtype: DType,
 }
 
 impl Operand {
     /// The shape and type of `tensor` (any backend's tensor primitive).
-    pub(crate) fn of<T: TensorMetadata>(tensor: &T) -> Self {
+    fn of<T: TensorMetadata>(tensor: &T) -> Self {
         Operand {
             dims: tensor.shape().to_vec(),
             dtype: tensor.dtype(),
@@ -273,14 +312,21 @@ pub(crate) fn value_dtype(value_type: ValueType) -> DType {
 }
 
 /// Checks the row tensors of [`SparseKvBackend::kv_write_rows`] against the cache's type.
-pub(crate) fn check_rows(rows: &[Operand], value_type: ValueType) -> Result<()> {
-    rows.iter()
-        .try_for_each(|r| r.expect_type("rows", value_type))
+pub(crate) fn check_rows<'a, T: TensorMetadata + 'a>(
+    rows: impl IntoIterator<Item = &'a T>,
+    value_type: ValueType,
+) -> Result<()> {
+    rows.into_iter()
+        .try_for_each(|r| Operand::of(r).expect_type("rows", value_type))
 }
 
 /// Checks the queries of [`SparseKvBackend::kv_decode_attention`]; returns their value type
 /// and the output's shape `[sequences, q_heads, head_dim]`.
-pub(crate) fn decode_output(q: &Operand, shape: &DecodeShape) -> Result<(ValueType, Vec<usize>)> {
+pub(crate) fn decode_output<T: TensorMetadata>(
+    q: &T,
+    shape: &DecodeShape,
+) -> Result<(ValueType, Vec<usize>)> {
+    let q = &Operand::of(q);
     let value_type = q.value_type("queries")?;
     let expected = vec![
         shape.compressed_lens.len(),
@@ -299,11 +345,14 @@ pub(crate) fn decode_output(q: &Operand, shape: &DecodeShape) -> Result<(ValueTy
 
 /// Checks the operands of [`SparseKvBackend::skinny_matmul`]; returns the value type and the
 /// product's shape.
-pub(crate) fn skinny_plan(
-    x: &Operand,
-    w: &Operand,
-    residual: Option<&Operand>,
+pub(crate) fn skinny_plan<T: TensorMetadata>(
+    x: &T,
+    w: &T,
+    residual: Option<&T>,
 ) -> Result<(ValueType, SkinnyShape)> {
+    let (x, w) = (&Operand::of(x), &Operand::of(w));
+    let residual = residual.map(Operand::of);
+    let residual = residual.as_ref();
     let value_type = x.value_type("activations")?;
     w.expect_type("weights", value_type)?;
     if let Some(r) = residual {
@@ -355,7 +404,8 @@ pub(crate) struct NormPlan {
 }
 
 /// Checks the operands of [`SparseKvBackend::rms_norm`].
-pub(crate) fn rms_norm_plan(x: &Operand, weight: &Operand, eps: f64) -> Result<NormPlan> {
+pub(crate) fn rms_norm_plan<T: TensorMetadata>(x: &T, weight: &T, eps: f64) -> Result<NormPlan> {
+    let (x, weight) = (&Operand::of(x), &Operand::of(weight));
     let value_type = x.value_type("RMSNorm input")?;
     weight.expect_type("RMSNorm weights", value_type)?;
     let dim = x.dims.last().copied().unwrap_or(0);
@@ -381,12 +431,13 @@ pub(crate) fn rms_norm_plan(x: &Operand, weight: &Operand, eps: f64) -> Result<N
 
 /// Checks the operands of [`SparseKvBackend::rope_split`]; returns the value type and the
 /// kernel's shape.
-pub(crate) fn rope_plan(
-    qkv: &Operand,
-    cos: &Operand,
-    sin: &Operand,
+pub(crate) fn rope_plan<T: TensorMetadata>(
+    qkv: &T,
+    cos: &T,
+    sin: &T,
     heads: RopeHeads,
 ) -> Result<(ValueType, RopeShape)> {
+    let (qkv, cos, sin) = (&Operand::of(qkv), &Operand::of(cos), &Operand::of(sin));
     let value_type = qkv.value_type("fused QKV")?;
     cos.expect_type("RoPE cos", value_type)?;
     sin.expect_type("RoPE sin", value_type)?;
@@ -448,7 +499,8 @@ pub(crate) fn rope_output_dims(shape: &RopeShape) -> [Vec<usize>; 3] {
 
 /// Checks the input of [`SparseKvBackend::swiglu`]; `dim` of the plan is the hidden width and
 /// `dims` the output's shape.
-pub(crate) fn swiglu_plan(gate_up: &Operand) -> Result<NormPlan> {
+pub(crate) fn swiglu_plan<T: TensorMetadata>(gate_up: &T) -> Result<NormPlan> {
+    let gate_up = &Operand::of(gate_up);
     let value_type = gate_up.value_type("SwiGLU input")?;
     let mut dims = gate_up.dims.clone();
     let width = dims.last().copied().unwrap_or(0);
