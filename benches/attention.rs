@@ -181,6 +181,7 @@ impl Shape {
                     head_dim: hd,
                     compressed_lens: &comp,
                     window_lens: &win,
+                    row_sequences: None,
                 };
                 let window = DenseCacheArgs {
                     k: &set.win_k,
@@ -207,6 +208,7 @@ impl Shape {
                     head_dim: hd,
                     compressed_lens: &zeros,
                     window_lens: &all,
+                    row_sequences: None,
                 };
                 let window = DenseCacheArgs {
                     k: &set.dense_k,

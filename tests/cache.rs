@@ -272,6 +272,124 @@ fn fused_backend_cache_matches_the_oracle_through_prefill_and_decode() {
     oracle_scenarios::<Fused>(3);
 }
 
+/// The oracle's output for query `q` (one row: `q_heads` heads) of sequence `s`, seeing its
+/// first `seen` tokens, the first `compressed` of them compressed.
+fn oracle_row(
+    sc: &Scenario,
+    hist: &History,
+    s: usize,
+    seen: usize,
+    compressed: usize,
+    q: &[f64],
+) -> Vec<f64> {
+    let one = Scenario {
+        batch: 1,
+        prefill: vec![],
+        ..*sc
+    };
+    let prefix = |rows: &Vec<Vec<f64>>| -> Vec<Vec<f64>> {
+        rows.iter()
+            .map(|r| r[..seen * sc.head_dim].to_vec())
+            .collect()
+    };
+    let single = History {
+        k: vec![prefix(&hist.k[s])],
+        v: vec![prefix(&hist.v[s])],
+    };
+    oracle_output(&one, &single, q, &[compressed.min(seen)])
+}
+
+/// Appends random ragged chunks (as a streaming prefill does) and after each one attends with
+/// the queries of every sequence's newest tokens; every real row must equal the oracle over the
+/// tokens up to its own, as they are cached then.
+fn newest_queries_scenario<B: SparseKvBackend>(
+    rng: &mut StdRng,
+    sc: &Scenario,
+) -> Result<(), String> {
+    let device = Default::default();
+    let chunks: Vec<Vec<usize>> = (0..rng.random_range(1..=4))
+        .map(|_| (0..sc.batch).map(|_| rng.random_range(1..=40)).collect())
+        .collect();
+    let max_seq = chunks
+        .iter()
+        .map(|c| c.iter().max().copied().unwrap_or(0))
+        .sum::<usize>()
+        + 8;
+    let config = KvCacheConfig::new(sc.batch, sc.kv_heads, sc.head_dim, max_seq)
+        .with_window(sc.window)
+        .with_chunk(sc.chunk)
+        .with_sparsity(sc.ks, sc.vs);
+    let mut cache = SparseKvCache::<B>::new(&config, &device).map_err(|e| e.to_string())?;
+    let empty = || vec![vec![Vec::new(); sc.kv_heads]; sc.batch];
+    let mut hist = History {
+        k: empty(),
+        v: empty(),
+    };
+    let (q_heads, d) = (sc.kv_heads * sc.group, sc.head_dim);
+    for (step, counts) in chunks.iter().enumerate() {
+        append(rng, sc, &mut cache, &mut hist, counts)?;
+        let n = counts.iter().copied().max().unwrap_or(1);
+        let q = normals(rng, sc.batch * n * q_heads * d);
+        let qt = Tensor::<B, 4>::from_data(
+            TensorData::new(q.clone(), [sc.batch, n, q_heads, d]),
+            &device,
+        );
+        let out: Vec<f64> = cache
+            .attend_newest(qt, counts)
+            .map_err(|e| e.to_string())?
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let comp = cache.compressed_lengths().to_vec();
+        for s in 0..sc.batch {
+            let len = hist.k[s][0].len() / d;
+            for i in 0..counts[s] {
+                let at = (s * n + i) * q_heads * d;
+                let row: Vec<f64> = q[at..at + q_heads * d].iter().map(|&x| x as f64).collect();
+                let seen = len - counts[s] + i + 1;
+                let expect = oracle_row(sc, &hist, s, seen, comp[s], &row);
+                let err = rel_err(&out[at..at + q_heads * d], &expect);
+                if err > 1e-5 {
+                    return Err(format!(
+                        "chunk {step} {counts:?}: sequence {s} row {i} (token {} of {len}, {} compressed): rel err {err:e}",
+                        seen - 1,
+                        comp[s]
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn newest_queries<B: SparseKvBackend>(scenarios: usize) {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..scenarios {
+        let sc = random_scenario(&mut rng);
+        if let Err(e) = newest_queries_scenario::<B>(&mut rng, &sc) {
+            panic!(
+                "scenario {i} ({}), SPARSEKV_SEED={seed}: {e}",
+                describe(&sc)
+            );
+        }
+    }
+}
+
+/// The queries of a prompt chunk (a streaming prefill) attend causally through the cache.
+#[test]
+fn newest_token_queries_match_the_oracle() {
+    newest_queries::<B>(4);
+}
+
+#[test]
+fn fused_backend_newest_token_queries_match_the_oracle() {
+    newest_queries::<Fused>(2);
+}
+
 #[test]
 fn sparsity_zero_matches_the_dense_cache() {
     sparse_at_zero_equals_dense::<B>();

@@ -316,6 +316,7 @@ fn attention_case<F: TestFloat>(
         head_dim: hd,
         compressed_lens: &c.comp,
         window_lens: &c.win,
+        row_sequences: None,
     };
     let window = DenseCacheArgs {
         k: &kw_h,
@@ -684,6 +685,7 @@ fn unsupported_types_and_bad_arguments_are_typed_errors() {
         head_dim: hd,
         compressed_lens: &[0],
         window_lens: &[1],
+        row_sequences: None,
     };
     let window = DenseCacheArgs {
         k: &h,

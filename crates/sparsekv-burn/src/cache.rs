@@ -62,6 +62,30 @@ pub struct KvCacheConfig {
     pub v_sparsity: f64,
     /// Stored value type; queries, keys and values must have it too.
     pub value_type: ValueType,
+    /// How a model puts a prompt into the cache (exact by default).
+    pub prefill: PrefillPolicy,
+}
+
+/// How a prompt enters a cache, read by the model's prefill.
+///
+/// - `Exact` (the paper's): the prompt attends densely to itself, then everything outside
+///   the window is compressed. The whole prompt's dense keys and values exist for a moment
+///   (per layer), and every prompt token's attention is exact.
+/// - `Streaming`: the prompt goes in `chunk` tokens at a time: each chunk is appended (older
+///   tokens leaving the window are compressed as they would be while decoding) and its
+///   queries attend to the cache as it is then. The dense part never exceeds `window + chunk`
+///   tokens, so a prompt longer than device memory would hold dense still fits, but later
+///   prompt tokens see the pruned versions of earlier ones (as decoding does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefillPolicy {
+    /// Dense attention over the whole prompt, then compression.
+    #[default]
+    Exact,
+    /// Chunk by chunk through the cache.
+    Streaming {
+        /// Prompt tokens per chunk (at least 1).
+        chunk: usize,
+    },
 }
 
 impl KvCacheConfig {
@@ -77,6 +101,7 @@ impl KvCacheConfig {
             k_sparsity: 0.0,
             v_sparsity: 0.0,
             value_type: ValueType::F32,
+            prefill: PrefillPolicy::Exact,
         }
     }
 
@@ -105,6 +130,12 @@ impl KvCacheConfig {
         self
     }
 
+    /// Sets how a prompt enters the cache.
+    pub fn with_prefill(mut self, prefill: PrefillPolicy) -> Self {
+        self.prefill = prefill;
+        self
+    }
+
     /// The most dense tokens a sequence holds: `window + chunk` while decoding, never more than
     /// `max_seq` (a window larger than the cache keeps everything dense).
     pub(crate) fn dense_limit(&self) -> usize {
@@ -120,6 +151,11 @@ impl KvCacheConfig {
         }
         if self.chunk == 0 {
             return Err(KvCacheError::Invalid("chunk must be at least 1".into()));
+        }
+        if self.prefill == (PrefillPolicy::Streaming { chunk: 0 }) {
+            return Err(KvCacheError::Invalid(
+                "a streaming prefill chunk must be at least 1 token".into(),
+            ));
         }
         Ok((
             HeadDim::new(self.head_dim)?,
@@ -147,6 +183,17 @@ pub trait KvCache<B: SparseKvBackend> {
     /// over everything cached; `q_heads` must be a multiple of `kv_heads`. Returns
     /// `[batch, q_heads, head_dim]`.
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>>;
+
+    /// Causal attention of the queries of each sequence's newest tokens (a prompt chunk just
+    /// appended): `q` `[batch, n, q_heads, head_dim]`, where row `i < counts[s]` of sequence
+    /// `s` is the query of its `counts[s] - i`-th newest token and attends to the cached
+    /// tokens up to and including that token, as they are cached now (older ones compressed).
+    /// Rows past a sequence's count (padding) attend to everything and are to be ignored.
+    /// Returns `[batch, n, q_heads, head_dim]`.
+    fn attend_newest(&self, q: Tensor<B, 4>, counts: &[usize]) -> Result<Tensor<B, 4>>;
+
+    /// How a prompt enters this cache ([`KvCacheConfig::prefill`]).
+    fn prefill_policy(&self) -> PrefillPolicy;
 
     /// Tokens held per sequence.
     fn lengths(&self) -> Vec<usize>;
@@ -225,8 +272,18 @@ fn check_query<B: SparseKvBackend>(
     q: &Tensor<B, 3>,
     lengths: &[usize],
 ) -> Result<usize> {
+    check_query_parts::<B>(config, device, q.dims(), &q.device(), lengths)
+}
+
+/// [`check_query`] on the shape `[batch, q_heads, head_dim]` and device of the queries.
+fn check_query_parts<B: SparseKvBackend>(
+    config: &KvCacheConfig,
+    device: &B::Device,
+    [batch, q_heads, d]: [usize; 3],
+    q_device: &B::Device,
+    lengths: &[usize],
+) -> Result<usize> {
     device_ready()?;
-    let [batch, q_heads, d] = q.dims();
     if batch != config.batch
         || d != config.head_dim
         || q_heads == 0
@@ -238,7 +295,7 @@ fn check_query<B: SparseKvBackend>(
             actual: vec![batch, q_heads, d],
         });
     }
-    if &q.device() != device {
+    if q_device != device {
         return Err(KvCacheError::Device("queries"));
     }
     if let Some(s) = lengths.iter().position(|&l| l == 0) {
@@ -247,6 +304,71 @@ fn check_query<B: SparseKvBackend>(
         )));
     }
     Ok(q_heads)
+}
+
+/// Common argument checks of `attend_newest`; returns the query heads and the rows per
+/// sequence.
+fn check_newest<B: SparseKvBackend>(
+    config: &KvCacheConfig,
+    device: &B::Device,
+    q: &Tensor<B, 4>,
+    counts: &[usize],
+    lengths: &[usize],
+) -> Result<(usize, usize)> {
+    let [batch, n, q_heads, d] = q.dims();
+    let q_heads =
+        check_query_parts::<B>(config, device, [batch, q_heads, d], &q.device(), lengths)?;
+    if counts.len() != config.batch
+        || counts
+            .iter()
+            .zip(lengths)
+            .any(|(&c, &len)| c > n || c > len)
+    {
+        return Err(KvCacheError::Invalid(format!(
+            "counts {counts:?} must give one count per sequence ({}), each at most the {n} query \
+             rows and the tokens it holds ({lengths:?})",
+            config.batch
+        )));
+    }
+    Ok((q_heads, n))
+}
+
+/// The decode-attention shape of `q_heads` query heads over sequences holding `lengths[s]`
+/// tokens, the first `compressed[s]` of them compressed. Without `newest`, one query row per
+/// sequence sees all of them; with `newest = (counts, n)`, sequence `s` has `n` rows for its
+/// `counts[s]` newest tokens, row `i` seeing the tokens up to and including its own (rows past
+/// the count: all of them).
+fn decode_shape(
+    config: &KvCacheConfig,
+    head_dim: HeadDim,
+    q_heads: usize,
+    compressed: &[usize],
+    lengths: &[usize],
+    newest: Option<(&[usize], usize)>,
+) -> DecodeShape {
+    let rows_per_sequence = newest.map_or(1, |(_, n)| n);
+    let rows = lengths.len() * rows_per_sequence;
+    let mut shape = DecodeShape {
+        q_heads,
+        kv_heads: config.kv_heads,
+        head_dim,
+        compressed_lens: Vec::with_capacity(rows),
+        dense_lens: Vec::with_capacity(rows),
+        row_sequences: Vec::with_capacity(rows),
+    };
+    for (s, (&c, &len)) in compressed.iter().zip(lengths).enumerate() {
+        for i in 0..rows_per_sequence {
+            let seen = match newest {
+                Some((counts, _)) if i < counts[s] => len - counts[s] + i + 1,
+                _ => len,
+            };
+            let c = c.min(seen);
+            shape.compressed_lens.push(c as u32);
+            shape.dense_lens.push((seen - c) as u32);
+            shape.row_sequences.push(s as u32);
+        }
+    }
+    shape
 }
 
 /// The window policy, part 1: per sequence, the oldest tokens its dense window gives up before
@@ -412,6 +534,28 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
 
     /// Compresses the oldest `counts[s]` dense tokens of each sequence and compacts the
     /// windows into the other buffer pair.
+    /// Attention of the query rows `q` `[rows, q_heads, head_dim]` as `shape` lays them out.
+    fn attend_rows(&self, q: Tensor<B, 3>, shape: &DecodeShape) -> Result<Tensor<B, 3>> {
+        let cur = self.current;
+        let segment = Segment::<B> {
+            k_bitmap: self.k_bitmap.clone(),
+            k_values: self.k_values.clone(),
+            v_bitmap: self.v_bitmap.clone(),
+            v_values: self.v_values.clone(),
+            capacity: self.capacity,
+            k_sparsity: self.k_sparsity,
+            v_sparsity: self.v_sparsity,
+        };
+        let dense = DenseRows::<B> {
+            k: self.k_window[cur].clone(),
+            v: self.v_window[cur].clone(),
+            capacity: self.window_capacity,
+        };
+        let out =
+            B::kv_decode_attention(q.into_primitive().tensor(), Some(&segment), &dense, shape)?;
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
     fn compress_oldest(&mut self, counts: &[usize]) -> Result<()> {
         if counts.iter().all(|&c| c == 0) {
             return Ok(());
@@ -538,32 +682,37 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
     }
 
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
-        let q_heads = check_query(&self.config, &self.device, &q, &self.lengths())?;
-        let cur = self.current;
-        let segment = Segment::<B> {
-            k_bitmap: self.k_bitmap.clone(),
-            k_values: self.k_values.clone(),
-            v_bitmap: self.v_bitmap.clone(),
-            v_values: self.v_values.clone(),
-            capacity: self.capacity,
-            k_sparsity: self.k_sparsity,
-            v_sparsity: self.v_sparsity,
-        };
-        let dense = DenseRows::<B> {
-            k: self.k_window[cur].clone(),
-            v: self.v_window[cur].clone(),
-            capacity: self.window_capacity,
-        };
-        let shape = DecodeShape {
+        let lengths = self.lengths();
+        let q_heads = check_query(&self.config, &self.device, &q, &lengths)?;
+        let shape = decode_shape(
+            &self.config,
+            self.head_dim,
             q_heads,
-            kv_heads: self.config.kv_heads,
-            head_dim: self.head_dim,
-            compressed_lens: to_u32(&self.compressed),
-            dense_lens: to_u32(&self.dense),
-        };
-        let out =
-            B::kv_decode_attention(q.into_primitive().tensor(), Some(&segment), &dense, &shape)?;
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+            &self.compressed,
+            &lengths,
+            None,
+        );
+        self.attend_rows(q, &shape)
+    }
+
+    fn attend_newest(&self, q: Tensor<B, 4>, counts: &[usize]) -> Result<Tensor<B, 4>> {
+        let lengths = self.lengths();
+        let (q_heads, n) = check_newest(&self.config, &self.device, &q, counts, &lengths)?;
+        let shape = decode_shape(
+            &self.config,
+            self.head_dim,
+            q_heads,
+            &self.compressed,
+            &lengths,
+            Some((counts, n)),
+        );
+        let [b, _, _, d] = q.dims();
+        let out = self.attend_rows(q.reshape([b * n, q_heads, d]), &shape)?;
+        Ok(out.reshape([b, n, q_heads, d]))
+    }
+
+    fn prefill_policy(&self) -> PrefillPolicy {
+        self.config.prefill
     }
 
     fn lengths(&self) -> Vec<usize> {
@@ -633,6 +782,17 @@ impl<B: SparseKvBackend> std::fmt::Debug for DenseKvCache<B> {
 }
 
 impl<B: SparseKvBackend> DenseKvCache<B> {
+    /// Attention of the query rows `q` `[rows, q_heads, head_dim]` as `shape` lays them out.
+    fn attend_rows(&self, q: Tensor<B, 3>, shape: &DecodeShape) -> Result<Tensor<B, 3>> {
+        let dense = DenseRows::<B> {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            capacity: self.capacity,
+        };
+        let out = B::kv_decode_attention(q.into_primitive().tensor(), None, &dense, shape)?;
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
     /// Allocates a cache for `config` on `device` (window, chunk and sparsities are ignored).
     pub fn new(config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
         device_ready()?;
@@ -707,20 +867,36 @@ impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
 
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
         let q_heads = check_query(&self.config, &self.device, &q, &self.lengths)?;
-        let shape = DecodeShape {
+        let none = vec![0; self.config.batch];
+        let shape = decode_shape(
+            &self.config,
+            self.head_dim,
             q_heads,
-            kv_heads: self.config.kv_heads,
-            head_dim: self.head_dim,
-            compressed_lens: vec![0; self.config.batch],
-            dense_lens: to_u32(&self.lengths),
-        };
-        let dense = DenseRows::<B> {
-            k: self.k.clone(),
-            v: self.v.clone(),
-            capacity: self.capacity,
-        };
-        let out = B::kv_decode_attention(q.into_primitive().tensor(), None, &dense, &shape)?;
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+            &none,
+            &self.lengths,
+            None,
+        );
+        self.attend_rows(q, &shape)
+    }
+
+    fn attend_newest(&self, q: Tensor<B, 4>, counts: &[usize]) -> Result<Tensor<B, 4>> {
+        let (q_heads, n) = check_newest(&self.config, &self.device, &q, counts, &self.lengths)?;
+        let none = vec![0; self.config.batch];
+        let shape = decode_shape(
+            &self.config,
+            self.head_dim,
+            q_heads,
+            &none,
+            &self.lengths,
+            Some((counts, n)),
+        );
+        let [b, _, _, d] = q.dims();
+        let out = self.attend_rows(q.reshape([b * n, q_heads, d]), &shape)?;
+        Ok(out.reshape([b, n, q_heads, d]))
+    }
+
+    fn prefill_policy(&self) -> PrefillPolicy {
+        self.config.prefill
     }
 
     fn lengths(&self) -> Vec<usize> {

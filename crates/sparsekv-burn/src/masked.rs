@@ -22,7 +22,9 @@ use sparsekv_format::oracle::strategies::{
 use sparsekv_format::{HeadDim, KvBytes, Sparsity};
 
 use crate::backend::{RowCopy, SparseKvBackend};
-use crate::cache::{DenseKvCache, KvCache, KvCacheConfig, prompt_excess, room_to_make};
+use crate::cache::{
+    DenseKvCache, KvCache, KvCacheConfig, PrefillPolicy, prompt_excess, room_to_make,
+};
 use crate::error::{KvCacheError, Result};
 
 /// Tokens per channel group of the per-channel strategies (the paper's 32).
@@ -398,6 +400,17 @@ impl<B: SparseKvBackend> KvCache<B> for MaskedKvCache<B> {
             }
         }
         Ok(out)
+    }
+
+    /// The queries of a prompt chunk attend to the masked rows as they are (pruned ones
+    /// masked); they do not enter the query history of the output-aware strategies, which
+    /// scores decoding queries.
+    fn attend_newest(&self, q: Tensor<B, 4>, counts: &[usize]) -> Result<Tensor<B, 4>> {
+        self.dense.attend_newest(q, counts)
+    }
+
+    fn prefill_policy(&self) -> PrefillPolicy {
+        self.config.prefill
     }
 
     fn lengths(&self) -> Vec<usize> {

@@ -191,6 +191,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
             head_dim: shape.head_dim,
             compressed_lens: &shape.compressed_lens,
             window_lens: &shape.dense_lens,
+            row_sequences: Some(&shape.row_sequences),
         };
         let window = DenseCacheArgs {
             k: &dense.k.handle,

@@ -107,7 +107,7 @@ impl<B: SparseKvBackend> DenseRows<B> {
     }
 }
 
-/// The shape of one decode-attention call.
+/// The shape of one decode-attention call: one query row per entry of the length vectors.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodeShape {
     /// Query heads.
@@ -120,6 +120,9 @@ pub struct DecodeShape {
     pub compressed_lens: Vec<u32>,
     /// Dense tokens per sequence (after the compressed ones).
     pub dense_lens: Vec<u32>,
+    /// The cache sequence each query row reads (`0, 1, ..` in decode; a prompt chunk's rows
+    /// repeat their sequence, each with its own lengths above).
+    pub row_sequences: Vec<u32>,
 }
 
 /// Where prune+compress reads and writes (see [`SparseKvBackend::kv_prune_compress`]).
@@ -339,6 +342,15 @@ pub(crate) fn decode_output<T: TensorMetadata>(
             expected,
             actual: q.dims.clone(),
         });
+    }
+    if shape.dense_lens.len() != expected[0] || shape.row_sequences.len() != expected[0] {
+        return Err(KvCacheError::Invalid(format!(
+            "{} compressed lengths, {} dense lengths and {} row sequences for {} query rows",
+            expected[0],
+            shape.dense_lens.len(),
+            shape.row_sequences.len(),
+            expected[0]
+        )));
     }
     Ok((value_type, expected))
 }

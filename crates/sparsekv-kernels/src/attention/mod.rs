@@ -585,9 +585,9 @@ fn decode_split_kernel<F: Float, N: Size>(
     let split = CUBE_POS_X as usize;
     let kv_heads = CUBE_COUNT_Y as usize;
     let splits = CUBE_COUNT_X as usize;
-    let stream = b * kv_heads + h;
+    // lens: the compressed lengths of the rows, their window lengths, their sequences.
+    let stream = lens[2 * CUBE_COUNT_Z as usize + b] as usize * kv_heads + h;
     let tid = UNIT_POS as usize;
-    // lens: the compressed lengths of the batch, then the window lengths.
     let tc = lens[b] as usize;
     let total = tc + lens[CUBE_COUNT_Z as usize + b] as usize;
     let s0 = split * split_tokens as usize;
@@ -824,7 +824,8 @@ fn decode_merge_kernel<F: Float>(
 /// Shapes and per-sequence lengths of one decode-attention call.
 #[derive(Debug, Clone)]
 pub struct AttentionArgs<'a> {
-    /// Sequences in the batch.
+    /// Query rows: one per sequence in decode, several per sequence for the queries of a
+    /// prompt chunk (see `row_sequences`).
     pub batch: usize,
     /// Query heads.
     pub q_heads: usize,
@@ -836,6 +837,10 @@ pub struct AttentionArgs<'a> {
     pub compressed_lens: &'a [u32],
     /// Dense (window) tokens per sequence; they follow the compressed ones.
     pub window_lens: &'a [u32],
+    /// The cache sequence whose streams each query row reads (`None`: row `b` reads sequence
+    /// `b`). Several rows may read one sequence, each with its own lengths (above): the
+    /// queries of a prompt chunk, each seeing the tokens up to its own position.
+    pub row_sequences: Option<&'a [u32]>,
 }
 
 /// The compressed segment: four stream buffers in the FORMAT.md layout.
@@ -921,14 +926,32 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         )));
     }
     let group = q_heads / kv_heads;
-    if args.compressed_lens.len() != batch || args.window_lens.len() != batch {
+    let identity: Vec<u32>;
+    let row_sequences = match args.row_sequences {
+        Some(rows) => rows,
+        None => {
+            identity = (0..batch as u32).collect();
+            &identity
+        }
+    };
+    if args.compressed_lens.len() != batch
+        || args.window_lens.len() != batch
+        || row_sequences.len() != batch
+    {
         return Err(KernelError::InvalidArguments(format!(
-            "{} compressed and {} window lengths for a batch of {batch}",
+            "{} compressed lengths, {} window lengths and {} row sequences for {batch} query rows",
             args.compressed_lens.len(),
-            args.window_lens.len()
+            args.window_lens.len(),
+            row_sequences.len()
         )));
     }
-    let streams = batch * kv_heads;
+    // Streams the buffers must hold: every KV head of every sequence a row reads.
+    let sequences = row_sequences
+        .iter()
+        .map(|&s| s as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let streams = sequences * kv_heads;
     let (keep_k, keep_v) = match segment {
         Some(s) => (
             keep_count(s.k_sparsity, args.head_dim),
@@ -1055,7 +1078,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         .map(|s| (args.compressed_lens[s] + args.window_lens[s]) as usize)
         .max()
         .unwrap_or(1);
-    let wanted_splits = TARGET_CUBES.div_ceil(streams).clamp(1, MAX_SPLITS);
+    let wanted_splits = TARGET_CUBES.div_ceil(batch * kv_heads).clamp(1, MAX_SPLITS);
     let split_tokens = max_total
         .div_ceil(wanted_splits)
         .div_ceil(tile)
@@ -1064,8 +1087,8 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     let splits = max_total.div_ceil(split_tokens);
 
     let upload = |v: &[u32]| client.create_from_slice(u32::as_bytes(v));
-    // One upload: the compressed lengths, then the window lengths.
-    let lens = upload(&[args.compressed_lens, args.window_lens].concat());
+    // One upload: the compressed lengths, the window lengths, the rows' sequences.
+    let lens = upload(&[args.compressed_lens, args.window_lens, row_sequences].concat());
     let rows = batch * q_heads;
     let part_o = client.empty(rows * splits * d * 4);
     let part_ml = client.empty(rows * splits * 2 * 4);

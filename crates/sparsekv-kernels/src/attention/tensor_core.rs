@@ -486,7 +486,8 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
     let split = CUBE_POS_X as usize;
     let kv_heads = CUBE_COUNT_Y as usize;
     let splits = CUBE_COUNT_X as usize;
-    let stream = b * kv_heads + h;
+    // lens: the compressed lengths of the rows, their window lengths, their sequences.
+    let stream = lens[2 * CUBE_COUNT_Z as usize + b] as usize * kv_heads + h;
     let plane = UNIT_POS as usize / 32;
     let lane = UNIT_POS as usize % 32;
     // mma fragment coordinates.
