@@ -7,7 +7,7 @@
 
 use sparsekv_burn::burn::tensor::activation::softmax;
 use sparsekv_burn::burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
-use sparsekv_burn::{KvCache, RopeHeads, SparseKvBackend};
+use sparsekv_burn::{KvCache, PrefillPolicy, RopeHeads, SparseKvBackend};
 
 use crate::checkpoint::{LayerWeights, LlamaWeights};
 use crate::config::LlamaConfig;
@@ -307,8 +307,18 @@ impl<B: SparseKvBackend> Llama<B> {
 
     /// Rotary angles for positions `0..n`, shared by the sequences: `[1, n, head_dim / 2]`.
     fn angles_prefix(&self, n: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        self.angles_range(0, n)
+    }
+
+    /// Rotary angles for positions `start..end`, shared by the sequences:
+    /// `[1, end - start, head_dim / 2]`.
+    fn angles_range(&self, start: usize, end: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let half = self.config.head_dim() / 2;
-        let take = |t: &Tensor<B, 2>| t.clone().slice([0..n, 0..half]).reshape([1, n, half]);
+        let take = |t: &Tensor<B, 2>| {
+            t.clone()
+                .slice([start..end, 0..half])
+                .reshape([1, end - start, half])
+        };
         (take(&self.rope_cos), take(&self.rope_sin))
     }
 
@@ -440,9 +450,11 @@ impl<B: SparseKvBackend> Llama<B> {
         self.prefill_batch(&[tokens], caches)
     }
 
-    /// Runs a batch of prompts of any lengths (one per cache sequence) with dense causal
-    /// attention, appends each prompt's keys and values to its sequence of the caches, and
-    /// returns the logits of each prompt's last token `[batch, vocab]`.
+    /// Runs a batch of prompts of any lengths (one per cache sequence), appends each prompt's
+    /// keys and values to its sequence of the caches, and returns the logits of each prompt's
+    /// last token `[batch, vocab]`. The caches' [`PrefillPolicy`] says how: `Exact`, the
+    /// prompt attends densely to itself (in blocks of queries) before the caches compress it;
+    /// `Streaming`, the prompt goes through the caches a chunk at a time.
     ///
     /// Shorter prompts are padded at the end; causal attention keeps the padding out of every
     /// real token's result, and only the real tokens enter the caches.
@@ -451,9 +463,7 @@ impl<B: SparseKvBackend> Llama<B> {
         prompts: &[&[u32]],
         caches: &mut [C],
     ) -> Result<Tensor<B, 2>> {
-        let b = prompts.len();
-        self.check_caches(caches, b)?;
-        let n = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        self.check_caches(caches, prompts.len())?;
         if let Some(p) = prompts
             .iter()
             .find(|p| p.is_empty() || p.len() > self.config.max_seq)
@@ -464,13 +474,26 @@ impl<B: SparseKvBackend> Llama<B> {
                 self.config.max_seq
             )));
         }
+        match caches.first().map(|c| c.prefill_policy()) {
+            Some(PrefillPolicy::Streaming { chunk }) => {
+                self.prefill_streaming(prompts, caches, chunk.max(1))
+            }
+            _ => self.prefill_exact(prompts, caches),
+        }
+    }
+
+    /// [`PrefillPolicy::Exact`]: each layer's attention over the whole (padded) prompt, then
+    /// its keys and values into the cache.
+    fn prefill_exact<C: KvCache<B>>(
+        &self,
+        prompts: &[&[u32]],
+        caches: &mut [C],
+    ) -> Result<Tensor<B, 2>> {
+        let b = prompts.len();
+        let n = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let c = &self.config;
         let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-        let mut ids = Vec::with_capacity(b * n);
-        for p in prompts {
-            ids.extend_from_slice(p);
-            ids.extend(std::iter::repeat_n(p[0], n - p.len()));
-        }
+        let ids = padded_ids(prompts, 0, n);
         let (cos, sin) = self.angles_prefix(n);
         let mut x = self.embed(&ids, b, n)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
@@ -489,6 +512,57 @@ impl<B: SparseKvBackend> Llama<B> {
             .collect();
         let last = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [b]), &self.device);
         self.logits(x.reshape([b * n, c.dim]).select(0, last))
+    }
+
+    /// [`PrefillPolicy::Streaming`]: `chunk` prompt tokens at a time through every layer; in
+    /// each layer the chunk's keys and values go into the cache first, then its queries attend
+    /// through the cache ([`KvCache::attend_newest`]), so no layer ever holds more than a
+    /// chunk of the prompt dense outside its cache.
+    fn prefill_streaming<C: KvCache<B>>(
+        &self,
+        prompts: &[&[u32]],
+        caches: &mut [C],
+        chunk: usize,
+    ) -> Result<Tensor<B, 2>> {
+        let b = prompts.len();
+        let n = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let c = &self.config;
+        let (h, hd) = (c.n_heads, c.head_dim());
+        // The hidden state of each prompt's last token, gathered as the chunks that hold them
+        // go by: `(sequence, [1, dim])`.
+        let mut last_rows: Vec<(usize, Tensor<B, 2>)> = Vec::with_capacity(b);
+        for start in (0..n).step_by(chunk) {
+            let end = (start + chunk).min(n);
+            let width = end - start;
+            // [b]: real tokens of this chunk per sequence (0 once a prompt has ended).
+            let counts: Vec<usize> = prompts
+                .iter()
+                .map(|p| p.len().saturating_sub(start).min(width))
+                .collect();
+            let ids = padded_ids(prompts, start, end);
+            let (cos, sin) = self.angles_range(start, end);
+            // [b, width, dim]
+            let mut x = self.embed(&ids, b, width)?;
+            for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
+                let hn = self.rms_norm(x.clone(), &l.attn_norm)?;
+                // q [b, width, h, hd]; k, v [b, kv_heads, width, hd]
+                let (q, k, v) = self.qkv(hn, l, &cos, &sin)?;
+                cache.append_ragged(k, v, &counts)?;
+                let att = cache.attend_newest(q, &counts)?.reshape([b, width, h * hd]);
+                x = self.project(att, &l.wo, Some(x))?;
+                x = self.feed_forward(x, l)?;
+            }
+            let rows = x.reshape([b * width, c.dim]);
+            for (s, p) in prompts.iter().enumerate() {
+                if (start..end).contains(&(p.len() - 1)) {
+                    let row = s * width + p.len() - 1 - start;
+                    last_rows.push((s, rows.clone().slice([row..row + 1, 0..c.dim])));
+                }
+            }
+        }
+        last_rows.sort_by_key(|(s, _)| *s);
+        let last = Tensor::cat(last_rows.into_iter().map(|(_, r)| r).collect(), 0);
+        self.logits(last)
     }
 
     /// Runs one token at position `pos` (one sequence), attending through the caches, and
@@ -543,4 +617,17 @@ impl<B: SparseKvBackend> Llama<B> {
         }
         self.logits(x.reshape([b, c.dim]))
     }
+}
+
+/// Token ids `start..end` of every prompt, sequence-major, each prompt padded past its end with
+/// its first token (padding never reaches a real token's result: attention is causal and the
+/// caches take only the real tokens).
+fn padded_ids(prompts: &[&[u32]], start: usize, end: usize) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(prompts.len() * (end - start));
+    for p in prompts {
+        let real = &p[start.min(p.len())..end.min(p.len())];
+        ids.extend_from_slice(real);
+        ids.extend(std::iter::repeat_n(p[0], end - start - real.len()));
+    }
+    ids
 }
