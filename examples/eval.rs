@@ -20,11 +20,11 @@ use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 use sparsekv::backends::{FloatName, FusionChoice, OnBackend, RuntimeName, run_on};
-use sparsekv::cache::{PruneStrategy, SparseKvBackend};
+use sparsekv::cache::{PrefillPolicy, PruneStrategy, SparseKvBackend};
 use sparsekv::format::ValueType;
 use sparsekv::llama::{
-    CacheKind, EvalCase, Llama, LlamaError, Pretrained, Scores, Target, evaluate, sweep,
-    text_windows,
+    CacheKind, EvalCase, Llama, LlamaError, Pretrained, PromptPrefill, Scores, Target, evaluate,
+    sweep, text_windows,
 };
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -100,6 +100,16 @@ struct Args {
     /// them) or off (the bare `CubeBackend`).
     #[arg(long, value_enum, default_value = "on")]
     fusion: FusionChoice,
+    /// Instead of the sweep, the prefill-policy study: the first N tokens of every window go in
+    /// as a prompt, exact (dense attention over the prompt, then compression) vs streaming
+    /// (chunk by chunk through the compressed cache), on the compressed cache at each
+    /// sparsity and the first window size; the tokens after the prompt are scored against
+    /// the dense cache with the same prompt. Writes prefill.md.
+    #[arg(long)]
+    prefill_study: Option<usize>,
+    /// Prompt tokens per chunk of the streaming prefill in the prefill study.
+    #[arg(long, default_value_t = 16)]
+    prefill_chunk: usize,
     /// Folder for eval.md, eval.csv and perplexity.svg.
     #[arg(long, default_value = "eval-out")]
     out: PathBuf,
@@ -144,6 +154,9 @@ fn run<B: SparseKvBackend>(
     let text_path = args.text.clone().unwrap_or_default();
     let text = std::fs::read_to_string(&text_path).map_err(|e| io_error(&text_path, e))?;
     let windows = text_windows(&pre.tokenizer, &text, args.seq_len, args.max_tokens)?;
+    if let Some(prompt) = args.prefill_study {
+        return prefill_study(args, &model, &windows, prompt, &device);
+    }
     let steps = args.seq_len - 1;
     let strategies: Vec<PruneStrategy> = if args.strategies.is_empty() {
         PruneStrategy::ALL.to_vec()
@@ -155,6 +168,7 @@ fn run<B: SparseKvBackend>(
         target: Target::Both,
         sparsity: 0.0,
         window: 0,
+        prompt: None,
     }];
     cases.extend(sweep(&args.sparsities, &args.windows, &strategies));
     if args.check_simulation {
@@ -215,6 +229,75 @@ fn run<B: SparseKvBackend>(
     }
     bar.finish_and_clear();
     report(args, c.head_dim(), windows.len() * steps, &rows)
+}
+
+/// The prefill-policy study (`--prefill-study N`): exact vs streaming prompts of `prompt`
+/// tokens on the compressed cache, scored on the tokens after the prompt against the dense
+/// cache with the same prompt.
+fn prefill_study<B: SparseKvBackend>(
+    args: &Args,
+    model: &Llama<B>,
+    windows: &[Vec<u32>],
+    prompt: usize,
+    device: &B::Device,
+) -> Result<(), LlamaError> {
+    let window = args.windows.first().copied().unwrap_or(32);
+    let case = |cache, sparsity, policy| EvalCase {
+        cache,
+        target: Target::Both,
+        sparsity,
+        window,
+        prompt: Some(PromptPrefill {
+            tokens: prompt,
+            policy,
+        }),
+    };
+    let score = |case: &EvalCase| {
+        evaluate(
+            model,
+            windows,
+            case,
+            args.chunk,
+            ValueType::F32,
+            device,
+            || {},
+        )
+    };
+    let dense = score(&case(CacheKind::Dense, 0.0, PrefillPolicy::Exact))?;
+    let streaming = PrefillPolicy::Streaming {
+        chunk: args.prefill_chunk,
+    };
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Model `{}`, text `{}`: windows of {} tokens, the first {prompt} a prompt, {} tokens \
+         after the prompts scored per run; window {window}, chunk {}, streaming chunk {}. \
+         Dense cache (exact prompt) perplexity {:.4}.\n\n\
+         | s | prefill | perplexity | top-1 agreement with dense (%) |\n|---|---|---|---|",
+        args.model.clone().unwrap_or_default().display(),
+        args.text.clone().unwrap_or_default().display(),
+        args.seq_len,
+        dense.tokens(),
+        args.chunk,
+        args.prefill_chunk,
+        dense.perplexity()
+    );
+    for &sparsity in &args.sparsities {
+        for (name, policy) in [("exact", PrefillPolicy::Exact), ("streaming", streaming)] {
+            let scores = score(&case(CacheKind::Compressed, sparsity, policy))?;
+            let _ = writeln!(
+                md,
+                "| {sparsity} | {name} | {:.4} | {:.2} |",
+                scores.perplexity(),
+                100.0 * scores.agreement(&dense)?
+            );
+            eprintln!("done s={sparsity} {name}");
+        }
+    }
+    print!("{md}");
+    std::fs::create_dir_all(&args.out).map_err(|e| io_error(&args.out, e))?;
+    let path = args.out.join("prefill.md");
+    std::fs::write(&path, &md).map_err(|e| io_error(&path, e))
 }
 
 fn report(args: &Args, head_dim: usize, tokens: usize, rows: &[Row]) -> Result<(), LlamaError> {
@@ -469,6 +552,7 @@ fn replot(args: &Args, csv: &Path) -> Result<(), LlamaError> {
             target: target.ok_or_else(|| bad(line))?,
             window: f[3].parse().map_err(|_| bad(line))?,
             sparsity: number(f[4])?,
+            prompt: None,
         };
         points.push((case, number(f[7])?));
     }
@@ -510,6 +594,15 @@ fn check(args: &Args) -> Result<(), LlamaError> {
         return Err(LlamaError::Invalid(
             "--seq-len must be at least 2 and --max-tokens at least 1".into(),
         ));
+    }
+    if let Some(prompt) = args.prefill_study
+        && (prompt == 0 || prompt >= args.seq_len || args.prefill_chunk == 0)
+    {
+        return Err(LlamaError::Invalid(format!(
+            "--prefill-study {prompt} must leave tokens to score: 1..{} prompt tokens for \
+             --seq-len {}, and --prefill-chunk at least 1",
+            args.seq_len, args.seq_len
+        )));
     }
     Ok(())
 }

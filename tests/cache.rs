@@ -658,7 +658,12 @@ fn a_queued_operation_that_fails_makes_cache_operations_errors() {
         };
         let small = || Fused::kv_alloc(&device, 64).expect("buffer");
         let (src, dst) = (small(), small());
-        let bare = B::kv_copy_rows(&device, &[(&src, &dst)], ValueType::F32, &copy);
+        let bare = B::kv_copy_rows(
+            &device,
+            &[(src.inner(), dst.inner())],
+            ValueType::F32,
+            &copy,
+        );
         assert!(bare.is_err(), "the bare backend must refuse at once");
         Fused::kv_copy_rows(&device, &[(&src, &dst)], ValueType::F32, &copy)
             .expect("queued: checked only when it runs");

@@ -303,6 +303,21 @@ fn eval_refuses_bad_input_before_loading() {
             vec!["--model", &model, "--text", "x", "--sparsities", "0.5,-0.1"],
             "--sparsities",
         ),
+        (
+            vec![
+                "--model",
+                &model,
+                "--tokenizer",
+                &tokenizer,
+                "--text",
+                &model,
+                "--seq-len",
+                "64",
+                "--prefill-study",
+                "64",
+            ],
+            "--prefill-study 64 must leave tokens to score",
+        ),
     ] {
         let out = eval(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -12,8 +12,8 @@
 //! attends to the same values through the dense kernel.
 
 use sparsekv_burn::{
-    DenseKvCache, KvCache, KvCacheConfig, MaskedKvCache, PruneStrategy, SparseKvBackend,
-    SparseKvCache,
+    DenseKvCache, KvCache, KvCacheConfig, MaskedKvCache, PrefillPolicy, PruneStrategy,
+    SparseKvBackend, SparseKvCache,
 };
 use sparsekv_format::ValueType;
 
@@ -78,6 +78,20 @@ pub struct EvalCase {
     pub sparsity: f64,
     /// Recent tokens kept dense.
     pub window: usize,
+    /// A prompt prefilled before teacher forcing (`None`: every token goes in one decode step
+    /// at a time).
+    pub prompt: Option<PromptPrefill>,
+}
+
+/// The first `tokens` tokens of every window go in as a prompt, through the model's prefill
+/// under `policy`; scoring starts at the token after them. This measures what the prefill
+/// policy does to the tokens that follow a prompt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PromptPrefill {
+    /// Prompt tokens per window (at least 1, fewer than the window).
+    pub tokens: usize,
+    /// How the prompt enters the caches.
+    pub policy: PrefillPolicy,
 }
 
 impl EvalCase {
@@ -222,11 +236,14 @@ fn score_row(row: &[f32], target: u32) -> Result<(f64, u32)> {
 }
 
 /// Teacher-forces `windows` (all the same length) through `caches` (empty, one sequence per
-/// window), calling `on_step` after every decode step.
+/// window), calling `on_step` after every model call (prefill or decode step). With
+/// `prompt_tokens > 0` the windows' first tokens go in through the model's prefill (the
+/// caches' policy) and scoring starts after them; with 0, at the second token.
 pub fn teacher_force<B: SparseKvBackend, C: KvCache<B>>(
     model: &Llama<B>,
     caches: &mut [C],
     windows: &[Vec<u32>],
+    prompt_tokens: usize,
     mut on_step: impl FnMut(),
 ) -> Result<Scores> {
     let len = windows.first().map(Vec::len).unwrap_or(0);
@@ -241,11 +258,26 @@ pub fn teacher_force<B: SparseKvBackend, C: KvCache<B>>(
             model.config().max_seq
         )));
     }
+    if prompt_tokens >= len {
+        return Err(LlamaError::Invalid(format!(
+            "a prompt of {prompt_tokens} tokens leaves nothing to score in windows of {len}"
+        )));
+    }
     let b = windows.len();
     let mut nll = vec![Vec::with_capacity(len - 1); b];
     let mut top1 = vec![Vec::with_capacity(len - 1); b];
     let active = vec![true; b];
-    for t in 0..len - 1 {
+    if prompt_tokens > 0 {
+        let prompts: Vec<&[u32]> = windows.iter().map(|w| &w[..prompt_tokens]).collect();
+        let logits = model.prefill_batch(&prompts, caches)?;
+        for (w, row) in read_logits(logits)?.iter().enumerate() {
+            let (n, best) = score_row(row, windows[w][prompt_tokens])?;
+            nll[w].push(n);
+            top1[w].push(best);
+        }
+        on_step();
+    }
+    for t in prompt_tokens..len - 1 {
         let tokens: Vec<u32> = windows.iter().map(|w| w[t]).collect();
         let logits = model.decode_batch(&tokens, &vec![t; b], &active, caches)?;
         for (w, row) in read_logits(logits)?.iter().enumerate() {
@@ -276,26 +308,28 @@ pub fn evaluate<B: SparseKvBackend>(
         .with_window(case.window)
         .with_chunk(chunk)
         .with_sparsity(ks, vs)
-        .with_value_type(value_type);
+        .with_value_type(value_type)
+        .with_prefill(case.prompt.map_or(PrefillPolicy::Exact, |p| p.policy));
+    let prompt_tokens = case.prompt.map_or(0, |p| p.tokens);
     let layers = c.n_layers;
     match case.cache {
         CacheKind::Dense => {
             let mut caches = (0..layers)
                 .map(|_| DenseKvCache::<B>::new(&config, device))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            teacher_force(model, &mut caches, windows, on_step)
+            teacher_force(model, &mut caches, windows, prompt_tokens, on_step)
         }
         CacheKind::Compressed => {
             let mut caches = (0..layers)
                 .map(|_| SparseKvCache::<B>::new(&config, device))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            teacher_force(model, &mut caches, windows, on_step)
+            teacher_force(model, &mut caches, windows, prompt_tokens, on_step)
         }
         CacheKind::Masked(strategy) => {
             let mut caches = (0..layers)
                 .map(|_| MaskedKvCache::<B>::new(&config, strategy, device))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            teacher_force(model, &mut caches, windows, on_step)
+            teacher_force(model, &mut caches, windows, prompt_tokens, on_step)
         }
     }
 }
@@ -324,6 +358,7 @@ pub fn sweep(sparsities: &[f64], windows: &[usize], strategies: &[PruneStrategy]
                         continue;
                     }
                     cases.push(EvalCase {
+                        prompt: None,
                         cache: cache(strategy),
                         target,
                         sparsity,

@@ -21,7 +21,10 @@ pub use chat::{BuiltinTemplate, ChatTemplate, Message};
 pub use checkpoint::{LlamaWeights, load_llama2c};
 pub use config::{Llama3RopeScaling, LlamaConfig, RopeStyle};
 pub use error::{LlamaError, Result};
-pub use eval::{CacheKind, EvalCase, Scores, Target, evaluate, sweep, teacher_force, text_windows};
+pub use eval::{
+    CacheKind, EvalCase, PromptPrefill, Scores, Target, evaluate, sweep, teacher_force,
+    text_windows,
+};
 pub use generate::{Sampling, generate, generate_batch};
 pub use hf::{load_hf, load_hf_config};
 pub use model::Llama;

@@ -6,9 +6,15 @@
 //! calling thread's fusion stream and runs it, in order, when the stream is flushed (a read,
 //! a sync, or a full queue). So every operation of the extension, the cache buffers' too, is
 //! queued the same way: a [`CustomOpIr`] naming its input and output tensors, and an
-//! [`Operation`] that resolves the inner tensors and calls `B`'s implementation. Buffers are
-//! not tensors of the stream; the queued operation holds shared handles to them, and the
-//! stream's order is what orders a buffer's writes and reads.
+//! [`Operation`] that resolves the inner tensors and calls `B`'s implementation.
+//!
+//! Buffers are not tensors of the stream, and the stream does not run operations strictly in
+//! call order: its optimiser groups operations into blocks by the tensors they share, so two
+//! operations that share no tensor may run in either order. Each buffer therefore carries a
+//! token ([`FusedKvBuffer`]): a one-element tensor that stands for its latest access. An
+//! operation reads the tokens of every buffer it touches and writes a new one that becomes
+//! theirs, so the stream sees every buffer's reads and writes as a chain of dependencies
+//! and keeps them in call order.
 //!
 //! Every check that can fail runs when the operation is called (the shared checks of
 //! [`super`]: shapes and types are known before anything runs), so bad input still returns a
@@ -17,8 +23,10 @@
 //! ([`crate::runtime::check_device_threads`]).
 
 use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, FloatDType, Shape};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Client, Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
@@ -38,16 +46,72 @@ type Handles<B> =
 /// The float tensor of the inner backend `B`.
 type Inner<B> = FloatTensor<B>;
 
-/// One extension operation waiting on a fusion stream: `run` gets the operation's
-/// description (its input and output tensors) and the stream's handles when it runs.
-struct Queued<B, F> {
+/// A fusion-stream tensor of the inner backend `B`'s runtime.
+type Token<B> = FusionTensor<<B as FusionBackend>::FusionRuntime>;
+
+/// A cache buffer on a fused backend: the inner backend's buffer and the token of its latest
+/// access (see the module documentation). Clones share both.
+pub struct FusedKvBuffer<B: FusionBackend + SparseKvBackend> {
+    inner: B::KvBuffer,
+    last_access: Arc<Mutex<Option<Token<B>>>>,
+}
+
+impl<B: FusionBackend + SparseKvBackend> Clone for FusedKvBuffer<B> {
+    fn clone(&self) -> Self {
+        FusedKvBuffer {
+            inner: self.inner.clone(),
+            last_access: self.last_access.clone(),
+        }
+    }
+}
+
+impl<B: FusionBackend + SparseKvBackend> std::fmt::Debug for FusedKvBuffer<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FusedKvBuffer({:?})", self.inner)
+    }
+}
+
+impl<B: FusionBackend + SparseKvBackend> FusedKvBuffer<B> {
+    /// The inner backend's buffer.
+    pub fn inner(&self) -> &B::KvBuffer {
+        &self.inner
+    }
+
+    fn token(&self) -> Result<Option<Token<B>>> {
+        self.last_access.lock().map(|t| t.clone()).map_err(|_| {
+            KvCacheError::Invalid("a cache buffer's access token lock is poisoned".into())
+        })
+    }
+
+    fn set_token(&self, token: Token<B>) -> Result<()> {
+        let mut slot = self.last_access.lock().map_err(|_| {
+            KvCacheError::Invalid("a cache buffer's access token lock is poisoned".into())
+        })?;
+        *slot = Some(token);
+        Ok(())
+    }
+}
+
+/// The inner buffer of a fused one (for mapping argument structs to the inner backend).
+fn inner<B: FusionBackend + SparseKvBackend>(buffer: &FusedKvBuffer<B>) -> B::KvBuffer {
+    buffer.inner.clone()
+}
+
+/// One extension operation waiting on a fusion stream. Its description lists the operation's
+/// own inputs, then the access tokens it reads; its own outputs, then the new token. `run` gets
+/// the own inputs and outputs and the stream's handles when it runs.
+struct Queued<B: FusionBackend, F> {
     desc: CustomOpIr,
+    inputs: usize,
+    /// Whether the last output is a new access token (the operation touches buffers).
+    token: bool,
+    device: B::Device,
     run: F,
     // `fn() -> B`: the operation holds no `B`, so it is `Send` and `Sync` whatever `B` is.
     _backend: PhantomData<fn() -> B>,
 }
 
-impl<B, F> std::fmt::Debug for Queued<B, F> {
+impl<B: FusionBackend, F> std::fmt::Debug for Queued<B, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Queued({})", self.desc.id)
     }
@@ -56,65 +120,110 @@ impl<B, F> std::fmt::Debug for Queued<B, F> {
 impl<B, F> Operation<B::FusionRuntime> for Queued<B, F>
 where
     B: FusionBackend + SparseKvBackend,
-    F: Fn(&CustomOpIr, &mut Handles<B>) -> Result<()> + Send + Sync + 'static,
+    F: Fn(&[TensorIr], &[TensorIr], &mut Handles<B>) -> Result<()> + Send + Sync + 'static,
 {
     fn execute(&self, handles: &mut Handles<B>) {
-        if let Err(error) = (self.run)(&self.desc, handles) {
+        let (own_inputs, tokens) = self.desc.inputs.split_at(self.inputs);
+        let own_outputs = match self.desc.outputs.split_last() {
+            Some((token_out, own)) if self.token => {
+                // The new token is an old one passed on (or a fresh one for a buffer's first
+                // access): the stream must find a handle for it whatever `run` does.
+                let mut carried = None;
+                for ir in tokens {
+                    let t = handles.get_float_tensor::<B>(ir);
+                    carried.get_or_insert(t);
+                }
+                let token = carried.unwrap_or_else(|| {
+                    B::float_zeros(Shape::new([1]), &self.device, FloatDType::F32)
+                });
+                handles.register_float_tensor::<B>(&token_out.id, token);
+                own
+            }
+            _ => &self.desc.outputs,
+        };
+        if let Err(error) = (self.run)(own_inputs, own_outputs, handles) {
             crate::runtime::record_queued_failure(&self.desc.id, &error);
         }
     }
 }
 
 /// Queues `run` on the calling thread's fusion stream of `client` as the operation `name`,
-/// reading `inputs` and writing new tensors of the given shapes and type; returns them.
+/// reading `inputs`, writing new tensors of the given shapes and type (returned), and touching
+/// `buffers` (ordered after every earlier operation on them, and before every later one).
+#[allow(clippy::too_many_arguments)]
 fn queue<B, F>(
     client: &Client<B::FusionRuntime>,
     name: &'static str,
-    inputs: Vec<FusionTensor<B::FusionRuntime>>,
+    inputs: Vec<Token<B>>,
     outputs: &[Vec<usize>],
     value_type: ValueType,
+    buffers: &[&FusedKvBuffer<B>],
     run: F,
-) -> Vec<FusionTensor<B::FusionRuntime>>
+) -> Result<Vec<Token<B>>>
 where
     B: FusionBackend + SparseKvBackend,
-    F: Fn(&CustomOpIr, &mut Handles<B>) -> Result<()> + Send + Sync + 'static,
+    F: Fn(&[TensorIr], &[TensorIr], &mut Handles<B>) -> Result<()> + Send + Sync + 'static,
 {
-    let streams = OperationStreams::with_inputs(inputs.iter());
-    let inputs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
-    let outputs: Vec<TensorIr> = outputs
+    let own_inputs = inputs.len();
+    let mut reads = inputs;
+    for buffer in buffers {
+        if let Some(token) = buffer.token()?
+            && !reads.iter().any(|t| t.id == token.id)
+        {
+            reads.push(token);
+        }
+    }
+    let streams = OperationStreams::with_inputs(reads.iter());
+    let inputs: Vec<TensorIr> = reads.into_iter().map(FusionTensor::into_ir).collect();
+    let uninit = |dims: Vec<usize>, dtype| {
+        TensorIr::uninit(client.create_empty_handle(), Shape::from(dims), dtype)
+    };
+    let mut outputs: Vec<TensorIr> = outputs
         .iter()
-        .map(|dims| {
-            TensorIr::uninit(
-                client.create_empty_handle(),
-                burn::tensor::Shape::from(dims.clone()),
-                value_dtype(value_type),
-            )
-        })
+        .map(|dims| uninit(dims.clone(), value_dtype(value_type)))
         .collect();
+    let token = !buffers.is_empty();
+    if token {
+        outputs.push(uninit(vec![1], DType::F32));
+    }
     let desc = CustomOpIr::new(name, &inputs, &outputs);
     let operation = Queued::<B, F> {
         desc: desc.clone(),
+        inputs: own_inputs,
+        token,
+        device: client.device().clone(),
         run,
         _backend: PhantomData,
     };
-    client.register(streams, OperationIr::Custom(desc), operation)
+    let mut results = client.register(streams, OperationIr::Custom(desc), operation);
+    if token {
+        let token = results.pop().ok_or_else(|| {
+            KvCacheError::Invalid(format!(
+                "the queued operation {name} returned no access token"
+            ))
+        })?;
+        for buffer in buffers {
+            buffer.set_token(token.clone())?;
+        }
+    }
+    Ok(results)
 }
 
-/// The inner tensors of a queued operation's inputs, in order.
-fn inner_inputs<B: FusionBackend>(desc: &CustomOpIr, handles: &mut Handles<B>) -> Vec<Inner<B>> {
-    desc.inputs
+/// The inner tensors of a queued operation's own inputs, in order.
+fn inner_inputs<B: FusionBackend>(inputs: &[TensorIr], handles: &mut Handles<B>) -> Vec<Inner<B>> {
+    inputs
         .iter()
         .map(|ir| handles.get_float_tensor::<B>(ir))
         .collect()
 }
 
-/// Hands a queued operation's results to the stream as its output tensors.
+/// Hands a queued operation's results to the stream as its own output tensors.
 fn register_outputs<B: FusionBackend>(
-    desc: &CustomOpIr,
+    outputs: &[TensorIr],
     handles: &mut Handles<B>,
     results: impl IntoIterator<Item = Inner<B>>,
 ) {
-    for (ir, tensor) in desc.outputs.iter().zip(results) {
+    for (ir, tensor) in outputs.iter().zip(results) {
         handles.register_float_tensor::<B>(&ir.id, tensor);
     }
 }
@@ -132,15 +241,18 @@ fn single<T>(outputs: Vec<T>) -> Result<T> {
 }
 
 impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
-    type KvBuffer = B::KvBuffer;
+    type KvBuffer = FusedKvBuffer<B>;
 
     fn kv_alloc(device: &Self::Device, bytes: usize) -> Result<Self::KvBuffer> {
         // Allocation needs no order: nothing reads the buffer before a queued write.
-        B::kv_alloc(device, bytes)
+        Ok(FusedKvBuffer {
+            inner: B::kv_alloc(device, bytes)?,
+            last_access: Arc::new(Mutex::new(None)),
+        })
     }
 
     fn kv_buffer_bytes(buffer: &Self::KvBuffer) -> usize {
-        B::kv_buffer_bytes(buffer)
+        B::kv_buffer_bytes(&buffer.inner)
     }
 
     fn max_buffer_bytes(device: &Self::Device) -> u64 {
@@ -157,7 +269,8 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             return Ok(());
         };
         let tensors = pairs.iter().map(|(t, _)| t.clone()).collect();
-        let buffers: Vec<B::KvBuffer> = pairs.iter().map(|(_, b)| (*b).clone()).collect();
+        let touched: Vec<&FusedKvBuffer<B>> = pairs.iter().map(|(_, b)| *b).collect();
+        let buffers: Vec<B::KvBuffer> = touched.iter().map(|b| inner(b)).collect();
         let copy = copy.clone();
         queue::<B, _>(
             &client,
@@ -165,12 +278,13 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             tensors,
             &[],
             value_type,
-            move |desc, handles| {
-                let rows = inner_inputs::<B>(desc, handles);
+            &touched,
+            move |inputs, _, handles| {
+                let rows = inner_inputs::<B>(inputs, handles);
                 let pairs: Vec<_> = rows.into_iter().zip(&buffers).collect();
                 B::kv_write_rows(&pairs, value_type, &copy)
             },
-        );
+        )?;
         Ok(())
     }
 
@@ -181,9 +295,11 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         copy: &RowCopy,
     ) -> Result<()> {
         let device = device.clone();
+        let touched: Vec<&FusedKvBuffer<B>> =
+            pairs.iter().flat_map(|(src, dst)| [*src, *dst]).collect();
         let buffers: Vec<(B::KvBuffer, B::KvBuffer)> = pairs
             .iter()
-            .map(|(src, dst)| ((*src).clone(), (*dst).clone()))
+            .map(|(src, dst)| (inner(src), inner(dst)))
             .collect();
         let copy = copy.clone();
         queue::<B, _>(
@@ -192,11 +308,12 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             Vec::new(),
             &[],
             value_type,
-            move |_, _| {
+            &touched,
+            move |_, _, _| {
                 let pairs: Vec<_> = buffers.iter().map(|(s, d)| (s, d)).collect();
                 B::kv_copy_rows(&device, &pairs, value_type, &copy)
             },
-        );
+        )?;
         Ok(())
     }
 
@@ -207,7 +324,8 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         rows: &RowCopy,
     ) -> Result<()> {
         let device = device.clone();
-        let target = target.rebind::<B>();
+        let touched = [&target.src, &target.bitmap, &target.values];
+        let inner_target = target.map_buffers::<B>(inner);
         let rows = rows.clone();
         queue::<B, _>(
             &burn_fusion::get_client::<B>(&device),
@@ -215,8 +333,9 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             Vec::new(),
             &[],
             value_type,
-            move |_, _| B::kv_prune_compress(&device, &target, value_type, &rows),
-        );
+            &touched,
+            move |_, _, _| B::kv_prune_compress(&device, &inner_target, value_type, &rows),
+        )?;
         Ok(())
     }
 
@@ -228,8 +347,12 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
     ) -> Result<FloatTensor<Self>> {
         let (value_type, out_dims) = decode_output(&q, shape)?;
         let client = q.client.clone();
-        let segment = segment.map(Segment::rebind::<B>);
-        let dense = dense.rebind::<B>();
+        let mut touched = vec![&dense.k, &dense.v];
+        if let Some(s) = segment {
+            touched.extend([&s.k_bitmap, &s.k_values, &s.v_bitmap, &s.v_values]);
+        }
+        let inner_segment = segment.map(|s| s.map_buffers::<B>(inner));
+        let inner_dense = dense.map_buffers::<B>(inner);
         let shape = shape.clone();
         let outputs = queue::<B, _>(
             &client,
@@ -237,13 +360,14 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             vec![q],
             &[out_dims],
             value_type,
-            move |desc, handles| {
-                let q = single(inner_inputs::<B>(desc, handles))?;
-                let out = B::kv_decode_attention(q, segment.as_ref(), &dense, &shape)?;
-                register_outputs::<B>(desc, handles, [out]);
+            &touched,
+            move |inputs, outputs, handles| {
+                let q = single(inner_inputs::<B>(inputs, handles))?;
+                let out = B::kv_decode_attention(q, inner_segment.as_ref(), &inner_dense, &shape)?;
+                register_outputs::<B>(outputs, handles, [out]);
                 Ok(())
             },
-        );
+        )?;
         single(outputs)
     }
 
@@ -261,18 +385,19 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             inputs,
             &[vec![shape.m, shape.n]],
             value_type,
-            move |desc, handles| {
-                let mut inputs = inner_inputs::<B>(desc, handles).into_iter();
+            &[],
+            move |inputs, outputs, handles| {
+                let mut inputs = inner_inputs::<B>(inputs, handles).into_iter();
                 let (Some(x), Some(w)) = (inputs.next(), inputs.next()) else {
                     return Err(KvCacheError::Invalid(
                         "a queued skinny matmul lost its operands".into(),
                     ));
                 };
                 let out = B::skinny_matmul(x, w, inputs.next())?;
-                register_outputs::<B>(desc, handles, [out]);
+                register_outputs::<B>(outputs, handles, [out]);
                 Ok(())
             },
-        );
+        )?;
         single(outputs)
     }
 
@@ -289,18 +414,19 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             vec![x, weight],
             &[plan.dims],
             plan.value_type,
-            move |desc, handles| {
-                let mut inputs = inner_inputs::<B>(desc, handles).into_iter();
+            &[],
+            move |inputs, outputs, handles| {
+                let mut inputs = inner_inputs::<B>(inputs, handles).into_iter();
                 let (Some(x), Some(weight)) = (inputs.next(), inputs.next()) else {
                     return Err(KvCacheError::Invalid(
                         "a queued RMSNorm lost its operands".into(),
                     ));
                 };
                 let out = B::rms_norm(x, weight, eps)?;
-                register_outputs::<B>(desc, handles, [out]);
+                register_outputs::<B>(outputs, handles, [out]);
                 Ok(())
             },
-        );
+        )?;
         single(outputs)
     }
 
@@ -318,8 +444,9 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             vec![qkv, cos, sin],
             &rope_output_dims(&shape),
             value_type,
-            move |desc, handles| {
-                let mut inputs = inner_inputs::<B>(desc, handles).into_iter();
+            &[],
+            move |inputs, outputs, handles| {
+                let mut inputs = inner_inputs::<B>(inputs, handles).into_iter();
                 let (Some(qkv), Some(cos), Some(sin)) =
                     (inputs.next(), inputs.next(), inputs.next())
                 else {
@@ -328,10 +455,10 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
                     ));
                 };
                 let out = B::rope_split(qkv, cos, sin, heads)?;
-                register_outputs::<B>(desc, handles, out);
+                register_outputs::<B>(outputs, handles, out);
                 Ok(())
             },
-        );
+        )?;
         outputs.try_into().map_err(|o: Vec<_>| {
             KvCacheError::Invalid(format!(
                 "a queued RoPE split returned {} tensors where three were expected",
@@ -349,13 +476,14 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             vec![gate_up],
             &[plan.dims],
             plan.value_type,
-            move |desc, handles| {
-                let gate_up = single(inner_inputs::<B>(desc, handles))?;
+            &[],
+            move |inputs, outputs, handles| {
+                let gate_up = single(inner_inputs::<B>(inputs, handles))?;
                 let out = B::swiglu(gate_up)?;
-                register_outputs::<B>(desc, handles, [out]);
+                register_outputs::<B>(outputs, handles, [out]);
                 Ok(())
             },
-        );
+        )?;
         single(outputs)
     }
 }

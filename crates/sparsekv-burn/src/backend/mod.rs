@@ -70,14 +70,17 @@ pub struct Segment<B: SparseKvBackend> {
 }
 
 impl<B: SparseKvBackend> Segment<B> {
-    /// The same buffers for another backend type with the same buffer type (a fused backend
-    /// and the backend it wraps).
-    pub fn rebind<C: SparseKvBackend<KvBuffer = B::KvBuffer>>(&self) -> Segment<C> {
+    /// The same segment for another backend type, each buffer mapped by `buffer` (a fused
+    /// backend's buffers to those of the backend it wraps).
+    pub fn map_buffers<C: SparseKvBackend>(
+        &self,
+        buffer: impl Fn(&B::KvBuffer) -> C::KvBuffer,
+    ) -> Segment<C> {
         Segment {
-            k_bitmap: self.k_bitmap.clone(),
-            k_values: self.k_values.clone(),
-            v_bitmap: self.v_bitmap.clone(),
-            v_values: self.v_values.clone(),
+            k_bitmap: buffer(&self.k_bitmap),
+            k_values: buffer(&self.k_values),
+            v_bitmap: buffer(&self.v_bitmap),
+            v_values: buffer(&self.v_values),
             capacity: self.capacity,
             k_sparsity: self.k_sparsity,
             v_sparsity: self.v_sparsity,
@@ -97,11 +100,14 @@ pub struct DenseRows<B: SparseKvBackend> {
 }
 
 impl<B: SparseKvBackend> DenseRows<B> {
-    /// The same buffers for another backend type with the same buffer type.
-    pub fn rebind<C: SparseKvBackend<KvBuffer = B::KvBuffer>>(&self) -> DenseRows<C> {
+    /// The same rows for another backend type, each buffer mapped by `buffer`.
+    pub fn map_buffers<C: SparseKvBackend>(
+        &self,
+        buffer: impl Fn(&B::KvBuffer) -> C::KvBuffer,
+    ) -> DenseRows<C> {
         DenseRows {
-            k: self.k.clone(),
-            v: self.v.clone(),
+            k: buffer(&self.k),
+            v: buffer(&self.v),
             capacity: self.capacity,
         }
     }
@@ -139,12 +145,15 @@ pub struct CompressTarget<B: SparseKvBackend> {
 }
 
 impl<B: SparseKvBackend> CompressTarget<B> {
-    /// The same buffers for another backend type with the same buffer type.
-    pub fn rebind<C: SparseKvBackend<KvBuffer = B::KvBuffer>>(&self) -> CompressTarget<C> {
+    /// The same target for another backend type, each buffer mapped by `buffer`.
+    pub fn map_buffers<C: SparseKvBackend>(
+        &self,
+        buffer: impl Fn(&B::KvBuffer) -> C::KvBuffer,
+    ) -> CompressTarget<C> {
         CompressTarget {
-            src: self.src.clone(),
-            bitmap: self.bitmap.clone(),
-            values: self.values.clone(),
+            src: buffer(&self.src),
+            bitmap: buffer(&self.bitmap),
+            values: buffer(&self.values),
             sparsity: self.sparsity,
         }
     }
