@@ -615,16 +615,24 @@ fn a_failed_device_thread_makes_cache_operations_errors() {
         }
         return;
     }
-    let out = common::rerun_as_child(
+    child_reports(
         "a_failed_device_thread_makes_cache_operations_errors",
         "SPARSEKV_DEVICE_PANIC_CHILD",
+        "device-thread error from",
+        &["append", "attend", "new"],
     );
+}
+
+/// Reruns the test `name` as a child (see [`common::rerun_as_child`]) and checks that it
+/// succeeded and printed `"{prefix} {what}"` for every operation in `whats`.
+fn child_reports(name: &str, env_var: &str, prefix: &str, whats: &[&str]) {
+    let out = common::rerun_as_child(name, env_var);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "child failed: {stdout}\n{stderr}");
-    for what in ["append", "attend", "new"] {
+    for what in whats {
         assert!(
-            stdout.contains(&format!("device-thread error from {what}")),
+            stdout.contains(&format!("{prefix} {what}")),
             "{stdout}\n{stderr}"
         );
     }
@@ -680,17 +688,10 @@ fn a_queued_operation_that_fails_makes_cache_operations_errors() {
         }
         return;
     }
-    let out = common::rerun_as_child(
+    child_reports(
         "a_queued_operation_that_fails_makes_cache_operations_errors",
         "SPARSEKV_QUEUED_FAILURE_CHILD",
+        "queued-operation error from",
+        &["append", "attend"],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "child failed: {stdout}\n{stderr}");
-    for what in ["append", "attend"] {
-        assert!(
-            stdout.contains(&format!("queued-operation error from {what}")),
-            "{stdout}\n{stderr}"
-        );
-    }
 }

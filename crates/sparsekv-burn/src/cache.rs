@@ -371,6 +371,45 @@ fn decode_shape(
     shape
 }
 
+/// Checks the query of `attend` and lays out its rows: one per sequence, seeing all of its
+/// `lengths[s]` tokens, the first `compressed[s]` of them compressed.
+fn decode_rows<B: SparseKvBackend>(
+    config: &KvCacheConfig,
+    device: &B::Device,
+    head_dim: HeadDim,
+    compressed: &[usize],
+    lengths: &[usize],
+    q: &Tensor<B, 3>,
+) -> Result<DecodeShape> {
+    let q_heads = check_query(config, device, q, lengths)?;
+    Ok(decode_shape(
+        config, head_dim, q_heads, compressed, lengths, None,
+    ))
+}
+
+/// Checks the queries of `attend_newest` and lays out their rows (see [`decode_shape`]);
+/// returns the layout and the queries' shape `[batch, n, q_heads, head_dim]`.
+fn newest_rows<B: SparseKvBackend>(
+    config: &KvCacheConfig,
+    device: &B::Device,
+    head_dim: HeadDim,
+    compressed: &[usize],
+    lengths: &[usize],
+    q: &Tensor<B, 4>,
+    counts: &[usize],
+) -> Result<(DecodeShape, [usize; 4])> {
+    let (q_heads, n) = check_newest(config, device, q, counts, lengths)?;
+    let shape = decode_shape(
+        config,
+        head_dim,
+        q_heads,
+        compressed,
+        lengths,
+        Some((counts, n)),
+    );
+    Ok((shape, q.dims()))
+}
+
 /// The window policy, part 1: per sequence, the oldest tokens its dense window gives up before
 /// taking more. A full window (`window + chunk` dense tokens) with tokens still to come
 /// (`remaining`) gives up its oldest chunk.
@@ -683,32 +722,25 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
 
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
         let lengths = self.lengths();
-        let q_heads = check_query(&self.config, &self.device, &q, &lengths)?;
-        let shape = decode_shape(
-            &self.config,
+        let c = &self.config;
+        let shape = decode_rows(
+            c,
+            &self.device,
             self.head_dim,
-            q_heads,
             &self.compressed,
             &lengths,
-            None,
-        );
+            &q,
+        )?;
         self.attend_rows(q, &shape)
     }
 
     fn attend_newest(&self, q: Tensor<B, 4>, counts: &[usize]) -> Result<Tensor<B, 4>> {
         let lengths = self.lengths();
-        let (q_heads, n) = check_newest(&self.config, &self.device, &q, counts, &lengths)?;
-        let shape = decode_shape(
-            &self.config,
-            self.head_dim,
-            q_heads,
-            &self.compressed,
-            &lengths,
-            Some((counts, n)),
-        );
-        let [b, _, _, d] = q.dims();
-        let out = self.attend_rows(q.reshape([b * n, q_heads, d]), &shape)?;
-        Ok(out.reshape([b, n, q_heads, d]))
+        let (c, hd) = (&self.config, self.head_dim);
+        let (shape, [b, n, h, d]) =
+            newest_rows(c, &self.device, hd, &self.compressed, &lengths, &q, counts)?;
+        let out = self.attend_rows(q.reshape([b * n, h, d]), &shape)?;
+        Ok(out.reshape([b, n, h, d]))
     }
 
     fn prefill_policy(&self) -> PrefillPolicy {
@@ -866,33 +898,19 @@ impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
     }
 
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
-        let q_heads = check_query(&self.config, &self.device, &q, &self.lengths)?;
         let none = vec![0; self.config.batch];
-        let shape = decode_shape(
-            &self.config,
-            self.head_dim,
-            q_heads,
-            &none,
-            &self.lengths,
-            None,
-        );
+        let c = &self.config;
+        let shape = decode_rows(c, &self.device, self.head_dim, &none, &self.lengths, &q)?;
         self.attend_rows(q, &shape)
     }
 
     fn attend_newest(&self, q: Tensor<B, 4>, counts: &[usize]) -> Result<Tensor<B, 4>> {
-        let (q_heads, n) = check_newest(&self.config, &self.device, &q, counts, &self.lengths)?;
         let none = vec![0; self.config.batch];
-        let shape = decode_shape(
-            &self.config,
-            self.head_dim,
-            q_heads,
-            &none,
-            &self.lengths,
-            Some((counts, n)),
-        );
-        let [b, _, _, d] = q.dims();
-        let out = self.attend_rows(q.reshape([b * n, q_heads, d]), &shape)?;
-        Ok(out.reshape([b, n, q_heads, d]))
+        let (c, hd) = (&self.config, self.head_dim);
+        let (shape, [b, n, h, d]) =
+            newest_rows(c, &self.device, hd, &none, &self.lengths, &q, counts)?;
+        let out = self.attend_rows(q.reshape([b * n, h, d]), &shape)?;
+        Ok(out.reshape([b, n, h, d]))
     }
 
     fn prefill_policy(&self) -> PrefillPolicy {
