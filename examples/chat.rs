@@ -19,7 +19,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use sparsekv::backends::{FloatName, FusionChoice, OnBackend, RuntimeName, run_on};
-use sparsekv::cache::{DenseKvCache, KvCache, KvCacheConfig, SparseKvBackend, SparseKvCache};
+use sparsekv::cache::{
+    DenseKvCache, KvCache, KvCacheConfig, PrefillPolicy, SparseKvBackend, SparseKvCache,
+};
 use sparsekv::format::{KvBytes, ValueType};
 use sparsekv::llama::{
     BuiltinTemplate, ChatTemplate, Llama, LlamaError, Message, Pretrained, Sampling, generate,
@@ -70,6 +72,12 @@ struct Args {
     /// default; eval uses the same).
     #[arg(long, default_value_t = sparsekv::cache::cache::DEFAULT_CHUNK)]
     chunk: usize,
+    /// Put the prompt in this many tokens at a time through the cache (the streaming prefill
+    /// policy: the dense part stays within window + chunk, later prompt tokens see pruned
+    /// earlier ones) instead of attending densely over the whole prompt first (exact, the
+    /// default).
+    #[arg(long)]
+    streaming_prefill: Option<usize>,
     /// Most new tokens per answer.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -247,7 +255,11 @@ fn run<B: SparseKvBackend>(
             .with_window(args.window)
             .with_chunk(args.chunk)
             .with_sparsity(args.k_sparsity, args.v_sparsity)
-            .with_value_type(value_type);
+            .with_value_type(value_type)
+            .with_prefill(match args.streaming_prefill {
+                Some(chunk) => PrefillPolicy::Streaming { chunk },
+                None => PrefillPolicy::Exact,
+            });
         let text = if args.k_sparsity == 0.0 && args.v_sparsity == 0.0 {
             let caches = (0..c.n_layers)
                 .map(|_| DenseKvCache::<B>::new(&config, &device))
@@ -291,6 +303,11 @@ fn validate(args: &Args) -> Result<(), LlamaError> {
     if args.chunk == 0 {
         return Err(LlamaError::Invalid(
             "--chunk 0: at least one token must be compressed at a time".into(),
+        ));
+    }
+    if args.streaming_prefill == Some(0) {
+        return Err(LlamaError::Invalid(
+            "--streaming-prefill 0: the prompt goes in at least one token at a time".into(),
         ));
     }
     if !(args.temperature.is_finite() && args.temperature >= 0.0) {

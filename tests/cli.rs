@@ -177,7 +177,11 @@ fn chat_refuses_bad_input_with_a_message_and_a_non_zero_exit() {
     );
     // The example quiets the Vulkan loader's complaint about an unset XDG_RUNTIME_DIR.
     assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
-    for (flag, value) in [("--k-sparsity", "-0.1"), ("--chunk", "0")] {
+    for (flag, value) in [
+        ("--k-sparsity", "-0.1"),
+        ("--chunk", "0"),
+        ("--streaming-prefill", "0"),
+    ] {
         let out = chat(&["--prompt", "Hi", flag, value]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(flag), "{stderr}");
