@@ -180,13 +180,16 @@ struct AttentionCase {
     vs: Sparsity,
     comp: Vec<u32>,
     win: Vec<u32>,
+    /// Query rows that read other sequences' streams (`row_sequences`): row `r` reads
+    /// sequence `rows[r]` with its lengths. `None`: row `b` reads sequence `b`.
+    rows: Option<Vec<u32>>,
 }
 
 impl AttentionCase {
     /// The case's shape and lengths, for failure messages.
     fn describe(&self) -> String {
         format!(
-            "d {} batch {} kv {} group {} ks {} vs {} comp {:?} win {:?}",
+            "d {} batch {} kv {} group {} ks {} vs {} comp {:?} win {:?} rows {:?}",
             self.d,
             self.batch,
             self.kv_heads,
@@ -194,7 +197,8 @@ impl AttentionCase {
             self.ks.get(),
             self.vs.get(),
             self.comp,
-            self.win
+            self.win,
+            self.rows
         )
     }
 }
@@ -225,7 +229,15 @@ fn random_attention_case(rng: &mut StdRng, sparse: bool) -> AttentionCase {
     let sp = |rng: &mut StdRng| {
         Sparsity::new(SPARSITIES[rng.random_range(0..SPARSITIES.len())]).unwrap_or(Sparsity::DENSE)
     };
+    // Half the cases map their query rows to random sequences (repeats allowed), as a prompt
+    // chunk's rows do.
+    let rows = rng.random_bool(0.5).then(|| {
+        (0..rng.random_range(1..=batch + 2))
+            .map(|_| rng.random_range(0..batch as u32))
+            .collect()
+    });
     AttentionCase {
+        rows,
         d,
         batch,
         kv_heads: rng.random_range(1..=2),
@@ -287,8 +299,15 @@ fn attention_case<F: TestFloat>(
         }
         cache.push(heads);
     }
-    let q = normals::<F>(rng, c.batch * q_heads * d);
-    let expect = oracle::sparse_decode_attention(&q, q_heads, &cache).map_err(|e| e.to_string())?;
+    // The query rows, each with its sequence's cache and lengths.
+    let identity: Vec<u32> = (0..c.batch as u32).collect();
+    let rows = c.rows.as_deref().unwrap_or(&identity);
+    let row_cache: Vec<_> = rows.iter().map(|&s| cache[s as usize].clone()).collect();
+    let row_comp: Vec<u32> = rows.iter().map(|&s| c.comp[s as usize]).collect();
+    let row_win: Vec<u32> = rows.iter().map(|&s| c.win[s as usize]).collect();
+    let q = normals::<F>(rng, rows.len() * q_heads * d);
+    let expect =
+        oracle::sparse_decode_attention(&q, q_heads, &row_cache).map_err(|e| e.to_string())?;
 
     let q_h = upload::<F>(client, &q);
     let out_h = upload::<F>(client, &vec![f64::NAN; q.len()]);
@@ -310,13 +329,13 @@ fn attention_case<F: TestFloat>(
         v_sparsity: c.vs,
     };
     let args = AttentionArgs {
-        batch: c.batch,
+        batch: rows.len(),
         q_heads,
         kv_heads: c.kv_heads,
         head_dim: hd,
-        compressed_lens: &c.comp,
-        window_lens: &c.win,
-        row_sequences: None,
+        compressed_lens: &row_comp,
+        window_lens: &row_win,
+        row_sequences: c.rows.as_deref(),
     };
     let window = DenseCacheArgs {
         k: &kw_h,
