@@ -77,17 +77,19 @@ impl<B: FusionBackend + SparseKvBackend> FusedKvBuffer<B> {
         &self.inner
     }
 
-    fn token(&self) -> Result<Option<Token<B>>> {
-        self.last_access.lock().map(|t| t.clone()).map_err(|_| {
+    /// The slot holding the token of the buffer's latest access.
+    fn slot(&self) -> Result<std::sync::MutexGuard<'_, Option<Token<B>>>> {
+        self.last_access.lock().map_err(|_| {
             KvCacheError::Invalid("a cache buffer's access token lock is poisoned".into())
         })
     }
 
+    fn token(&self) -> Result<Option<Token<B>>> {
+        Ok(self.slot()?.clone())
+    }
+
     fn set_token(&self, token: Token<B>) -> Result<()> {
-        let mut slot = self.last_access.lock().map_err(|_| {
-            KvCacheError::Invalid("a cache buffer's access token lock is poisoned".into())
-        })?;
-        *slot = Some(token);
+        *self.slot()? = Some(token);
         Ok(())
     }
 }
