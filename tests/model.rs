@@ -807,14 +807,47 @@ fn streaming_prefill_matches_exact_at_sparsity_zero() {
             .zip(&streaming)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
+        // The two policies multiply in different kernels: a whole prompt's projections go
+        // through Burn's matmul, which on CUDA computes f32 products in TF32 (cubek's
+        // accelerated matmul, 10-bit mantissas); a chunk's rows through the f32 skinny
+        // matmul. So the tolerance follows the measured precision of Burn's matmul here.
+        let largest = exact.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let tolerance = 1e-4 + 10.0 * burn_matmul_error(&mut rng, c.dim) * largest;
         assert!(
-            worst < 1e-4 && streaming.iter().all(|x| x.is_finite()),
-            "chunk {chunk}, prompts of {:?} tokens, SPARSEKV_SEED={seed}: max difference {worst}",
+            worst < tolerance && streaming.iter().all(|x| x.is_finite()),
+            "chunk {chunk}, prompts of {:?} tokens, SPARSEKV_SEED={seed}: max difference {worst} (tolerance {tolerance})",
             prompts.iter().map(|p| p.len()).collect::<Vec<_>>()
         );
         let pruned = run(PrefillPolicy::Streaming { chunk }, 0.7);
         assert!(pruned.iter().all(|x| x.is_finite()), "SPARSEKV_SEED={seed}");
     }
+}
+
+/// The largest error of Burn's f32 matmul on this backend relative to the largest product,
+/// against f64 on the CPU, at a prompt projection's shape (`[96, dim] x [dim, dim]`).
+fn burn_matmul_error(rng: &mut rand::rngs::StdRng, dim: usize) -> f32 {
+    use sparsekv::cache::burn::tensor::{Tensor, TensorData};
+    use rand::Rng;
+    let rows = 96;
+    let mut normals = |n: usize| -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    };
+    let (x, w) = (normals(rows * dim), normals(dim * dim));
+    let device = Default::default();
+    let xt = Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [rows, dim]), &device);
+    let wt = Tensor::<B, 2>::from_data(TensorData::new(w.clone(), [dim, dim]), &device);
+    let got = xt.matmul(wt).into_data().to_vec::<f32>().expect("f32");
+    let (mut worst, mut largest) = (0.0f64, 0.0f64);
+    for r in 0..rows {
+        for c in 0..dim {
+            let exact: f64 = (0..dim)
+                .map(|k| x[r * dim + k] as f64 * w[k * dim + c] as f64)
+                .sum();
+            worst = worst.max((got[r * dim + c] as f64 - exact).abs());
+            largest = largest.max(exact.abs());
+        }
+    }
+    (worst / largest) as f32
 }
 
 /// Long prompts through the fused backend (every cache operation queued on Burn's fusion
