@@ -826,12 +826,11 @@ fn streaming_prefill_matches_exact_at_sparsity_zero() {
 /// The largest error of Burn's f32 matmul on this backend relative to the largest product,
 /// against f64 on the CPU, at a prompt projection's shape (`[96, dim] x [dim, dim]`).
 fn burn_matmul_error(rng: &mut rand::rngs::StdRng, dim: usize) -> f32 {
-    use sparsekv::cache::burn::tensor::{Tensor, TensorData};
     use rand::Rng;
+    use sparsekv::cache::burn::tensor::{Tensor, TensorData};
     let rows = 96;
-    let mut normals = |n: usize| -> Vec<f32> {
-        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    };
+    let mut normals =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
     let (x, w) = (normals(rows * dim), normals(dim * dim));
     let device = Default::default();
     let xt = Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [rows, dim]), &device);
