@@ -829,9 +829,9 @@ fn burn_matmul_error(rng: &mut rand::rngs::StdRng, dim: usize) -> f32 {
     use rand::Rng;
     use sparsekv::cache::burn::tensor::{Tensor, TensorData};
     let rows = 96;
-    let mut normals =
+    let mut uniform =
         |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
-    let (x, w) = (normals(rows * dim), normals(dim * dim));
+    let (x, w) = (uniform(rows * dim), uniform(dim * dim));
     let device = Default::default();
     let xt = Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [rows, dim]), &device);
     let wt = Tensor::<B, 2>::from_data(TensorData::new(w.clone(), [dim, dim]), &device);
