@@ -20,7 +20,8 @@ use std::time::Instant;
 use clap::Parser;
 use sparsekv::backends::{FloatName, FusionChoice, OnBackend, RuntimeName, run_on};
 use sparsekv::cache::{
-    DenseKvCache, KvCache, KvCacheConfig, PrefillPolicy, SparseKvBackend, SparseKvCache,
+    DenseKvCache, KvCache, KvCacheConfig, LayerCaches, PrefillPolicy, SparseKvBackend,
+    SparseKvCache,
 };
 use sparsekv::format::{KvBytes, ValueType};
 use sparsekv::llama::{
@@ -260,16 +261,13 @@ fn run<B: SparseKvBackend>(
                 Some(chunk) => PrefillPolicy::Streaming { chunk },
                 None => PrefillPolicy::Exact,
             });
+        // Every layer's cache is checked against the device's memory before any is allocated.
         let text = if args.k_sparsity == 0.0 && args.v_sparsity == 0.0 {
-            let caches = (0..c.n_layers)
-                .map(|_| DenseKvCache::<B>::new(&config, &device))
-                .collect::<Result<Vec<_>, _>>()?;
-            answer(&model, pre, caches, &ids, args)?
+            let caches = LayerCaches::<DenseKvCache<B>>::dense(c.n_layers, &config, &device)?;
+            answer(&model, pre, caches.into_layers(), &ids, args)?
         } else {
-            let caches = (0..c.n_layers)
-                .map(|_| SparseKvCache::<B>::new(&config, &device))
-                .collect::<Result<Vec<_>, _>>()?;
-            answer(&model, pre, caches, &ids, args)?
+            let caches = LayerCaches::<SparseKvCache<B>>::sparse(c.n_layers, &config, &device)?;
+            answer(&model, pre, caches.into_layers(), &ids, args)?
         };
         if template.is_some() {
             history.push(Message::new("assistant", text.trim()));

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use sparsekv::cache::burn::tensor::{Tensor, TensorData};
 use sparsekv::cache::burn_cubecl::CubeBackend;
 use sparsekv::cache::{
-    DenseKvCache, KvCache, KvCacheConfig, KvCacheError, SparseKvBackend, SparseKvCache,
+    DenseKvCache, KvCache, KvCacheConfig, KvCacheError, LayerCaches, SparseKvBackend, SparseKvCache,
 };
 use sparsekv::format::oracle::{self, DenseBlock, HeadCache};
 use sparsekv::format::{HeadDim, Sparsity, keep_count};
@@ -555,6 +555,74 @@ fn caches_larger_than_the_device_allocates_are_typed_errors() {
     let message = sparse.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(message.contains("largest buffer"), "{message}");
     assert!(DenseKvCache::<B>::new(&KvCacheConfig::new(1, 8, 128, 1024), &device).is_ok());
+}
+
+/// Capacity planning: the bytes a configuration plans are the bytes its caches allocate, and
+/// a model's caches that the device cannot hold are refused together, before any of them is
+/// allocated, with a typed error naming the sizes. The device check needs a runtime that
+/// reports its memory (CUDA); on wgpu (lavapipe) only the planned bytes are checked.
+#[test]
+fn caches_are_planned_before_they_are_allocated() {
+    let device = Default::default();
+    let config = KvCacheConfig::new(2, 4, 64, 1000)
+        .with_sparsity(0.7, 0.5)
+        .with_window(40);
+    let sparse_bytes = config.sparse_cache_bytes().expect("valid");
+    let dense_bytes = config.dense_cache_bytes().expect("valid");
+    let sparse = LayerCaches::<SparseKvCache<B>>::sparse(3, &config, &device).expect("fits");
+    let dense = LayerCaches::<DenseKvCache<Fused>>::dense(2, &config, &device).expect("fits");
+    assert_eq!(sparse.layers().len(), 3);
+    assert_eq!(dense.layers().len(), 2);
+    for cache in sparse.layers() {
+        assert_eq!(cache.allocated_bytes() as u64, sparse_bytes);
+    }
+    for cache in dense.layers() {
+        assert_eq!(cache.allocated_bytes() as u64, dense_bytes);
+    }
+    // 8 streams (2 sequences x 4 KV heads), 1000 tokens, head_dim 64, f32 (FORMAT.md).
+    let streams = 2 * 4;
+    assert_eq!(dense_bytes, 2 * streams * 1000 * 64 * 4, "K and V");
+    let bitmaps = 2 * streams * (1000 * 64 / 32) * 4;
+    let values = streams * 1000 * (19 + 32) * 4; // K keeps 19 of 64, V 32
+    let windows = 4 * streams * 104 * 64 * 4; // double-buffered K and V, window + chunk
+    assert_eq!(sparse_bytes, bitmaps + values + windows);
+    let bad = config.clone().with_sparsity(1.5, 0.5).sparse_cache_bytes();
+    assert!(matches!(bad, Err(KvCacheError::Format(_))), "{bad:?}");
+
+    let Some(memory) = B::device_memory(&device) else {
+        eprintln!("this runtime does not report device memory: the device check runs on CUDA");
+        return;
+    };
+    assert!(
+        memory.available <= memory.total && memory.total > 0,
+        "{memory:?}"
+    );
+    // Sixteen dense layers of an eighth of the device each: every buffer fits in one piece,
+    // all of them together need twice the device.
+    let tokens = (memory.total / 8 / (2 * 8 * 128 * 4)) as usize;
+    let big = KvCacheConfig::new(1, 8, 128, tokens);
+    let err = LayerCaches::<DenseKvCache<B>>::dense(16, &big, &device);
+    match &err {
+        Err(KvCacheError::DeviceMemory {
+            needed, available, ..
+        }) => assert!(needed > available, "{err:?}"),
+        other => panic!("expected a device-memory error, got {other:?}"),
+    }
+    let message = err.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("16 dense cache(s)"), "{message}");
+    let after = B::device_memory(&device).expect("reported before");
+    // Nothing was allocated: what the device can give has not shrunk (by more than other
+    // processes' noise of 256 MiB).
+    assert!(
+        after.available + (256 << 20) >= memory.available,
+        "{memory:?} -> {after:?}"
+    );
+    // The same caches at s = 0.7 in a quarter of the layers fit.
+    let sparse_big = big.clone().with_sparsity(0.7, 0.7);
+    let needed = 4 * sparse_big.sparse_cache_bytes().expect("valid");
+    assert!(needed < memory.available, "{needed} vs {memory:?}");
+    let fits = LayerCaches::<SparseKvCache<B>>::sparse(4, &sparse_big, &device);
+    assert!(fits.is_ok(), "{fits:?}");
 }
 
 /// The backend types Burn users write implement the extension: Burn's own aliases (fused, as

@@ -142,6 +142,93 @@ impl KvCacheConfig {
         self.window.saturating_add(self.chunk).min(self.max_seq)
     }
 
+    /// Device bytes a [`SparseKvCache`] of this configuration allocates: the K and V bitmaps
+    /// and packed values for `max_seq` tokens per stream, and the dense window's four buffers
+    /// (docs/FORMAT.md, section 3). [`SparseKvCache::new`] refuses a configuration the device
+    /// cannot hold before allocating any of it.
+    pub fn sparse_cache_bytes(&self) -> Result<u64> {
+        Ok(self.sparse_plan()?.total())
+    }
+
+    /// Device bytes a [`DenseKvCache`] of this configuration allocates (K and V, `max_seq`
+    /// tokens per stream).
+    pub fn dense_cache_bytes(&self) -> Result<u64> {
+        Ok(self.dense_plan()?.total())
+    }
+
+    /// The buffers of a sparse cache, after validating the configuration.
+    fn sparse_plan(&self) -> Result<SparsePlan> {
+        let (head_dim, k_sparsity, v_sparsity) = self.validate()?;
+        let streams = self.batch.checked_mul(self.kv_heads);
+        let capacity = layout::aligned_capacity(self.max_seq);
+        // The dense tokens never pass the cache's own capacity, however large the window.
+        let window_capacity = layout::aligned_capacity(self.dense_limit());
+        let es = self.value_type.size_bytes();
+        let too_big = || {
+            KvCacheError::Invalid(format!(
+                "a sparse cache of {} sequence(s) x {} KV heads x {} tokens (head_dim {}, window {}, chunk {}) needs more bytes than this machine can address",
+                self.batch,
+                self.kv_heads,
+                self.max_seq,
+                head_dim.get(),
+                self.window,
+                self.chunk
+            ))
+        };
+        let bytes = |rows: usize, per_row: usize| {
+            streams
+                .and_then(|s| s.checked_mul(rows))
+                .and_then(|n| n.checked_mul(per_row))
+                .ok_or_else(too_big)
+        };
+        let values = |s| bytes(capacity, keep_count(s, head_dim) * es);
+        Ok(SparsePlan {
+            head_dim,
+            k_sparsity,
+            v_sparsity,
+            capacity,
+            window_capacity,
+            bitmap: bytes(layout::bitmap_words(capacity, head_dim), 4)?,
+            k_values: values(k_sparsity)?,
+            v_values: values(v_sparsity)?,
+            window: bytes(window_capacity, head_dim.get() * es)?,
+        })
+    }
+
+    /// The buffers of a dense cache, after validating the configuration.
+    fn dense_plan(&self) -> Result<DensePlan> {
+        let (head_dim, _, _) = self.validate()?;
+        let capacity = layout::aligned_capacity(self.max_seq);
+        let bytes = [self.kv_heads, capacity, head_dim.get(), self.value_type.size_bytes()]
+            .into_iter()
+            .try_fold(self.batch, usize::checked_mul)
+            .ok_or_else(|| {
+                KvCacheError::Invalid(format!(
+                    "a dense cache of {} sequences x {} KV heads x {capacity} tokens x {} needs more bytes than this machine can address",
+                    self.batch,
+                    self.kv_heads,
+                    head_dim.get()
+                ))
+            })?;
+        Ok(DensePlan {
+            head_dim,
+            capacity,
+            bytes,
+        })
+    }
+
+    /// How the errors name `count` caches of this configuration.
+    fn describe(&self, count: usize, kind: &str) -> String {
+        format!(
+            "{count} {kind} cache(s) of {} sequence(s) x {} KV heads x {} tokens (head_dim {}, {})",
+            self.batch,
+            self.kv_heads,
+            self.max_seq,
+            self.head_dim,
+            self.value_type.name()
+        )
+    }
+
     fn validate(&self) -> Result<(HeadDim, Sparsity, Sparsity)> {
         if self.batch == 0 || self.kv_heads == 0 || self.max_seq == 0 {
             return Err(KvCacheError::Invalid(format!(
@@ -162,6 +249,82 @@ impl KvCacheConfig {
             Sparsity::new(self.k_sparsity)?,
             Sparsity::new(self.v_sparsity)?,
         ))
+    }
+}
+
+/// The buffers a [`SparseKvCache`] allocates: one bitmap buffer each for K and V, one value
+/// buffer each, and four window buffers (K and V, double-buffered), in bytes each.
+struct SparsePlan {
+    head_dim: HeadDim,
+    k_sparsity: Sparsity,
+    v_sparsity: Sparsity,
+    capacity: usize,
+    window_capacity: usize,
+    bitmap: usize,
+    k_values: usize,
+    v_values: usize,
+    window: usize,
+}
+
+impl SparsePlan {
+    /// The largest buffer, in bytes.
+    fn largest(&self) -> usize {
+        self.bitmap
+            .max(self.k_values)
+            .max(self.v_values)
+            .max(self.window)
+    }
+
+    fn total(&self) -> u64 {
+        [
+            2 * self.bitmap,
+            self.k_values,
+            self.v_values,
+            4 * self.window,
+        ]
+        .iter()
+        .map(|&b| b as u64)
+        .sum()
+    }
+}
+
+/// The buffers a [`DenseKvCache`] allocates: K and V of `bytes` each.
+struct DensePlan {
+    head_dim: HeadDim,
+    capacity: usize,
+    bytes: usize,
+}
+
+impl DensePlan {
+    fn total(&self) -> u64 {
+        2 * self.bytes as u64
+    }
+}
+
+/// Refuses, before anything is allocated, caches whose largest buffer (`largest` bytes) is
+/// larger than the device allocates in one piece, or whose `needed` bytes in all the device
+/// cannot hold (where the runtime reports its memory; see [`SparseKvBackend::device_memory`]).
+fn ensure_room<B: SparseKvBackend>(
+    device: &B::Device,
+    largest: usize,
+    needed: u64,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    let limit = B::max_buffer_bytes(device);
+    if largest as u64 > limit {
+        return Err(KvCacheError::Allocation {
+            bytes: largest,
+            limit,
+        });
+    }
+    match B::device_memory(device) {
+        Some(memory) if needed > memory.available => Err(KvCacheError::DeviceMemory {
+            what: what(),
+            needed,
+            available: memory.available,
+            total: memory.total,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -501,36 +664,30 @@ impl<B: SparseKvBackend> std::fmt::Debug for SparseKvCache<B> {
 }
 
 impl<B: SparseKvBackend> SparseKvCache<B> {
-    /// Allocates a cache for `config` on `device`.
+    /// Allocates a cache for `config` on `device`; [`KvCacheError::DeviceMemory`] (nothing
+    /// allocated) when the device cannot hold it.
     pub fn new(config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
         device_ready()?;
-        let (head_dim, k_sparsity, v_sparsity) = config.validate()?;
-        let streams = config.batch.checked_mul(config.kv_heads);
-        let capacity = layout::aligned_capacity(config.max_seq);
-        // The dense tokens never pass the cache's own capacity, however large the window.
-        let window_capacity = layout::aligned_capacity(config.dense_limit());
-        let es = config.value_type.size_bytes();
-        let too_big = || {
-            KvCacheError::Invalid(format!(
-                "a sparse cache of {} sequence(s) x {} KV heads x {} tokens (head_dim {}, window {}, chunk {}) needs more bytes than this machine can address",
-                config.batch,
-                config.kv_heads,
-                config.max_seq,
-                head_dim.get(),
-                config.window,
-                config.chunk
-            ))
-        };
-        let bytes = |rows: usize, per_row: usize| {
-            streams
-                .and_then(|s| s.checked_mul(rows))
-                .and_then(|n| n.checked_mul(per_row))
-                .ok_or_else(too_big)
-        };
-        let bitmap = bytes(layout::bitmap_words(capacity, head_dim), 4)?;
-        let values = |s| bytes(capacity, keep_count(s, head_dim) * es);
-        let (k_values, v_values) = (values(k_sparsity)?, values(v_sparsity)?);
-        let window = bytes(window_capacity, head_dim.get() * es)?;
+        let plan = config.sparse_plan()?;
+        ensure_room::<B>(device, plan.largest(), plan.total(), || {
+            config.describe(1, "sparse")
+        })?;
+        Self::allocate(config, plan, device)
+    }
+
+    /// Allocates the buffers of `plan` (checked by the caller).
+    fn allocate(config: &KvCacheConfig, plan: SparsePlan, device: &B::Device) -> Result<Self> {
+        let SparsePlan {
+            head_dim,
+            k_sparsity,
+            v_sparsity,
+            capacity,
+            window_capacity,
+            bitmap,
+            k_values,
+            v_values,
+            window,
+        } = plan;
         let alloc = |bytes| B::kv_alloc(device, bytes);
         let (k_bitmap, v_bitmap) = (alloc(bitmap)?, alloc(bitmap)?);
         let (k_values, v_values) = (alloc(k_values)?, alloc(v_values)?);
@@ -825,22 +982,27 @@ impl<B: SparseKvBackend> DenseKvCache<B> {
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
     }
 
-    /// Allocates a cache for `config` on `device` (window, chunk and sparsities are ignored).
+    /// Allocates a cache for `config` on `device` (window, chunk and sparsities are ignored);
+    /// [`KvCacheError::DeviceMemory`] (nothing allocated) when the device cannot hold it.
     pub fn new(config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
         device_ready()?;
-        let (head_dim, _, _) = config.validate()?;
-        let capacity = layout::aligned_capacity(config.max_seq);
-        let bytes = [config.kv_heads, capacity, head_dim.get(), config.value_type.size_bytes()]
-            .into_iter()
-            .try_fold(config.batch, usize::checked_mul)
-            .ok_or_else(|| {
-                KvCacheError::Invalid(format!(
-                    "a dense cache of {} sequences x {} KV heads x {capacity} tokens x {} needs more bytes than this machine can address",
-                    config.batch,
-                    config.kv_heads,
-                    head_dim.get()
-                ))
-            })?;
+        let plan = config.dense_plan()?;
+        ensure_room::<B>(device, plan.bytes, plan.total(), || {
+            config.describe(1, "dense")
+        })?;
+        Self::allocate(config, plan, device)
+    }
+
+    /// Allocates the buffers of `plan` (checked by the caller).
+    fn allocate(
+        config: &KvCacheConfig,
+        DensePlan {
+            head_dim,
+            capacity,
+            bytes,
+        }: DensePlan,
+        device: &B::Device,
+    ) -> Result<Self> {
         Ok(DenseKvCache {
             config: config.clone(),
             head_dim,
@@ -948,6 +1110,48 @@ impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
     }
 }
 
+impl<B: SparseKvBackend> LayerCaches<SparseKvCache<B>> {
+    /// The caches of a model's layers, all of `config`, checked together before any is
+    /// allocated: [`KvCacheError::DeviceMemory`] when the device cannot hold all of them
+    /// (where the runtime reports its memory: CUDA), instead of an allocation failure at a
+    /// later layer.
+    pub fn sparse(layers: usize, config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
+        device_ready()?;
+        let plan = config.sparse_plan()?;
+        let needed = total_bytes(layers, plan.total())?;
+        ensure_room::<B>(device, plan.largest(), needed, || {
+            config.describe(layers, "sparse")
+        })?;
+        LayerCaches::new(layers, |_| {
+            SparseKvCache::allocate(config, config.sparse_plan()?, device)
+        })
+    }
+}
+
+impl<B: SparseKvBackend> LayerCaches<DenseKvCache<B>> {
+    /// [`LayerCaches::sparse`] for dense caches.
+    pub fn dense(layers: usize, config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
+        device_ready()?;
+        let plan = config.dense_plan()?;
+        let needed = total_bytes(layers, plan.total())?;
+        ensure_room::<B>(device, plan.bytes, needed, || {
+            config.describe(layers, "dense")
+        })?;
+        LayerCaches::new(layers, |_| {
+            DenseKvCache::allocate(config, config.dense_plan()?, device)
+        })
+    }
+}
+
+/// `layers` x `bytes`, or an error when that passes `u64`.
+fn total_bytes(layers: usize, bytes: u64) -> Result<u64> {
+    (layers as u64).checked_mul(bytes).ok_or_else(|| {
+        KvCacheError::Invalid(format!(
+            "{layers} layers of {bytes} bytes need more bytes than this machine can address"
+        ))
+    })
+}
+
 /// One cache per decoder layer, with totals.
 #[derive(Debug)]
 pub struct LayerCaches<C> {
@@ -965,6 +1169,16 @@ impl<C> LayerCaches<C> {
                 .map(make)
                 .collect::<std::result::Result<_, _>>()?,
         })
+    }
+
+    /// The layers' caches, as the model's prefill and decode take them.
+    pub fn layers_mut(&mut self) -> &mut [C] {
+        &mut self.layers
+    }
+
+    /// The caches, one per layer.
+    pub fn into_layers(self) -> Vec<C> {
+        self.layers
     }
 
     /// The cache of layer `i`, if it exists.

@@ -54,6 +54,25 @@ pub enum KvCacheError {
         /// The device's largest buffer.
         limit: u64,
     },
+    /// The device has too little free memory for the caches asked for. Checked before
+    /// anything is allocated, from the bytes docs/FORMAT.md's formulas give, so nothing is
+    /// left half-allocated.
+    #[error(
+        "{what} needs {needed} bytes ({needed_gib:.2} GiB) but the device has {available} bytes ({available_gib:.2} GiB) available of {total} bytes: lower the batch, max_seq or layers, raise the sparsity, or use a device with more memory",
+        needed_gib = *.needed as f64 / GIB,
+        available_gib = *.available as f64 / GIB
+    )]
+    DeviceMemory {
+        /// What was to be allocated (e.g. "32 sparse caches of ...").
+        what: String,
+        /// Bytes it needs.
+        needed: u64,
+        /// Bytes the device can still give: its free memory plus what the runtime's memory
+        /// pools hold unused.
+        available: u64,
+        /// The device's total memory.
+        total: u64,
+    },
     /// A GPU runtime's device thread panicked earlier in this process (see
     /// [`crate::runtime`]): its buffers are gone, so nothing computed on that device can be
     /// trusted. The program should stop.
@@ -70,6 +89,8 @@ pub enum KvCacheError {
     #[error("invalid argument: {0}")]
     Invalid(String),
 }
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// Shorthand for results of this crate.
 pub type Result<T> = std::result::Result<T, KvCacheError>;

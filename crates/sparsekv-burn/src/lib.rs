@@ -44,7 +44,7 @@ pub mod error;
 pub mod masked;
 pub mod runtime;
 
-pub use backend::{CubeKvBuffer, RopeHeads, SKINNY_MAX_ROWS, SparseKvBackend};
+pub use backend::{CubeKvBuffer, DeviceMemory, RopeHeads, SKINNY_MAX_ROWS, SparseKvBackend};
 pub use cache::{DenseKvCache, KvCache, KvCacheConfig, LayerCaches, PrefillPolicy, SparseKvCache};
 pub use error::{KvCacheError, Result};
 pub use masked::{MaskedKvCache, PruneStrategy};

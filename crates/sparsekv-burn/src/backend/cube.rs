@@ -9,9 +9,9 @@ use sparsekv_kernels::cubecl::server::Handle;
 use sparsekv_kernels::{AttentionArgs, CompressArgs, DenseCacheArgs, SparseSegmentArgs};
 
 use super::{
-    CompressTarget, DecodeShape, DenseRows, RopeHeads, RowCopy, Segment, SparseKvBackend,
-    check_rows, decode_output, rms_norm_plan, rope_output_dims, rope_plan, row_args, skinny_plan,
-    swiglu_plan, value_dtype,
+    CompressTarget, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
+    SparseKvBackend, check_rows, decode_output, rms_norm_plan, rope_output_dims, rope_plan,
+    row_args, skinny_plan, swiglu_plan, value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -91,6 +91,28 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
     fn max_buffer_bytes(device: &Self::Device) -> u64 {
         // CubeCL's memory pools take nothing larger than a page.
         R::client(device).properties().memory.max_page_size
+    }
+
+    fn device_memory(device: &Self::Device) -> Option<DeviceMemory> {
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) =
+            (device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>()
+        {
+            let client = R::client(device);
+            let (free, total) = cuda_memory(cuda.index)?;
+            // Pool pages CubeCL holds but does not use count as free for the caches.
+            let pooled = client.memory_usage().map_or(0, |u| {
+                u.bytes_reserved
+                    .saturating_sub(u.bytes_in_use)
+                    .saturating_sub(u.bytes_padding)
+            });
+            return Some(DeviceMemory {
+                available: free.saturating_add(pooled),
+                total,
+            });
+        }
+        let _ = device;
+        None
     }
 
     fn kv_write_rows(
@@ -328,5 +350,24 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
             sparsekv_kernels::swiglu::<R, E>(&client, plan.rows, plan.dim, &gate_up.handle, &out)?
         );
         Ok(tensor_like(&gate_up, out, plan.dims, plan.value_type))
+    }
+}
+
+/// Free and total memory of CUDA device `ordinal`, from the driver (`cuMemGetInfo`).
+#[cfg(feature = "cuda")]
+fn cuda_memory(ordinal: usize) -> Option<(u64, u64)> {
+    use cudarc::driver::result;
+    let device = result::device::get(i32::try_from(ordinal).ok()?).ok()?;
+    // SAFETY: `device` is a valid device handle (the runtime has initialised the driver and
+    // this device, whose client the caller holds). Retaining its primary context (the one
+    // CubeCL's CUDA runtime uses: no new context is created) and making it current on this
+    // thread is what `cuMemGetInfo` needs; the retain is released right after.
+    unsafe {
+        let context = result::primary_ctx::retain(device).ok()?;
+        let info = result::ctx::set_current(context)
+            .ok()
+            .and_then(|()| result::mem_get_info().ok());
+        let _ = result::primary_ctx::release(device);
+        info.map(|(free, total)| (free as u64, total as u64))
     }
 }

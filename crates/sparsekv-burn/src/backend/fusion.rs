@@ -33,9 +33,9 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use sparsekv_format::ValueType;
 
 use super::{
-    CompressTarget, DecodeShape, DenseRows, RopeHeads, RowCopy, Segment, SparseKvBackend,
-    check_rows, decode_output, rms_norm_plan, rope_output_dims, rope_plan, skinny_plan,
-    swiglu_plan, value_dtype,
+    CompressTarget, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
+    SparseKvBackend, check_rows, decode_output, rms_norm_plan, rope_output_dims, rope_plan,
+    skinny_plan, swiglu_plan, value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -259,6 +259,10 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
 
     fn max_buffer_bytes(device: &Self::Device) -> u64 {
         B::max_buffer_bytes(device)
+    }
+
+    fn device_memory(device: &Self::Device) -> Option<DeviceMemory> {
+        B::device_memory(device)
     }
 
     fn kv_write_rows(

@@ -162,6 +162,16 @@ impl<B: SparseKvBackend> CompressTarget<B> {
 /// The most activation rows [`SparseKvBackend::skinny_matmul`] takes.
 pub const SKINNY_MAX_ROWS: usize = sparsekv_kernels::skinny::MAX_M;
 
+/// Device memory as the runtime reports it, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// What can still be allocated: the driver's free memory plus what the runtime's memory
+    /// pools hold reserved but unused (CubeCL keeps freed buffers for reuse).
+    pub available: u64,
+    /// The device's total memory.
+    pub total: u64,
+}
+
 /// A Burn backend that can run sparse KV caches.
 pub trait SparseKvBackend: Backend {
     /// A device buffer owned by a cache.
@@ -178,6 +188,11 @@ pub trait SparseKvBackend: Backend {
     /// storage-buffer limit, on CUDA a share of device memory). Anything larger fails inside
     /// the runtime, so callers compare against it before allocating.
     fn max_buffer_bytes(device: &Self::Device) -> u64;
+
+    /// What `device` can still allocate, where the runtime can tell (CUDA); `None` where it
+    /// cannot (wgpu reports no memory size). The caches check their bytes against it before
+    /// allocating anything.
+    fn device_memory(device: &Self::Device) -> Option<DeviceMemory>;
 
     /// The value type of a float tensor, if the caches support it (f32, f16, bf16).
     fn kv_value_type(tensor: &FloatTensor<Self>) -> Result<ValueType> {
