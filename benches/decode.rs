@@ -12,6 +12,12 @@
 //! 4 warm-up steps. `SPARSEKV_BENCH_QUICK=1`: 2 layers, B = 2, T = 1K;
 //! `SPARSEKV_BENCH_ONLY=8x16384,1x4096`: only those `BxT` shapes.
 //!
+//! `SPARSEKV_BENCH_PREFILL=1x32768` (any `BxT` list) replaces the decode rows by prefill rows:
+//! one exact prefill of `T` tokens per sequence into sparse caches at s = 0.7 (bare backend),
+//! timed after a warm-up prefill of the same shape (Burn's matmul tunes itself per shape), with
+//! the device memory CubeCL holds afterwards (its pools keep their pages, so that is the peak)
+//! beside the weights and the final cache. `scripts/decode_baseline.py --prefill` is the peer.
+//!
 //! Every row runs on both Burn backend types, one after the other in the same process: the
 //! bare `CubeBackend` and Burn's fused backend (`burn::backend::Cuda<f16>` / `Wgpu<f16>` as
 //! Burn's default features make them). `SPARSEKV_BENCH_BACKENDS=bare` or `=fused`: only one.
@@ -20,14 +26,18 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{
-    FusedModelBackend, ModelBackend, Rt, backend_name, decode_step_host_times, decode_step_times,
-    filled_caches, llama3_8b_shape, median_mean, model_layers, quick, read_bandwidth,
+    CHUNK, FusedModelBackend, ModelBackend, Rt, backend_name, decode_step_host_times,
+    decode_step_times, filled_caches, llama3_8b_shape, median_mean, model_layers, quick,
+    read_bandwidth, sync,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
-use sparsekv::cache::{DenseKvCache, KvCache, SparseKvBackend, SparseKvCache};
+use sparsekv::cache::{
+    DenseKvCache, KvCache, KvCacheConfig, LayerCaches, SparseKvBackend, SparseKvCache,
+};
+use sparsekv::format::ValueType;
 use sparsekv::kernels::cubecl::prelude::Runtime;
 use sparsekv::llama::Llama;
 
@@ -85,13 +95,14 @@ struct Setup {
 
 fn decode(c: &mut Criterion) {
     let layers = model_layers();
+    if let Ok(list) = std::env::var("SPARSEKV_BENCH_PREFILL") {
+        prefill(&parse_shapes(&list), layers);
+        return;
+    }
     // (B, T): the issue's shapes; quick runs one small one.
-    let only: Option<Vec<(usize, usize)>> = std::env::var("SPARSEKV_BENCH_ONLY").ok().map(|v| {
-        v.split(',')
-            .filter_map(|s| s.split_once('x'))
-            .filter_map(|(b, t)| Some((b.parse().ok()?, t.parse().ok()?)))
-            .collect()
-    });
+    let only = std::env::var("SPARSEKV_BENCH_ONLY")
+        .ok()
+        .map(|v| parse_shapes(&v));
     let shapes = match only {
         Some(list) => list,
         None if quick() => vec![(2, 1024)],
@@ -125,6 +136,86 @@ fn decode(c: &mut Criterion) {
         }
     }
     println!("{table}");
+}
+
+/// `BxT` shapes of a comma-separated list.
+fn parse_shapes(list: &str) -> Vec<(usize, usize)> {
+    list.split(',')
+        .filter_map(|s| s.split_once('x'))
+        .filter_map(|(b, t)| Some((b.parse().ok()?, t.parse().ok()?)))
+        .collect()
+}
+
+/// The prefill rows (module docs): exact prefill into sparse caches, time and peak memory.
+fn prefill(shapes: &[(usize, usize)], layers: usize) {
+    let device = Default::default();
+    let client = Rt::client(&device);
+    let max_t = shapes.iter().map(|s| s.1).max().unwrap_or(0);
+    let config = llama3_8b_shape(layers, max_t);
+    let model = Llama::<ModelBackend>::random(&config, &device).expect("model");
+    let embedding = config.vocab_size * config.dim * 2;
+    let weights = (weight_bytes(&config) + embedding) as f64;
+    let reserved = || {
+        sync(&client);
+        client.memory_usage().map_or(0, |u| u.bytes_reserved) as f64
+    };
+    let gb = |bytes: f64| bytes / 1e9;
+    println!(
+        "\nExact prefill, Llama-3-8B shape with {layers} layers, f16, {}, bare backend, sparse caches \
+         s = 0.7; weights {:.2} GB (embedding included); device memory CubeCL holds with the model \
+         loaded: {:.2} GB\n\n\
+         | B | T | prefill s | prompt tokens/s | peak GB (CubeCL's pools after) | weights + final cache GB | bar: weights + cache + 4 GB |\n\
+         |---|---|---|---|---|---|---|",
+        backend_name(),
+        gb(weights),
+        gb(reserved())
+    );
+    for &(batch, tokens) in shapes {
+        // Token ids spread over the vocabulary, different per sequence.
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|s| {
+                (0..tokens)
+                    .map(|i| ((i * 7919 + s * 104_729) % (config.vocab_size - 1) + 1) as u32)
+                    .collect()
+            })
+            .collect();
+        let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let kv = KvCacheConfig::new(batch, config.n_kv_heads, config.head_dim(), tokens)
+            .with_sparsity(0.7, 0.7)
+            .with_chunk(CHUNK)
+            .with_value_type(ValueType::F16);
+        let run = || {
+            let mut caches =
+                LayerCaches::<SparseKvCache<ModelBackend>>::sparse(layers, &kv, &device)
+                    .expect("caches");
+            sync(&client);
+            let t = Instant::now();
+            let logits = model
+                .prefill_batch(&prompts, caches.layers_mut())
+                .expect("prefill");
+            sync(&client);
+            let time = t.elapsed();
+            assert_eq!(logits.dims(), [batch, config.vocab_size]);
+            let cache: usize = caches.layers().iter().map(|c| c.allocated_bytes()).sum();
+            (time, cache as f64)
+        };
+        run();
+        let (time, cache) = run();
+        let peak = reserved();
+        println!(
+            "| {batch} | {tokens} | {:.3} | {:.0} | {:.2} | {:.2} | {:.2} ({}) |",
+            time.as_secs_f64(),
+            (batch * tokens) as f64 / time.as_secs_f64(),
+            gb(peak),
+            gb(weights + cache),
+            gb(weights + cache + 4e9),
+            if peak <= weights + cache + 4e9 {
+                "met"
+            } else {
+                "missed"
+            }
+        );
+    }
 }
 
 /// The table's rows of one backend type (its model is dropped before the next one's).

@@ -10,6 +10,14 @@ Prints one markdown row per (B, T): median step time over --steps replays (CUDA 
 after warm-up), tokens/s, and the bytes a step must read (weights + KV) over that time.
 
   python3 scripts/decode_baseline.py --batch 8 --tokens 4096 16384 32768
+
+With --prefill it is instead the peer of the prefill rows of benches/decode.rs: one prefill of
+a T-token prompt per sequence (the same weights, SDPA with is_causal and enable_gqa over the
+prompt, every layer's K and V written into a static cache of T tokens, logits of the last
+token), timed with CUDA events after one warm-up prefill, with the peak of
+torch.cuda.max_memory_allocated over the timed prefill beside the weights and the cache.
+
+  python3 scripts/decode_baseline.py --prefill --batch 1 --tokens 32768
 """
 
 import argparse
@@ -38,6 +46,7 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--prefill", action="store_true", help="time a prefill instead of a step")
     a = p.parse_args()
     dev, dt = "cuda", torch.float16
     torch.manual_seed(0)
@@ -61,6 +70,9 @@ def main():
     final_norm = torch.ones(DIM, device=dev, dtype=dt)
     lm_head = mat(VOCAB, DIM)
     weight_bytes = sum(t.numel() * 2 for l in layers for t in l.values()) + lm_head.numel() * 2
+    if a.prefill:
+        prefill(a, layers, embedding, final_norm, lm_head, weight_bytes)
+        return
     print(f"\nPyTorch {torch.__version__} decode step, Llama-3-8B shape with {a.layers} layers, "
           f"f16, {torch.cuda.get_device_name()}\n")
     print("| peer | B | T | step ms (median) | tokens/s | GB read | GB/s |")
@@ -127,6 +139,64 @@ def main():
         print(f"| PyTorch (cuBLAS, SDPA, CUDA graph) | {b} | {t} | {ms:.2f} | {b / ms * 1e3:.0f} "
               f"| {gb:.2f} | {gb / ms * 1e3:.0f} |", flush=True)
         del caches, graph
+        torch.cuda.empty_cache()
+
+
+def prefill(a, layers, embedding, final_norm, lm_head, weight_bytes):
+    dev, dt = "cuda", torch.float16
+    q_dim, kv_dim = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    print(f"\nPyTorch {torch.__version__} prefill, Llama-3-8B shape with {a.layers} layers, "
+          f"f16, {torch.cuda.get_device_name()}; weights {weight_bytes / 1e9:.2f} GB\n")
+    print("| peer | B | T | prefill s | prompt tokens/s | peak GB | weights + cache GB |")
+    print("|---|---|---|---|---|---|---|")
+    b = a.batch
+    for t in a.tokens:
+        caches = [
+            (torch.empty(b, KV_HEADS, t, HEAD_DIM, device=dev, dtype=dt),
+             torch.empty(b, KV_HEADS, t, HEAD_DIM, device=dev, dtype=dt))
+            for _ in range(a.layers)
+        ]
+        inv = 500000.0 ** (-torch.arange(0, HEAD_DIM // 2, device=dev, dtype=torch.float32)
+                           * 2 / HEAD_DIM)
+        angle = torch.arange(t, device=dev, dtype=torch.float32)[:, None] * inv[None, :]
+        cos = angle.cos().to(dt).view(1, 1, t, -1)
+        sin = angle.sin().to(dt).view(1, 1, t, -1)
+        tokens = torch.ones(b, t, dtype=torch.long, device=dev)
+
+        def run():
+            x = embedding[tokens]
+            for l, (kc, vc) in zip(layers, caches):
+                h = rms_norm(x, l["attn_norm"])
+                qkv = h @ l["wqkv"].t()
+                q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+                q = rope(q.view(b, t, HEADS, HEAD_DIM).transpose(1, 2), cos, sin)
+                k = rope(k.view(b, t, KV_HEADS, HEAD_DIM).transpose(1, 2), cos, sin)
+                v = v.view(b, t, KV_HEADS, HEAD_DIM).transpose(1, 2)
+                kc.copy_(k)
+                vc.copy_(v)
+                o = F.scaled_dot_product_attention(q, kc, vc, is_causal=True, enable_gqa=True)
+                x = x + o.transpose(1, 2).reshape(b, t, q_dim) @ l["wo"].t()
+                h = rms_norm(x, l["ffn_norm"])
+                gu = h @ l["w13"].t()
+                g, u = gu.split([HIDDEN, HIDDEN], dim=-1)
+                x = x + (F.silu(g) * u) @ l["w2"].t()
+            return (rms_norm(x[:, -1], final_norm) @ lm_head.t()).argmax(-1)
+
+        with torch.no_grad():
+            run()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            run()
+            e1.record()
+            torch.cuda.synchronize()
+        sec = e0.elapsed_time(e1) / 1e3
+        peak = torch.cuda.max_memory_allocated() / 1e9
+        cache_gb = a.layers * 2 * b * KV_HEADS * t * HEAD_DIM * 2 / 1e9
+        print(f"| PyTorch (cuBLAS, SDPA is_causal) | {b} | {t} | {sec:.3f} | {b * t / sec:.0f} "
+              f"| {peak:.2f} | {weight_bytes / 1e9 + cache_gb:.2f} |", flush=True)
+        del caches
         torch.cuda.empty_cache()
 
 
