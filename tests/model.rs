@@ -6,10 +6,11 @@
 use std::path::PathBuf;
 
 use proptest::prelude::*;
+use sparsekv::cache::burn::tensor::Tensor;
 use sparsekv::cache::burn_cubecl::CubeBackend;
 use sparsekv::cache::{
-    DenseKvCache, KvCache, KvCacheConfig, PrefillPolicy, PruneStrategy, SparseKvBackend,
-    SparseKvCache,
+    DenseKvCache, KvCache, KvCacheConfig, LayerCaches, PrefillPolicy, PruneStrategy,
+    SparseKvBackend, SparseKvCache,
 };
 use sparsekv::format::ValueType;
 use sparsekv::llama::tokenizer::{BOS, Llama2cTokenizer};
@@ -751,6 +752,47 @@ fn blockwise_prefill_matches_one_block() {
     }
 }
 
+/// A decode step runs at the position its caches hold (the caches are the one record of
+/// positions): prefilling a prompt and decoding one more token gives that token the logits a
+/// prefill of the longer prompt gives it; caches whose layers hold different tokens are
+/// refused with a typed error.
+#[test]
+fn decode_positions_come_from_the_caches() {
+    let (model, _) = stories::<B>();
+    let c = model.config().clone();
+    let device = Default::default();
+    let cfg = config(&model, 0.0);
+    let prompt = [BOS, 403, 407, 261, 378];
+    let caches = || {
+        LayerCaches::<DenseKvCache<B>>::dense(c.n_layers, &cfg, &device)
+            .expect("caches")
+            .into_layers()
+    };
+    let mut short = caches();
+    model.prefill(&prompt[..4], &mut short).expect("prefill");
+    let stepped = model.decode(prompt[4], &mut short).expect("decode");
+    let whole = model.prefill(&prompt, &mut caches()).expect("prefill");
+    let (a, b) = (
+        stepped.into_data().to_vec::<f32>().expect("f32"),
+        whole.into_data().to_vec::<f32>().expect("f32"),
+    );
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-3, "max logit difference {diff}");
+
+    // One layer one token ahead of the others.
+    let kv = |n| Tensor::<B, 4>::zeros([1, c.n_kv_heads, n, c.head_dim()], &device);
+    short[2].append(kv(1), kv(1)).expect("append");
+    let err = model.decode(7, &mut short);
+    assert!(
+        matches!(&err, Err(LlamaError::Invalid(m)) if m.contains("layer 2")),
+        "{err:?}"
+    );
+}
+
 /// The streaming prefill (chunks through the caches) against the exact one, for random ragged
 /// prompts on both shared models: at sparsity 0 (compression is lossless) the last tokens'
 /// logits and those of the decode steps that follow agree; at 0.7 the streaming run only has
@@ -791,10 +833,9 @@ fn streaming_prefill_matches_exact_at_sparsity_zero() {
                 .expect("f32");
             let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
             assert_eq!(caches[0].lengths(), lengths, "{policy:?}");
-            for step in 0..3 {
-                let positions: Vec<usize> = lengths.iter().map(|l| l + step).collect();
+            for _ in 0..3 {
                 let logits = model
-                    .decode_batch(&[5, 6, 7], &positions, &[true; 3], &mut caches)
+                    .decode_batch(&[5, 6, 7], &[true; 3], &mut caches)
                     .expect("decode");
                 out.extend(logits.into_data().to_vec::<f32>().expect("f32"));
             }
@@ -872,12 +913,11 @@ fn fused_backend_long_prompts_match_the_bare_backend() {
             .into_data()
             .to_vec::<f32>()
             .expect("f32");
-        for step in 0..4 {
-            let positions: Vec<usize> = prompts.iter().map(|p| p.len() + step).collect();
+        for _ in 0..4 {
             let tokens: Vec<u32> = (0..prompts.len() as u32).map(|i| 10 + i).collect();
             let active = vec![true; prompts.len()];
             let step_logits = model
-                .decode_batch(&tokens, &positions, &active, &mut caches)
+                .decode_batch(&tokens, &active, &mut caches)
                 .expect("decode");
             out.extend(step_logits.into_data().to_vec::<f32>().expect("f32"));
         }

@@ -296,15 +296,9 @@ pub fn decode_step_host_times<B: SparseKvBackend, C: sparsekv::cache::KvCache<B>
     let batch = caches[0].lengths().len();
     (0..steps)
         .map(|_| {
-            let pos = caches[0].lengths()[0];
             let t = Instant::now();
             let logits = model
-                .decode_batch(
-                    &vec![1; batch],
-                    &vec![pos; batch],
-                    &vec![true; batch],
-                    caches,
-                )
+                .decode_batch(&vec![1; batch], &vec![true; batch], caches)
                 .expect("decode step");
             drop(logits);
             let issued = t.elapsed();

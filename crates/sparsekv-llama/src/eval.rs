@@ -279,7 +279,7 @@ pub fn teacher_force<B: SparseKvBackend, C: KvCache<B>>(
     }
     for t in prompt_tokens..len - 1 {
         let tokens: Vec<u32> = windows.iter().map(|w| w[t]).collect();
-        let logits = model.decode_batch(&tokens, &vec![t; b], &active, caches)?;
+        let logits = model.decode_batch(&tokens, &active, caches)?;
         for (w, row) in read_logits(logits)?.iter().enumerate() {
             let (n, best) = score_row(row, windows[w][t + 1])?;
             nll[w].push(n);

@@ -177,11 +177,8 @@ pub fn generate_batch<B: SparseKvBackend, C: KvCache<B>>(
         if !active.iter().any(|&a| a) {
             return Ok(tokens);
         }
-        // Each active sequence's newest token sits at position len - 1.
-        let positions: Vec<usize> = tokens.iter().map(|t| t.len() - 1).collect();
-        scores = Scores::read(
-            model.decode_batch(&last, &positions, &active, caches)?,
-            greedy,
-        )?;
+        // Each active sequence's newest token sits at position len - 1, which is what its
+        // caches hold.
+        scores = Scores::read(model.decode_batch(&last, &active, caches)?, greedy)?;
     }
 }

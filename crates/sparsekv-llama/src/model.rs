@@ -565,35 +565,40 @@ impl<B: SparseKvBackend> Llama<B> {
         self.logits(last)
     }
 
-    /// Runs one token at position `pos` (one sequence), attending through the caches, and
-    /// returns its logits `[1, vocab]`.
-    pub fn decode<C: KvCache<B>>(
-        &self,
-        token: u32,
-        pos: usize,
-        caches: &mut [C],
-    ) -> Result<Tensor<B, 2>> {
-        self.decode_batch(&[token], &[pos], &[true], caches)
+    /// Runs one token (one sequence) at the next position of the caches, attending through
+    /// them, and returns its logits `[1, vocab]`.
+    pub fn decode<C: KvCache<B>>(&self, token: u32, caches: &mut [C]) -> Result<Tensor<B, 2>> {
+        self.decode_batch(&[token], &[true], caches)
     }
 
-    /// Runs one token per sequence, `tokens[s]` at position `positions[s]`, attending through
-    /// the caches, and returns the logits `[batch, vocab]`. Sequences that are not `active`
-    /// (finished ones in a batch) add nothing to their caches and their logits are to be
-    /// ignored.
+    /// Runs one token per sequence, attending through the caches, and returns the logits
+    /// `[batch, vocab]`. Sequence `s`'s token sits at the position after the tokens its caches
+    /// hold (their length: the caches are the one record of positions, so RoPE can never
+    /// disagree with what attention sees). Sequences that are not `active` (finished ones in a
+    /// batch) add nothing to their caches and their logits are to be ignored.
     pub fn decode_batch<C: KvCache<B>>(
         &self,
         tokens: &[u32],
-        positions: &[usize],
         active: &[bool],
         caches: &mut [C],
     ) -> Result<Tensor<B, 2>> {
         let b = tokens.len();
         self.check_caches(caches, b)?;
-        if positions.len() != b || active.len() != b {
+        if active.len() != b {
             return Err(LlamaError::Invalid(format!(
-                "{b} tokens, {} positions and {} activity flags",
-                positions.len(),
+                "{b} tokens and {} activity flags",
                 active.len()
+            )));
+        }
+        let positions = caches.first().map(|c| c.lengths()).unwrap_or_default();
+        if let Some((l, _)) = caches
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.lengths() != positions)
+        {
+            return Err(LlamaError::Invalid(format!(
+                "layer {l}'s cache holds {:?} tokens per sequence, layer 0's {positions:?}: every layer must hold the same tokens",
+                caches[l].lengths()
             )));
         }
         if let Some(&pos) = positions.iter().find(|&&p| p >= self.config.max_seq) {
@@ -602,10 +607,10 @@ impl<B: SparseKvBackend> Llama<B> {
                 self.config.max_seq
             )));
         }
+        let (cos, sin) = self.angles_at(&positions);
         let c = &self.config;
         let (h, hd) = (c.n_heads, c.head_dim());
         let counts: Vec<usize> = active.iter().map(|&a| usize::from(a)).collect();
-        let (cos, sin) = self.angles_at(positions);
         let mut x = self.embed(tokens, b, 1)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let hn = self.rms_norm(x.clone(), &l.attn_norm)?;
