@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 DIM, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 4096, 14336, 32, 8, 128, 128256
+Q_DIM, KV_DIM = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
 
 
 def rms_norm(x, w, eps=1e-5):
@@ -35,9 +36,33 @@ def rms_norm(x, w, eps=1e-5):
 
 
 def rope(x, cos, sin):
-    # x [b, heads, 1, hd]; cos, sin [1, 1, 1, hd / 2]
+    # x [b, heads, n, hd]; cos, sin [1, 1, n, hd / 2]
     x0, x1 = x[..., : HEAD_DIM // 2], x[..., HEAD_DIM // 2 :]
     return torch.cat([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+
+
+def rope_angles(positions, dt):
+    """cos, sin [1, 1, n, hd / 2] of the f32 positions [n]."""
+    inv = 500000.0 ** (-torch.arange(0, HEAD_DIM // 2, device=positions.device,
+                                     dtype=torch.float32) * 2 / HEAD_DIM)
+    angle = positions[:, None] * inv[None, :]
+    return angle.cos().to(dt)[None, None], angle.sin().to(dt)[None, None]
+
+
+def layer_forward(x, l, cos, sin, store, is_causal):
+    """One decoder layer over x [b, n, dim]; store(k, v) writes the new keys and values
+    [b, kv_heads, n, hd] into the layer's cache and returns the K and V to attend to."""
+    b, n, _ = x.shape
+    h = rms_norm(x, l["attn_norm"])
+    q, k, v = (h @ l["wqkv"].t()).split([Q_DIM, KV_DIM, KV_DIM], dim=-1)
+    q = rope(q.view(b, n, HEADS, HEAD_DIM).transpose(1, 2), cos, sin)
+    k = rope(k.view(b, n, KV_HEADS, HEAD_DIM).transpose(1, 2), cos, sin)
+    kc, vc = store(k, v.view(b, n, KV_HEADS, HEAD_DIM).transpose(1, 2))
+    o = F.scaled_dot_product_attention(q, kc, vc, is_causal=is_causal, enable_gqa=True)
+    x = x + o.transpose(1, 2).reshape(b, n, Q_DIM) @ l["wo"].t()
+    h = rms_norm(x, l["ffn_norm"])
+    g, u = (h @ l["w13"].t()).split([HIDDEN, HIDDEN], dim=-1)
+    return x + (F.silu(g) * u) @ l["w2"].t()
 
 
 def main():
@@ -50,7 +75,6 @@ def main():
     a = p.parse_args()
     dev, dt = "cuda", torch.float16
     torch.manual_seed(0)
-    q_dim, kv_dim = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
 
     def mat(rows, cols):
         return (torch.randn(rows, cols, device=dev, dtype=dt) * 0.02)
@@ -58,8 +82,8 @@ def main():
     layers = [
         dict(
             attn_norm=torch.ones(DIM, device=dev, dtype=dt),
-            wqkv=mat(q_dim + 2 * kv_dim, DIM),
-            wo=mat(DIM, q_dim),
+            wqkv=mat(Q_DIM + 2 * KV_DIM, DIM),
+            wo=mat(DIM, Q_DIM),
             ffn_norm=torch.ones(DIM, device=dev, dtype=dt),
             w13=mat(2 * HIDDEN, DIM),
             w2=mat(DIM, HIDDEN),
@@ -85,30 +109,15 @@ def main():
             for _ in range(a.layers)
         ]
         pos = torch.tensor([t], device=dev)
-        inv = 500000.0 ** (-torch.arange(0, HEAD_DIM // 2, device=dev, dtype=torch.float32)
-                           * 2 / HEAD_DIM)
-        angle = t * inv
-        cos = angle.cos().to(dt).view(1, 1, 1, -1)
-        sin = angle.sin().to(dt).view(1, 1, 1, -1)
+        cos, sin = rope_angles(torch.tensor([float(t)], device=dev), dt)
         tokens = torch.ones(b, dtype=torch.long, device=dev)
 
         def step():
             x = embedding[tokens].view(b, 1, DIM)
             for l, (kc, vc) in zip(layers, caches):
-                h = rms_norm(x, l["attn_norm"])
-                qkv = h @ l["wqkv"].t()
-                q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
-                q = rope(q.view(b, 1, HEADS, HEAD_DIM).transpose(1, 2), cos, sin)
-                k = rope(k.view(b, 1, KV_HEADS, HEAD_DIM).transpose(1, 2), cos, sin)
-                v = v.view(b, 1, KV_HEADS, HEAD_DIM).transpose(1, 2)
-                kc.index_copy_(2, pos, k)
-                vc.index_copy_(2, pos, v)
-                o = F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
-                x = x + o.transpose(1, 2).reshape(b, 1, q_dim) @ l["wo"].t()
-                h = rms_norm(x, l["ffn_norm"])
-                gu = h @ l["w13"].t()
-                g, u = gu.split([HIDDEN, HIDDEN], dim=-1)
-                x = x + (F.silu(g) * u) @ l["w2"].t()
+                x = layer_forward(x, l, cos, sin, lambda k, v, kc=kc, vc=vc:
+                                  (kc.index_copy_(2, pos, k), vc.index_copy_(2, pos, v)),
+                                  is_causal=False)
             logits = rms_norm(x.view(b, DIM), final_norm) @ lm_head.t()
             tokens.copy_(logits.argmax(-1))
 
@@ -144,7 +153,6 @@ def main():
 
 def prefill(a, layers, embedding, final_norm, lm_head, weight_bytes):
     dev, dt = "cuda", torch.float16
-    q_dim, kv_dim = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     print(f"\nPyTorch {torch.__version__} prefill, Llama-3-8B shape with {a.layers} layers, "
           f"f16, {torch.cuda.get_device_name()}; weights {weight_bytes / 1e9:.2f} GB\n")
     print("| peer | B | T | prefill s | prompt tokens/s | peak GB | weights + cache GB |")
@@ -156,30 +164,14 @@ def prefill(a, layers, embedding, final_norm, lm_head, weight_bytes):
              torch.empty(b, KV_HEADS, t, HEAD_DIM, device=dev, dtype=dt))
             for _ in range(a.layers)
         ]
-        inv = 500000.0 ** (-torch.arange(0, HEAD_DIM // 2, device=dev, dtype=torch.float32)
-                           * 2 / HEAD_DIM)
-        angle = torch.arange(t, device=dev, dtype=torch.float32)[:, None] * inv[None, :]
-        cos = angle.cos().to(dt).view(1, 1, t, -1)
-        sin = angle.sin().to(dt).view(1, 1, t, -1)
+        cos, sin = rope_angles(torch.arange(t, device=dev, dtype=torch.float32), dt)
         tokens = torch.ones(b, t, dtype=torch.long, device=dev)
 
         def run():
             x = embedding[tokens]
             for l, (kc, vc) in zip(layers, caches):
-                h = rms_norm(x, l["attn_norm"])
-                qkv = h @ l["wqkv"].t()
-                q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
-                q = rope(q.view(b, t, HEADS, HEAD_DIM).transpose(1, 2), cos, sin)
-                k = rope(k.view(b, t, KV_HEADS, HEAD_DIM).transpose(1, 2), cos, sin)
-                v = v.view(b, t, KV_HEADS, HEAD_DIM).transpose(1, 2)
-                kc.copy_(k)
-                vc.copy_(v)
-                o = F.scaled_dot_product_attention(q, kc, vc, is_causal=True, enable_gqa=True)
-                x = x + o.transpose(1, 2).reshape(b, t, q_dim) @ l["wo"].t()
-                h = rms_norm(x, l["ffn_norm"])
-                gu = h @ l["w13"].t()
-                g, u = gu.split([HIDDEN, HIDDEN], dim=-1)
-                x = x + (F.silu(g) * u) @ l["w2"].t()
+                x = layer_forward(x, l, cos, sin, lambda k, v, kc=kc, vc=vc:
+                                  (kc.copy_(k), vc.copy_(v)), is_causal=True)
             return (rms_norm(x[:, -1], final_norm) @ lm_head.t()).argmax(-1)
 
         with torch.no_grad():
