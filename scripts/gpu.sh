@@ -15,6 +15,7 @@
 #   bash .gpu/run.sh cuda bench              every staged bench, then the PyTorch peers (SDPA,
 #                                            the decode step) when python3 has torch
 #   bash .gpu/run.sh wgpu bench              the wgpu benches (set VK_DRIVER_FILES first)
+#   DEC=8x16384 TESTS=1 bash .gpu/session.sh  chosen parts in one call (scripts/gpu_session.sh)
 # Bench environment: SPARSEKV_BENCH_ONLY=8x16384 (one attention shape),
 # SPARSEKV_BENCH_LAYERS=N (model benches), SPARSEKV_BENCH_QUICK=1 (small shapes).
 set -euo pipefail
@@ -86,6 +87,7 @@ if [ $vulkan = 1 ]; then
   want benches && [ -n "$benches" ] && build wgpu bench_ bench $benches
 fi
 mkdir -p "$stage/scripts" && cp scripts/sdpa_baseline.py scripts/decode_baseline.py "$stage/scripts/"
+cp scripts/gpu_session.sh "$stage/session.sh"
 
 cat > "$stage/run.sh" <<'RUN'
 #!/usr/bin/env bash

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One device-tool call's worth of GPU work on the staged CUDA binaries (scripts/gpu.sh copies
+# this into .gpu/). Run there as `VAR=... bash .gpu/session.sh`; each part runs when its
+# variable is set, in this order, and everything it prints is also kept under $OUT:
+#   DEC=BxT[,..]     the decode bench on both backends (BACKENDS=bare|fused for one), then
+#                    the PyTorch decode-step peer at the same shapes
+#   ATT=BxT[,..]     the attention bench at those shapes, then cuDNN SDPA at each
+#   PREFILL=BxT[,..] the exact-prefill rows of the decode bench with nvidia-smi sampling the
+#                    memory, then the PyTorch prefill peer
+#   TESTS=1          the CUDA tests (TESTLIST=a,b,.. picks binaries and filters, default
+#                    cache, kernels attention, kernels compress, model, the other kernels)
+#   NCU=1            ncu of one tensor-core split launch of the attention bench at B = 8,
+#                    T = 32K (SKIP launches skipped first: 320 lands in the s = 0.7 row),
+#                    with source counters, exported as prof.ncu-rep and sass.csv
+# Tests read the shared models from .shared-gpu/ beside .gpu/ (a copy of ../shared's models/
+# and data/, carried with the call, never committed).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bin=/tmp/skv; mkdir -p $bin
+for gz in "$here"/cuda/*.gz; do n=$(basename "$gz" .gz); [ -x $bin/$n ] || { gunzip -c "$gz" > $bin/$n && chmod +x $bin/$n; }; done
+export SPARSEKV_SHARED=$here/../.shared-gpu
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+if [ -n "${DEC:-}" ]; then
+  echo "== bench_decode $DEC (${BACKENDS:-bare,fused})"
+  SPARSEKV_BENCH_ONLY=$DEC SPARSEKV_BENCH_BACKENDS=${BACKENDS:-bare,fused} $bin/bench_decode --bench 2>&1 | tee -a $OUT/decode.log | grep -E "^\||^Decode|ceiling"
+  for bt in ${DEC//,/ }; do python3 "$here/scripts/decode_baseline.py" --batch ${bt%x*} --tokens ${bt#*x} 2>&1 | tee -a $OUT/decode.log; done
+fi
+if [ -n "${ATT:-}" ]; then
+  echo "== bench_attention $ATT"
+  SPARSEKV_BENCH_ONLY=$ATT $bin/bench_attention --bench 2>&1 | tee -a $OUT/attention.log | grep -E "^\||ceiling"
+  for bt in ${ATT//,/ }; do python3 "$here/scripts/sdpa_baseline.py" --batch ${bt%x*} --tokens ${bt#*x} 2>&1 | tee -a $OUT/attention.log | tail -3; done
+fi
+if [ -n "${PREFILL:-}" ]; then
+  echo "== prefill $PREFILL"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > $OUT/smi_mem.txt &
+  smi=$!
+  SPARSEKV_BENCH_PREFILL=$PREFILL $bin/bench_decode --bench 2>&1 | tee -a $OUT/prefill.log | grep -E "^\||^Exact|panicked|error"
+  kill $smi; echo "nvidia-smi peak MiB used during our prefill: $(sort -n $OUT/smi_mem.txt | tail -1)"
+  for bt in ${PREFILL//,/ }; do python3 "$here/scripts/decode_baseline.py" --prefill --batch ${bt%x*} --tokens ${bt#*x} 2>&1 | tee -a $OUT/prefill.log; done
+fi
+if [ "${TESTS:-0}" = 1 ]; then
+  IFS=, read -ra list <<< "${TESTLIST:-cache,kernels attention,kernels compress,model,kernels}"
+  for t in "${list[@]}"; do
+    [ "$t" = kernels ] && set -- --skip attention --skip compress || set --
+    echo "== $t $*"
+    $bin/$t "$@" 2>&1 | tee -a $OUT/tests.log | grep -E "^test result|FAILED|panicked|failed" | head -20
+  done
+fi
+if [ "${NCU:-0}" = 1 ]; then
+  echo "== ncu"
+  SPARSEKV_BENCH_ONLY=8x32768 ncu --clock-control none --kernel-name regex:decode_split_tc --launch-skip ${SKIP:-320} --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SourceCounters \
+    --section MemoryWorkloadAnalysis_Tables --import-source no -o $OUT/prof -f $bin/bench_attention --bench > $OUT/ncu_run.log 2>&1
+  tail -3 $OUT/ncu_run.log
+  ncu --import $OUT/prof.ncu-rep --page details > $OUT/ncu_details.txt 2>&1
+  grep -E "Kernel Name|Duration|Registers|Theoretical Occ|Achieved Occ|Executed Ipc|Issue Slots|Shared|L1/TEX Hit|Memory Throughput|DRAM Throughput|Warp Cycles Per Issued|bank|Bank" $OUT/ncu_details.txt | head -40
+  ncu --import $OUT/prof.ncu-rep --page source --csv --print-source sass > $OUT/sass.csv 2>&1; wc -l $OUT/sass.csv
+fi
