@@ -254,6 +254,7 @@ impl KvCacheConfig {
 
 /// The buffers a [`SparseKvCache`] allocates: one bitmap buffer each for K and V, one value
 /// buffer each, and four window buffers (K and V, double-buffered), in bytes each.
+#[derive(Clone, Copy)]
 struct SparsePlan {
     head_dim: HeadDim,
     k_sparsity: Sparsity,
@@ -289,6 +290,7 @@ impl SparsePlan {
 }
 
 /// The buffers a [`DenseKvCache`] allocates: K and V of `bytes` each.
+#[derive(Clone, Copy)]
 struct DensePlan {
     head_dim: HeadDim,
     capacity: usize,
@@ -1122,9 +1124,7 @@ impl<B: SparseKvBackend> LayerCaches<SparseKvCache<B>> {
         ensure_room::<B>(device, plan.largest(), needed, || {
             config.describe(layers, "sparse")
         })?;
-        LayerCaches::new(layers, |_| {
-            SparseKvCache::allocate(config, config.sparse_plan()?, device)
-        })
+        LayerCaches::new(layers, |_| SparseKvCache::allocate(config, plan, device))
     }
 }
 
@@ -1137,9 +1137,7 @@ impl<B: SparseKvBackend> LayerCaches<DenseKvCache<B>> {
         ensure_room::<B>(device, plan.bytes, needed, || {
             config.describe(layers, "dense")
         })?;
-        LayerCaches::new(layers, |_| {
-            DenseKvCache::allocate(config, config.dense_plan()?, device)
-        })
+        LayerCaches::new(layers, |_| DenseKvCache::allocate(config, plan, device))
     }
 }
 
