@@ -224,20 +224,18 @@ impl<B: SparseKvBackend> Llama<B> {
         &self.config
     }
 
-    /// Sets the query rows per block of prefill attention (`None`: the backend's fused flash
-    /// kernel where it has one, else blocks chosen from [`PREFILL_SCORE_BUDGET`]). Results do
-    /// not depend on it beyond rounding; smaller blocks use less memory and launch more.
+    /// Sets the query rows per block of prefill attention (`None`: chosen from
+    /// [`PREFILL_SCORE_BUDGET`]). Results do not depend on it beyond rounding; smaller blocks
+    /// use less memory and launch more.
     pub fn set_prefill_block(&mut self, queries: Option<usize>) {
         self.prefill_block = queries.map(|q| q.max(1));
     }
 
-    /// Causal attention of a whole prompt: `q` `[b, h, n, hd]`, `k` and `v`
-    /// `[b, kv_heads, n, hd]`; returns `[b, n, h * hd]`. Through the backend's fused flash
-    /// kernel where it has one ([`SparseKvBackend::flash_causal_attention`]; 2x faster on an
-    /// H100 at 32K, BENCHMARKS.md) unless [`Llama::set_prefill_block`] asked for blocks; else
-    /// one block of queries at a time (each KV head serves its group of query heads by
-    /// broadcasting, never repeated in memory): block `[i0, i1)` scores
-    /// `[b, kv_heads, group, i1 - i0, i1]` against the keys it may see.
+    /// Causal attention of a whole prompt, one block of queries at a time: `q` `[b, h, n, hd]`,
+    /// `k` and `v` `[b, kv_heads, n, hd]` (each KV head serves its group of query heads by
+    /// broadcasting, never repeated in memory). Block `[i0, i1)` scores
+    /// `[b, kv_heads, group, i1 - i0, i1]` against the keys it may see. Returns
+    /// `[b, n, h * hd]`.
     fn prefill_attention(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, h, n, hd] = q.dims();
         let kvh = k.dims()[1];
