@@ -752,57 +752,6 @@ fn blockwise_prefill_matches_one_block() {
     }
 }
 
-/// Where the backend has a fused flash-attention kernel for prompts (the bare `CubeBackend`
-/// with 16-bit values on a device with matrix units: CUDA), exact prefill through it gives the
-/// blocked path's logits up to f16 rounding; elsewhere both runs take the blocked path.
-#[test]
-fn flash_prefill_matches_the_blocked_path() {
-    use sparsekv::kernels::cubecl::prelude::Runtime;
-    type H = CubeBackend<Rt, half::f16, i32, u32>;
-    if !sparsekv::kernels::supports_type::<Rt, half::f16>(&Rt::client(&Default::default())) {
-        eprintln!("no f16 on this device: nothing to compare");
-        return;
-    }
-    let (mut model, tok) = stories::<H>();
-    let c = model.config().clone();
-    let prompt = tok
-        .encode(
-            "Once upon a time, there was a little girl named Lily. She loved to play outside \
-             in the park with her friends, and one day she found a big red ball",
-            true,
-        )
-        .expect("encode");
-    let short = &prompt[..9];
-    let mut logits = |block: Option<usize>| {
-        model.set_prefill_block(block);
-        let cfg =
-            KvCacheConfig::new(2, c.n_kv_heads, c.head_dim(), 96).with_value_type(ValueType::F16);
-        let mut caches =
-            LayerCaches::<DenseKvCache<H>>::dense(c.n_layers, &cfg, &Default::default())
-                .expect("caches")
-                .into_layers();
-        model
-            .prefill_batch(&[&prompt, short], &mut caches)
-            .expect("prefill")
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32")
-    };
-    let fused = logits(None);
-    let blocked = logits(Some(8));
-    let scale = blocked.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    let worst = fused
-        .iter()
-        .zip(&blocked)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        fused.iter().all(|x| x.is_finite()) && worst <= 2e-2 * scale,
-        "max difference {worst} (largest logit {scale})"
-    );
-}
-
 /// A decode step runs at the position its caches hold (the caches are the one record of
 /// positions): prefilling a prompt and decoding one more token gives that token the logits a
 /// prefill of the longer prompt gives it; caches whose layers hold different tokens are

@@ -240,27 +240,6 @@ impl<B: SparseKvBackend> Llama<B> {
         let [b, h, n, hd] = q.dims();
         let kvh = k.dims()[1];
         let group = h / kvh;
-        // A fused flash kernel where the backend has one (unless blocks were asked for): K and
-        // V repeated per query head for it, a transient of `group` times the layer's K/V.
-        if self.prefill_block.is_none() {
-            let repeat = |t: Tensor<B, 4>| {
-                t.reshape([b, kvh, 1, n, hd])
-                    .expand([b, kvh, group, n, hd])
-                    .reshape([b, h, n, hd])
-                    .into_primitive()
-                    .tensor()
-            };
-            let fused = B::flash_causal_attention(
-                q.clone().into_primitive().tensor(),
-                repeat(k.clone()),
-                repeat(v.clone()),
-            );
-            if let Some(out) = fused {
-                return Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(out))
-                    .swap_dims(1, 2)
-                    .reshape([b, n, h * hd]);
-            }
-        }
         let block = self
             .prefill_block
             .unwrap_or_else(|| (PREFILL_SCORE_BUDGET / (b * h * n).max(1)).max(16))

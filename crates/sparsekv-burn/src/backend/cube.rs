@@ -351,35 +351,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         );
         Ok(tensor_like(&gate_up, out, plan.dims, plan.value_type))
     }
-
-    fn flash_causal_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-    ) -> Option<FloatTensor<Self>> {
-        use burn::tensor::DType;
-        use burn_cubecl::kernel::attention::{AttentionStrategy, attention};
-        use cubek::attention::routines::blackbox_accelerated::BlackboxAcceleratedStrategy;
-        // 16-bit operands only: the kernel stages them as 16-bit matrix-unit tiles, which
-        // would round f32 inputs.
-        if !matches!(q.dtype, DType::F16 | DType::BF16) {
-            return None;
-        }
-        let options = burn::tensor::ops::AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        // Burn's own choice without its `autotune` feature is the unfused fallback (scores
-        // of n x n); cubek's flash kernel on matrix units is asked for directly. A setup
-        // error (no matrix units, as on lavapipe) means no fused kernel here.
-        let strategy = AttentionStrategy::FlashBlackboxAccelerated(BlackboxAcceleratedStrategy {
-            num_planes: 4,
-            seq_q: 1,
-            seq_kv: 1,
-        });
-        attention(q, k, v, None, None, options, strategy).ok()
-    }
 }
 
 /// Free and total memory of CUDA device `ordinal`, from the driver (`cuMemGetInfo`).

@@ -272,21 +272,6 @@ pub trait SparseKvBackend: Backend {
     /// SwiGLU in one launch: `gate_up` `[.., 2 * hidden]` holds the gate then the up
     /// projection on its last axis; returns `silu(gate) · up`, `[.., hidden]`, computed in f32.
     fn swiglu(gate_up: FloatTensor<Self>) -> Result<FloatTensor<Self>>;
-
-    /// Causal attention of a whole prompt through a fused flash-attention kernel, where the
-    /// backend has one for these operands: `q`, `k`, `v` all `[batch, heads, n, head_dim]`
-    /// (K and V already repeated per query head), scale `1 / sqrt(head_dim)`, query `i` seeing
-    /// keys `0..=i`; returns `[batch, heads, n, head_dim]`. `None` where there is none (the
-    /// default; the bare `CubeBackend` has one for 16-bit values on devices with matrix
-    /// units), and the caller computes the attention another way.
-    fn flash_causal_attention(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-    ) -> Option<FloatTensor<Self>> {
-        let _ = (q, k, v);
-        None
-    }
 }
 
 /// The heads of [`SparseKvBackend::rope_split`] and how their channels pair up.
