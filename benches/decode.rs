@@ -16,7 +16,8 @@
 //! one exact prefill of `T` tokens per sequence into sparse caches at s = 0.7 (bare backend),
 //! timed after a warm-up prefill of the same shape (Burn's matmul tunes itself per shape), with
 //! the device memory CubeCL holds afterwards (its pools keep their pages, so that is the peak;
-//! the pools are cleaned up once the model is loaded) beside the weights and the final cache. `scripts/decode_baseline.py --prefill` is the peer.
+//! the pools are cleaned up once the model is loaded) beside the weights and the final cache.
+//! `scripts/decode_baseline.py --prefill` is the peer.
 //!
 //! Every row runs on both Burn backend types, one after the other in the same process: the
 //! bare `CubeBackend` and Burn's fused backend (`burn::backend::Cuda<f16>` / `Wgpu<f16>` as
@@ -153,8 +154,9 @@ fn prefill(shapes: &[(usize, usize)], layers: usize) {
     let max_t = shapes.iter().map(|s| s.1).max().unwrap_or(0);
     let config = llama3_8b_shape(layers, max_t);
     let model = Llama::<ModelBackend>::random(&config, &device).expect("model");
-    // The random initialisation's temporaries stay in CubeCL's pools (20 GB held for 16 GB of
-    // weights on the H100): give them back so the peak below is the prefill's own.
+    // Give back the pool pages the random initialisation left empty, so that the peak below
+    // is the model's and the prefill's (on the H100 CubeCL still held 20 GB for 16 GB of
+    // weights after this: BENCHMARKS.md).
     sync(&client);
     client.memory_cleanup();
     let embedding = config.vocab_size * config.dim * 2;
