@@ -868,7 +868,7 @@ fn streaming_prefill_matches_exact_at_sparsity_zero() {
 /// against f64 on the CPU, at a prompt projection's shape (`[96, dim] x [dim, dim]`).
 fn burn_matmul_error(rng: &mut rand::rngs::StdRng, dim: usize) -> f32 {
     use rand::Rng;
-    use sparsekv::cache::burn::tensor::{Tensor, TensorData};
+    use sparsekv::cache::burn::tensor::TensorData;
     let rows = 96;
     let mut uniform =
         |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };

@@ -217,6 +217,35 @@ impl KvCacheConfig {
         })
     }
 
+    /// The plan of `layers` sparse caches of this configuration, refused by [`ensure_room`]
+    /// when `device` cannot allocate or hold them all.
+    fn sparse_plan_on<B: SparseKvBackend>(
+        &self,
+        layers: usize,
+        device: &B::Device,
+    ) -> Result<SparsePlan> {
+        let plan = self.sparse_plan()?;
+        let needed = total_bytes(layers, plan.total())?;
+        ensure_room::<B>(device, plan.largest(), needed, || {
+            self.describe(layers, "sparse")
+        })?;
+        Ok(plan)
+    }
+
+    /// [`KvCacheConfig::sparse_plan_on`] for dense caches.
+    fn dense_plan_on<B: SparseKvBackend>(
+        &self,
+        layers: usize,
+        device: &B::Device,
+    ) -> Result<DensePlan> {
+        let plan = self.dense_plan()?;
+        let needed = total_bytes(layers, plan.total())?;
+        ensure_room::<B>(device, plan.bytes, needed, || {
+            self.describe(layers, "dense")
+        })?;
+        Ok(plan)
+    }
+
     /// How the errors name `count` caches of this configuration.
     fn describe(&self, count: usize, kind: &str) -> String {
         format!(
@@ -670,11 +699,7 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
     /// allocated) when the device cannot hold it.
     pub fn new(config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
         device_ready()?;
-        let plan = config.sparse_plan()?;
-        ensure_room::<B>(device, plan.largest(), plan.total(), || {
-            config.describe(1, "sparse")
-        })?;
-        Self::allocate(config, plan, device)
+        Self::allocate(config, config.sparse_plan_on::<B>(1, device)?, device)
     }
 
     /// Allocates the buffers of `plan` (checked by the caller).
@@ -988,11 +1013,7 @@ impl<B: SparseKvBackend> DenseKvCache<B> {
     /// [`KvCacheError::DeviceMemory`] (nothing allocated) when the device cannot hold it.
     pub fn new(config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
         device_ready()?;
-        let plan = config.dense_plan()?;
-        ensure_room::<B>(device, plan.bytes, plan.total(), || {
-            config.describe(1, "dense")
-        })?;
-        Self::allocate(config, plan, device)
+        Self::allocate(config, config.dense_plan_on::<B>(1, device)?, device)
     }
 
     /// Allocates the buffers of `plan` (checked by the caller).
@@ -1119,11 +1140,7 @@ impl<B: SparseKvBackend> LayerCaches<SparseKvCache<B>> {
     /// later layer.
     pub fn sparse(layers: usize, config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
         device_ready()?;
-        let plan = config.sparse_plan()?;
-        let needed = total_bytes(layers, plan.total())?;
-        ensure_room::<B>(device, plan.largest(), needed, || {
-            config.describe(layers, "sparse")
-        })?;
+        let plan = config.sparse_plan_on::<B>(layers, device)?;
         LayerCaches::new(layers, |_| SparseKvCache::allocate(config, plan, device))
     }
 }
@@ -1132,11 +1149,7 @@ impl<B: SparseKvBackend> LayerCaches<DenseKvCache<B>> {
     /// [`LayerCaches::sparse`] for dense caches.
     pub fn dense(layers: usize, config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
         device_ready()?;
-        let plan = config.dense_plan()?;
-        let needed = total_bytes(layers, plan.total())?;
-        ensure_room::<B>(device, plan.bytes, needed, || {
-            config.describe(layers, "dense")
-        })?;
+        let plan = config.dense_plan_on::<B>(layers, device)?;
         LayerCaches::new(layers, |_| DenseKvCache::allocate(config, plan, device))
     }
 }
