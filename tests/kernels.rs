@@ -8,13 +8,14 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sparsekv::format::oracle::{self, CompressedBlock, DenseBlock, HeadCache};
-use sparsekv::format::{HeadDim, Sparsity, keep_count, layout};
+use sparsekv::format::{HeadDim, PromptShape, Sparsity, keep_count, layout};
 use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
     AttentionArgs, CompressArgs, DecodeKernel, DenseCacheArgs, FloatElement, KernelError,
     SkinnyKernel, SkinnyShape, SkinnyTuning, SparseSegmentArgs, decode_attention,
-    decode_attention_with, prune_compress, rms_norm, skinny_matmul_with, supports_type, swiglu,
+    decode_attention_with, prefill_attention, prune_compress, rms_norm, skinny_matmul_with,
+    supports_type, swiglu,
 };
 
 mod common;
@@ -493,6 +494,92 @@ fn dense_attention_matches_oracle_f32() {
 #[test]
 fn dense_attention_matches_oracle_f16() {
     attention_cases::<half::f16>(15, false, DecodeKernel::Auto);
+}
+
+/// One prompt-attention case: random prompts (token counts around the kernel's 16-row and
+/// 64-key tiles), GQA groups of 1 to 8, head_dims 16 to 128, against the oracle's causal
+/// attention, the output poisoned with NaN. Where the kernel does not run (no CUDA matrix
+/// units, as on lavapipe) the call must be the typed `Unsupported` error.
+fn prompt_attention_case<F: TestFloat>(
+    client: &ComputeClient<Rt>,
+    rng: &mut StdRng,
+) -> Result<(), String> {
+    let batch = rng.random_range(1..=3);
+    let tokens = match rng.random_range(0..4) {
+        0 => rng.random_range(1..=17),
+        1 => [63, 64, 65, 80, 127, 128, 129][rng.random_range(0..7)],
+        _ => rng.random_range(1..=160),
+    };
+    let kv_heads = rng.random_range(1..=3);
+    let group = [1, 2, 3, 4, 8][rng.random_range(0..5)];
+    let d = [16, 32, 64, 128][rng.random_range(0..4)];
+    let hd = HeadDim::new(d).map_err(|e| e.to_string())?;
+    let shape = PromptShape::new(batch, tokens, kv_heads * group, kv_heads, hd)
+        .map_err(|e| e.to_string())?;
+    let describe = format!(
+        "batch {batch}, {tokens} tokens, {kv_heads} KV heads x group {group}, head_dim {d}"
+    );
+    let q = normals::<F>(rng, batch * tokens * kv_heads * group * d);
+    let k = normals::<F>(rng, batch * tokens * kv_heads * d);
+    let v = normals::<F>(rng, batch * tokens * kv_heads * d);
+    let out = upload::<F>(client, &vec![f64::NAN; q.len()]);
+    let launched = prefill_attention::<Rt, F>(
+        client,
+        shape,
+        &upload::<F>(client, &q),
+        &upload::<F>(client, &k),
+        &upload::<F>(client, &v),
+        &out,
+    );
+    match launched {
+        Ok(()) => {}
+        Err(KernelError::Unsupported(_)) if !cfg!(feature = "cuda") => return Ok(()),
+        Err(e) => return Err(format!("{e}: {describe}")),
+    }
+    let expect = oracle::causal_attention(shape, &q, &k, &v).map_err(|e| e.to_string())?;
+    let err = rel_err(&read::<F>(client, out), &expect);
+    if err < F::ATTENTION_TOL {
+        Ok(())
+    } else {
+        Err(format!(
+            "rel err {err:e} > {:e}: {describe}",
+            F::ATTENTION_TOL
+        ))
+    }
+}
+
+/// The prompt-attention kernel against the oracle on CUDA (f16 and bf16); elsewhere a few
+/// cases check that it refuses with the typed error, and f32 is refused everywhere.
+#[test]
+fn prompt_attention_matches_oracle() {
+    let cases = if cfg!(feature = "cuda") { 40 } else { 2 };
+    run_cases::<half::f16>(
+        "prompt attention",
+        cases,
+        prompt_attention_case::<half::f16>,
+    );
+    run_cases::<half::bf16>(
+        "prompt attention",
+        cases / 2,
+        prompt_attention_case::<half::bf16>,
+    );
+    let client = client();
+    let hd = HeadDim::new(64).expect("valid");
+    let shape = PromptShape::new(1, 4, 2, 1, hd).expect("valid");
+    let h = client.create_from_slice(f32::as_bytes(&[0.0f32; 1024]));
+    let err = prefill_attention::<Rt, f32>(&client, shape, &h, &h, &h, &h);
+    assert!(
+        matches!(err, Err(KernelError::Unsupported(_))),
+        "f32: {err:?}"
+    );
+    let shape = PromptShape::new(1, 4, 2, 1, HeadDim::new(256).expect("valid")).expect("valid");
+    if supports_type::<Rt, half::f16>(&client) {
+        let err = prefill_attention::<Rt, half::f16>(&client, shape, &h, &h, &h, &h);
+        assert!(
+            matches!(err, Err(KernelError::Unsupported(_))),
+            "head_dim 256: {err:?}"
+        );
+    }
 }
 
 /// Whether `got` is within `bound` of `reference`; never for NaN (an unwritten, poisoned

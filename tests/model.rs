@@ -704,6 +704,86 @@ fn evaluation_rejects_bad_arguments() {
     assert!(evaluate(&model, &long, &dense, 8, ValueType::F32, &device, || {}).is_err());
 }
 
+/// Where the backend has the fused prompt attention kernel (the bare `CubeBackend` with f16 on
+/// CUDA), exact prefill through it gives the logits of the blocked path (Burn's matmul and
+/// softmax in blocks of 64 queries) up to f16 rounding: a random 2-layer model with head_dim
+/// 128 and two query heads per KV head, a ragged batch of prompts longer than the kernel's
+/// tiles. Elsewhere the backend must say why it has no kernel (the shared models' tests cover
+/// the blocked path there).
+#[test]
+fn prompt_attention_prefill_matches_the_blocked_path() {
+    use sparsekv::format::{HeadDim, PromptShape};
+    use sparsekv::llama::{LlamaConfig, RopeStyle};
+    type H = CubeBackend<Rt, half::f16, i32, u32>;
+    let device = Default::default();
+    let config = LlamaConfig {
+        dim: 512,
+        hidden_dim: 1024,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        vocab_size: 256,
+        max_seq: 512,
+        rope_theta: 10000.0,
+        rope_style: RopeStyle::RotateHalf,
+        rope_scaling: None,
+        rms_eps: 1e-5,
+    };
+    let lengths = [150usize, 97];
+    let shape = PromptShape::new(
+        lengths.len(),
+        lengths[0],
+        config.n_heads,
+        config.n_kv_heads,
+        HeadDim::new(config.head_dim()).expect("head_dim"),
+    )
+    .expect("shape");
+    let unsupported = H::prompt_attention_unsupported(&device, ValueType::F16, shape);
+    if !cfg!(feature = "cuda") {
+        let why = unsupported.expect("no prompt attention kernel off CUDA");
+        eprintln!("no prompt attention kernel here ({why}): nothing to compare");
+        return;
+    }
+    assert_eq!(
+        unsupported, None,
+        "the kernel must run on CUDA for this shape"
+    );
+    let mut model = Llama::<H>::random(&config, &device).expect("model");
+    let prompts: Vec<Vec<u32>> = lengths
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| (0..n).map(|i| ((i * 37 + s * 11) % 256) as u32).collect())
+        .collect();
+    let prompts: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    let mut logits = |block: Option<usize>| {
+        model.set_prefill_block(block);
+        let cfg = KvCacheConfig::new(2, config.n_kv_heads, config.head_dim(), 256)
+            .with_value_type(ValueType::F16);
+        let mut caches = LayerCaches::<DenseKvCache<H>>::dense(config.n_layers, &cfg, &device)
+            .expect("caches")
+            .into_layers();
+        model
+            .prefill_batch(&prompts, &mut caches)
+            .expect("prefill")
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32")
+    };
+    let fused = logits(None);
+    let blocked = logits(Some(64));
+    let scale = blocked.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let worst = fused
+        .iter()
+        .zip(&blocked)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        scale > 0.0 && fused.iter().all(|x| x.is_finite()) && worst <= 1e-2 * scale,
+        "max difference {worst} (largest logit {scale})"
+    );
+}
+
 /// Prefill attention runs in blocks of queries (memory O(block x prompt), not O(prompt²)):
 /// blocks of 5 and 1 queries give the logits of one block for the whole prompt, on both shared
 /// models (tinystories-656K has grouped KV heads), for a ragged batch.

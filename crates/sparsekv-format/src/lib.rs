@@ -26,4 +26,4 @@ pub mod params;
 
 pub use accounting::{CacheShape, KvBytes, SequenceOccupancy, kv_bytes, uniform_kv_bytes};
 pub use error::{FormatError, Result};
-pub use params::{HeadDim, Sparsity, ValueType, keep_count, keep_count_of};
+pub use params::{HeadDim, PromptShape, Sparsity, ValueType, keep_count, keep_count_of};

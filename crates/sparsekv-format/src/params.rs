@@ -50,6 +50,79 @@ impl HeadDim {
     }
 }
 
+/// The shape of a prompt's causal self-attention (prefill), validated: `batch` sequences of
+/// `tokens` tokens each (queries and keys alike), `q_heads` query heads served by `kv_heads`
+/// KV heads, `q_heads / kv_heads` consecutive query heads per KV head (grouped-query
+/// attention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PromptShape {
+    batch: usize,
+    tokens: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: HeadDim,
+}
+
+impl PromptShape {
+    /// Validates the shape: at least one sequence, token and KV head, and query heads a
+    /// multiple of KV heads.
+    pub fn new(
+        batch: usize,
+        tokens: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: HeadDim,
+    ) -> Result<Self> {
+        if batch == 0
+            || tokens == 0
+            || q_heads == 0
+            || kv_heads == 0
+            || !q_heads.is_multiple_of(kv_heads)
+        {
+            return Err(FormatError::InvalidArgument(format!(
+                "{batch} prompts of {tokens} tokens with {q_heads} query heads over {kv_heads} KV heads: need prompts, tokens, and query heads a non-zero multiple of KV heads"
+            )));
+        }
+        Ok(PromptShape {
+            batch,
+            tokens,
+            q_heads,
+            kv_heads,
+            head_dim,
+        })
+    }
+
+    /// Sequences.
+    pub fn batch(self) -> usize {
+        self.batch
+    }
+
+    /// Tokens per sequence.
+    pub fn tokens(self) -> usize {
+        self.tokens
+    }
+
+    /// Query heads.
+    pub fn q_heads(self) -> usize {
+        self.q_heads
+    }
+
+    /// KV heads.
+    pub fn kv_heads(self) -> usize {
+        self.kv_heads
+    }
+
+    /// Query heads per KV head.
+    pub fn group(self) -> usize {
+        self.q_heads / self.kv_heads
+    }
+
+    /// Elements per head.
+    pub fn head_dim(self) -> HeadDim {
+        self.head_dim
+    }
+}
+
 /// Element type of the stored values (the bitmap is always `u32` words).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ValueType {

@@ -16,6 +16,10 @@ pub enum KernelError {
         /// The float type asked for.
         dtype: &'static str,
     },
+    /// The kernel does not run on this device or for this shape (a sentence says why); the
+    /// caller computes the result another way.
+    #[error("unsupported here: {0}")]
+    Unsupported(String),
     /// Inconsistent launch arguments, with a sentence saying what is wrong.
     #[error("invalid kernel arguments: {0}")]
     InvalidArguments(String),

@@ -1,12 +1,12 @@
 //! CubeCL kernels for sparse KV caches, generic over the float type and the runtime:
 //! per-token magnitude prune+compress ([`prune_compress`]) and split-K decode attention over a
 //! compressed segment plus a dense window ([`decode_attention`]), whose dense variant is the
-//! baseline it is measured against; and [`copy_rows`], which moves dense token rows between
-//! stream buffers at ragged per-sequence offsets; and [`skinny_matmul`], the weight-streaming
-//! matrix product of a decode step's projections, [`rms_norm`], RMSNorm in one launch, and
-//! [`rope_split`], rotary embedding fused with the split of a fused QKV projection, and
+//! baseline it is measured against; the causal self-attention of whole prompts on matrix
+//! units ([`prefill_attention`]); [`copy_rows`], which moves dense token rows between stream
+//! buffers at ragged per-sequence offsets; [`skinny_matmul`], the weight-streaming matrix
+//! product of a decode step's projections; [`rms_norm`], RMSNorm in one launch;
+//! [`rope_split`], rotary embedding fused with the split of a fused QKV projection; and
 //! [`swiglu`], the feed-forward gate in one launch.
-
 pub mod activation;
 pub mod attention;
 pub mod compress;
@@ -20,7 +20,7 @@ pub mod skinny;
 pub use activation::swiglu;
 pub use attention::{
     AttentionArgs, DecodeKernel, DenseCacheArgs, SparseSegmentArgs, decode_attention,
-    decode_attention_with,
+    decode_attention_with, prefill_attention, prefill_attention_unsupported,
 };
 pub use compress::{CompressArgs, prune_compress};
 pub use error::{KernelError, Result};

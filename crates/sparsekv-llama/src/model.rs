@@ -1,13 +1,15 @@
 //! A Llama-family decoder on Burn tensors: RMSNorm, RoPE (interleaved or rotate-half), grouped
 //! query attention through a [`KvCache`], SwiGLU feed-forward, tied or untied output.
 //!
-//! [`Llama::prefill`] runs dense causal attention over the prompt and then hands the prompt's
-//! keys and values to the caches (which prune all but their window); [`Llama::decode`] runs
-//! one token per sequence, attending through the caches.
+//! [`Llama::prefill`] runs dense causal attention over the prompt (the backend's fused prompt
+//! attention kernel where it has one, else blocks of queries through Burn's ops) and then hands
+//! the prompt's keys and values to the caches (which prune all but their window);
+//! [`Llama::decode`] runs one token per sequence, attending through the caches.
 
 use sparsekv_burn::burn::tensor::activation::softmax;
 use sparsekv_burn::burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
-use sparsekv_burn::{KvCache, PrefillPolicy, RopeHeads, SparseKvBackend};
+use sparsekv_burn::{KvCache, KvCacheError, PrefillPolicy, RopeHeads, SparseKvBackend};
+use sparsekv_format::{HeadDim, PromptShape};
 
 use crate::checkpoint::{LayerWeights, LlamaWeights};
 use crate::config::LlamaConfig;
@@ -42,7 +44,8 @@ pub struct Llama<B: SparseKvBackend> {
     /// `[max_seq, head_dim / 2]`.
     rope_cos: Tensor<B, 2>,
     rope_sin: Tensor<B, 2>,
-    /// Query rows per block of prefill attention (`None`: from [`PREFILL_SCORE_BUDGET`]).
+    /// Query rows per block of prefill attention (`None`: the backend's prompt attention
+    /// kernel where it has one, else blocks sized from [`PREFILL_SCORE_BUDGET`]).
     prefill_block: Option<usize>,
 }
 
@@ -224,11 +227,46 @@ impl<B: SparseKvBackend> Llama<B> {
         &self.config
     }
 
-    /// Sets the query rows per block of prefill attention (`None`: chosen from
-    /// [`PREFILL_SCORE_BUDGET`]). Results do not depend on it beyond rounding; smaller blocks
-    /// use less memory and launch more.
+    /// Sets the query rows per block of prefill attention, through Burn's matmul and softmax
+    /// (`None`, the default: the backend's fused prompt attention kernel,
+    /// [`SparseKvBackend::prompt_attention`], where it has one for the model's shape and type,
+    /// else blocks sized from [`PREFILL_SCORE_BUDGET`]). Results do not depend on it beyond
+    /// rounding; smaller blocks use less memory and launch more.
     pub fn set_prefill_block(&mut self, queries: Option<usize>) {
         self.prefill_block = queries.map(|q| q.max(1));
+    }
+
+    /// Causal attention of a whole prompt: `q` `[b, n, h, hd]`, `k` and `v`
+    /// `[b, kv_heads, n, hd]`; returns `[b, n, h * hd]`. Through the backend's prompt attention
+    /// kernel where it has one (unless blocks were asked for), else [`Self::blocked_attention`].
+    fn prefill_attention(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 3>> {
+        let [b, n, h, hd] = q.dims();
+        if self.prefill_block.is_none() {
+            let value_type = B::kv_value_type(&q.clone().into_primitive().tensor())?;
+            let shape = HeadDim::new(hd)
+                .and_then(|d| PromptShape::new(b, n, h, k.dims()[1], d))
+                .map_err(KvCacheError::from)?;
+            if B::prompt_attention_unsupported(&self.device, value_type, shape).is_none() {
+                let out = B::prompt_attention(
+                    q.into_primitive().tensor(),
+                    k.into_primitive().tensor(),
+                    v.into_primitive().tensor(),
+                )?;
+                return Ok(
+                    Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(out)).reshape([
+                        b,
+                        n,
+                        h * hd,
+                    ]),
+                );
+            }
+        }
+        Ok(self.blocked_attention(q.swap_dims(1, 2), k, v))
     }
 
     /// Causal attention of a whole prompt, one block of queries at a time: `q` `[b, h, n, hd]`,
@@ -236,7 +274,7 @@ impl<B: SparseKvBackend> Llama<B> {
     /// broadcasting, never repeated in memory). Block `[i0, i1)` scores
     /// `[b, kv_heads, group, i1 - i0, i1]` against the keys it may see. Returns
     /// `[b, n, h * hd]`.
-    fn prefill_attention(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 3> {
+    fn blocked_attention(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, h, n, hd] = q.dims();
         let kvh = k.dims()[1];
         let group = h / kvh;
@@ -498,10 +536,10 @@ impl<B: SparseKvBackend> Llama<B> {
         let mut x = self.embed(&ids, b, n)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
             let hn = self.rms_norm(x.clone(), &l.attn_norm)?;
+            // q [b, n, h, hd]; k, v [b, kv_heads, n, hd]
             let (q, k, v) = self.qkv(hn, l, &cos, &sin)?;
-            let q = q.swap_dims(1, 2);
             cache.append_ragged(k.clone(), v.clone(), &lengths)?;
-            let att = self.prefill_attention(q, k, v);
+            let att = self.prefill_attention(q, k, v)?;
             x = self.project(att, &l.wo, Some(x))?;
             x = self.feed_forward(x, l)?;
         }

@@ -4,14 +4,14 @@
 use burn::tensor::ops::FloatTensor;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use sparsekv_format::ValueType;
+use sparsekv_format::{PromptShape, ValueType};
 use sparsekv_kernels::cubecl::server::Handle;
 use sparsekv_kernels::{AttentionArgs, CompressArgs, DenseCacheArgs, SparseSegmentArgs};
 
 use super::{
     CompressTarget, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
-    SparseKvBackend, check_rows, decode_output, rms_norm_plan, rope_output_dims, rope_plan,
-    row_args, skinny_plan, swiglu_plan, value_dtype,
+    SparseKvBackend, check_rows, decode_output, prompt_plan, rms_norm_plan, rope_output_dims,
+    rope_plan, row_args, skinny_plan, swiglu_plan, value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -350,6 +350,38 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
             sparsekv_kernels::swiglu::<R, E>(&client, plan.rows, plan.dim, &gate_up.handle, &out)?
         );
         Ok(tensor_like(&gate_up, out, plan.dims, plan.value_type))
+    }
+
+    fn prompt_attention_unsupported(
+        device: &Self::Device,
+        value_type: ValueType,
+        shape: PromptShape,
+    ) -> Option<String> {
+        let client = R::client(device);
+        with_float!(
+            value_type,
+            E,
+            sparsekv_kernels::prefill_attention_unsupported::<R, E>(&client, shape)
+        )
+    }
+
+    fn prompt_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> Result<FloatTensor<Self>> {
+        let plan = prompt_plan(&q, &k, &v)?;
+        let [q, k, v] = [q, k, v].map(burn_cubecl::kernel::into_contiguous);
+        let client = q.client.clone();
+        let out = client.empty(plan.dims.iter().product::<usize>() * plan.value_type.size_bytes());
+        with_float!(
+            plan.value_type,
+            E,
+            sparsekv_kernels::prefill_attention::<R, E>(
+                &client, plan.shape, &q.handle, &k.handle, &v.handle, &out
+            )?
+        );
+        Ok(tensor_like(&q, out, plan.dims, plan.value_type))
     }
 }
 

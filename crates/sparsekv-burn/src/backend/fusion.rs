@@ -30,12 +30,12 @@ use burn::tensor::{DType, FloatDType, Shape};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Client, Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
-use sparsekv_format::ValueType;
+use sparsekv_format::{PromptShape, ValueType};
 
 use super::{
     CompressTarget, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
-    SparseKvBackend, check_rows, decode_output, rms_norm_plan, rope_output_dims, rope_plan,
-    skinny_plan, swiglu_plan, value_dtype,
+    SparseKvBackend, check_rows, decode_output, prompt_plan, rms_norm_plan, rope_output_dims,
+    rope_plan, skinny_plan, swiglu_plan, value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -486,6 +486,50 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             move |inputs, outputs, handles| {
                 let gate_up = single(inner_inputs::<B>(inputs, handles))?;
                 let out = B::swiglu(gate_up)?;
+                register_outputs::<B>(outputs, handles, [out]);
+                Ok(())
+            },
+        )?;
+        single(outputs)
+    }
+
+    fn prompt_attention_unsupported(
+        device: &Self::Device,
+        value_type: ValueType,
+        shape: PromptShape,
+    ) -> Option<String> {
+        B::prompt_attention_unsupported(device, value_type, shape)
+    }
+
+    fn prompt_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> Result<FloatTensor<Self>> {
+        let plan = prompt_plan(&q, &k, &v)?;
+        // Refused here, at the call, rather than when the stream runs it.
+        if let Some(why) =
+            B::prompt_attention_unsupported(&q.client.device(), plan.value_type, plan.shape)
+        {
+            return Err(sparsekv_kernels::KernelError::Unsupported(why).into());
+        }
+        let client = q.client.clone();
+        let outputs = queue::<B, _>(
+            &client,
+            "sparsekv_prompt_attention",
+            vec![q, k, v],
+            &[plan.dims],
+            plan.value_type,
+            &[],
+            move |inputs, outputs, handles| {
+                let mut inputs = inner_inputs::<B>(inputs, handles).into_iter();
+                let (Some(q), Some(k), Some(v)) = (inputs.next(), inputs.next(), inputs.next())
+                else {
+                    return Err(KvCacheError::Invalid(
+                        "a queued prompt attention lost its operands".into(),
+                    ));
+                };
+                let out = B::prompt_attention(q, k, v)?;
                 register_outputs::<B>(outputs, handles, [out]);
                 Ok(())
             },

@@ -18,7 +18,7 @@ pub mod fusion;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorMetadata};
-use sparsekv_format::{HeadDim, Sparsity, ValueType};
+use sparsekv_format::{HeadDim, PromptShape, Sparsity, ValueType};
 use sparsekv_kernels::{CopyRowsArgs, RopeShape, RopeStyle, SkinnyShape};
 
 use crate::error::{KvCacheError, Result};
@@ -272,6 +272,31 @@ pub trait SparseKvBackend: Backend {
     /// SwiGLU in one launch: `gate_up` `[.., 2 * hidden]` holds the gate then the up
     /// projection on its last axis; returns `silu(gate) · up`, `[.., hidden]`, computed in f32.
     fn swiglu(gate_up: FloatTensor<Self>) -> Result<FloatTensor<Self>>;
+
+    /// Why [`Self::prompt_attention`] has no kernel for prompts of `value_type` and `shape` on
+    /// `device`, or `None` when it has one. A caller without one computes the attention
+    /// another way (the Llama model: blocks of queries through Burn's matmul and softmax).
+    /// `CubeBackend` has one on CUDA for f16 and bf16 at head_dims that are multiples of 16 up
+    /// to 128.
+    fn prompt_attention_unsupported(
+        device: &Self::Device,
+        value_type: ValueType,
+        shape: PromptShape,
+    ) -> Option<String>;
+
+    /// Causal self-attention of whole prompts in one launch, flash-style (no `tokens x tokens`
+    /// scores in memory; each KV head's keys and values read for its whole query group, never
+    /// repeated): `q` `[batch, tokens, q_heads, head_dim]`, `k` and `v`
+    /// `[batch, kv_heads, tokens, head_dim]`, one float type; returns
+    /// `[batch, tokens, q_heads, head_dim]`. Query token `t` sees keys `0..=t`, scores scaled
+    /// by `1 / sqrt(head_dim)`, accumulated in f32. Where
+    /// [`Self::prompt_attention_unsupported`] gives a reason, the call is the typed error
+    /// `KvCacheError::Kernel(KernelError::Unsupported(..))`.
+    fn prompt_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> Result<FloatTensor<Self>>;
 }
 
 /// The heads of [`SparseKvBackend::rope_split`] and how their channels pair up.
@@ -554,6 +579,46 @@ pub(crate) fn swiglu_plan<T: TensorMetadata>(gate_up: &T) -> Result<NormPlan> {
         rows,
         dim: width / 2,
         dims,
+    })
+}
+
+/// The operands of [`SparseKvBackend::prompt_attention`], checked.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PromptPlan {
+    pub value_type: ValueType,
+    pub shape: PromptShape,
+    /// Output dimensions: those of the queries.
+    pub dims: Vec<usize>,
+}
+
+/// Checks the operands of [`SparseKvBackend::prompt_attention`].
+pub(crate) fn prompt_plan<T: TensorMetadata>(q: &T, k: &T, v: &T) -> Result<PromptPlan> {
+    let (q, k, v) = (&Operand::of(q), &Operand::of(k), &Operand::of(v));
+    let value_type = q.value_type("prompt queries")?;
+    k.expect_type("prompt keys", value_type)?;
+    v.expect_type("prompt values", value_type)?;
+    let &[batch, tokens, q_heads, d] = q.dims.as_slice() else {
+        return Err(KvCacheError::Invalid(format!(
+            "prompt queries of shape {:?}: expected [batch, tokens, q_heads, head_dim]",
+            q.dims
+        )));
+    };
+    let kv_heads = k.dims.get(1).copied().unwrap_or(0);
+    let kv_dims = vec![batch, kv_heads, tokens, d];
+    for (what, x) in [("prompt keys", k), ("prompt values", v)] {
+        if x.dims != kv_dims {
+            return Err(KvCacheError::Shape {
+                what,
+                expected: kv_dims.clone(),
+                actual: x.dims.clone(),
+            });
+        }
+    }
+    let shape = PromptShape::new(batch, tokens, q_heads, kv_heads, HeadDim::new(d)?)?;
+    Ok(PromptPlan {
+        value_type,
+        shape,
+        dims: q.dims.clone(),
     })
 }
 

@@ -8,7 +8,7 @@
 
 use crate::error::{FormatError, Result};
 use crate::oracle::prune::{CompressedBlock, DenseBlock};
-use crate::params::HeadDim;
+use crate::params::{HeadDim, PromptShape};
 
 /// One KV head of one sequence: compressed K and V segments of equal length, then dense K and
 /// V windows of equal length (either part may be empty, not both).
@@ -240,4 +240,59 @@ pub fn concat_blocks(first: &DenseBlock, second: &DenseBlock) -> Result<DenseBlo
     let mut data = first.data().to_vec();
     data.extend_from_slice(second.data());
     DenseBlock::new(data, first.tokens() + second.tokens(), first.head_dim())
+}
+
+/// Causal self-attention of whole prompts, as prefill computes it: `queries`
+/// `[batch, tokens, q_heads, head_dim]`, `keys` and `values` `[batch, kv_heads, tokens,
+/// head_dim]`; query token `t` sees keys `0..=t`, scores scaled by `1 / sqrt(head_dim)`.
+/// Returns `[batch, tokens, q_heads, head_dim]`.
+pub fn causal_attention(
+    shape: PromptShape,
+    queries: &[f64],
+    keys: &[f64],
+    values: &[f64],
+) -> Result<Vec<f64>> {
+    let (batch, tokens, q_heads, kv_heads) = (
+        shape.batch(),
+        shape.tokens(),
+        shape.q_heads(),
+        shape.kv_heads(),
+    );
+    let d = shape.head_dim().get();
+    for (what, data, heads) in [
+        ("queries", queries, q_heads),
+        ("keys", keys, kv_heads),
+        ("values", values, kv_heads),
+    ] {
+        let expected = batch * tokens * heads * d;
+        if data.len() != expected {
+            return Err(FormatError::ShapeMismatch {
+                what,
+                expected,
+                actual: data.len(),
+            });
+        }
+    }
+    let group = shape.group();
+    let scale = 1.0 / (d as f64).sqrt();
+    let kv_row = |b: usize, h: usize, t: usize| ((b * kv_heads + h) * tokens + t) * d;
+    let mut out = Vec::with_capacity(queries.len());
+    for b in 0..batch {
+        for t in 0..tokens {
+            for qh in 0..q_heads {
+                let kvh = qh / group;
+                let q = &queries[((b * tokens + t) * q_heads + qh) * d..][..d];
+                let scores: Vec<f64> = (0..=t)
+                    .map(|j| {
+                        let k = &keys[kv_row(b, kvh, j)..][..d];
+                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scale
+                    })
+                    .collect();
+                out.extend(softmax_weighted_sum(&scores, d, |j| {
+                    values[kv_row(b, kvh, j)..][..d].iter().copied().enumerate()
+                }));
+            }
+        }
+    }
+    Ok(out)
 }

@@ -5,7 +5,9 @@ pub mod attention;
 pub mod prune;
 pub mod strategies;
 
-pub use attention::{HeadCache, concat_blocks, dense_decode_attention, sparse_decode_attention};
+pub use attention::{
+    HeadCache, causal_attention, concat_blocks, dense_decode_attention, sparse_decode_attention,
+};
 pub use prune::{
     CompressedBlock, DenseBlock, compress, compress_keep, magnitude_keep_mask, magnitude_rank,
 };

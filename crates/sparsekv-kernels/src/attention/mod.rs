@@ -39,8 +39,14 @@
 //! rows into dense tiles and runs both products on 16x8x16 matrix units. The kernel described
 //! above serves every other runtime and type (f32, wgpu, lavapipe) and
 //! [`DecodeKernel::Simt`].
+//!
+//! [`prefill_attention`] is the prompt's causal self-attention of an exact prefill, flash-style
+//! on matrix units (module `prefill`).
 
+mod prefill;
 mod tensor_core;
+
+pub use prefill::{prefill_attention, prefill_attention_unsupported};
 
 use cubecl::prelude::*;
 

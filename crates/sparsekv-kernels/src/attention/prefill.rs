@@ -1,0 +1,461 @@
+//! Causal self-attention of whole prompts on matrix units (CUDA, f16/bf16): the attention of
+//! an exact prefill, flash-style (the `n x n` scores never exist) and GQA-aware (each KV head's
+//! keys and values are staged once for every query head of its group, never repeated).
+//!
+//! One cube takes a block of query tokens for up to [`PLANES`] query heads of one KV group;
+//! each plane owns [`ROWS`] query rows (one head, 16 consecutive tokens). The cube walks the
+//! keys its queries may see in tiles of [`KEYS`], each tile in named steps:
+//!
+//! 1. **Stage**: the tile's K and V rows, 16-byte chunks loaded by the whole cube (all loads
+//!    in flight before any store), into shared rows padded by one chunk so that the eight rows
+//!    of an `ldmatrix` start in different banks. Rows past the prompt are zeros.
+//! 2. **Scores**: per plane, `S = Q K^T` (16 rows x [`KEYS`] keys) with `head_dim / 16` x
+//!    `KEYS / 8` 16x8x16 products; the plane's queries (staged once) by `ldmatrix`, the keys by
+//!    `ldmatrix` as the `B` operand.
+//! 3. **Softmax state**: the causal mask where the tile reaches past the plane's first query,
+//!    the running maximum per row (reduced over the row's four lanes by plane shuffles), the
+//!    rescale of what was accumulated, the probabilities, a lane-partial running sum (reduced
+//!    once at the end).
+//! 4. **Values**: `O += P V`; the probabilities go from the scores' accumulator registers
+//!    straight into the `A` operand (the two layouts agree lane by lane), the values by
+//!    `ldmatrix.trans` as the `B` operand.
+//!
+//! Planes whose queries all precede a tile skip its steps 2-4. Query blocks are launched
+//! heaviest (latest) first, so the last wave is made of short blocks.
+//!
+//! Register layouts are those of PTX `mma.m16n8k16` (lane `l`: `g = l / 4`, `c = l % 4`): `A`
+//! holds rows `g`, `g + 8` at columns `2c, 2c + 1, 2c + 8, 2c + 9`; `B` rows `2c, 2c + 1,
+//! 2c + 8, 2c + 9` of column `g`; `C` rows `g`, `g + 8` at columns `2c, 2c + 1`.
+
+use cubecl::prelude::cmma::{MatrixIdent, MmaDefinition};
+use cubecl::prelude::*;
+
+use crate::compress::check_len;
+use crate::error::{KernelError, Result};
+use crate::{FloatElement, MmaApi, check_type_supported, has_mma};
+use sparsekv_format::PromptShape;
+
+/// Query rows per plane: the `M` of both products.
+const ROWS: usize = 16;
+/// Planes per cube.
+const PLANES: usize = 4;
+/// Units per cube.
+const UNITS: usize = 32 * PLANES;
+/// Keys per tile: `KEYS / 8` products wide in the scores, `KEYS / 16` deep in the values.
+const KEYS: usize = 64;
+/// 16-bit elements per 16-byte chunk.
+const CHUNK: usize = 8;
+/// Padding of a staged row, in elements.
+const ROW_PAD: usize = CHUNK;
+/// The largest head_dim: a lane keeps `head_dim / 4` output accumulators and `KEYS / 2`
+/// scores in registers.
+const MAX_HEAD_DIM: usize = 128;
+
+/// Static launch parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PrefillPlan {
+    /// Elements per head (a multiple of 16, at most [`MAX_HEAD_DIM`]).
+    head_dim: usize,
+    /// Query heads per cube (4, 2 or 1, dividing the group): the planes are `heads` heads by
+    /// `PLANES / heads` blocks of [`ROWS`] tokens.
+    heads: usize,
+}
+
+impl PrefillPlan {
+    fn new(shape: PromptShape) -> Self {
+        let heads = [4, 2, 1]
+            .into_iter()
+            .find(|h| shape.group().is_multiple_of(*h))
+            .unwrap_or(1);
+        PrefillPlan {
+            head_dim: shape.head_dim().get(),
+            heads,
+        }
+    }
+
+    /// Shared-memory stride of a staged row, in elements.
+    fn row(&self) -> usize {
+        self.head_dim + ROW_PAD
+    }
+
+    /// Query tokens per cube.
+    fn tokens(&self) -> usize {
+        ROWS * PLANES / self.heads
+    }
+
+    /// Shared memory of one cube, in bytes (queries of every plane, one K and one V tile).
+    fn shared_bytes(&self) -> usize {
+        (PLANES * ROWS + 2 * KEYS) * self.row() * 2
+    }
+}
+
+/// The prompt attention kernel (module docs). `q` `[batch, tokens, q_heads, head_dim]`, `k`
+/// and `v` `[batch, kv_heads, tokens, head_dim]`, all read as 16-byte chunks (`N` = 4);
+/// `out` `[batch, tokens, q_heads, head_dim]`. Grid: (query blocks, KV heads x cubes per
+/// group, batch).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn prefill_attention_kernel<F: Float, N: Size>(
+    q: &Array<Vector<u32, N>>,
+    k: &Array<Vector<u32, N>>,
+    v: &Array<Vector<u32, N>>,
+    out: &mut Array<F>,
+    tokens: u32,
+    q_heads: u32,
+    group: u32,
+    scale: f32,
+    #[comptime] plan: PrefillPlan,
+) {
+    let (d, heads) = comptime!((plan.head_dim, plan.heads));
+    let row = comptime!(plan.row());
+    let block_tokens = comptime!(plan.tokens());
+    // 16-channel steps of the scores, 8-channel tiles of the output, 8-key tiles of the
+    // scores, 16-key steps of the values, 16-byte chunks per row.
+    let steps = comptime!(plan.head_dim / 16);
+    let d_tiles = comptime!(plan.head_dim / 8);
+    let key_tiles = comptime!(KEYS / 8);
+    let key_steps = comptime!(KEYS / 16);
+    let row_chunks = comptime!(plan.head_dim / CHUNK);
+    let size!(E) = CHUNK;
+    let size!(P) = 2usize;
+
+    let mut q_s = SharedMemory::<F>::new_aligned(comptime!(PLANES * ROWS * plan.row()), 16usize);
+    let mut kv_s = SharedMemory::<F>::new_aligned(comptime!(2 * KEYS * plan.row()), 16usize);
+
+    let n = tokens as usize;
+    let b = CUBE_POS_Z as usize;
+    // The latest query blocks see the most keys: they go first.
+    let block = (CUBE_COUNT_X - 1 - CUBE_POS_X) as usize;
+    let cubes_per_group = group as usize / heads;
+    let kv_head = CUBE_POS_Y as usize / cubes_per_group;
+    let kv_heads = CUBE_COUNT_Y as usize / cubes_per_group;
+    let plane = UNIT_POS as usize / 32;
+    let lane = UNIT_POS as usize % 32;
+    let g = lane / 4;
+    let c = lane % 4;
+    let head =
+        kv_head * group as usize + (CUBE_POS_Y as usize % cubes_per_group) * heads + plane % heads;
+    let block0 = block * block_tokens;
+    // This plane's first query token; the cube's queries end at `q_end`.
+    let t_plane = block0 + (plane / heads) * ROWS;
+    let q_end = min(block0 + block_tokens, n);
+
+    // The plane's queries: ROWS rows from token `t_plane`, zeros past the prompt.
+    {
+        let q0 = plane * ROWS * row;
+        let mut view = q_s
+            .slice_mut(q0, q0 + ROWS * row)
+            .into_vectorized()
+            .with_vector_size::<E>();
+        #[unroll]
+        for u in 0..comptime!(ROWS * plan.head_dim / CHUNK / 32) {
+            let i = lane + 32 * u;
+            let r = i / row_chunks;
+            let t = t_plane + r;
+            let mut x = Vector::<u32, N>::zeroed();
+            if t < n {
+                x = q[((b * n + t) * q_heads as usize + head) * row_chunks + i % row_chunks];
+            }
+            view[r * (row / CHUNK) + i % row_chunks] = Vector::<F, E>::reinterpret(x);
+        }
+    }
+
+    let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+    // Output accumulators: per 8-channel tile, rows g and g + 8 at channels 2c, 2c + 1.
+    let mut o = Array::<Vector<f32, P>>::new(comptime!(2 * d_tiles));
+    #[unroll]
+    for i in 0..comptime!(2 * d_tiles) {
+        o[i] = Vector::<f32, P>::zeroed();
+    }
+    let mut m_run = Array::<f32>::new(2usize);
+    let mut l_run = Array::<f32>::new(2usize);
+    #[unroll]
+    for r in 0..2usize {
+        m_run[r] = f32::new(-3.0e38);
+        l_run[r] = 0.0;
+    }
+
+    let stream0 = (b * kv_heads + kv_head) * n;
+    let plane_last = t_plane + ROWS - 1;
+    let v_tile = comptime!(KEYS * plan.row());
+    let tiles = q_end.div_ceil(KEYS);
+    for kt in 0..tiles {
+        let k0 = kt * KEYS;
+        // Step 1: stage keys and values k0..k0 + KEYS (the previous tile's readers are done).
+        sync_cube();
+        {
+            let per_unit = comptime!(KEYS * plan.head_dim / CHUNK / UNITS);
+            let mut view = kv_s
+                .slice_mut(0, comptime!(2 * KEYS * plan.row()))
+                .into_vectorized()
+                .with_vector_size::<E>();
+            let mut ks = Array::<Vector<u32, N>>::new(per_unit);
+            let mut vs = Array::<Vector<u32, N>>::new(per_unit);
+            #[unroll]
+            for u in 0..per_unit {
+                let i = UNIT_POS as usize + UNITS * u;
+                let r = i / row_chunks;
+                let mut kx = Vector::<u32, N>::zeroed();
+                let mut vx = Vector::<u32, N>::zeroed();
+                if k0 + r < n {
+                    let src = (stream0 + k0 + r) * row_chunks + i % row_chunks;
+                    kx = k[src];
+                    vx = v[src];
+                }
+                ks[u] = kx;
+                vs[u] = vx;
+            }
+            #[unroll]
+            for u in 0..per_unit {
+                let i = UNIT_POS as usize + UNITS * u;
+                let at = (i / row_chunks) * (row / CHUNK) + i % row_chunks;
+                view[at] = Vector::<F, E>::reinterpret(ks[u]);
+                view[at + comptime!(KEYS * plan.row() / CHUNK)] =
+                    Vector::<F, E>::reinterpret(vs[u]);
+            }
+        }
+        sync_cube();
+
+        if k0 <= plane_last {
+            // Step 2: scores, per 8-key tile rows g and g + 8 at keys 2c, 2c + 1.
+            let mut s = Array::<Vector<f32, P>>::new(comptime!(2 * key_tiles));
+            #[unroll]
+            for i in 0..comptime!(2 * key_tiles) {
+                s[i] = Vector::<f32, P>::zeroed();
+            }
+            #[unroll]
+            for ks in 0..steps {
+                // Lane l gives query row l % 16, channels 16 ks + 8 (l / 16).
+                let qa = plane * ROWS * row + (lane % 16) * row + ks * 16 + (lane / 16) * 8;
+                let a = def.load_matrix::<F, P>(
+                    &q_s.slice(qa, qa + CHUNK),
+                    MatrixIdent::A,
+                    4usize,
+                    false,
+                );
+                #[unroll]
+                for nt in 0..key_tiles {
+                    // Lanes 0..8 give key 8 nt + l of channels 16 ks.., lanes 8..16 of
+                    // 16 ks + 8.. (the others repeat them).
+                    let ka = (nt * 8 + lane % 8) * row + ks * 16 + ((lane / 8) % 2) * 8;
+                    let bk = def.load_matrix::<F, P>(
+                        &kv_s.slice(ka, ka + CHUNK),
+                        MatrixIdent::B,
+                        2usize,
+                        false,
+                    );
+                    let mut acc = Array::<Vector<f32, P>>::new(2usize);
+                    acc[0] = s[2 * nt];
+                    acc[1] = s[2 * nt + 1];
+                    def.execute_inplace(&a, &bk, &mut acc);
+                    s[2 * nt] = acc[0];
+                    s[2 * nt + 1] = acc[1];
+                }
+            }
+
+            // Step 3: softmax state of rows g (r = 0) and g + 8 (r = 1).
+            let masked = k0 + KEYS > t_plane;
+            #[unroll]
+            for r in 0..2usize {
+                let t = t_plane + g + 8 * r;
+                let mut mx = f32::new(-3.0e38);
+                #[unroll]
+                for nt in 0..key_tiles {
+                    let mut x = s[2 * nt + r];
+                    if masked {
+                        let j = k0 + nt * 8 + 2 * c;
+                        x[0] = select(j <= t, x[0], f32::new(-3.0e38));
+                        x[1] = select(j < t, x[1], f32::new(-3.0e38));
+                        s[2 * nt + r] = x;
+                    }
+                    mx = max(mx, max(x[0], x[1]));
+                }
+                mx = max(mx, plane_shuffle_xor(mx, 1u32));
+                mx = max(mx, plane_shuffle_xor(mx, 2u32));
+                let m_new = max(m_run[r], mx);
+                let alpha = Exp::exp((m_run[r] - m_new) * scale);
+                m_run[r] = m_new;
+                let mut sum = 0.0f32;
+                #[unroll]
+                for nt in 0..key_tiles {
+                    let x = s[2 * nt + r];
+                    let mut p = Vector::<f32, P>::empty();
+                    p[0] = Exp::exp((x[0] - m_new) * scale);
+                    p[1] = Exp::exp((x[1] - m_new) * scale);
+                    sum += p[0] + p[1];
+                    s[2 * nt + r] = p;
+                }
+                l_run[r] = l_run[r] * alpha + sum;
+                #[unroll]
+                for dt in 0..d_tiles {
+                    let mut x = o[2 * dt + r];
+                    x[0] *= alpha;
+                    x[1] *= alpha;
+                    o[2 * dt + r] = x;
+                }
+            }
+
+            // Step 4: O += P V, 16 keys per product.
+            #[unroll]
+            for kk in 0..key_steps {
+                // A: rows g, g + 8 at keys 16 kk + 2c.. (score tile 2 kk) and
+                // 16 kk + 8 + 2c.. (score tile 2 kk + 1).
+                let mut pa = Array::<Vector<F, P>>::new(4usize);
+                #[unroll]
+                for i in 0..4usize {
+                    let x = s[4 * kk + i];
+                    let mut y = Vector::<F, P>::empty();
+                    y[0] = F::cast_from(x[0]);
+                    y[1] = F::cast_from(x[1]);
+                    pa[i] = y;
+                }
+                #[unroll]
+                for dt in 0..d_tiles {
+                    // ldmatrix.trans: lanes 0..16 give key rows 16 kk + l at channels 8 dt..
+                    // (lanes 16..32 repeat them).
+                    let va = v_tile + (kk * 16 + lane % 16) * row + dt * 8;
+                    let bv = def.load_matrix::<F, P>(
+                        &kv_s.slice(va, va + CHUNK),
+                        MatrixIdent::B,
+                        2usize,
+                        true,
+                    );
+                    let mut acc = Array::<Vector<f32, P>>::new(2usize);
+                    acc[0] = o[2 * dt];
+                    acc[1] = o[2 * dt + 1];
+                    def.execute_inplace(&pa, &bv, &mut acc);
+                    o[2 * dt] = acc[0];
+                    o[2 * dt + 1] = acc[1];
+                }
+            }
+        }
+    }
+
+    // Normalise by the row sums (reduced over the row's four lanes) and write the real rows.
+    #[unroll]
+    for r in 0..2usize {
+        let mut l = l_run[r];
+        l += plane_shuffle_xor(l, 1u32);
+        l += plane_shuffle_xor(l, 2u32);
+        let t = t_plane + g + 8 * r;
+        if t < n {
+            let inv = 1.0 / l;
+            let base = ((b * n + t) * q_heads as usize + head) * d;
+            #[unroll]
+            for dt in 0..d_tiles {
+                let x = o[2 * dt + r];
+                out[base + dt * 8 + 2 * c] = F::cast_from(x[0] * inv);
+                out[base + dt * 8 + 2 * c + 1] = F::cast_from(x[1] * inv);
+            }
+        }
+    }
+}
+
+/// Why [`prefill_attention`] cannot run prompts of `shape` on `client` (the caller computes the attention
+/// another way), or `None` when it can: it needs CUDA with 16x8x16 matrix units for `F` (f16
+/// or bf16), a head_dim that is a multiple of 16 and at most 128, and the shared memory of
+/// its tiles.
+pub fn prefill_attention_unsupported<R: Runtime, F: FloatElement>(
+    client: &ComputeClient<R>,
+    shape: PromptShape,
+) -> Option<String> {
+    let d = shape.head_dim().get();
+    if R::name(client) != "cuda" || !has_mma::<R, F>(client, MmaApi::Registers, (16, 8, 16)) {
+        return Some(format!(
+            "the prompt attention kernel needs CUDA with 16x8x16 {} matrix units (got {})",
+            F::name(),
+            R::name(client)
+        ));
+    }
+    if !d.is_multiple_of(16) || d > MAX_HEAD_DIM {
+        return Some(format!(
+            "the prompt attention kernel needs a head_dim that is a multiple of 16, at most {MAX_HEAD_DIM} (got {d})"
+        ));
+    }
+    let hw = &client.properties().hardware;
+    let shared = PrefillPlan {
+        head_dim: d,
+        heads: 1,
+    }
+    .shared_bytes();
+    if shared > hw.max_shared_memory_size || (hw.max_units_per_cube as usize) < UNITS {
+        return Some(format!(
+            "the prompt attention kernel needs {shared} bytes of shared memory and {UNITS} units per cube; the device allows {} and {}",
+            hw.max_shared_memory_size, hw.max_units_per_cube
+        ));
+    }
+    None
+}
+
+/// Causal self-attention of whole prompts (module docs): `q` `[batch, tokens, q_heads,
+/// head_dim]`, `k` and `v` `[batch, kv_heads, tokens, head_dim]`, all contiguous `F` and
+/// 16-byte aligned; writes `out` `[batch, tokens, q_heads, head_dim]`. Query token `t` of a
+/// prompt sees its keys `0..=t`, scores scaled by `1 / sqrt(head_dim)`, accumulated in f32.
+/// [`KernelError::Unsupported`] where [`prefill_attention_unsupported`] says why.
+pub fn prefill_attention<R: Runtime, F: FloatElement>(
+    client: &ComputeClient<R>,
+    shape: PromptShape,
+    q: &cubecl::server::Handle,
+    k: &cubecl::server::Handle,
+    v: &cubecl::server::Handle,
+    out: &cubecl::server::Handle,
+) -> Result<()> {
+    check_type_supported::<R, F>(client)?;
+    if let Some(why) = prefill_attention_unsupported::<R, F>(client, shape) {
+        return Err(KernelError::Unsupported(why));
+    }
+    let (batch, tokens, q_heads, kv_heads) = (
+        shape.batch(),
+        shape.tokens(),
+        shape.q_heads(),
+        shape.kv_heads(),
+    );
+    let d = shape.head_dim().get();
+    let es = F::size_bytes();
+    let q_bytes = batch * tokens * q_heads * d * es;
+    let kv_bytes = batch * tokens * kv_heads * d * es;
+    check_len("queries", q, q_bytes)?;
+    check_len("keys", k, kv_bytes)?;
+    check_len("values", v, kv_bytes)?;
+    check_len("output", out, q_bytes)?;
+    if [q, k, v]
+        .iter()
+        .any(|h| !h.offset_start.unwrap_or(0).is_multiple_of(16))
+    {
+        return Err(KernelError::InvalidArguments(
+            "queries, keys and values must start on 16-byte boundaries".to_string(),
+        ));
+    }
+    let plan = PrefillPlan::new(shape);
+    let group = shape.group();
+    let count = CubeCount::Static(
+        tokens.div_ceil(plan.tokens()) as u32,
+        (kv_heads * group / plan.heads) as u32,
+        batch as u32,
+    );
+    let arr = |h: &cubecl::server::Handle, bytes: usize| unsafe {
+        ArrayArg::from_raw_parts(h.clone(), h.size() as usize / bytes)
+    };
+    // SAFETY: the kernel reads query rows below `tokens` of heads below `q_heads` and key and
+    // value rows below `tokens` of its KV head, and writes output rows below `tokens`: all
+    // inside the buffers whose sizes were checked above, read as whole 16-byte chunks since
+    // head_dim is a multiple of 16 and the buffers start on 16 bytes.
+    unsafe {
+        prefill_attention_kernel::launch_unchecked::<F, R>(
+            client,
+            count,
+            CubeDim::new_1d(UNITS as u32),
+            4,
+            arr(q, 16),
+            arr(k, 16),
+            arr(v, 16),
+            arr(out, es),
+            tokens as u32,
+            q_heads as u32,
+            group as u32,
+            1.0 / (d as f32).sqrt(),
+            plan,
+        );
+    }
+    Ok(())
+}
