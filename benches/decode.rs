@@ -17,7 +17,9 @@
 //! timed after a warm-up prefill of the same shape (Burn's matmul tunes itself per shape), with
 //! the device memory CubeCL holds afterwards (its pools keep their pages, so that is the peak;
 //! the pools are cleaned up once the model is loaded) beside the weights and the final cache.
-//! `scripts/decode_baseline.py --prefill` is the peer.
+//! `scripts/decode_baseline.py --prefill` is the peer. Each prefill row is followed by one
+//! layer's prompt attention alone (`SparseKvBackend::prompt_attention`, the mean of 5 calls,
+//! and its rate in causal TFLOP/s), whose peer is the script's SDPA row.
 //!
 //! Every row runs on both Burn backend types, one after the other in the same process: the
 //! bare `CubeBackend` and Burn's fused backend (`burn::backend::Cuda<f16>` / `Wgpu<f16>` as
@@ -35,10 +37,11 @@ use common::{
     read_bandwidth, sync,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
+use sparsekv::cache::burn::tensor::{Distribution, Tensor};
 use sparsekv::cache::{
     DenseKvCache, KvCache, KvCacheConfig, LayerCaches, SparseKvBackend, SparseKvCache,
 };
-use sparsekv::format::ValueType;
+use sparsekv::format::{HeadDim, PromptShape, ValueType};
 use sparsekv::kernels::cubecl::prelude::Runtime;
 use sparsekv::llama::Llama;
 
@@ -221,7 +224,49 @@ fn prefill(shapes: &[(usize, usize)], layers: usize) {
                 "missed"
             }
         );
+        prompt_attention_row(&config, batch, tokens);
     }
+}
+
+/// One layer's prompt attention alone at `batch` x `tokens` (module docs), where the bare
+/// backend has the kernel.
+fn prompt_attention_row(config: &sparsekv::llama::LlamaConfig, batch: usize, tokens: usize) {
+    let device = Default::default();
+    let client = Rt::client(&device);
+    let (h, kvh, hd) = (config.n_heads, config.n_kv_heads, config.head_dim());
+    let shape = PromptShape::new(batch, tokens, h, kvh, HeadDim::new(hd).expect("head_dim"))
+        .expect("shape");
+    if let Some(why) = ModelBackend::prompt_attention_unsupported(&device, ValueType::F16, shape) {
+        println!("| prompt attention alone: no kernel here ({why}) |");
+        return;
+    }
+    let random = |dims: [usize; 4]| {
+        Tensor::<ModelBackend, 4>::random(dims, Distribution::Normal(0.0, 1.0), &device)
+            .into_primitive()
+            .tensor()
+    };
+    let (q, k, v) = (
+        random([batch, tokens, h, hd]),
+        random([batch, kvh, tokens, hd]),
+        random([batch, kvh, tokens, hd]),
+    );
+    let attend = || {
+        ModelBackend::prompt_attention(q.clone(), k.clone(), v.clone()).expect("prompt attention")
+    };
+    attend();
+    sync(&client);
+    const REPS: u32 = 5;
+    let t = Instant::now();
+    for _ in 0..REPS {
+        attend();
+    }
+    sync(&client);
+    let ms = t.elapsed().as_secs_f64() * 1e3 / f64::from(REPS);
+    let flops = 4.0 * (batch * h * hd) as f64 * (tokens * (tokens + 1) / 2) as f64;
+    println!(
+        "| prompt attention kernel, one layer's attention | {batch} | {tokens} | {ms:.2} ms | {:.0} TFLOP/s | - | - |",
+        flops / ms / 1e9
+    );
 }
 
 /// The table's rows of one backend type (its model is dropped before the next one's).

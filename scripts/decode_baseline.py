@@ -190,6 +190,27 @@ def prefill(a, layers, embedding, final_norm, lm_head, weight_bytes):
               f"| {peak:.2f} | {weight_bytes / 1e9 + cache_gb:.2f} |", flush=True)
         del caches
         torch.cuda.empty_cache()
+        # The attention of one layer alone (SDPA, causal, GQA), the peer of the prompt
+        # attention kernel's row of benches/decode.rs.
+        q = torch.randn(b, HEADS, t, HEAD_DIM, device=dev, dtype=dt)
+        k = torch.randn(b, KV_HEADS, t, HEAD_DIM, device=dev, dtype=dt)
+        v = torch.randn(b, KV_HEADS, t, HEAD_DIM, device=dev, dtype=dt)
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            reps = 5
+            e0.record()
+            for _ in range(reps):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            e1.record()
+            torch.cuda.synchronize()
+        ms = e0.elapsed_time(e1) / reps
+        flops = 4 * b * HEADS * HEAD_DIM * t * (t + 1) / 2
+        print(f"| SDPA is_causal, one layer's attention | {b} | {t} | {ms:.2f} ms "
+              f"| {flops / ms / 1e9:.0f} TFLOP/s | - | - |", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
