@@ -103,6 +103,7 @@ fn prefill_attention_kernel<F: Float, N: Size>(
     tokens: u32,
     q_heads: u32,
     group: u32,
+    blocks: u32,
     scale: f32,
     #[comptime] plan: PrefillPlan,
 ) {
@@ -124,8 +125,8 @@ fn prefill_attention_kernel<F: Float, N: Size>(
 
     let n = tokens as usize;
     let b = CUBE_POS_Z as usize;
-    // The latest query blocks see the most keys: they go first.
-    let block = (CUBE_COUNT_X - 1 - CUBE_POS_X) as usize;
+    // The latest query blocks see the most keys: they go first (`blocks` is the grid's width).
+    let block = (blocks - 1 - CUBE_POS_X) as usize;
     let cubes_per_group = group as usize / heads;
     let kv_head = CUBE_POS_Y as usize / cubes_per_group;
     let kv_heads = CUBE_COUNT_Y as usize / cubes_per_group;
@@ -428,11 +429,8 @@ pub fn prefill_attention<R: Runtime, F: FloatElement>(
     }
     let plan = PrefillPlan::new(shape);
     let group = shape.group();
-    let count = CubeCount::Static(
-        tokens.div_ceil(plan.tokens()) as u32,
-        (kv_heads * group / plan.heads) as u32,
-        batch as u32,
-    );
+    let blocks = tokens.div_ceil(plan.tokens()) as u32;
+    let count = CubeCount::Static(blocks, (kv_heads * group / plan.heads) as u32, batch as u32);
     let arr = |h: &cubecl::server::Handle, bytes: usize| unsafe {
         ArrayArg::from_raw_parts(h.clone(), h.size() as usize / bytes)
     };
@@ -453,6 +451,7 @@ pub fn prefill_attention<R: Runtime, F: FloatElement>(
             tokens as u32,
             q_heads as u32,
             group as u32,
+            blocks,
             1.0 / (d as f32).sqrt(),
             plan,
         );
