@@ -21,6 +21,11 @@
 //! layer's prompt attention alone (`SparseKvBackend::prompt_attention`, the mean of 5 calls,
 //! and its rate in causal TFLOP/s), whose peer is the script's SDPA row.
 //!
+//! `SPARSEKV_BENCH_MATMUL=32768` (a token count) replaces all rows by a sweep of cubek's matmul
+//! strategies over the prefill's projection shapes (`[T, k] x [n, k]^T`, f16, the weights
+//! transposed as the model reads them), in TFLOP/s; `scripts/decode_baseline.py --prefill`
+//! times cuBLAS at the same shapes.
+//!
 //! Every row runs on both Burn backend types, one after the other in the same process: the
 //! bare `CubeBackend` and Burn's fused backend (`burn::backend::Cuda<f16>` / `Wgpu<f16>` as
 //! Burn's default features make them). `SPARSEKV_BENCH_BACKENDS=bare` or `=fused`: only one.
@@ -99,6 +104,13 @@ struct Setup {
 
 fn decode(c: &mut Criterion) {
     let layers = model_layers();
+    if let Some(tokens) = std::env::var("SPARSEKV_BENCH_MATMUL")
+        .ok()
+        .and_then(|t| t.parse().ok())
+    {
+        matmul_sweep(tokens);
+        return;
+    }
     if let Ok(list) = std::env::var("SPARSEKV_BENCH_PREFILL") {
         prefill(&parse_shapes(&list), layers);
         return;
@@ -225,6 +237,116 @@ fn prefill(shapes: &[(usize, usize)], layers: usize) {
             }
         );
         prompt_attention_row(&config, batch, tokens);
+    }
+}
+
+/// The matmul sweep (module docs): each projection shape of a prefill of `tokens` tokens
+/// through each of cubek's strategies (Burn's default without its autotune feature is
+/// `Auto`), 1 warm-up and 3 timed calls each; a strategy that cannot launch (or panics) is
+/// reported as such.
+fn matmul_sweep(tokens: usize) {
+    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+    use cubek::matmul::launch::{Strategy, launch_ref};
+    use cubek::std::InputBinding;
+    use sparsekv::kernels::cubecl::prelude::CubePrimitive;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    let device = Default::default();
+    let client = Rt::client(&device);
+    let f16 = half::f16::as_type_native_unchecked().storage_type();
+    let strategies: Vec<(&str, Strategy)> = vec![
+        ("Auto", Strategy::Auto),
+        (
+            "SimpleCyclicMma",
+            Strategy::SimpleCyclicMma(Default::default()),
+        ),
+        (
+            "DoubleCyclicCmma",
+            Strategy::DoubleCyclicCmma(Default::default()),
+        ),
+        (
+            "DoubleCyclicMma",
+            Strategy::DoubleCyclicMma(Default::default()),
+        ),
+        (
+            "DoubleTilewiseMma",
+            Strategy::DoubleTilewiseMma(Default::default()),
+        ),
+        (
+            "OrderedDoubleCmma",
+            Strategy::OrderedDoubleCmma(Default::default()),
+        ),
+        (
+            "OrderedDoubleMma",
+            Strategy::OrderedDoubleMma(Default::default()),
+        ),
+        ("SimpleTmaMma", Strategy::SimpleTmaMma(Default::default())),
+        ("DoubleTmaMma", Strategy::DoubleTmaMma(Default::default())),
+        (
+            "SpecializedTmaMma",
+            Strategy::SpecializedTmaMma(Default::default()),
+        ),
+        (
+            "SpecializedCyclicMma",
+            Strategy::SpecializedCyclicMma(Default::default()),
+        ),
+    ];
+    println!(
+        "\nPrefill projections through cubek's matmul strategies, T = {tokens}, f16, {}\n\n\
+         | projection | n x k | strategy | ms | TFLOP/s |\n|---|---|---|---|---|",
+        backend_name()
+    );
+    let random = |dims: [usize; 2]| {
+        Tensor::<ModelBackend, 2>::random(dims, Distribution::Normal(0.0, 0.02), &device)
+    };
+    for (name, n, k) in [
+        ("QKV", 6144, 4096),
+        ("output", 4096, 4096),
+        ("gate+up", 28672, 4096),
+        ("down", 4096, 14336),
+    ] {
+        let x = random([tokens, k]).into_primitive().tensor();
+        let wt = random([n, k]).transpose().into_primitive().tensor();
+        for (label, strategy) in &strategies {
+            let launch = || {
+                let out = Tensor::<ModelBackend, 2>::empty([tokens, n], &device)
+                    .into_primitive()
+                    .tensor();
+                let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
+                    lhs: f16,
+                    rhs: f16,
+                    out: f16,
+                });
+                catch_unwind(AssertUnwindSafe(|| {
+                    launch_ref(
+                        strategy,
+                        &client,
+                        InputBinding::new(x.clone().binding(), f16),
+                        InputBinding::new(wt.clone().binding(), f16),
+                        out.binding(),
+                        &mut dtypes,
+                    )
+                    .map_err(|e| format!("{e:?}"))
+                }))
+                .unwrap_or_else(|_| Err("panicked".to_string()))
+            };
+            if let Err(e) = launch() {
+                let e: String = e.chars().take(80).collect();
+                println!("| {name} | {n} x {k} | {label} | unavailable: {e} | - |");
+                continue;
+            }
+            sync(&client);
+            let t = Instant::now();
+            for _ in 0..3 {
+                let _ = launch();
+            }
+            sync(&client);
+            let ms = t.elapsed().as_secs_f64() * 1e3 / 3.0;
+            let flops = 2.0 * (tokens * n * k) as f64;
+            println!(
+                "| {name} | {n} x {k} | {label} | {ms:.2} | {:.0} |",
+                flops / ms / 1e9
+            );
+        }
     }
 }
 

@@ -211,6 +211,25 @@ def prefill(a, layers, embedding, final_norm, lm_head, weight_bytes):
               f"| {flops / ms / 1e9:.0f} TFLOP/s | - | - |", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
+        # The projections alone (cuBLAS), the peer of the decode bench's matmul sweep.
+        for name, n, kk in [("QKV", 6144, 4096), ("output", 4096, 4096),
+                            ("gate+up", 28672, 4096), ("down", 4096, 14336)]:
+            x = torch.randn(b * t, kk, device=dev, dtype=dt)
+            w = torch.randn(n, kk, device=dev, dtype=dt) * 0.02
+            with torch.no_grad():
+                x @ w.t()
+                torch.cuda.synchronize()
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                for _ in range(3):
+                    x @ w.t()
+                e1.record()
+                torch.cuda.synchronize()
+            ms = e0.elapsed_time(e1) / 3
+            print(f"| cuBLAS {name} {n} x {kk} | {b} | {t} | {ms:.2f} ms "
+                  f"| {2 * b * t * n * kk / ms / 1e9:.0f} TFLOP/s | - | - |", flush=True)
+            del x, w
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

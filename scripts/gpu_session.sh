@@ -7,6 +7,8 @@
 #   ATT=BxT[,..]     the attention bench at those shapes, then cuDNN SDPA at each
 #   PREFILL=BxT[,..] the exact-prefill rows of the decode bench with nvidia-smi sampling the
 #                    memory, then the PyTorch prefill peer
+#   MATMUL=T         the decode bench's sweep of cubek's matmul strategies over a prefill's
+#                    projection shapes at T tokens (its cuBLAS peer is part of PREFILL's)
 #   TESTS=1          the CUDA tests (TESTLIST=a,b,.. picks binaries and filters, default
 #                    cache, kernels attention, kernels compress, model, the other kernels)
 #   NCU=1            ncu of one tensor-core split launch of the attention bench at B = 8,
@@ -37,6 +39,10 @@ if [ -n "${PREFILL:-}" ]; then
   SPARSEKV_BENCH_PREFILL=$PREFILL $bin/bench_decode --bench 2>&1 | tee -a $OUT/prefill.log | grep -E "^\||^Exact|panicked|error"
   kill $smi; echo "nvidia-smi peak MiB used during our prefill: $(sort -n $OUT/smi_mem.txt | tail -1)"
   for bt in ${PREFILL//,/ }; do python3 "$here/scripts/decode_baseline.py" --prefill --batch ${bt%x*} --tokens ${bt#*x} 2>&1 | tee -a $OUT/prefill.log; done
+fi
+if [ -n "${MATMUL:-}" ]; then
+  echo "== matmul sweep $MATMUL"
+  SPARSEKV_BENCH_MATMUL=$MATMUL $bin/bench_decode --bench 2>&1 | tee -a $OUT/matmul.log | grep -E "^\||^Prefill|panicked"
 fi
 if [ "${TESTS:-0}" = 1 ]; then
   IFS=, read -ra list <<< "${TESTLIST:-cache,kernels attention,kernels compress,model,kernels}"

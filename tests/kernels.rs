@@ -1,7 +1,8 @@
 //! Kernel tests against the f64 oracle, on the runtime the features select (`cuda` if enabled,
 //! else `wgpu`: lavapipe in CI). Inputs are random with a fresh seed per run (set
 //! `SPARSEKV_SEED` to replay one; failures print it); outputs are poisoned before each launch
-//! so an unwritten element fails; NaN never passes.
+//! so an unwritten element fails; NaN never passes. One test runs the prompt attention kernel
+//! inside a model (see its note on why here).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::needless_range_loop)]
 
@@ -580,6 +581,95 @@ fn prompt_attention_matches_oracle() {
             "head_dim 256: {err:?}"
         );
     }
+}
+
+/// The prompt attention kernel inside a model: where the backend has it (the bare
+/// `CubeBackend` with f16 on CUDA), exact prefill through it gives the logits of the blocked
+/// path (Burn's matmul and softmax in blocks of 64 queries) up to f16 rounding: a random
+/// 2-layer model with head_dim 128 and two query heads per KV head, a ragged batch of prompts
+/// longer than the kernel's tiles. Elsewhere the backend must say why it has no kernel (the
+/// model tests cover the blocked path there).
+///
+/// It lives here, not in tests/model.rs, because Burn 0.21 fixes a device's float type for a
+/// whole process at the first backend that touches it: beside the model tests' f32 backend
+/// this f16 model would be f32 (or theirs f16), whichever ran first. No other test of this
+/// binary goes through Burn.
+#[test]
+fn prompt_attention_in_a_model_matches_the_blocked_prefill() {
+    use sparsekv::cache::burn::tensor::DType;
+    use sparsekv::cache::burn_cubecl::CubeBackend;
+    use sparsekv::cache::{DenseKvCache, KvCacheConfig, LayerCaches, SparseKvBackend};
+    use sparsekv::format::ValueType;
+    use sparsekv::llama::{Llama, LlamaConfig, RopeStyle};
+    type H = CubeBackend<Rt, half::f16, i32, u32>;
+    let device = Default::default();
+    let config = LlamaConfig {
+        dim: 512,
+        hidden_dim: 1024,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        vocab_size: 256,
+        max_seq: 512,
+        rope_theta: 10000.0,
+        rope_style: RopeStyle::RotateHalf,
+        rope_scaling: None,
+        rms_eps: 1e-5,
+    };
+    let lengths = [150usize, 97];
+    let shape = PromptShape::new(
+        lengths.len(),
+        lengths[0],
+        config.n_heads,
+        config.n_kv_heads,
+        HeadDim::new(config.head_dim()).expect("head_dim"),
+    )
+    .expect("shape");
+    let unsupported = H::prompt_attention_unsupported(&device, ValueType::F16, shape);
+    if !cfg!(feature = "cuda") {
+        let why = unsupported.expect("no prompt attention kernel off CUDA");
+        eprintln!("no prompt attention kernel here ({why}): nothing to compare");
+        return;
+    }
+    assert_eq!(
+        unsupported, None,
+        "the kernel must run on CUDA for this shape"
+    );
+    let mut model = Llama::<H>::random(&config, &device).expect("model");
+    let prompts: Vec<Vec<u32>> = lengths
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| (0..n).map(|i| ((i * 37 + s * 11) % 256) as u32).collect())
+        .collect();
+    let prompts: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    let mut logits = |block: Option<usize>| {
+        model.set_prefill_block(block);
+        let cfg = KvCacheConfig::new(2, config.n_kv_heads, config.head_dim(), 256)
+            .with_value_type(ValueType::F16);
+        let mut caches = LayerCaches::<DenseKvCache<H>>::dense(config.n_layers, &cfg, &device)
+            .expect("caches")
+            .into_layers();
+        let logits = model.prefill_batch(&prompts, &mut caches).expect("prefill");
+        // f16 all the way (so the kernel, not the blocked path, ran for `None`).
+        assert_eq!(logits.dtype(), DType::F16);
+        logits
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32")
+    };
+    let fused = logits(None);
+    let blocked = logits(Some(64));
+    let scale = blocked.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let worst = fused
+        .iter()
+        .zip(&blocked)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        scale > 0.0 && fused.iter().all(|x| x.is_finite()) && worst <= 1e-2 * scale,
+        "max difference {worst} (largest logit {scale})"
+    );
 }
 
 /// Whether `got` is within `bound` of `reference`; never for NaN (an unwritten, poisoned
