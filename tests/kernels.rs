@@ -672,6 +672,65 @@ fn prompt_attention_in_a_model_matches_the_blocked_prefill() {
     );
 }
 
+/// The prompt matmul (`x · wᵀ + residual` for many rows: cubek's TMA kernel on Hopper, Burn's
+/// matmul elsewhere) against f64 on the CPU, f16, at shapes off the kernels' tiles. In this
+/// binary for the reason given at `prompt_attention_in_a_model_matches_the_blocked_prefill`.
+#[test]
+fn prompt_matmul_matches_reference() {
+    use sparsekv::cache::SparseKvBackend;
+    use sparsekv::cache::burn::tensor::{Tensor, TensorData, TensorPrimitive};
+    use sparsekv::cache::burn_cubecl::CubeBackend;
+    type H = CubeBackend<Rt, half::f16, i32, u32>;
+    if !supports_type::<Rt, half::f16>(&client()) {
+        eprintln!("prompt matmul: f16 not supported by this device");
+        return;
+    }
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let device = Default::default();
+    for (m, n, k, with_residual) in [
+        (300, 192, 256, true),
+        (1000, 384, 512, false),
+        (65, 64, 128, true),
+    ] {
+        let x = normals::<half::f16>(&mut rng, m * k);
+        let w = normals::<half::f16>(&mut rng, n * k);
+        let r = normals::<half::f16>(&mut rng, m * n);
+        let tensor = |v: &[f64], dims: [usize; 2]| {
+            let data: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f64(x)).collect();
+            Tensor::<H, 2>::from_data(TensorData::new(data, dims), &device)
+                .into_primitive()
+                .tensor()
+        };
+        let out = H::prompt_matmul(
+            tensor(&x, [m, k]),
+            tensor(&w, [n, k]),
+            with_residual.then(|| tensor(&r, [m, n])),
+        )
+        .expect("prompt matmul");
+        let got: Vec<f64> = Tensor::<H, 2>::from_primitive(TensorPrimitive::Float(out))
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32")
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let expect: Vec<f64> = (0..m * n)
+            .map(|i| {
+                let (row, col) = (i / n, i % n);
+                let dot: f64 = (0..k).map(|j| x[row * k + j] * w[col * k + j]).sum();
+                dot + if with_residual { r[i] } else { 0.0 }
+            })
+            .collect();
+        let err = rel_err(&got, &expect);
+        assert!(
+            err < 2e-3,
+            "[{m}, {k}] x [{n}, {k}]ᵀ (residual {with_residual}), SPARSEKV_SEED={seed}: rel err {err:e}"
+        );
+    }
+}
+
 /// Whether `got` is within `bound` of `reference`; never for NaN (an unwritten, poisoned
 /// output).
 fn within(got: f64, reference: f64, bound: f64) -> bool {

@@ -781,7 +781,16 @@ fn decode_positions_come_from_the_caches() {
         .zip(&b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max);
-    assert!(diff < 1e-3, "max logit difference {diff}");
+    // The prefill's projections run on the prompt matmul (Burn's for f32, TF32 on CUDA), the
+    // decode step's on the f32 skinny matmul: the tolerance follows the measured precision
+    // of Burn's matmul here, as in the streaming test below.
+    let largest = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+    let tolerance = 1e-4 + 10.0 * burn_matmul_error(&mut rng, c.dim) * largest;
+    assert!(
+        diff < tolerance,
+        "max logit difference {diff} (tolerance {tolerance})"
+    );
 
     // One layer one token ahead of the others.
     let kv = |n| Tensor::<B, 4>::zeros([1, c.n_kv_heads, n, c.head_dim()], &device);
@@ -849,9 +858,9 @@ fn streaming_prefill_matches_exact_at_sparsity_zero() {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         // The two policies multiply in different kernels: a whole prompt's projections go
-        // through Burn's matmul, which on CUDA computes f32 products in TF32 (cubek's
-        // accelerated matmul, 10-bit mantissas); a chunk's rows through the f32 skinny
-        // matmul. So the tolerance follows the measured precision of Burn's matmul here.
+        // through the prompt matmul, for f32 Burn's matmul, which on CUDA computes f32
+        // products in TF32 (cubek's accelerated matmul, 10-bit mantissas); a chunk's rows
+        // through the f32 skinny matmul. So the tolerance follows the measured precision of Burn's matmul here.
         let largest = exact.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         let tolerance = 1e-4 + 10.0 * burn_matmul_error(&mut rng, c.dim) * largest;
         assert!(

@@ -394,7 +394,8 @@ impl<B: SparseKvBackend> Llama<B> {
     /// `x · wᵀ` for `x` `[b, n, in]` and `w` `[out, in]`: `[b, n, out]`, plus `residual`
     /// `[b, n, out]` when given. A few rows (a decode step, a short prompt) go through the
     /// skinny matmul, which streams the weights once at memory bandwidth and adds the residual
-    /// in the same launch; more rows through Burn's matmul.
+    /// in the same launch; more rows (a prompt) through the backend's prompt matmul (matrix
+    /// units, [`SparseKvBackend::prompt_matmul`]).
     fn project(
         &self,
         x: Tensor<B, 3>,
@@ -411,11 +412,12 @@ impl<B: SparseKvBackend> Llama<B> {
             )?;
             Ok(Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape([b, n, out]))
         } else {
-            let y = x.matmul(w.clone().transpose().unsqueeze());
-            Ok(match residual {
-                Some(r) => r + y,
-                None => y,
-            })
+            let y = B::prompt_matmul(
+                x.reshape([b * n, inp]).into_primitive().tensor(),
+                w.clone().into_primitive().tensor(),
+                residual.map(|r| r.reshape([b * n, out]).into_primitive().tensor()),
+            )?;
+            Ok(Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape([b, n, out]))
         }
     }
 

@@ -10,8 +10,8 @@ use sparsekv_kernels::{AttentionArgs, CompressArgs, DenseCacheArgs, SparseSegmen
 
 use super::{
     CompressTarget, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
-    SparseKvBackend, check_rows, decode_output, prompt_plan, rms_norm_plan, rope_output_dims,
-    rope_plan, row_args, skinny_plan, swiglu_plan, value_dtype,
+    SparseKvBackend, check_rows, decode_output, projection_plan, prompt_plan, rms_norm_plan,
+    rope_output_dims, rope_plan, row_args, skinny_plan, swiglu_plan, value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -276,6 +276,39 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         Ok(tensor_like(&x, out, vec![shape.m, shape.n], value_type))
     }
 
+    fn prompt_matmul(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        residual: Option<FloatTensor<Self>>,
+    ) -> Result<FloatTensor<Self>> {
+        use burn::tensor::ops::FloatTensorOps;
+        let (value_type, shape) = projection_plan(&x, &w, residual.as_ref())?;
+        // [k, n]: the weights as the right operand, a transposed view (no copy).
+        let wt = Self::float_transpose(w);
+        let tma = match value_type {
+            ValueType::F16 | ValueType::BF16 => tma_matmul(&x, &wt, shape.m, shape.n, value_type),
+            ValueType::F32 => None,
+        };
+        let out = match tma {
+            Some(out) => out,
+            None => {
+                let dtype = x.dtype;
+                burn_cubecl::kernel::matmul::matmul(
+                    x,
+                    wt,
+                    None,
+                    burn_cubecl::kernel::matmul::MatmulStrategy::default(),
+                    dtype,
+                )
+                .map_err(|e| KvCacheError::Invalid(format!("matmul: {e:?}")))?
+            }
+        };
+        Ok(match residual {
+            Some(r) => Self::float_add(out, r),
+            None => out,
+        })
+    }
+
     fn rms_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -383,6 +416,44 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         );
         Ok(tensor_like(&q, out, plan.dims, plan.value_type))
     }
+}
+
+/// `x [m, k] · wt [k, n]` on cubek's warp-specialised TMA matmul (16-bit operands, f32
+/// accumulation), or `None` where it does not launch (a device without TMA, a layout it does
+/// not take): the caller falls back to Burn's matmul.
+fn tma_matmul<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    wt: &CubeTensor<R>,
+    m: usize,
+    n: usize,
+    value_type: ValueType,
+) -> Option<CubeTensor<R>> {
+    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+    use cubek::matmul::launch::{Strategy, launch_ref};
+    use cubek::std::InputBinding;
+    let client = x.client.clone();
+    let out = tensor_like(
+        x,
+        client.empty(m * n * value_type.size_bytes()),
+        vec![m, n],
+        value_type,
+    );
+    let storage = x.dtype.into();
+    let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
+        lhs: storage,
+        rhs: storage,
+        out: storage,
+    });
+    launch_ref(
+        &Strategy::SpecializedTmaMma(Default::default()),
+        &client,
+        InputBinding::new(x.clone().binding(), storage),
+        InputBinding::new(wt.clone().binding(), storage),
+        out.clone().binding(),
+        &mut dtypes,
+    )
+    .ok()
+    .map(|()| out)
 }
 
 /// Free and total memory of CUDA device `ordinal`, from the driver (`cuMemGetInfo`).

@@ -34,8 +34,8 @@ use sparsekv_format::{PromptShape, ValueType};
 
 use super::{
     CompressTarget, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
-    SparseKvBackend, check_rows, decode_output, prompt_plan, rms_norm_plan, rope_output_dims,
-    rope_plan, skinny_plan, swiglu_plan, value_dtype,
+    SparseKvBackend, check_rows, decode_output, projection_plan, prompt_plan, rms_norm_plan,
+    rope_output_dims, rope_plan, skinny_plan, swiglu_plan, value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -400,6 +400,36 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
                     ));
                 };
                 let out = B::skinny_matmul(x, w, inputs.next())?;
+                register_outputs::<B>(outputs, handles, [out]);
+                Ok(())
+            },
+        )?;
+        single(outputs)
+    }
+
+    fn prompt_matmul(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        residual: Option<FloatTensor<Self>>,
+    ) -> Result<FloatTensor<Self>> {
+        let (value_type, shape) = projection_plan(&x, &w, residual.as_ref())?;
+        let client = x.client.clone();
+        let inputs = [Some(x), Some(w), residual].into_iter().flatten().collect();
+        let outputs = queue::<B, _>(
+            &client,
+            "sparsekv_prompt_matmul",
+            inputs,
+            &[vec![shape.m, shape.n]],
+            value_type,
+            &[],
+            move |inputs, outputs, handles| {
+                let mut inputs = inner_inputs::<B>(inputs, handles).into_iter();
+                let (Some(x), Some(w)) = (inputs.next(), inputs.next()) else {
+                    return Err(KvCacheError::Invalid(
+                        "a queued prompt matmul lost its operands".into(),
+                    ));
+                };
+                let out = B::prompt_matmul(x, w, inputs.next())?;
                 register_outputs::<B>(outputs, handles, [out]);
                 Ok(())
             },

@@ -248,6 +248,17 @@ pub trait SparseKvBackend: Backend {
         residual: Option<FloatTensor<Self>>,
     ) -> Result<FloatTensor<Self>>;
 
+    /// `x · wᵀ`, with `residual` added when given, for activations of any number of rows (a
+    /// prompt's): `x` `[m, k]`, `w` `[n, k]` (`nn.Linear` layout), `residual` `[m, n]`, one
+    /// float type; returns `[m, n]`. `CubeBackend` runs 16-bit operands on cubek's
+    /// warp-specialised TMA kernel where the device has one (Hopper; about 3x Burn's default
+    /// matmul at a Llama-3-8B prefill's shapes), else on Burn's matmul.
+    fn prompt_matmul(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        residual: Option<FloatTensor<Self>>,
+    ) -> Result<FloatTensor<Self>>;
+
     /// RMSNorm over the last axis in one launch: `x / sqrt(mean(x²) + eps) · weight`, computed
     /// in f32 without overflow for 16-bit inputs; `weight` has the length of that axis and the
     /// type of `x`. Returns a tensor of the shape and type of `x`.
@@ -411,6 +422,23 @@ pub(crate) fn skinny_plan<T: TensorMetadata>(
     w: &T,
     residual: Option<&T>,
 ) -> Result<(ValueType, SkinnyShape)> {
+    let (value_type, shape) = projection_plan(x, w, residual)?;
+    if shape.m > SKINNY_MAX_ROWS {
+        return Err(KvCacheError::Invalid(format!(
+            "skinny matmul of [{}, {}] by [{}, {}]ᵀ: needs 1..={SKINNY_MAX_ROWS} activation rows",
+            shape.m, shape.k, shape.n, shape.k
+        )));
+    }
+    Ok((value_type, shape))
+}
+
+/// Checks the operands of a projection `x [m, k] · w [n, k]ᵀ (+ residual [m, n])`
+/// ([`SparseKvBackend::skinny_matmul`], [`SparseKvBackend::prompt_matmul`]).
+pub(crate) fn projection_plan<T: TensorMetadata>(
+    x: &T,
+    w: &T,
+    residual: Option<&T>,
+) -> Result<(ValueType, SkinnyShape)> {
     let (x, w) = (&Operand::of(x), &Operand::of(w));
     let residual = residual.map(Operand::of);
     let residual = residual.as_ref();
@@ -421,7 +449,7 @@ pub(crate) fn skinny_plan<T: TensorMetadata>(
     }
     let (&[m, k], &[n, wk]) = (x.dims.as_slice(), w.dims.as_slice()) else {
         return Err(KvCacheError::Shape {
-            what: "skinny matmul operands (activations [m, k], weights [n, k])",
+            what: "projection operands (activations [m, k], weights [n, k])",
             expected: vec![0, 0],
             actual: if x.dims.len() == 2 {
                 w.dims.clone()
@@ -437,9 +465,9 @@ pub(crate) fn skinny_plan<T: TensorMetadata>(
             actual: w.dims.clone(),
         });
     }
-    if !(1..=SKINNY_MAX_ROWS).contains(&m) || n == 0 || k == 0 {
+    if m == 0 || n == 0 || k == 0 {
         return Err(KvCacheError::Invalid(format!(
-            "skinny matmul of [{m}, {k}] by [{n}, {k}]ᵀ: needs 1..={SKINNY_MAX_ROWS} activation rows and non-empty weights"
+            "projection of [{m}, {k}] by [{n}, {k}]ᵀ: needs activation rows and non-empty weights"
         )));
     }
     if let Some(r) = residual

@@ -6,19 +6,21 @@
 //! each plane owns [`ROWS`] query rows (one head, 16 consecutive tokens). The cube walks the
 //! keys its queries may see in tiles of [`KEYS`], each tile in named steps:
 //!
-//! 1. **Stage**: the tile's K and V rows, 16-byte chunks loaded by the whole cube (all loads
-//!    in flight before any store), into shared rows padded by one chunk so that the eight rows
-//!    of an `ldmatrix` start in different banks. Rows past the prompt are zeros.
+//! 1. **Stage**: the tile's K and V rows, 16-byte chunks loaded by the whole cube into
+//!    registers while it still computes on the previous tile (all loads in flight together),
+//!    then stored into shared rows padded by one chunk so that the eight rows of an
+//!    `ldmatrix` start in different banks. Rows past the prompt are zeros.
 //! 2. **Scores**: per plane, `S = Q K^T` (16 rows x [`KEYS`] keys) with `head_dim / 16` x
 //!    `KEYS / 8` 16x8x16 products; the plane's queries (staged once) by `ldmatrix`, the keys by
-//!    `ldmatrix` as the `B` operand.
+//!    `ldmatrix.x4` as the `B` operand of two products.
 //! 3. **Softmax state**: the causal mask where the tile reaches past the plane's first query,
 //!    the running maximum per row (reduced over the row's four lanes by plane shuffles), the
-//!    rescale of what was accumulated, the probabilities, a lane-partial running sum (reduced
-//!    once at the end).
+//!    rescale of what was accumulated, the probabilities (the fast `exp`: the kernel is
+//!    compiled with reduced-precision, finite-only float math), a lane-partial running sum
+//!    (reduced once at the end).
 //! 4. **Values**: `O += P V`; the probabilities go from the scores' accumulator registers
 //!    straight into the `A` operand (the two layouts agree lane by lane), the values by
-//!    `ldmatrix.trans` as the `B` operand.
+//!    `ldmatrix.x4.trans` as the `B` operand of two products.
 //!
 //! Planes whose queries all precede a tile skip its steps 2-4. Query blocks are launched
 //! heaviest (latest) first, so the last wave is made of short blocks.
@@ -89,11 +91,46 @@ impl PrefillPlan {
     }
 }
 
+/// Step 1a: this unit's chunks of the keys and values `k0..k0 + KEYS` of the stream starting
+/// at row `stream0` into `ks`, `vs` (chunk `u` is the cube's chunk `UNIT_POS + UNITS u`), zeros
+/// for rows past the prompt's `n` tokens; all loads in flight together.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_tile<N: Size>(
+    k: &Array<Vector<u32, N>>,
+    v: &Array<Vector<u32, N>>,
+    ks: &mut Array<Vector<u32, N>>,
+    vs: &mut Array<Vector<u32, N>>,
+    stream0: usize,
+    k0: usize,
+    n: usize,
+    #[comptime] plan: PrefillPlan,
+) {
+    let row_chunks = comptime!(plan.head_dim / CHUNK);
+    #[unroll]
+    for u in 0..comptime!(KEYS * plan.head_dim / CHUNK / UNITS) {
+        let i = UNIT_POS as usize + UNITS * u;
+        let r = i / row_chunks;
+        let mut kx = Vector::<u32, N>::zeroed();
+        let mut vx = Vector::<u32, N>::zeroed();
+        if k0 + r < n {
+            let src = (stream0 + k0 + r) * row_chunks + i % row_chunks;
+            kx = k[src];
+            vx = v[src];
+        }
+        ks[u] = kx;
+        vs[u] = vx;
+    }
+}
+
 /// The prompt attention kernel (module docs). `q` `[batch, tokens, q_heads, head_dim]`, `k`
 /// and `v` `[batch, kv_heads, tokens, head_dim]`, all read as 16-byte chunks (`N` = 4);
 /// `out` `[batch, tokens, q_heads, head_dim]`. Grid: (query blocks, KV heads x cubes per
 /// group, batch).
-#[cube(launch_unchecked)]
+#[cube(
+    launch_unchecked,
+    fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+)]
 #[allow(clippy::too_many_arguments)]
 fn prefill_attention_kernel<F: Float, N: Size>(
     q: &Array<Vector<u32, N>>,
@@ -180,32 +217,22 @@ fn prefill_attention_kernel<F: Float, N: Size>(
     let plane_last = t_plane + ROWS - 1;
     let v_tile = comptime!(KEYS * plan.row());
     let tiles = q_end.div_ceil(KEYS);
+    // Step 1's registers: this unit's chunks of the next tile's keys and values, loaded while
+    // the cube computes on the current one.
+    let per_unit = comptime!(KEYS * plan.head_dim / CHUNK / UNITS);
+    let mut ks = Array::<Vector<u32, N>>::new(per_unit);
+    let mut vs = Array::<Vector<u32, N>>::new(per_unit);
+    load_tile::<N>(k, v, &mut ks, &mut vs, stream0, 0usize, n, plan);
     for kt in 0..tiles {
         let k0 = kt * KEYS;
-        // Step 1: stage keys and values k0..k0 + KEYS (the previous tile's readers are done).
+        // Step 1: stage keys and values k0..k0 + KEYS (the previous tile's readers are done),
+        // then start loading the next tile.
         sync_cube();
         {
-            let per_unit = comptime!(KEYS * plan.head_dim / CHUNK / UNITS);
             let mut view = kv_s
                 .slice_mut(0, comptime!(2 * KEYS * plan.row()))
                 .into_vectorized()
                 .with_vector_size::<E>();
-            let mut ks = Array::<Vector<u32, N>>::new(per_unit);
-            let mut vs = Array::<Vector<u32, N>>::new(per_unit);
-            #[unroll]
-            for u in 0..per_unit {
-                let i = UNIT_POS as usize + UNITS * u;
-                let r = i / row_chunks;
-                let mut kx = Vector::<u32, N>::zeroed();
-                let mut vx = Vector::<u32, N>::zeroed();
-                if k0 + r < n {
-                    let src = (stream0 + k0 + r) * row_chunks + i % row_chunks;
-                    kx = k[src];
-                    vx = v[src];
-                }
-                ks[u] = kx;
-                vs[u] = vx;
-            }
             #[unroll]
             for u in 0..per_unit {
                 let i = UNIT_POS as usize + UNITS * u;
@@ -216,6 +243,9 @@ fn prefill_attention_kernel<F: Float, N: Size>(
             }
         }
         sync_cube();
+        if kt + 1 < tiles {
+            load_tile::<N>(k, v, &mut ks, &mut vs, stream0, k0 + KEYS, n, plan);
+        }
 
         if k0 <= plane_last {
             // Step 2: scores, per 8-key tile rows g and g + 8 at keys 2c, 2c + 1.
@@ -235,22 +265,31 @@ fn prefill_attention_kernel<F: Float, N: Size>(
                     false,
                 );
                 #[unroll]
-                for nt in 0..key_tiles {
-                    // Lanes 0..8 give key 8 nt + l of channels 16 ks.., lanes 8..16 of
-                    // 16 ks + 8.. (the others repeat them).
-                    let ka = (nt * 8 + lane % 8) * row + ks * 16 + ((lane / 8) % 2) * 8;
+                for np in 0..comptime!(key_tiles / 2) {
+                    // Two 8-key tiles per load: lanes 8m..8m + 8 give matrix m, key
+                    // 16 np + 8 (m / 2) + l % 8 at channels 16 ks + 8 (m % 2).
+                    let ka = (np * 16 + (lane / 16) * 8 + lane % 8) * row
+                        + ks * 16
+                        + ((lane / 8) % 2) * 8;
                     let bk = def.load_matrix::<F, P>(
                         &kv_s.slice(ka, ka + CHUNK),
                         MatrixIdent::B,
-                        2usize,
+                        4usize,
                         false,
                     );
-                    let mut acc = Array::<Vector<f32, P>>::new(2usize);
-                    acc[0] = s[2 * nt];
-                    acc[1] = s[2 * nt + 1];
-                    def.execute_inplace(&a, &bk, &mut acc);
-                    s[2 * nt] = acc[0];
-                    s[2 * nt + 1] = acc[1];
+                    #[unroll]
+                    for half in 0..2usize {
+                        let nt = 2 * np + half;
+                        let mut bn = Array::<Vector<F, P>>::new(2usize);
+                        bn[0] = bk[2 * half];
+                        bn[1] = bk[2 * half + 1];
+                        let mut acc = Array::<Vector<f32, P>>::new(2usize);
+                        acc[0] = s[2 * nt];
+                        acc[1] = s[2 * nt + 1];
+                        def.execute_inplace(&a, &bn, &mut acc);
+                        s[2 * nt] = acc[0];
+                        s[2 * nt + 1] = acc[1];
+                    }
                 }
             }
 
@@ -296,38 +335,49 @@ fn prefill_attention_kernel<F: Float, N: Size>(
                 }
             }
 
-            // Step 4: O += P V, 16 keys per product.
+            // Step 4: O += P V, 16 keys per product. A of key step kk: rows g, g + 8 at keys
+            // 16 kk + 2c.. (score tile 2 kk) and 16 kk + 8 + 2c.. (score tile 2 kk + 1).
+            let mut pa = Array::<Vector<F, P>>::new(comptime!(4 * key_steps));
             #[unroll]
-            for kk in 0..key_steps {
-                // A: rows g, g + 8 at keys 16 kk + 2c.. (score tile 2 kk) and
-                // 16 kk + 8 + 2c.. (score tile 2 kk + 1).
-                let mut pa = Array::<Vector<F, P>>::new(4usize);
+            for i in 0..comptime!(4 * key_steps) {
+                let x = s[i];
+                let mut y = Vector::<F, P>::empty();
+                y[0] = F::cast_from(x[0]);
+                y[1] = F::cast_from(x[1]);
+                pa[i] = y;
+            }
+            #[unroll]
+            for dt in 0..d_tiles {
+                let mut acc = Array::<Vector<f32, P>>::new(2usize);
+                acc[0] = o[2 * dt];
+                acc[1] = o[2 * dt + 1];
                 #[unroll]
-                for i in 0..4usize {
-                    let x = s[4 * kk + i];
-                    let mut y = Vector::<F, P>::empty();
-                    y[0] = F::cast_from(x[0]);
-                    y[1] = F::cast_from(x[1]);
-                    pa[i] = y;
-                }
-                #[unroll]
-                for dt in 0..d_tiles {
-                    // ldmatrix.trans: lanes 0..16 give key rows 16 kk + l at channels 8 dt..
-                    // (lanes 16..32 repeat them).
-                    let va = v_tile + (kk * 16 + lane % 16) * row + dt * 8;
+                for kp in 0..comptime!(key_steps / 2) {
+                    // ldmatrix.x4.trans: lane l gives key row 32 kp + l at channels 8 dt..;
+                    // matrices 0, 1 are key step 2 kp, matrices 2, 3 key step 2 kp + 1.
+                    let va = v_tile + (kp * 32 + lane) * row + dt * 8;
                     let bv = def.load_matrix::<F, P>(
                         &kv_s.slice(va, va + CHUNK),
                         MatrixIdent::B,
-                        2usize,
+                        4usize,
                         true,
                     );
-                    let mut acc = Array::<Vector<f32, P>>::new(2usize);
-                    acc[0] = o[2 * dt];
-                    acc[1] = o[2 * dt + 1];
-                    def.execute_inplace(&pa, &bv, &mut acc);
-                    o[2 * dt] = acc[0];
-                    o[2 * dt + 1] = acc[1];
+                    #[unroll]
+                    for half in 0..2usize {
+                        let kk = 2 * kp + half;
+                        let mut ap = Array::<Vector<F, P>>::new(4usize);
+                        #[unroll]
+                        for i in 0..4usize {
+                            ap[i] = pa[4 * kk + i];
+                        }
+                        let mut bn = Array::<Vector<F, P>>::new(2usize);
+                        bn[0] = bv[2 * half];
+                        bn[1] = bv[2 * half + 1];
+                        def.execute_inplace(&ap, &bn, &mut acc);
+                    }
                 }
+                o[2 * dt] = acc[0];
+                o[2 * dt + 1] = acc[1];
             }
         }
     }
