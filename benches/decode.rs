@@ -14,10 +14,11 @@
 //!
 //! `SPARSEKV_BENCH_PREFILL=1x32768` (any `BxT` list) replaces the decode rows by prefill rows:
 //! one exact prefill of `T` tokens per sequence into sparse caches at s = 0.7 (bare backend),
-//! timed after a warm-up prefill of the same shape (Burn's matmul tunes itself per shape), with
+//! timed after a warm-up prefill of the same shape (kernels compile at their first launch), with
 //! the device memory CubeCL holds afterwards (its pools keep their pages, so that is the peak;
 //! the pools are cleaned up once the model is loaded) beside the weights and the final cache.
-//! `scripts/decode_baseline.py --prefill` is the peer. Each prefill row is followed by one
+//! `scripts/decode_baseline.py --prefill` is the peer. Each prefill row is followed by the
+//! same prefill into dense caches (what compression costs is the difference) and by one
 //! layer's prompt attention alone (`SparseKvBackend::prompt_attention`, the mean of 5 calls,
 //! and its rate in causal TFLOP/s), whose peer is the script's SDPA row.
 //!
@@ -236,6 +237,23 @@ fn prefill(shapes: &[(usize, usize)], layers: usize) {
                 "missed"
             }
         );
+        // The same prefill into dense caches (nothing compressed): the difference is what
+        // pruning and compressing the prompt costs.
+        let dense = KvCacheConfig::new(batch, config.n_kv_heads, config.head_dim(), tokens)
+            .with_value_type(ValueType::F16);
+        let mut caches = LayerCaches::<DenseKvCache<ModelBackend>>::dense(layers, &dense, &device)
+            .expect("caches");
+        sync(&client);
+        let t = Instant::now();
+        model
+            .prefill_batch(&prompts, caches.layers_mut())
+            .expect("prefill");
+        sync(&client);
+        println!(
+            "| the same into dense caches (no compression) | {batch} | {tokens} | {:.3} s | - | - | - |",
+            t.elapsed().as_secs_f64()
+        );
+        drop(caches);
         prompt_attention_row(&config, batch, tokens);
     }
 }
