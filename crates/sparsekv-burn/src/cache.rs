@@ -867,41 +867,72 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
         );
         let rows = k.dims()[2];
         let (k, v) = (k.into_primitive().tensor(), v.into_primitive().tensor());
-        let full = self.config.dense_limit();
-        let mut offset = vec![0usize; b];
-        loop {
-            let remaining: Vec<usize> = (0..b).map(|s| counts[s] - offset[s]).collect();
-            if remaining.iter().all(|&r| r == 0) {
-                break;
+        // Per sequence: `from_window` of its dense tokens and the oldest `from_rows` of the
+        // appended ones are compressed, the rest of the appended ones join the window. A
+        // prompt (more than one token) leaves its newest `window` tokens dense and compresses
+        // everything older, straight from the appended rows (one launch each for K and V, not
+        // one per chunk through the window); a decode token first makes room in a full window
+        // by compressing its oldest chunk. Pruning is per token, so where a token is
+        // compressed from does not change its bits.
+        let (mut from_window, mut from_rows) = (vec![0usize; b], vec![0usize; b]);
+        let room = room_to_make(&self.config, &self.dense, counts);
+        for s in 0..b {
+            if counts[s] > 1 {
+                let total = self.dense[s] + counts[s];
+                let older = total - total.min(self.config.window);
+                from_window[s] = older.min(self.dense[s]);
+                from_rows[s] = older - from_window[s];
+            } else {
+                from_window[s] = room[s];
             }
-            self.compress_oldest(&room_to_make(&self.config, &self.dense, &remaining))?;
-            let take: Vec<usize> = (0..b)
-                .map(|s| remaining[s].min(full - self.dense[s]))
-                .collect();
+        }
+        self.compress_oldest(&from_window)?;
+        if from_rows.iter().any(|&n| n > 0) {
+            let copy = RowCopy {
+                sequences: b,
+                kv_heads: h,
+                head_dim: d,
+                src_capacity: rows,
+                dst_capacity: self.capacity,
+                src_start: vec![0; b],
+                dst_start: to_u32(&self.compressed),
+                counts: to_u32(&from_rows),
+            };
+            for (src, bitmap, values, sparsity) in [
+                (&k, &self.k_bitmap, &self.k_values, self.k_sparsity),
+                (&v, &self.v_bitmap, &self.v_values, self.v_sparsity),
+            ] {
+                B::kv_compress_rows(src.clone(), bitmap, values, sparsity, vt, &copy)?;
+            }
+            for (total, n) in self.compressed.iter_mut().zip(&from_rows) {
+                *total += n;
+            }
+        }
+        let take: Vec<usize> = (0..b).map(|s| counts[s] - from_rows[s]).collect();
+        if take.iter().any(|&n| n > 0) {
             let copy = RowCopy {
                 sequences: b,
                 kv_heads: h,
                 head_dim: d,
                 src_capacity: rows,
                 dst_capacity: self.window_capacity,
-                src_start: to_u32(&offset),
+                src_start: to_u32(&from_rows),
                 dst_start: to_u32(&self.dense),
                 counts: to_u32(&take),
             };
             B::kv_write_rows(
                 &[
-                    (k.clone(), &self.k_window[self.current]),
-                    (v.clone(), &self.v_window[self.current]),
+                    (k, &self.k_window[self.current]),
+                    (v, &self.v_window[self.current]),
                 ],
                 vt,
                 &copy,
             )?;
-            for s in 0..b {
-                self.dense[s] += take[s];
-                offset[s] += take[s];
+            for (dense, n) in self.dense.iter_mut().zip(&take) {
+                *dense += n;
             }
         }
-        self.compress_oldest(&prompt_excess(&self.config, &self.dense, counts))
+        Ok(())
     }
 
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {

@@ -4,7 +4,7 @@
 use burn::tensor::ops::FloatTensor;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use sparsekv_format::{PromptShape, ValueType};
+use sparsekv_format::{PromptShape, Sparsity, ValueType};
 use sparsekv_kernels::cubecl::server::Handle;
 use sparsekv_kernels::{AttentionArgs, CompressArgs, DenseCacheArgs, SparseSegmentArgs};
 
@@ -167,32 +167,36 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         rows: &RowCopy,
     ) -> Result<()> {
         let client = R::client(device);
-        let head_dim = rows.head_dim;
-        let keep = sparsekv_format::keep_count(target.sparsity, head_dim);
-        let args = CompressArgs {
-            sequences: rows.sequences,
-            kv_heads: rows.kv_heads,
-            head_dim,
-            sparsity: target.sparsity,
-            src_stride: rows.src_capacity * head_dim.get(),
-            src_start: &rows.src_start,
-            dst_start: &rows.dst_start,
-            counts: &rows.counts,
-            bitmap_stride: sparsekv_format::layout::bitmap_words(rows.dst_capacity, head_dim),
-            values_stride: rows.dst_capacity * keep,
-        };
-        with_float!(
+        prune_compress_handles(
+            &client,
+            &target.src.handle,
+            &target.bitmap.handle,
+            &target.values.handle,
+            target.sparsity,
             value_type,
-            E,
-            sparsekv_kernels::prune_compress::<R, E>(
-                &client,
-                &args,
-                &target.src.handle,
-                &target.bitmap.handle,
-                &target.values.handle
-            )?
-        );
-        Ok(())
+            rows,
+        )
+    }
+
+    fn kv_compress_rows(
+        src: FloatTensor<Self>,
+        bitmap: &Self::KvBuffer,
+        values: &Self::KvBuffer,
+        sparsity: Sparsity,
+        value_type: ValueType,
+        rows: &RowCopy,
+    ) -> Result<()> {
+        check_rows([&src], value_type)?;
+        let src = burn_cubecl::kernel::into_contiguous(src);
+        prune_compress_handles(
+            &src.client,
+            &src.handle,
+            &bitmap.handle,
+            &values.handle,
+            sparsity,
+            value_type,
+            rows,
+        )
     }
 
     fn kv_decode_attention(
@@ -416,6 +420,39 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         );
         Ok(tensor_like(&q, out, plan.dims, plan.value_type))
     }
+}
+
+/// Prune+compress of `rows` from the streams of `src` into `bitmap` and `values` (the launch
+/// of [`SparseKvBackend::kv_prune_compress`] and [`SparseKvBackend::kv_compress_rows`]).
+fn prune_compress_handles<R: CubeRuntime>(
+    client: &sparsekv_kernels::cubecl::client::ComputeClient<R>,
+    src: &Handle,
+    bitmap: &Handle,
+    values: &Handle,
+    sparsity: Sparsity,
+    value_type: ValueType,
+    rows: &RowCopy,
+) -> Result<()> {
+    let head_dim = rows.head_dim;
+    let keep = sparsekv_format::keep_count(sparsity, head_dim);
+    let args = CompressArgs {
+        sequences: rows.sequences,
+        kv_heads: rows.kv_heads,
+        head_dim,
+        sparsity,
+        src_stride: rows.src_capacity * head_dim.get(),
+        src_start: &rows.src_start,
+        dst_start: &rows.dst_start,
+        counts: &rows.counts,
+        bitmap_stride: sparsekv_format::layout::bitmap_words(rows.dst_capacity, head_dim),
+        values_stride: rows.dst_capacity * keep,
+    };
+    with_float!(
+        value_type,
+        E,
+        sparsekv_kernels::prune_compress::<R, E>(client, &args, src, bitmap, values)?
+    );
+    Ok(())
 }
 
 /// `x [m, k] · wt [k, n]` on cubek's warp-specialised TMA matmul (16-bit operands, f32

@@ -30,7 +30,7 @@ use burn::tensor::{DType, FloatDType, Shape};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Client, Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
-use sparsekv_format::{PromptShape, ValueType};
+use sparsekv_format::{PromptShape, Sparsity, ValueType};
 
 use super::{
     CompressTarget, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
@@ -345,6 +345,34 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         Ok(())
     }
 
+    fn kv_compress_rows(
+        src: FloatTensor<Self>,
+        bitmap: &Self::KvBuffer,
+        values: &Self::KvBuffer,
+        sparsity: Sparsity,
+        value_type: ValueType,
+        rows: &RowCopy,
+    ) -> Result<()> {
+        check_rows([&src], value_type)?;
+        let client = src.client.clone();
+        let touched = [bitmap, values];
+        let (bitmap, values) = (inner(bitmap), inner(values));
+        let rows = rows.clone();
+        queue::<B, _>(
+            &client,
+            "sparsekv_compress_rows",
+            vec![src],
+            &[],
+            value_type,
+            &touched,
+            move |inputs, _, handles| {
+                let src = single(inner_inputs::<B>(inputs, handles))?;
+                B::kv_compress_rows(src, &bitmap, &values, sparsity, value_type, &rows)
+            },
+        )?;
+        Ok(())
+    }
+
     fn kv_decode_attention(
         q: FloatTensor<Self>,
         segment: Option<&Segment<Self>>,
@@ -539,7 +567,7 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         let plan = prompt_plan(&q, &k, &v)?;
         // Refused here, at the call, rather than when the stream runs it.
         if let Some(why) =
-            B::prompt_attention_unsupported(&q.client.device(), plan.value_type, plan.shape)
+            B::prompt_attention_unsupported(q.client.device(), plan.value_type, plan.shape)
         {
             return Err(sparsekv_kernels::KernelError::Unsupported(why).into());
         }

@@ -227,6 +227,20 @@ pub trait SparseKvBackend: Backend {
         rows: &RowCopy,
     ) -> Result<()>;
 
+    /// Prunes token rows of a tensor `[sequences, kv_heads, n, head_dim]` (sequence `s`: its
+    /// `rows.counts[s]` rows from `rows.src_start[s]`; `rows.src_capacity` is `n`) and writes
+    /// them compressed as tokens `rows.dst_start[s] ..` of `bitmap` and `values`
+    /// (`rows.dst_capacity` tokens per stream), in one launch: a prompt's tokens go straight
+    /// into the compressed streams without passing through the dense window.
+    fn kv_compress_rows(
+        src: FloatTensor<Self>,
+        bitmap: &Self::KvBuffer,
+        values: &Self::KvBuffer,
+        sparsity: Sparsity,
+        value_type: ValueType,
+        rows: &RowCopy,
+    ) -> Result<()>;
+
     /// Decode attention for queries `[sequences, q_heads, head_dim]` over an optional
     /// compressed segment followed by dense rows; returns `[sequences, q_heads, head_dim]`.
     fn kv_decode_attention(

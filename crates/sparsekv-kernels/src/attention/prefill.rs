@@ -4,14 +4,15 @@
 //!
 //! One cube takes a block of query tokens for up to [`PLANES`] query heads of one KV group;
 //! each plane owns [`ROWS`] query rows (one head, 16 consecutive tokens). The cube walks the
-//! keys its queries may see in tiles of [`KEYS`], each tile in named steps:
+//! keys its queries may see in tiles of [`KEYS`] (32; 64 by `SPARSEKV_PREFILL_KEYS=64`), each
+//! tile in named steps:
 //!
 //! 1. **Stage**: the tile's K and V rows, 16-byte chunks loaded by the whole cube into
 //!    registers while it still computes on the previous tile (all loads in flight together),
 //!    then stored into shared rows padded by one chunk so that the eight rows of an
 //!    `ldmatrix` start in different banks. Rows past the prompt are zeros.
-//! 2. **Scores**: per plane, `S = Q K^T` (16 rows x [`KEYS`] keys) with `head_dim / 16` x
-//!    `KEYS / 8` 16x8x16 products; the plane's queries (staged once) by `ldmatrix`, the keys by
+//! 2. **Scores**: per plane, `S = Q K^T` (16 rows x `keys`) with `head_dim / 16` x
+//!    `keys / 8` 16x8x16 products; the plane's queries (staged once) by `ldmatrix`, the keys by
 //!    `ldmatrix.x4` as the `B` operand of two products.
 //! 3. **Softmax state**: the causal mask where the tile reaches past the plane's first query,
 //!    the running maximum per row (reduced over the row's four lanes by plane shuffles), the
@@ -43,13 +44,16 @@ const ROWS: usize = 16;
 const PLANES: usize = 4;
 /// Units per cube.
 const UNITS: usize = 32 * PLANES;
-/// Keys per tile: `KEYS / 8` products wide in the scores, `KEYS / 16` deep in the values.
-const KEYS: usize = 64;
+/// Keys per tile (the plan's `keys`): `keys / 8` products wide in the scores, `keys / 16`
+/// deep in the values. 32 keeps a lane's registers (scores, probabilities, the next tile's
+/// chunks) small enough for three cubes per SM; `SPARSEKV_PREFILL_KEYS=64` (a tuning knob for
+/// benchmarks) halves the barriers per key instead.
+const KEYS: usize = 32;
 /// 16-bit elements per 16-byte chunk.
 const CHUNK: usize = 8;
 /// Padding of a staged row, in elements.
 const ROW_PAD: usize = CHUNK;
-/// The largest head_dim: a lane keeps `head_dim / 4` output accumulators and `KEYS / 2`
+/// The largest head_dim: a lane keeps `head_dim / 4` output accumulators and `keys / 2`
 /// scores in registers.
 const MAX_HEAD_DIM: usize = 128;
 
@@ -61,6 +65,8 @@ struct PrefillPlan {
     /// Query heads per cube (4, 2 or 1, dividing the group): the planes are `heads` heads by
     /// `PLANES / heads` blocks of [`ROWS`] tokens.
     heads: usize,
+    /// Keys per tile (32 or 64; [`KEYS`]).
+    keys: usize,
 }
 
 impl PrefillPlan {
@@ -69,10 +75,20 @@ impl PrefillPlan {
             .into_iter()
             .find(|h| shape.group().is_multiple_of(*h))
             .unwrap_or(1);
+        let keys = match std::env::var("SPARSEKV_PREFILL_KEYS").as_deref() {
+            Ok("64") => 64,
+            _ => KEYS,
+        };
         PrefillPlan {
             head_dim: shape.head_dim().get(),
             heads,
+            keys,
         }
+    }
+
+    /// 16-byte chunks of one tile of keys (or values).
+    fn tile_chunks(&self) -> usize {
+        self.keys * self.head_dim / CHUNK
     }
 
     /// Shared-memory stride of a staged row, in elements.
@@ -87,11 +103,11 @@ impl PrefillPlan {
 
     /// Shared memory of one cube, in bytes (queries of every plane, one K and one V tile).
     fn shared_bytes(&self) -> usize {
-        (PLANES * ROWS + 2 * KEYS) * self.row() * 2
+        (PLANES * ROWS + 2 * self.keys) * self.row() * 2
     }
 }
 
-/// Step 1a: this unit's chunks of the keys and values `k0..k0 + KEYS` of the stream starting
+/// Step 1a: this unit's chunks of the keys and values `k0..k0 + keys` of the stream starting
 /// at row `stream0` into `ks`, `vs` (chunk `u` is the cube's chunk `UNIT_POS + UNITS u`), zeros
 /// for rows past the prompt's `n` tokens; all loads in flight together.
 #[cube]
@@ -108,12 +124,12 @@ fn load_tile<N: Size>(
 ) {
     let row_chunks = comptime!(plan.head_dim / CHUNK);
     #[unroll]
-    for u in 0..comptime!(KEYS * plan.head_dim / CHUNK / UNITS) {
+    for u in 0..comptime!(plan.tile_chunks().div_ceil(UNITS)) {
         let i = UNIT_POS as usize + UNITS * u;
         let r = i / row_chunks;
         let mut kx = Vector::<u32, N>::zeroed();
         let mut vx = Vector::<u32, N>::zeroed();
-        if k0 + r < n {
+        if i < comptime!(plan.tile_chunks()) && k0 + r < n {
             let src = (stream0 + k0 + r) * row_chunks + i % row_chunks;
             kx = k[src];
             vx = v[src];
@@ -151,14 +167,15 @@ fn prefill_attention_kernel<F: Float, N: Size>(
     // scores, 16-key steps of the values, 16-byte chunks per row.
     let steps = comptime!(plan.head_dim / 16);
     let d_tiles = comptime!(plan.head_dim / 8);
-    let key_tiles = comptime!(KEYS / 8);
-    let key_steps = comptime!(KEYS / 16);
+    let keys = comptime!(plan.keys);
+    let key_tiles = comptime!(plan.keys / 8);
+    let key_steps = comptime!(plan.keys / 16);
     let row_chunks = comptime!(plan.head_dim / CHUNK);
     let size!(E) = CHUNK;
     let size!(P) = 2usize;
 
     let mut q_s = SharedMemory::<F>::new_aligned(comptime!(PLANES * ROWS * plan.row()), 16usize);
-    let mut kv_s = SharedMemory::<F>::new_aligned(comptime!(2 * KEYS * plan.row()), 16usize);
+    let mut kv_s = SharedMemory::<F>::new_aligned(comptime!(2 * plan.keys * plan.row()), 16usize);
 
     let n = tokens as usize;
     let b = CUBE_POS_Z as usize;
@@ -215,36 +232,38 @@ fn prefill_attention_kernel<F: Float, N: Size>(
 
     let stream0 = (b * kv_heads + kv_head) * n;
     let plane_last = t_plane + ROWS - 1;
-    let v_tile = comptime!(KEYS * plan.row());
-    let tiles = q_end.div_ceil(KEYS);
+    let v_tile = comptime!(plan.keys * plan.row());
+    let tiles = q_end.div_ceil(keys);
     // Step 1's registers: this unit's chunks of the next tile's keys and values, loaded while
     // the cube computes on the current one.
-    let per_unit = comptime!(KEYS * plan.head_dim / CHUNK / UNITS);
+    let per_unit = comptime!(plan.tile_chunks().div_ceil(UNITS));
     let mut ks = Array::<Vector<u32, N>>::new(per_unit);
     let mut vs = Array::<Vector<u32, N>>::new(per_unit);
     load_tile::<N>(k, v, &mut ks, &mut vs, stream0, 0usize, n, plan);
     for kt in 0..tiles {
-        let k0 = kt * KEYS;
-        // Step 1: stage keys and values k0..k0 + KEYS (the previous tile's readers are done),
+        let k0 = kt * keys;
+        // Step 1: stage keys and values k0..k0 + keys (the previous tile's readers are done),
         // then start loading the next tile.
         sync_cube();
         {
             let mut view = kv_s
-                .slice_mut(0, comptime!(2 * KEYS * plan.row()))
+                .slice_mut(0, comptime!(2 * plan.keys * plan.row()))
                 .into_vectorized()
                 .with_vector_size::<E>();
             #[unroll]
             for u in 0..per_unit {
                 let i = UNIT_POS as usize + UNITS * u;
                 let at = (i / row_chunks) * (row / CHUNK) + i % row_chunks;
-                view[at] = Vector::<F, E>::reinterpret(ks[u]);
-                view[at + comptime!(KEYS * plan.row() / CHUNK)] =
-                    Vector::<F, E>::reinterpret(vs[u]);
+                if i < comptime!(plan.tile_chunks()) {
+                    view[at] = Vector::<F, E>::reinterpret(ks[u]);
+                    view[at + comptime!(plan.keys * plan.row() / CHUNK)] =
+                        Vector::<F, E>::reinterpret(vs[u]);
+                }
             }
         }
         sync_cube();
         if kt + 1 < tiles {
-            load_tile::<N>(k, v, &mut ks, &mut vs, stream0, k0 + KEYS, n, plan);
+            load_tile::<N>(k, v, &mut ks, &mut vs, stream0, k0 + keys, n, plan);
         }
 
         if k0 <= plane_last {
@@ -294,7 +313,7 @@ fn prefill_attention_kernel<F: Float, N: Size>(
             }
 
             // Step 3: softmax state of rows g (r = 0) and g + 8 (r = 1).
-            let masked = k0 + KEYS > t_plane;
+            let masked = k0 + keys > t_plane;
             #[unroll]
             for r in 0..2usize {
                 let t = t_plane + g + 8 * r;
@@ -427,6 +446,7 @@ pub fn prefill_attention_unsupported<R: Runtime, F: FloatElement>(
     let shared = PrefillPlan {
         head_dim: d,
         heads: 1,
+        keys: 64,
     }
     .shared_bytes();
     if shared > hw.max_shared_memory_size || (hw.max_units_per_cube as usize) < UNITS {
