@@ -4,13 +4,12 @@
 //!
 //! One cube takes a block of query tokens for up to [`PLANES`] query heads of one KV group;
 //! each plane owns [`ROWS`] query rows (one head, 16 consecutive tokens). The cube walks the
-//! keys its queries may see in tiles of [`KEYS`] (32; 64 by `SPARSEKV_PREFILL_KEYS=64`), each
-//! tile in named steps:
+//! keys its queries may see in tiles of [`KEYS`], each tile in named steps:
 //!
-//! 1. **Stage**: the tile's K and V rows, 16-byte chunks loaded by the whole cube into
-//!    registers while it still computes on the previous tile (all loads in flight together),
-//!    then stored into shared rows padded by one chunk so that the eight rows of an
-//!    `ldmatrix` start in different banks. Rows past the prompt are zeros.
+//! 1. **Stage**: the tile's K and V rows, 16-byte asynchronous copies (`cp.async`) issued by
+//!    the whole cube into one of two shared buffers while it computes on the other, and
+//!    waited for on that buffer's barrier; rows padded by one chunk so that the eight rows of
+//!    an `ldmatrix` start in different banks; rows past the prompt are zeros (empty copies).
 //! 2. **Scores**: per plane, `S = Q K^T` (16 rows x `keys`) with `head_dim / 16` x
 //!    `keys / 8` 16x8x16 products; the plane's queries (staged once) by `ldmatrix`, the keys by
 //!    `ldmatrix.x4` as the `B` operand of two products.
@@ -30,6 +29,7 @@
 //! holds rows `g`, `g + 8` at columns `2c, 2c + 1, 2c + 8, 2c + 9`; `B` rows `2c, 2c + 1,
 //! 2c + 8, 2c + 9` of column `g`; `C` rows `g`, `g + 8` at columns `2c, 2c + 1`.
 
+use cubecl::prelude::barrier::{Barrier, copy_async_checked};
 use cubecl::prelude::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
@@ -45,10 +45,10 @@ const PLANES: usize = 4;
 /// Units per cube.
 const UNITS: usize = 32 * PLANES;
 /// Keys per tile (the plan's `keys`): `keys / 8` products wide in the scores, `keys / 16`
-/// deep in the values. 32 keeps a lane's registers (scores, probabilities, the next tile's
-/// chunks) small enough for three cubes per SM; `SPARSEKV_PREFILL_KEYS=64` (a tuning knob for
-/// benchmarks) halves the barriers per key instead.
-const KEYS: usize = 32;
+/// deep in the values. `SPARSEKV_PREFILL_KEYS=32` (a tuning knob for benchmarks) takes
+/// smaller tiles: fewer registers, twice the barriers per key (slower on the H100: 45.0
+/// against 39.4 ms for a layer at T = 32K).
+const KEYS: usize = 64;
 /// 16-bit elements per 16-byte chunk.
 const CHUNK: usize = 8;
 /// Padding of a staged row, in elements.
@@ -76,7 +76,7 @@ impl PrefillPlan {
             .find(|h| shape.group().is_multiple_of(*h))
             .unwrap_or(1);
         let keys = match std::env::var("SPARSEKV_PREFILL_KEYS").as_deref() {
-            Ok("64") => 64,
+            Ok("32") => 32,
             _ => KEYS,
         };
         PrefillPlan {
@@ -101,46 +101,57 @@ impl PrefillPlan {
         ROWS * PLANES / self.heads
     }
 
-    /// Shared memory of one cube, in bytes (queries of every plane, one K and one V tile).
+    /// Shared memory of one cube, in bytes (queries of every plane, two buffers of a K and a V
+    /// tile).
     fn shared_bytes(&self) -> usize {
-        (PLANES * ROWS + 2 * self.keys) * self.row() * 2
+        (PLANES * ROWS + 4 * self.keys) * self.row() * 2
     }
 }
 
-/// Step 1a: this unit's chunks of the keys and values `k0..k0 + keys` of the stream starting
-/// at row `stream0` into `ks`, `vs` (chunk `u` is the cube's chunk `UNIT_POS + UNITS u`), zeros
-/// for rows past the prompt's `n` tokens; all loads in flight together.
+/// Step 1: issues this unit's asynchronous copies of the keys and values `k0..k0 + keys` of
+/// the stream starting at row `stream0` into the shared buffer at chunk `buf0` of `kv_s` (K
+/// tile, then V tile); rows past the prompt's `n` tokens get empty copies, which write zeros.
+/// The caller commits them to the buffer's barrier.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_tile<N: Size>(
-    k: &Array<Vector<u32, N>>,
-    v: &Array<Vector<u32, N>>,
-    ks: &mut Array<Vector<u32, N>>,
-    vs: &mut Array<Vector<u32, N>>,
+fn issue_tile<F: Float, N: Size>(
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    kv_s: &mut SharedMemory<Vector<F, N>>,
+    buf0: usize,
     stream0: usize,
     k0: usize,
     n: usize,
     #[comptime] plan: PrefillPlan,
 ) {
     let row_chunks = comptime!(plan.head_dim / CHUNK);
+    let row = comptime!(plan.row() / CHUNK);
+    let v_tile = comptime!(plan.keys * plan.row() / CHUNK);
     #[unroll]
     for u in 0..comptime!(plan.tile_chunks().div_ceil(UNITS)) {
         let i = UNIT_POS as usize + UNITS * u;
-        let r = i / row_chunks;
-        let mut kx = Vector::<u32, N>::zeroed();
-        let mut vx = Vector::<u32, N>::zeroed();
-        if i < comptime!(plan.tile_chunks()) && k0 + r < n {
-            let src = (stream0 + k0 + r) * row_chunks + i % row_chunks;
-            kx = k[src];
-            vx = v[src];
+        if i < comptime!(plan.tile_chunks()) {
+            let r = i / row_chunks;
+            let at = buf0 + r * row + i % row_chunks;
+            let len = select(k0 + r < n, 1usize, 0usize);
+            // A valid address even for an empty copy.
+            let src = (stream0 + min(k0 + r, n - 1)) * row_chunks + i % row_chunks;
+            copy_async_checked(
+                &k.slice(src, src + len),
+                &mut kv_s.slice_mut(at, at + 1),
+                CHUNK as u32,
+            );
+            copy_async_checked(
+                &v.slice(src, src + len),
+                &mut kv_s.slice_mut(at + v_tile, at + v_tile + 1),
+                CHUNK as u32,
+            );
         }
-        ks[u] = kx;
-        vs[u] = vx;
     }
 }
 
 /// The prompt attention kernel (module docs). `q` `[batch, tokens, q_heads, head_dim]`, `k`
-/// and `v` `[batch, kv_heads, tokens, head_dim]`, all read as 16-byte chunks (`N` = 4);
+/// and `v` `[batch, kv_heads, tokens, head_dim]`, all read as 16-byte chunks (`N` = 8);
 /// `out` `[batch, tokens, q_heads, head_dim]`. Grid: (query blocks, KV heads x cubes per
 /// group, batch).
 #[cube(
@@ -149,9 +160,9 @@ fn load_tile<N: Size>(
 )]
 #[allow(clippy::too_many_arguments)]
 fn prefill_attention_kernel<F: Float, N: Size>(
-    q: &Array<Vector<u32, N>>,
-    k: &Array<Vector<u32, N>>,
-    v: &Array<Vector<u32, N>>,
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
     out: &mut Array<F>,
     tokens: u32,
     q_heads: u32,
@@ -171,11 +182,15 @@ fn prefill_attention_kernel<F: Float, N: Size>(
     let key_tiles = comptime!(plan.keys / 8);
     let key_steps = comptime!(plan.keys / 16);
     let row_chunks = comptime!(plan.head_dim / CHUNK);
-    let size!(E) = CHUNK;
     let size!(P) = 2usize;
 
     let mut q_s = SharedMemory::<F>::new_aligned(comptime!(PLANES * ROWS * plan.row()), 16usize);
-    let mut kv_s = SharedMemory::<F>::new_aligned(comptime!(2 * plan.keys * plan.row()), 16usize);
+    // Two buffers, each a K tile then a V tile, in 16-byte chunks (the copies' unit; the
+    // `ldmatrix` addresses are whole chunks too).
+    let buffer = comptime!(2 * plan.keys * plan.row() / CHUNK);
+    let mut kv_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(2 * buffer), 16usize);
+    let bar0 = Barrier::shared(UNITS as u32, UNIT_POS == 0);
+    let bar1 = Barrier::shared(UNITS as u32, UNIT_POS == 0);
 
     let n = tokens as usize;
     let b = CUBE_POS_Z as usize;
@@ -201,17 +216,17 @@ fn prefill_attention_kernel<F: Float, N: Size>(
         let mut view = q_s
             .slice_mut(q0, q0 + ROWS * row)
             .into_vectorized()
-            .with_vector_size::<E>();
+            .with_vector_size::<N>();
         #[unroll]
         for u in 0..comptime!(ROWS * plan.head_dim / CHUNK / 32) {
             let i = lane + 32 * u;
             let r = i / row_chunks;
             let t = t_plane + r;
-            let mut x = Vector::<u32, N>::zeroed();
+            let mut x = Vector::<F, N>::zeroed();
             if t < n {
                 x = q[((b * n + t) * q_heads as usize + head) * row_chunks + i % row_chunks];
             }
-            view[r * (row / CHUNK) + i % row_chunks] = Vector::<F, E>::reinterpret(x);
+            view[r * (row / CHUNK) + i % row_chunks] = x;
         }
     }
 
@@ -232,39 +247,41 @@ fn prefill_attention_kernel<F: Float, N: Size>(
 
     let stream0 = (b * kv_heads + kv_head) * n;
     let plane_last = t_plane + ROWS - 1;
-    let v_tile = comptime!(plan.keys * plan.row());
+    let v_tile = comptime!(plan.keys * plan.row() / CHUNK);
     let tiles = q_end.div_ceil(keys);
-    // Step 1's registers: this unit's chunks of the next tile's keys and values, loaded while
-    // the cube computes on the current one.
-    let per_unit = comptime!(plan.tile_chunks().div_ceil(UNITS));
-    let mut ks = Array::<Vector<u32, N>>::new(per_unit);
-    let mut vs = Array::<Vector<u32, N>>::new(per_unit);
-    load_tile::<N>(k, v, &mut ks, &mut vs, stream0, 0usize, n, plan);
+    // Step 1 for the first tile; the barriers exist for every unit once the cube has synced.
+    sync_cube();
+    issue_tile::<F, N>(k, v, &mut kv_s, 0usize, stream0, 0usize, n, plan);
+    bar0.commit_copy_async();
     for kt in 0..tiles {
         let k0 = kt * keys;
-        // Step 1: stage keys and values k0..k0 + keys (the previous tile's readers are done),
-        // then start loading the next tile.
-        sync_cube();
-        {
-            let mut view = kv_s
-                .slice_mut(0, comptime!(2 * plan.keys * plan.row()))
-                .into_vectorized()
-                .with_vector_size::<E>();
-            #[unroll]
-            for u in 0..per_unit {
-                let i = UNIT_POS as usize + UNITS * u;
-                let at = (i / row_chunks) * (row / CHUNK) + i % row_chunks;
-                if i < comptime!(plan.tile_chunks()) {
-                    view[at] = Vector::<F, E>::reinterpret(ks[u]);
-                    view[at + comptime!(plan.keys * plan.row() / CHUNK)] =
-                        Vector::<F, E>::reinterpret(vs[u]);
-                }
-            }
-        }
+        let cur = kt % 2;
+        // The other buffer was read by the previous tile: once every plane is done with it,
+        // the next tile's copies go there while this one is computed.
         sync_cube();
         if kt + 1 < tiles {
-            load_tile::<N>(k, v, &mut ks, &mut vs, stream0, k0 + keys, n, plan);
+            issue_tile::<F, N>(
+                k,
+                v,
+                &mut kv_s,
+                (1 - cur) * buffer,
+                stream0,
+                k0 + keys,
+                n,
+                plan,
+            );
+            if cur == 0 {
+                bar1.commit_copy_async();
+            } else {
+                bar0.commit_copy_async();
+            }
         }
+        if cur == 0 {
+            bar0.arrive_and_wait();
+        } else {
+            bar1.arrive_and_wait();
+        }
+        let kb = cur * buffer;
 
         if k0 <= plane_last {
             // Step 2: scores, per 8-key tile rows g and g + 8 at keys 2c, 2c + 1.
@@ -287,11 +304,11 @@ fn prefill_attention_kernel<F: Float, N: Size>(
                 for np in 0..comptime!(key_tiles / 2) {
                     // Two 8-key tiles per load: lanes 8m..8m + 8 give matrix m, key
                     // 16 np + 8 (m / 2) + l % 8 at channels 16 ks + 8 (m % 2).
-                    let ka = (np * 16 + (lane / 16) * 8 + lane % 8) * row
-                        + ks * 16
-                        + ((lane / 8) % 2) * 8;
-                    let bk = def.load_matrix::<F, P>(
-                        &kv_s.slice(ka, ka + CHUNK),
+                    let ka = kb
+                        + ((np * 16 + (lane / 16) * 8 + lane % 8) * row + ks * 16) / CHUNK
+                        + (lane / 8) % 2;
+                    let bk = def.load_matrix::<Vector<F, N>, P>(
+                        &kv_s.slice(ka, ka + 1),
                         MatrixIdent::B,
                         4usize,
                         false,
@@ -374,9 +391,9 @@ fn prefill_attention_kernel<F: Float, N: Size>(
                 for kp in 0..comptime!(key_steps / 2) {
                     // ldmatrix.x4.trans: lane l gives key row 32 kp + l at channels 8 dt..;
                     // matrices 0, 1 are key step 2 kp, matrices 2, 3 key step 2 kp + 1.
-                    let va = v_tile + (kp * 32 + lane) * row + dt * 8;
-                    let bv = def.load_matrix::<F, P>(
-                        &kv_s.slice(va, va + CHUNK),
+                    let va = kb + v_tile + ((kp * 32 + lane) * row) / CHUNK + dt;
+                    let bv = def.load_matrix::<Vector<F, N>, P>(
+                        &kv_s.slice(va, va + 1),
                         MatrixIdent::B,
                         4usize,
                         true,
@@ -513,7 +530,7 @@ pub fn prefill_attention<R: Runtime, F: FloatElement>(
             client,
             count,
             CubeDim::new_1d(UNITS as u32),
-            4,
+            CHUNK,
             arr(q, 16),
             arr(k, 16),
             arr(v, 16),
