@@ -3,7 +3,7 @@
 //! keys and values are staged once for every query head of its group, never repeated).
 //!
 //! One cube takes a block of query tokens for up to [`PLANES`] query heads of one KV group;
-//! each plane owns [`ROWS`] query rows (one head, 16 consecutive tokens). The cube walks the
+//! each plane owns [`ROWS`] query rows (one head, 32 consecutive tokens, two 16-row products). The cube walks the
 //! keys its queries may see in tiles of [`KEYS`], each tile in named steps:
 //!
 //! 1. **Stage**: the tile's K and V rows, 16-byte asynchronous copies (`cp.async`) issued by
@@ -38,23 +38,26 @@ use crate::error::{KernelError, Result};
 use crate::{FloatElement, MmaApi, check_type_supported, has_mma};
 use sparsekv_format::PromptShape;
 
-/// Query rows per plane: the `M` of both products.
-const ROWS: usize = 16;
+/// Query rows per plane: [`M_TILES`] products of 16 rows each, which share every key and
+/// value fragment (FlashAttention-2's 32 rows per warp: half the shared-memory reads per
+/// product of 16 rows).
+const ROWS: usize = 16 * M_TILES;
+/// 16-row products per plane.
+const M_TILES: usize = 2;
 /// Planes per cube.
 const PLANES: usize = 4;
 /// Units per cube.
 const UNITS: usize = 32 * PLANES;
 /// Keys per tile (the plan's `keys`): `keys / 8` products wide in the scores, `keys / 16`
-/// deep in the values. `SPARSEKV_PREFILL_KEYS=32` (a tuning knob for benchmarks) takes
-/// smaller tiles: fewer registers, twice the barriers per key (slower on the H100: 45.0
-/// against 39.4 ms for a layer at T = 32K).
-const KEYS: usize = 64;
+/// deep in the values. 32 keeps the scores of two 16-row products in registers beside their
+/// outputs; `SPARSEKV_PREFILL_KEYS=64` (a tuning knob for benchmarks) takes larger tiles.
+const KEYS: usize = 32;
 /// 16-bit elements per 16-byte chunk.
 const CHUNK: usize = 8;
 /// Padding of a staged row, in elements.
 const ROW_PAD: usize = CHUNK;
-/// The largest head_dim: a lane keeps `head_dim / 4` output accumulators and `keys / 2`
-/// scores in registers.
+/// The largest head_dim: a lane keeps `M_TILES * head_dim / 4` output accumulators and
+/// `M_TILES * keys / 2` scores in registers.
 const MAX_HEAD_DIM: usize = 128;
 
 /// Static launch parameters.
@@ -76,7 +79,7 @@ impl PrefillPlan {
             .find(|h| shape.group().is_multiple_of(*h))
             .unwrap_or(1);
         let keys = match std::env::var("SPARSEKV_PREFILL_KEYS").as_deref() {
-            Ok("32") => 32,
+            Ok("64") => 64,
             _ => KEYS,
         };
         PrefillPlan {
@@ -218,7 +221,7 @@ fn prefill_attention_kernel<F: Float, N: Size>(
             .into_vectorized()
             .with_vector_size::<N>();
         #[unroll]
-        for u in 0..comptime!(ROWS * plan.head_dim / CHUNK / 32) {
+        for u in 0..comptime!((ROWS * plan.head_dim / CHUNK).div_ceil(32)) {
             let i = lane + 32 * u;
             let r = i / row_chunks;
             let t = t_plane + r;
@@ -231,16 +234,18 @@ fn prefill_attention_kernel<F: Float, N: Size>(
     }
 
     let def = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
-    // Output accumulators: per 8-channel tile, rows g and g + 8 at channels 2c, 2c + 1.
-    let mut o = Array::<Vector<f32, P>>::new(comptime!(2 * d_tiles));
+    // Output accumulators: per 16-row product `mt` and 8-channel tile `dt`, rows
+    // 16 mt + g and 16 mt + g + 8 at channels 2c, 2c + 1: `o[(mt d_tiles + dt) 2 + r]`.
+    let mut o = Array::<Vector<f32, P>>::new(comptime!(2 * M_TILES * d_tiles));
     #[unroll]
-    for i in 0..comptime!(2 * d_tiles) {
+    for i in 0..comptime!(2 * M_TILES * d_tiles) {
         o[i] = Vector::<f32, P>::zeroed();
     }
-    let mut m_run = Array::<f32>::new(2usize);
-    let mut l_run = Array::<f32>::new(2usize);
+    // Softmax state of row 16 mt + g + 8 r at `2 mt + r`.
+    let mut m_run = Array::<f32>::new(comptime!(2 * M_TILES));
+    let mut l_run = Array::<f32>::new(comptime!(2 * M_TILES));
     #[unroll]
-    for r in 0..2usize {
+    for r in 0..comptime!(2 * M_TILES) {
         m_run[r] = f32::new(-3.0e38);
         l_run[r] = 0.0;
     }
@@ -284,22 +289,35 @@ fn prefill_attention_kernel<F: Float, N: Size>(
         let kb = cur * buffer;
 
         if k0 <= plane_last {
-            // Step 2: scores, per 8-key tile rows g and g + 8 at keys 2c, 2c + 1.
-            let mut s = Array::<Vector<f32, P>>::new(comptime!(2 * key_tiles));
+            // Step 2: scores, per product `mt` and 8-key tile `nt` rows 16 mt + g and
+            // 16 mt + g + 8 at keys 2c, 2c + 1: `s[(mt key_tiles + nt) 2 + r]`.
+            let mut s = Array::<Vector<f32, P>>::new(comptime!(2 * M_TILES * key_tiles));
             #[unroll]
-            for i in 0..comptime!(2 * key_tiles) {
+            for i in 0..comptime!(2 * M_TILES * key_tiles) {
                 s[i] = Vector::<f32, P>::zeroed();
             }
             #[unroll]
             for ks in 0..steps {
-                // Lane l gives query row l % 16, channels 16 ks + 8 (l / 16).
-                let qa = plane * ROWS * row + (lane % 16) * row + ks * 16 + (lane / 16) * 8;
-                let a = def.load_matrix::<F, P>(
-                    &q_s.slice(qa, qa + CHUNK),
-                    MatrixIdent::A,
-                    4usize,
-                    false,
-                );
+                // Per product: lane l gives query row 16 mt + l % 16, channels
+                // 16 ks + 8 (l / 16).
+                let mut qf = Array::<Vector<F, P>>::new(comptime!(4 * M_TILES));
+                #[unroll]
+                for mt in 0..M_TILES {
+                    let qa = plane * ROWS * row
+                        + (mt * 16 + lane % 16) * row
+                        + ks * 16
+                        + (lane / 16) * 8;
+                    let a = def.load_matrix::<F, P>(
+                        &q_s.slice(qa, qa + CHUNK),
+                        MatrixIdent::A,
+                        4usize,
+                        false,
+                    );
+                    #[unroll]
+                    for i in 0..4usize {
+                        qf[4 * mt + i] = a[i];
+                    }
+                }
                 #[unroll]
                 for np in 0..comptime!(key_tiles / 2) {
                     // Two 8-key tiles per load: lanes 8m..8m + 8 give matrix m, key
@@ -319,63 +337,77 @@ fn prefill_attention_kernel<F: Float, N: Size>(
                         let mut bn = Array::<Vector<F, P>>::new(2usize);
                         bn[0] = bk[2 * half];
                         bn[1] = bk[2 * half + 1];
-                        let mut acc = Array::<Vector<f32, P>>::new(2usize);
-                        acc[0] = s[2 * nt];
-                        acc[1] = s[2 * nt + 1];
-                        def.execute_inplace(&a, &bn, &mut acc);
-                        s[2 * nt] = acc[0];
-                        s[2 * nt + 1] = acc[1];
+                        #[unroll]
+                        for mt in 0..M_TILES {
+                            let mut a = Array::<Vector<F, P>>::new(4usize);
+                            #[unroll]
+                            for i in 0..4usize {
+                                a[i] = qf[4 * mt + i];
+                            }
+                            let at = (mt * key_tiles + nt) * 2;
+                            let mut acc = Array::<Vector<f32, P>>::new(2usize);
+                            acc[0] = s[at];
+                            acc[1] = s[at + 1];
+                            def.execute_inplace(&a, &bn, &mut acc);
+                            s[at] = acc[0];
+                            s[at + 1] = acc[1];
+                        }
                     }
                 }
             }
 
-            // Step 3: softmax state of rows g (r = 0) and g + 8 (r = 1).
+            // Step 3: softmax state of rows 16 mt + g (r = 0) and 16 mt + g + 8 (r = 1).
             let masked = k0 + keys > t_plane;
             #[unroll]
-            for r in 0..2usize {
-                let t = t_plane + g + 8 * r;
+            for mr in 0..comptime!(2 * M_TILES) {
+                let (mt, r) = (mr / 2, mr % 2);
+                let t = t_plane + mt * 16 + g + 8 * r;
                 let mut mx = f32::new(-3.0e38);
                 #[unroll]
                 for nt in 0..key_tiles {
-                    let mut x = s[2 * nt + r];
+                    let at = (mt * key_tiles + nt) * 2 + r;
+                    let mut x = s[at];
                     if masked {
                         let j = k0 + nt * 8 + 2 * c;
                         x[0] = select(j <= t, x[0], f32::new(-3.0e38));
                         x[1] = select(j < t, x[1], f32::new(-3.0e38));
-                        s[2 * nt + r] = x;
+                        s[at] = x;
                     }
                     mx = max(mx, max(x[0], x[1]));
                 }
                 mx = max(mx, plane_shuffle_xor(mx, 1u32));
                 mx = max(mx, plane_shuffle_xor(mx, 2u32));
-                let m_new = max(m_run[r], mx);
-                let alpha = Exp::exp((m_run[r] - m_new) * scale);
-                m_run[r] = m_new;
+                let m_new = max(m_run[mr], mx);
+                let alpha = Exp::exp((m_run[mr] - m_new) * scale);
+                m_run[mr] = m_new;
                 let mut sum = 0.0f32;
                 #[unroll]
                 for nt in 0..key_tiles {
-                    let x = s[2 * nt + r];
+                    let at = (mt * key_tiles + nt) * 2 + r;
+                    let x = s[at];
                     let mut p = Vector::<f32, P>::empty();
                     p[0] = Exp::exp((x[0] - m_new) * scale);
                     p[1] = Exp::exp((x[1] - m_new) * scale);
                     sum += p[0] + p[1];
-                    s[2 * nt + r] = p;
+                    s[at] = p;
                 }
-                l_run[r] = l_run[r] * alpha + sum;
+                l_run[mr] = l_run[mr] * alpha + sum;
                 #[unroll]
                 for dt in 0..d_tiles {
-                    let mut x = o[2 * dt + r];
+                    let at = (mt * d_tiles + dt) * 2 + r;
+                    let mut x = o[at];
                     x[0] *= alpha;
                     x[1] *= alpha;
-                    o[2 * dt + r] = x;
+                    o[at] = x;
                 }
             }
 
-            // Step 4: O += P V, 16 keys per product. A of key step kk: rows g, g + 8 at keys
-            // 16 kk + 2c.. (score tile 2 kk) and 16 kk + 8 + 2c.. (score tile 2 kk + 1).
-            let mut pa = Array::<Vector<F, P>>::new(comptime!(4 * key_steps));
+            // Step 4: O += P V, 16 keys per product. A of product mt, key step kk: rows
+            // 16 mt + g, + 8 at keys 16 kk + 2c.. (score tile 2 kk) and 16 kk + 8 + 2c..
+            // (score tile 2 kk + 1): `pa[(mt key_steps + kk) 4 + i] = s[..same..]`.
+            let mut pa = Array::<Vector<F, P>>::new(comptime!(4 * M_TILES * key_steps));
             #[unroll]
-            for i in 0..comptime!(4 * key_steps) {
+            for i in 0..comptime!(4 * M_TILES * key_steps) {
                 let x = s[i];
                 let mut y = Vector::<F, P>::empty();
                 y[0] = F::cast_from(x[0]);
@@ -384,9 +416,6 @@ fn prefill_attention_kernel<F: Float, N: Size>(
             }
             #[unroll]
             for dt in 0..d_tiles {
-                let mut acc = Array::<Vector<f32, P>>::new(2usize);
-                acc[0] = o[2 * dt];
-                acc[1] = o[2 * dt + 1];
                 #[unroll]
                 for kp in 0..comptime!(key_steps / 2) {
                     // ldmatrix.x4.trans: lane l gives key row 32 kp + l at channels 8 dt..;
@@ -401,36 +430,44 @@ fn prefill_attention_kernel<F: Float, N: Size>(
                     #[unroll]
                     for half in 0..2usize {
                         let kk = 2 * kp + half;
-                        let mut ap = Array::<Vector<F, P>>::new(4usize);
-                        #[unroll]
-                        for i in 0..4usize {
-                            ap[i] = pa[4 * kk + i];
-                        }
                         let mut bn = Array::<Vector<F, P>>::new(2usize);
                         bn[0] = bv[2 * half];
                         bn[1] = bv[2 * half + 1];
-                        def.execute_inplace(&ap, &bn, &mut acc);
+                        #[unroll]
+                        for mt in 0..M_TILES {
+                            let mut ap = Array::<Vector<F, P>>::new(4usize);
+                            #[unroll]
+                            for i in 0..4usize {
+                                ap[i] = pa[(mt * key_steps + kk) * 4 + i];
+                            }
+                            let at = (mt * d_tiles + dt) * 2;
+                            let mut acc = Array::<Vector<f32, P>>::new(2usize);
+                            acc[0] = o[at];
+                            acc[1] = o[at + 1];
+                            def.execute_inplace(&ap, &bn, &mut acc);
+                            o[at] = acc[0];
+                            o[at + 1] = acc[1];
+                        }
                     }
                 }
-                o[2 * dt] = acc[0];
-                o[2 * dt + 1] = acc[1];
             }
         }
     }
 
     // Normalise by the row sums (reduced over the row's four lanes) and write the real rows.
     #[unroll]
-    for r in 0..2usize {
-        let mut l = l_run[r];
+    for mr in 0..comptime!(2 * M_TILES) {
+        let (mt, r) = (mr / 2, mr % 2);
+        let mut l = l_run[mr];
         l += plane_shuffle_xor(l, 1u32);
         l += plane_shuffle_xor(l, 2u32);
-        let t = t_plane + g + 8 * r;
+        let t = t_plane + mt * 16 + g + 8 * r;
         if t < n {
             let inv = 1.0 / l;
             let base = ((b * n + t) * q_heads as usize + head) * d;
             #[unroll]
             for dt in 0..d_tiles {
-                let x = o[2 * dt + r];
+                let x = o[(mt * d_tiles + dt) * 2 + r];
                 out[base + dt * 8 + 2 * c] = F::cast_from(x[0] * inv);
                 out[base + dt * 8 + 2 * c + 1] = F::cast_from(x[1] * inv);
             }
