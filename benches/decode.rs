@@ -185,12 +185,13 @@ fn prefill(shapes: &[(usize, usize)], layers: usize) {
     println!(
         "\nExact prefill, Llama-3-8B shape with {layers} layers, f16, {}, bare backend, sparse caches \
          s = 0.7; weights {:.2} GB (embedding included); device memory CubeCL holds with the model \
-         loaded: {:.2} GB\n\n\
+         loaded: {:.2} GB ({:.2} GB of it in use by live buffers)\n\n\
          | B | T | prefill s | prompt tokens/s | peak GB (CubeCL's pools after) | weights + final cache GB | bar: weights + cache + 4 GB |\n\
          |---|---|---|---|---|---|---|",
         backend_name(),
         gb(weights),
-        gb(reserved())
+        gb(reserved()),
+        gb(client.memory_usage().map_or(0, |u| u.bytes_in_use) as f64)
     );
     for &(batch, tokens) in shapes {
         // Token ids spread over the vocabulary, different per sequence.

@@ -752,6 +752,47 @@ fn blockwise_prefill_matches_one_block() {
     }
 }
 
+/// The feed-forward block in chunks of rows (what keeps a long prompt's largest transient
+/// small) gives the logits of one piece, for a ragged batch on stories260K.
+#[test]
+fn feed_forward_in_chunks_matches_one_piece() {
+    let (mut model, tok) = stories::<B>();
+    let c = model.config().clone();
+    let device = Default::default();
+    let long = tok
+        .encode(
+            "Once upon a time, there was a little girl named Lily who loved to play",
+            true,
+        )
+        .expect("encode");
+    let short = &long[..5];
+    let mut logits = |rows: usize| {
+        model.set_ffn_rows(rows);
+        let cfg = config(&model, 0.0);
+        let mut caches = LayerCaches::<DenseKvCache<B>>::dense(c.n_layers, &cfg, &device)
+            .expect("caches")
+            .into_layers();
+        model
+            .prefill_batch(&[&long, short], &mut caches)
+            .expect("prefill")
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32")
+    };
+    let whole = logits(usize::MAX);
+    let chunked = logits(7);
+    let largest = whole.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let worst = whole
+        .iter()
+        .zip(&chunked)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        largest > 0.0 && chunked.iter().all(|x| x.is_finite()) && worst <= 1e-4 * largest,
+        "max difference {worst} (largest logit {largest})"
+    );
+}
+
 /// A decode step runs at the position its caches hold (the caches are the one record of
 /// positions): prefilling a prompt and decoding one more token gives that token the logits a
 /// prefill of the longer prompt gives it; caches whose layers hold different tokens are

@@ -47,6 +47,8 @@ pub struct Llama<B: SparseKvBackend> {
     /// Query rows per block of prefill attention (`None`: the backend's prompt attention
     /// kernel where it has one, else blocks sized from [`PREFILL_SCORE_BUDGET`]).
     prefill_block: Option<usize>,
+    /// Token rows the feed-forward block takes at a time ([`FFN_ROWS`] by default).
+    ffn_rows: usize,
 }
 
 /// Score elements one block of prefill attention may hold (`batch x heads x block x keys`,
@@ -54,6 +56,9 @@ pub struct Llama<B: SparseKvBackend> {
 /// `budget / (batch x heads x n)` queries (at least 16), so prefill memory grows as
 /// O(block x n), not O(n^2).
 pub const PREFILL_SCORE_BUDGET: usize = 1 << 26;
+
+/// Token rows the feed-forward block takes at a time by default ([`Llama::set_ffn_rows`]).
+pub const FFN_ROWS: usize = 8192;
 
 impl<B: SparseKvBackend> std::fmt::Debug for Llama<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -172,6 +177,7 @@ impl<B: SparseKvBackend> Llama<B> {
             rope_cos,
             rope_sin,
             prefill_block: None,
+            ffn_rows: FFN_ROWS,
         })
     }
 
@@ -219,6 +225,7 @@ impl<B: SparseKvBackend> Llama<B> {
             rope_cos,
             rope_sin,
             prefill_block: None,
+            ffn_rows: FFN_ROWS,
         })
     }
 
@@ -234,6 +241,13 @@ impl<B: SparseKvBackend> Llama<B> {
     /// rounding; smaller blocks use less memory and launch more.
     pub fn set_prefill_block(&mut self, queries: Option<usize>) {
         self.prefill_block = queries.map(|q| q.max(1));
+    }
+
+    /// Sets the token rows the feed-forward block takes at a time (at least 1; default
+    /// [`FFN_ROWS`]): a prompt's largest transient, the gate and up projection, holds that
+    /// many rows. Results do not depend on it beyond rounding.
+    pub fn set_ffn_rows(&mut self, rows: usize) {
+        self.ffn_rows = rows.max(1);
     }
 
     /// Causal attention of a whole prompt: `q` `[b, n, h, hd]`, `k` and `v`
@@ -421,7 +435,29 @@ impl<B: SparseKvBackend> Llama<B> {
         }
     }
 
+    /// The feed-forward block with its residual, `x` `[b, n, dim]`. A prompt's rows go through
+    /// it `ffn_rows` at a time (it is per token, so the result is the same), so its largest
+    /// transient, the gate and up projection (`2 * hidden` per row), stays that size
+    /// (Llama-3-8B, 32K tokens: 0.47 GB instead of 1.9 GB).
     fn feed_forward(&self, x: Tensor<B, 3>, l: &Layer<B>) -> Result<Tensor<B, 3>> {
+        let [b, n, dim] = x.dims();
+        let step = self.ffn_rows;
+        if b * n <= step {
+            return self.feed_forward_rows(x, l);
+        }
+        let rows = x.reshape([1, b * n, dim]);
+        let chunks = (0..b * n)
+            .step_by(step)
+            .map(|r0| {
+                let r1 = (r0 + step).min(b * n);
+                self.feed_forward_rows(rows.clone().slice([0..1, r0..r1, 0..dim]), l)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(chunks, 1).reshape([b, n, dim]))
+    }
+
+    /// [`Self::feed_forward`] of `x` `[b, n, dim]` in one piece.
+    fn feed_forward_rows(&self, x: Tensor<B, 3>, l: &Layer<B>) -> Result<Tensor<B, 3>> {
         let h = self.rms_norm(x.clone(), &l.ffn_norm)?;
         // [b, n, 2 * hidden]: the gate, then the up projection.
         let gate_up = self.project(h, &l.w13, None)?;

@@ -3,14 +3,15 @@
 //! keys and values are staged once for every query head of its group, never repeated).
 //!
 //! One cube takes a block of query tokens for up to [`PLANES`] query heads of one KV group;
-//! each plane owns [`ROWS`] query rows (one head, 32 consecutive tokens, two 16-row products). The cube walks the
+//! each plane owns [`ROWS`] query rows (one head, 32 consecutive tokens: two 16-row products
+//! that share every key and value fragment, FlashAttention-2's layout). The cube walks the
 //! keys its queries may see in tiles of [`KEYS`], each tile in named steps:
 //!
 //! 1. **Stage**: the tile's K and V rows, 16-byte asynchronous copies (`cp.async`) issued by
 //!    the whole cube into one of two shared buffers while it computes on the other, and
 //!    waited for on that buffer's barrier; rows padded by one chunk so that the eight rows of
 //!    an `ldmatrix` start in different banks; rows past the prompt are zeros (empty copies).
-//! 2. **Scores**: per plane, `S = Q K^T` (16 rows x `keys`) with `head_dim / 16` x
+//! 2. **Scores**: per plane, `S = Q K^T` (32 rows x `keys`) with 2 x `head_dim / 16` x
 //!    `keys / 8` 16x8x16 products; the plane's queries (staged once) by `ldmatrix`, the keys by
 //!    `ldmatrix.x4` as the `B` operand of two products.
 //! 3. **Softmax state**: the causal mask where the tile reaches past the plane's first query,
