@@ -768,7 +768,7 @@ fn feed_forward_in_chunks_matches_one_piece() {
     let short = &long[..5];
     let mut logits = |rows: usize| {
         model.set_ffn_rows(rows);
-        let cfg = config(&model, 0.0);
+        let cfg = KvCacheConfig::new(2, c.n_kv_heads, c.head_dim(), c.max_seq);
         let mut caches = LayerCaches::<DenseKvCache<B>>::dense(c.n_layers, &cfg, &device)
             .expect("caches")
             .into_layers();

@@ -198,30 +198,40 @@ impl<B: SparseKvBackend> Llama<B> {
                 c.dim, c.n_heads, c.n_kv_heads
             )));
         }
-        let normal = || Distribution::Normal(0.0, 0.02);
-        let matrix =
-            |rows: usize, cols: usize| Tensor::<B, 2>::random([rows, cols], normal(), device);
-        let ones = |n: usize| Tensor::<B, 1>::ones([n], device);
-        let (dim, hidden) = (c.dim, c.hidden_dim);
-        let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
-        let layers = (0..c.n_layers)
-            .map(|_| Layer {
-                attn_norm: ones(dim),
-                wqkv: matrix(q_dim + 2 * kv_dim, dim),
-                wo: matrix(dim, q_dim),
-                ffn_norm: ones(dim),
-                w13: matrix(2 * hidden, dim),
-                w2: matrix(dim, hidden),
-            })
-            .collect();
+        // The weights live as long as the model: persistent memory where the backend has it
+        // (exact-size buffers, no pooled page tails left reserved).
+        let (layers, embedding, final_norm, lm_head) = B::persistent_memory(device, || {
+            let normal = || Distribution::Normal(0.0, 0.02);
+            let matrix =
+                |rows: usize, cols: usize| Tensor::<B, 2>::random([rows, cols], normal(), device);
+            let ones = |n: usize| Tensor::<B, 1>::ones([n], device);
+            let (dim, hidden) = (c.dim, c.hidden_dim);
+            let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
+            let layers: Vec<Layer<B>> = (0..c.n_layers)
+                .map(|_| Layer {
+                    attn_norm: ones(dim),
+                    wqkv: matrix(q_dim + 2 * kv_dim, dim),
+                    wo: matrix(dim, q_dim),
+                    ffn_norm: ones(dim),
+                    w13: matrix(2 * hidden, dim),
+                    w2: matrix(dim, hidden),
+                })
+                .collect();
+            (
+                layers,
+                matrix(c.vocab_size, dim),
+                ones(dim),
+                matrix(c.vocab_size, dim),
+            )
+        })?;
         let (rope_cos, rope_sin) = rope_tables(c, device);
         Ok(Llama {
             config: c.clone(),
             device: device.clone(),
-            embedding: matrix(c.vocab_size, dim),
+            embedding,
             layers,
-            final_norm: ones(dim),
-            lm_head: matrix(c.vocab_size, dim),
+            final_norm,
+            lm_head,
             rope_cos,
             rope_sin,
             prefill_block: None,

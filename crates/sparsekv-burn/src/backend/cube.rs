@@ -115,6 +115,15 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         None
     }
 
+    fn persistent_memory<T: Send>(
+        device: &Self::Device,
+        make: impl FnOnce() -> T + Send,
+    ) -> Result<T> {
+        R::client(device)
+            .memory_persistent_allocation((), |()| make())
+            .map_err(|e| KvCacheError::Invalid(format!("persistent allocation: {e:?}")))
+    }
+
     fn kv_write_rows(
         pairs: &[(FloatTensor<Self>, &Self::KvBuffer)],
         value_type: ValueType,
