@@ -752,10 +752,11 @@ fn blockwise_prefill_matches_one_block() {
     }
 }
 
-/// The feed-forward block in chunks of rows (what keeps a long prompt's largest transient
-/// small) gives the logits of one piece, for a ragged batch on stories260K.
+/// A prompt's per-token blocks (QKV projection with RoPE, feed-forward) in chunks of rows
+/// (what keeps a long prompt's transients small) give the logits of one piece, for a ragged
+/// batch on stories260K.
 #[test]
-fn feed_forward_in_chunks_matches_one_piece() {
+fn prompt_blocks_in_chunks_match_one_piece() {
     let (mut model, tok) = stories::<B>();
     let c = model.config().clone();
     let device = Default::default();
@@ -767,7 +768,7 @@ fn feed_forward_in_chunks_matches_one_piece() {
         .expect("encode");
     let short = &long[..5];
     let mut logits = |rows: usize| {
-        model.set_ffn_rows(rows);
+        model.set_prompt_rows(rows);
         let cfg = KvCacheConfig::new(2, c.n_kv_heads, c.head_dim(), c.max_seq);
         let mut caches = LayerCaches::<DenseKvCache<B>>::dense(c.n_layers, &cfg, &device)
             .expect("caches")
