@@ -31,6 +31,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Client, Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use sparsekv_format::{PromptShape, Sparsity, ValueType};
+use sparsekv_kernels::SkinnyShape;
 
 use super::{
     CompressTarget, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
@@ -217,6 +218,43 @@ fn inner_inputs<B: FusionBackend>(inputs: &[TensorIr], handles: &mut Handles<B>)
         .iter()
         .map(|ir| handles.get_float_tensor::<B>(ir))
         .collect()
+}
+
+/// The inner backend's `x · wᵀ (+ residual)`: its skinny or its prompt matmul.
+type Projection<B> = fn(Inner<B>, Inner<B>, Option<Inner<B>>) -> Result<Inner<B>>;
+
+/// Queues the projection `name`, `x · wᵀ (+ residual)` of checked `shape`, that `run` (the
+/// inner backend's skinny or prompt matmul) computes when the stream gets to it.
+fn queue_projection<B: FusionBackend + SparseKvBackend>(
+    name: &'static str,
+    [x, w]: [Token<B>; 2],
+    residual: Option<Token<B>>,
+    value_type: ValueType,
+    shape: SkinnyShape,
+    run: Projection<B>,
+) -> Result<Token<B>> {
+    let client = x.client.clone();
+    let inputs = [Some(x), Some(w), residual].into_iter().flatten().collect();
+    let outputs = queue::<B, _>(
+        &client,
+        name,
+        inputs,
+        &[vec![shape.m, shape.n]],
+        value_type,
+        &[],
+        move |inputs, outputs, handles| {
+            let mut inputs = inner_inputs::<B>(inputs, handles).into_iter();
+            let (Some(x), Some(w)) = (inputs.next(), inputs.next()) else {
+                return Err(KvCacheError::Invalid(format!(
+                    "a queued {name} lost its operands"
+                )));
+            };
+            let out = run(x, w, inputs.next())?;
+            register_outputs::<B>(outputs, handles, [out]);
+            Ok(())
+        },
+    )?;
+    single(outputs)
 }
 
 /// Hands a queued operation's results to the stream as its own output tensors.
@@ -411,28 +449,14 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         residual: Option<FloatTensor<Self>>,
     ) -> Result<FloatTensor<Self>> {
         let (value_type, shape) = skinny_plan(&x, &w, residual.as_ref())?;
-        let client = x.client.clone();
-        let inputs = [Some(x), Some(w), residual].into_iter().flatten().collect();
-        let outputs = queue::<B, _>(
-            &client,
+        queue_projection::<B>(
             "sparsekv_skinny_matmul",
-            inputs,
-            &[vec![shape.m, shape.n]],
+            [x, w],
+            residual,
             value_type,
-            &[],
-            move |inputs, outputs, handles| {
-                let mut inputs = inner_inputs::<B>(inputs, handles).into_iter();
-                let (Some(x), Some(w)) = (inputs.next(), inputs.next()) else {
-                    return Err(KvCacheError::Invalid(
-                        "a queued skinny matmul lost its operands".into(),
-                    ));
-                };
-                let out = B::skinny_matmul(x, w, inputs.next())?;
-                register_outputs::<B>(outputs, handles, [out]);
-                Ok(())
-            },
-        )?;
-        single(outputs)
+            shape,
+            B::skinny_matmul,
+        )
     }
 
     fn prompt_matmul(
@@ -441,28 +465,14 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         residual: Option<FloatTensor<Self>>,
     ) -> Result<FloatTensor<Self>> {
         let (value_type, shape) = projection_plan(&x, &w, residual.as_ref())?;
-        let client = x.client.clone();
-        let inputs = [Some(x), Some(w), residual].into_iter().flatten().collect();
-        let outputs = queue::<B, _>(
-            &client,
+        queue_projection::<B>(
             "sparsekv_prompt_matmul",
-            inputs,
-            &[vec![shape.m, shape.n]],
+            [x, w],
+            residual,
             value_type,
-            &[],
-            move |inputs, outputs, handles| {
-                let mut inputs = inner_inputs::<B>(inputs, handles).into_iter();
-                let (Some(x), Some(w)) = (inputs.next(), inputs.next()) else {
-                    return Err(KvCacheError::Invalid(
-                        "a queued prompt matmul lost its operands".into(),
-                    ));
-                };
-                let out = B::prompt_matmul(x, w, inputs.next())?;
-                register_outputs::<B>(outputs, handles, [out]);
-                Ok(())
-            },
-        )?;
-        single(outputs)
+            shape,
+            B::prompt_matmul,
+        )
     }
 
     fn rms_norm(
