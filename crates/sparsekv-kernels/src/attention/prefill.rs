@@ -476,10 +476,10 @@ fn prefill_attention_kernel<F: Float, N: Size>(
     }
 }
 
-/// Why [`prefill_attention`] cannot run prompts of `shape` on `client` (the caller computes the attention
-/// another way), or `None` when it can: it needs CUDA with 16x8x16 matrix units for `F` (f16
-/// or bf16), a head_dim that is a multiple of 16 and at most 128, and the shared memory of
-/// its tiles.
+/// Why [`prefill_attention`] cannot run prompts of `shape` on `client` (the caller computes
+/// the attention another way), or `None` when it can: it needs CUDA with 16x8x16 matrix units
+/// for `F` (f16 or bf16), a head_dim that is a multiple of 16 and at most 128, and the shared
+/// memory of its tiles.
 pub fn prefill_attention_unsupported<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
     shape: PromptShape,
