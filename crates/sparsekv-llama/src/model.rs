@@ -60,7 +60,8 @@ pub const PREFILL_SCORE_BUDGET: usize = 1 << 26;
 /// Token rows a prompt's per-token blocks (the QKV projection with RoPE, the feed-forward
 /// block) take at a time by default ([`Llama::set_prompt_rows`]). 4096 keeps every transient
 /// of a Llama-3-8B prefill at most 332 MB (the gate and up projection: 235 MB), the largest
-/// slice CubeCL's pools cut from 1.3 GB pages; a larger one would reserve a 5.3 GB page.
+/// slice CubeCL's pools cut from 1.3 GB pages on an 80 GB device (its page sizes follow the
+/// device's memory); a larger one would reserve a 5.3 GB page there.
 pub const PROMPT_ROWS: usize = 4096;
 
 impl<B: SparseKvBackend> std::fmt::Debug for Llama<B> {
