@@ -211,4 +211,37 @@ mod tests {
             assert_eq!(HeadDim::new(d), Err(FormatError::UnsupportedHeadDim(d)));
         }
     }
+
+    #[test]
+    fn prompt_shapes_are_validated() -> Result<()> {
+        let d = HeadDim::new(128)?;
+        let shape = PromptShape::new(2, 100, 32, 8, d)?;
+        assert_eq!(
+            (
+                shape.batch(),
+                shape.tokens(),
+                shape.q_heads(),
+                shape.kv_heads()
+            ),
+            (2, 100, 32, 8)
+        );
+        assert_eq!((shape.group(), shape.head_dim()), (4, d));
+        // No prompts, no tokens, no heads, or query heads that KV heads do not divide.
+        for (b, n, q, kv) in [
+            (0, 1, 4, 2),
+            (1, 0, 4, 2),
+            (1, 1, 0, 2),
+            (1, 1, 4, 0),
+            (1, 1, 6, 4),
+        ] {
+            assert!(
+                matches!(
+                    PromptShape::new(b, n, q, kv, d),
+                    Err(FormatError::InvalidArgument(_))
+                ),
+                "{b} x {n}, {q} / {kv} heads"
+            );
+        }
+        Ok(())
+    }
 }

@@ -296,3 +296,57 @@ pub fn causal_attention(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Token 0 sees only itself (its output is its value row); token 1 weighs both values by
+    /// the softmax of its two scaled scores; each KV head serves its group of query heads.
+    #[test]
+    fn causal_attention_by_hand() -> Result<()> {
+        let d = HeadDim::new(8)?;
+        let shape = PromptShape::new(1, 2, 2, 1, d)?;
+        let unit = |i: usize| (0..8).map(move |c| if c == i { 1.0 } else { 0.0 });
+        // q [1, 2 tokens, 2 heads, 8]: token 1, head 1 aligns with key 1 (score 2 / sqrt 8).
+        let mut q: Vec<f64> = Vec::new();
+        q.extend(unit(0));
+        q.extend(unit(0));
+        q.extend(unit(0));
+        q.extend(unit(1).map(|x| 2.0 * x));
+        let k: Vec<f64> = unit(0).chain(unit(1)).collect();
+        let v: Vec<f64> = (0..16).map(|i| i as f64).collect();
+        let out = causal_attention(shape, &q, &k, &v)?;
+        // Token 0, both heads: value row 0.
+        assert_eq!(&out[..8], &v[..8]);
+        assert_eq!(&out[8..16], &v[..8]);
+        // Token 1, head 0: scores (1, 0) / sqrt 8; head 1: (0, 2) / sqrt 8.
+        for (head, scores) in [(0, [1.0f64, 0.0]), (1, [0.0, 2.0])] {
+            let s = scores.map(|x| (x / 8f64.sqrt()).exp());
+            let w = [s[0] / (s[0] + s[1]), s[1] / (s[0] + s[1])];
+            for c in 0..8 {
+                let expect = w[0] * v[c] + w[1] * v[8 + c];
+                assert!((out[16 + head * 8 + c] - expect).abs() < 1e-12);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn causal_attention_checks_lengths() -> Result<()> {
+        let shape = PromptShape::new(1, 2, 2, 1, HeadDim::new(8)?)?;
+        let (q, kv) = (vec![0.0; 32], vec![0.0; 16]);
+        assert!(causal_attention(shape, &q, &kv, &kv).is_ok());
+        for (q, k, v) in [
+            (&q[1..], &kv[..], &kv[..]),
+            (&q[..], &kv[1..], &kv[..]),
+            (&q[..], &kv[..], &kv[..8]),
+        ] {
+            assert!(matches!(
+                causal_attention(shape, q, k, v),
+                Err(FormatError::ShapeMismatch { .. })
+            ));
+        }
+        Ok(())
+    }
+}
