@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     CHUNK, FusedModelBackend, ModelBackend, Rt, backend_name, decode_step_host_times,
-    decode_step_times, filled_caches, llama3_8b_shape, median_mean, model_layers, quick,
-    read_bandwidth, sync,
+    decode_step_times, filled_caches, llama3_8b_shape, mean_call_time, median_mean, model_layers,
+    quick, read_bandwidth, sync,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use sparsekv::cache::burn::tensor::{Distribution, Tensor};
@@ -353,13 +353,11 @@ fn matmul_sweep(tokens: usize) {
                 println!("| {name} | {n} x {k} | {label} | unavailable: {e} | - |");
                 continue;
             }
-            sync(&client);
-            let t = Instant::now();
-            for _ in 0..3 {
+            let ms = mean_call_time(&client, 3, || {
                 let _ = launch();
-            }
-            sync(&client);
-            let ms = t.elapsed().as_secs_f64() * 1e3 / 3.0;
+            })
+            .as_secs_f64()
+                * 1e3;
             let flops = 2.0 * (tokens * n * k) as f64;
             println!(
                 "| {name} | {n} x {k} | {label} | {ms:.2} | {:.0} |",
@@ -395,14 +393,11 @@ fn prompt_attention_row(config: &sparsekv::llama::LlamaConfig, batch: usize, tok
         ModelBackend::prompt_attention(q.clone(), k.clone(), v.clone()).expect("prompt attention")
     };
     attend();
-    sync(&client);
-    const REPS: u32 = 5;
-    let t = Instant::now();
-    for _ in 0..REPS {
+    let ms = mean_call_time(&client, 5, || {
         attend();
-    }
-    sync(&client);
-    let ms = t.elapsed().as_secs_f64() * 1e3 / f64::from(REPS);
+    })
+    .as_secs_f64()
+        * 1e3;
     let flops = 4.0 * (batch * h * hd) as f64 * (tokens * (tokens + 1) / 2) as f64;
     println!(
         "| prompt attention kernel, one layer's attention | {batch} | {tokens} | {ms:.2} ms | {:.0} TFLOP/s | - | - |",

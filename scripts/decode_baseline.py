@@ -151,6 +151,23 @@ def main():
         torch.cuda.empty_cache()
 
 
+def mean_ms(fn, reps, before=None):
+    """Mean milliseconds of `reps` back-to-back calls of `fn` (CUDA events), after one warm-up
+    call and `before()` (e.g. resetting the peak-memory statistics)."""
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        if before is not None:
+            before()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(reps):
+            fn()
+        e1.record()
+        torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / reps
+
+
 def prefill(a, layers, embedding, final_norm, lm_head, weight_bytes):
     dev, dt = "cuda", torch.float16
     print(f"\nPyTorch {torch.__version__} prefill, Llama-3-8B shape with {a.layers} layers, "
@@ -174,16 +191,7 @@ def prefill(a, layers, embedding, final_norm, lm_head, weight_bytes):
                                   (kc.copy_(k), vc.copy_(v)), is_causal=True)
             return (rms_norm(x[:, -1], final_norm) @ lm_head.t()).argmax(-1)
 
-        with torch.no_grad():
-            run()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            run()
-            e1.record()
-            torch.cuda.synchronize()
-        sec = e0.elapsed_time(e1) / 1e3
+        sec = mean_ms(run, 1, before=torch.cuda.reset_peak_memory_stats) / 1e3
         peak = torch.cuda.max_memory_allocated() / 1e9
         cache_gb = a.layers * 2 * b * KV_HEADS * t * HEAD_DIM * 2 / 1e9
         print(f"| PyTorch (cuBLAS, SDPA is_causal) | {b} | {t} | {sec:.3f} | {b * t / sec:.0f} "
@@ -195,17 +203,8 @@ def prefill(a, layers, embedding, final_norm, lm_head, weight_bytes):
         q = torch.randn(b, HEADS, t, HEAD_DIM, device=dev, dtype=dt)
         k = torch.randn(b, KV_HEADS, t, HEAD_DIM, device=dev, dtype=dt)
         v = torch.randn(b, KV_HEADS, t, HEAD_DIM, device=dev, dtype=dt)
-        with torch.no_grad():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            torch.cuda.synchronize()
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            reps = 5
-            e0.record()
-            for _ in range(reps):
-                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            e1.record()
-            torch.cuda.synchronize()
-        ms = e0.elapsed_time(e1) / reps
+        ms = mean_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                            enable_gqa=True), 5)
         flops = 4 * b * HEADS * HEAD_DIM * t * (t + 1) / 2
         print(f"| SDPA is_causal, one layer's attention | {b} | {t} | {ms:.2f} ms "
               f"| {flops / ms / 1e9:.0f} TFLOP/s | - | - |", flush=True)
@@ -216,16 +215,7 @@ def prefill(a, layers, embedding, final_norm, lm_head, weight_bytes):
                             ("gate+up", 28672, 4096), ("down", 4096, 14336)]:
             x = torch.randn(b * t, kk, device=dev, dtype=dt)
             w = torch.randn(n, kk, device=dev, dtype=dt) * 0.02
-            with torch.no_grad():
-                x @ w.t()
-                torch.cuda.synchronize()
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                for _ in range(3):
-                    x @ w.t()
-                e1.record()
-                torch.cuda.synchronize()
-            ms = e0.elapsed_time(e1) / 3
+            ms = mean_ms(lambda: x @ w.t(), 3)
             print(f"| cuBLAS {name} {n} x {kk} | {b} | {t} | {ms:.2f} ms "
                   f"| {2 * b * t * n * kk / ms / 1e9:.0f} TFLOP/s | - | - |", flush=True)
             del x, w

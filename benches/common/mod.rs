@@ -108,6 +108,18 @@ pub fn sync(client: &ComputeClient<Rt>) {
     cubecl::future::block_on(client.sync()).expect("device sync");
 }
 
+/// Mean time per call of `reps` back-to-back calls of `call`, the device synchronised before
+/// and after (for calls of tens of milliseconds, already warmed up by the caller).
+pub fn mean_call_time(client: &ComputeClient<Rt>, reps: u32, mut call: impl FnMut()) -> Duration {
+    sync(client);
+    let t = Instant::now();
+    for _ in 0..reps {
+        call();
+    }
+    sync(client);
+    t.elapsed() / reps
+}
+
 /// Median per-call time of `call(i)` over 15 batches of 20 calls (call `i` of a batch gets
 /// `i`), after 10 warm-up calls, with the device synchronised around each batch (quick runs:
 /// 3 batches of 2 after 1).
