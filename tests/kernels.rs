@@ -13,10 +13,10 @@ use sparsekv::format::{HeadDim, PromptShape, Sparsity, keep_count, layout};
 use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
-    AttentionArgs, CompressArgs, DecodeKernel, DenseCacheArgs, FloatElement, KernelError,
-    SkinnyKernel, SkinnyShape, SkinnyTuning, SparseSegmentArgs, decode_attention,
-    decode_attention_with, prefill_attention, prune_compress, rms_norm, skinny_matmul_with,
-    supports_type, swiglu,
+    AttentionArgs, CompressArgs, DecodeKernel, DenseCacheArgs, ExpandArgs, FloatElement,
+    KernelError, SkinnyKernel, SkinnyShape, SkinnyTuning, SparseSegmentArgs, decode_attention,
+    decode_attention_with, expand_context, prefill_attention, prune_compress, rms_norm,
+    skinny_matmul_with, supports_type, swiglu,
 };
 
 mod common;
@@ -497,8 +497,98 @@ fn dense_attention_matches_oracle_f16() {
     attention_cases::<half::f16>(15, false, DecodeKernel::Auto);
 }
 
+/// One context-expansion case: random streams of ragged compressed and window lengths
+/// (head_dims 8 to 256, every sparsity of the list), expanded into a context longer
+/// than the longest sequence; each stream must be the oracle's decompressed segment, then
+/// the window rows, then zeros. The output is poisoned with NaN, so a row left unwritten fails.
+fn expand_case<F: TestFloat>(client: &ComputeClient<Rt>, rng: &mut StdRng) -> Result<(), String> {
+    let sequences = rng.random_range(1..=3);
+    let kv_heads = rng.random_range(1..=3);
+    let d = [8, 16, 32, 64, 128, 256][rng.random_range(0..6)];
+    let hd = HeadDim::new(d).map_err(|e| e.to_string())?;
+    let s = [0.0, 0.3, 0.5, 0.7, 0.9][rng.random_range(0..5)];
+    let sparsity = Sparsity::new(s).map_err(|e| e.to_string())?;
+    let keep = keep_count(sparsity, hd);
+    let compressed: Vec<u32> = (0..sequences).map(|_| rng.random_range(0..=70)).collect();
+    let window: Vec<u32> = (0..sequences).map(|_| rng.random_range(0..=40)).collect();
+    let capacity = layout::aligned_capacity(70);
+    let window_capacity = 41;
+    let context = (0..sequences)
+        .map(|i| (compressed[i] + window[i]) as usize)
+        .max()
+        .unwrap_or(0)
+        + rng.random_range(1..=9);
+    let streams = sequences * kv_heads;
+    let bitmap_stride = layout::bitmap_words(capacity, hd);
+    let mut bits = vec![0u32; streams * bitmap_stride];
+    let mut vals = vec![f64::NAN; streams * capacity * keep];
+    let mut win = vec![f64::NAN; streams * window_capacity * d];
+    let mut expect = vec![0.0; streams * context * d];
+    for st in 0..streams {
+        let (tc, tw) = (
+            compressed[st / kv_heads] as usize,
+            window[st / kv_heads] as usize,
+        );
+        let rows = DenseBlock::new(normals::<F>(rng, tc * d), tc, hd).map_err(|e| e.to_string())?;
+        let seg = oracle::compress(&rows, sparsity);
+        bits[st * bitmap_stride..][..seg.bitmap().len()].copy_from_slice(seg.bitmap());
+        vals[st * capacity * keep..][..seg.values().len()].copy_from_slice(seg.values());
+        let w = normals::<F>(rng, tw * d);
+        win[st * window_capacity * d..][..tw * d].copy_from_slice(&w);
+        let out = &mut expect[st * context * d..];
+        out[..tc * d].copy_from_slice(seg.decompress().data());
+        out[tc * d..(tc + tw) * d].copy_from_slice(&w);
+    }
+    let describe = format!(
+        "{sequences} x {kv_heads} streams, head_dim {d}, s = {s}, compressed {compressed:?}, window {window:?}, context {context}"
+    );
+    let out = upload::<F>(client, &vec![f64::NAN; expect.len()]);
+    let args = ExpandArgs {
+        sequences,
+        kv_heads,
+        head_dim: hd,
+        sparsity,
+        capacity,
+        window_capacity,
+        compressed: &compressed,
+        window: &window,
+        context,
+    };
+    expand_context::<Rt, F>(
+        client,
+        &args,
+        &client.create_from_slice(u32::as_bytes(&bits)),
+        &upload::<F>(client, &vals),
+        &upload::<F>(client, &win),
+        &out,
+    )
+    .map_err(|e| format!("{e}: {describe}"))?;
+    let got = read::<F>(client, out);
+    // Every element is a copy: exact, and NaN (an unwritten element) never equals.
+    match got.iter().zip(&expect).position(|(g, e)| g != e) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "element {i} (stream {}, row {}, channel {}): {} instead of {}: {describe}",
+            i / (context * d),
+            i / d % context,
+            i % d,
+            got[i],
+            expect[i]
+        )),
+    }
+}
+
+/// The context expansion against the oracle's decompression, f32, f16 and bf16.
+#[test]
+fn expand_context_matches_oracle() {
+    run_cases::<f32>("expand context", case_count(20), expand_case::<f32>);
+    run_cases::<half::f16>("expand context", case_count(20), expand_case::<half::f16>);
+    run_cases::<half::bf16>("expand context", case_count(20), expand_case::<half::bf16>);
+}
+
 /// One prompt-attention case: random prompts (token counts around the kernel's 16-row and
-/// 64-key tiles), GQA groups of 1 to 8, head_dims 16 to 128, against the oracle's causal
+/// 64-key tiles), half of them a chunk after up to 200 earlier tokens (`past`, the streaming
+/// prefill's case), GQA groups of 1 to 8, head_dims 16 to 128, against the oracle's causal
 /// attention, the output poisoned with NaN. Where the kernel does not run (no CUDA matrix
 /// units, as on lavapipe) the call must be the typed `Unsupported` error.
 fn prompt_attention_case<F: TestFloat>(
@@ -515,14 +605,20 @@ fn prompt_attention_case<F: TestFloat>(
     let group = [1, 2, 3, 4, 8][rng.random_range(0..5)];
     let d = [16, 32, 64, 128][rng.random_range(0..4)];
     let hd = HeadDim::new(d).map_err(|e| e.to_string())?;
+    let past = if rng.random_bool(0.5) {
+        0
+    } else {
+        rng.random_range(1..=200)
+    };
     let shape = PromptShape::new(batch, tokens, kv_heads * group, kv_heads, hd)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .with_past(past);
     let describe = format!(
-        "batch {batch}, {tokens} tokens, {kv_heads} KV heads x group {group}, head_dim {d}"
+        "batch {batch}, {tokens} tokens after {past}, {kv_heads} KV heads x group {group}, head_dim {d}"
     );
     let q = normals::<F>(rng, batch * tokens * kv_heads * group * d);
-    let k = normals::<F>(rng, batch * tokens * kv_heads * d);
-    let v = normals::<F>(rng, batch * tokens * kv_heads * d);
+    let k = normals::<F>(rng, batch * shape.context() * kv_heads * d);
+    let v = normals::<F>(rng, batch * shape.context() * kv_heads * d);
     let out = upload::<F>(client, &vec![f64::NAN; q.len()]);
     let launched = prefill_attention::<Rt, F>(
         client,

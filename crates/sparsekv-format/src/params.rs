@@ -51,13 +51,16 @@ impl HeadDim {
 }
 
 /// The shape of a prompt's causal self-attention (prefill), validated: `batch` sequences of
-/// `tokens` tokens each (queries and keys alike), `q_heads` query heads served by `kv_heads`
-/// KV heads, `q_heads / kv_heads` consecutive query heads per KV head (grouped-query
-/// attention).
+/// `tokens` query tokens each, `q_heads` query heads served by `kv_heads` KV heads,
+/// `q_heads / kv_heads` consecutive query heads per KV head (grouped-query attention).
+/// The keys are the `past` tokens before the queries (a chunk of a prompt that goes in
+/// piece by piece sees everything before it) and the query tokens themselves: `context =
+/// past + tokens` per sequence, query token `t` seeing keys `0..=past + t`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PromptShape {
     batch: usize,
     tokens: usize,
+    past: usize,
     q_heads: usize,
     kv_heads: usize,
     head_dim: HeadDim,
@@ -86,6 +89,7 @@ impl PromptShape {
         Ok(PromptShape {
             batch,
             tokens,
+            past: 0,
             q_heads,
             kv_heads,
             head_dim,
@@ -97,9 +101,24 @@ impl PromptShape {
         self.batch
     }
 
-    /// Tokens per sequence.
+    /// The same shape with `past` tokens before the queries (0 for a whole prompt).
+    pub fn with_past(self, past: usize) -> Self {
+        PromptShape { past, ..self }
+    }
+
+    /// Query tokens per sequence.
     pub fn tokens(self) -> usize {
         self.tokens
+    }
+
+    /// Tokens before the queries that they also see.
+    pub fn past(self) -> usize {
+        self.past
+    }
+
+    /// Key (and value) tokens per sequence: `past + tokens`.
+    pub fn context(self) -> usize {
+        self.past + self.tokens
     }
 
     /// Query heads.
@@ -226,6 +245,12 @@ mod tests {
             (2, 100, 32, 8)
         );
         assert_eq!((shape.group(), shape.head_dim()), (4, d));
+        assert_eq!((shape.past(), shape.context()), (0, 100));
+        let chunk = shape.with_past(28);
+        assert_eq!(
+            (chunk.tokens(), chunk.past(), chunk.context()),
+            (100, 28, 128)
+        );
         // No prompts, no tokens, no heads, or query heads that KV heads do not divide.
         for (b, n, q, kv) in [
             (0, 1, 4, 2),

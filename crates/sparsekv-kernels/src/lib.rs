@@ -2,7 +2,8 @@
 //! per-token magnitude prune+compress ([`prune_compress`]) and split-K decode attention over a
 //! compressed segment plus a dense window ([`decode_attention`]), whose dense variant is the
 //! baseline it is measured against; the causal self-attention of whole prompts on matrix
-//! units ([`prefill_attention`]); [`copy_rows`], which moves dense token rows between stream
+//! units ([`prefill_attention`]), which a prompt chunk runs over a sparse cache's tokens
+//! expanded back to dense rows ([`expand_context`]); [`copy_rows`], which moves dense token rows between stream
 //! buffers at ragged per-sequence offsets; [`skinny_matmul`], the weight-streaming matrix
 //! product of a decode step's projections; [`rms_norm`], RMSNorm in one launch;
 //! [`rope_split`], rotary embedding fused with the split of a fused QKV projection; and
@@ -11,6 +12,7 @@ pub mod activation;
 pub mod attention;
 pub mod compress;
 pub mod error;
+pub mod expand;
 pub mod norm;
 mod reduce;
 pub mod rope;
@@ -24,6 +26,7 @@ pub use attention::{
 };
 pub use compress::{CompressArgs, prune_compress};
 pub use error::{KernelError, Result};
+pub use expand::{ExpandArgs, expand_context};
 pub use norm::rms_norm;
 pub use rope::{RopeShape, RopeStyle, rope_split};
 pub use rows::{CopyRowsArgs, copy_rows};

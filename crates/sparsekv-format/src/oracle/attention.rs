@@ -242,10 +242,11 @@ pub fn concat_blocks(first: &DenseBlock, second: &DenseBlock) -> Result<DenseBlo
     DenseBlock::new(data, first.tokens() + second.tokens(), first.head_dim())
 }
 
-/// Causal self-attention of whole prompts, as prefill computes it: `queries`
-/// `[batch, tokens, q_heads, head_dim]`, `keys` and `values` `[batch, kv_heads, tokens,
-/// head_dim]`; query token `t` sees keys `0..=t`, scores scaled by `1 / sqrt(head_dim)`.
-/// Returns `[batch, tokens, q_heads, head_dim]`.
+/// Causal self-attention of prompts (or of a prompt's chunk after `shape.past()` earlier
+/// tokens), as prefill computes it: `queries` `[batch, tokens, q_heads, head_dim]`, `keys` and
+/// `values` `[batch, kv_heads, context, head_dim]`; query token `t` sees keys
+/// `0..=past + t`, scores scaled by `1 / sqrt(head_dim)`. Returns `[batch, tokens, q_heads,
+/// head_dim]`.
 pub fn causal_attention(
     shape: PromptShape,
     queries: &[f64],
@@ -258,13 +259,13 @@ pub fn causal_attention(
         shape.q_heads(),
         shape.kv_heads(),
     );
-    let d = shape.head_dim().get();
-    for (what, data, heads) in [
-        ("queries", queries, q_heads),
-        ("keys", keys, kv_heads),
-        ("values", values, kv_heads),
+    let (d, past, context) = (shape.head_dim().get(), shape.past(), shape.context());
+    for (what, data, rows) in [
+        ("queries", queries, tokens * q_heads),
+        ("keys", keys, context * kv_heads),
+        ("values", values, context * kv_heads),
     ] {
-        let expected = batch * tokens * heads * d;
+        let expected = batch * rows * d;
         if data.len() != expected {
             return Err(FormatError::ShapeMismatch {
                 what,
@@ -275,14 +276,14 @@ pub fn causal_attention(
     }
     let group = shape.group();
     let scale = 1.0 / (d as f64).sqrt();
-    let kv_row = |b: usize, h: usize, t: usize| ((b * kv_heads + h) * tokens + t) * d;
+    let kv_row = |b: usize, h: usize, t: usize| ((b * kv_heads + h) * context + t) * d;
     let mut out = Vec::with_capacity(queries.len());
     for b in 0..batch {
         for t in 0..tokens {
             for qh in 0..q_heads {
                 let kvh = qh / group;
                 let q = &queries[((b * tokens + t) * q_heads + qh) * d..][..d];
-                let scores: Vec<f64> = (0..=t)
+                let scores: Vec<f64> = (0..=past + t)
                     .map(|j| {
                         let k = &keys[kv_row(b, kvh, j)..][..d];
                         q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scale
@@ -329,6 +330,23 @@ mod tests {
                 assert!((out[16 + head * 8 + c] - expect).abs() < 1e-12);
             }
         }
+        Ok(())
+    }
+
+    /// A chunk after `past` tokens equals the same rows of the whole prompt's attention.
+    #[test]
+    fn a_chunk_after_past_tokens_matches_the_whole_prompt() -> Result<()> {
+        let d = HeadDim::new(8)?;
+        let (n, past, heads) = (7, 4, 2);
+        let whole = PromptShape::new(1, n, heads, 1, d)?;
+        let chunk = PromptShape::new(1, n - past, heads, 1, d)?.with_past(past);
+        let x = |i: usize| ((i * 37 % 101) as f64 / 50.0) - 1.0;
+        let q: Vec<f64> = (0..n * heads * 8).map(x).collect();
+        let k: Vec<f64> = (0..n * 8).map(|i| x(i + 5)).collect();
+        let v: Vec<f64> = (0..n * 8).map(|i| x(i + 11)).collect();
+        let all = causal_attention(whole, &q, &k, &v)?;
+        let part = causal_attention(chunk, &q[past * heads * 8..], &k, &v)?;
+        assert_eq!(part, all[past * heads * 8..].to_vec());
         Ok(())
     }
 

@@ -114,7 +114,7 @@ impl PrefillPlan {
 
 /// Step 1: issues this unit's asynchronous copies of the keys and values `k0..k0 + keys` of
 /// the stream starting at row `stream0` into the shared buffer at chunk `buf0` of `kv_s` (K
-/// tile, then V tile); rows past the prompt's `n` tokens get empty copies, which write zeros.
+/// tile, then V tile); rows past the stream's `n` tokens get empty copies, which write zeros.
 /// The caller commits them to the buffer's barrier.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -155,9 +155,9 @@ fn issue_tile<F: Float, N: Size>(
 }
 
 /// The prompt attention kernel (module docs). `q` `[batch, tokens, q_heads, head_dim]`, `k`
-/// and `v` `[batch, kv_heads, tokens, head_dim]`, all read as 16-byte chunks (`N` = 8);
-/// `out` `[batch, tokens, q_heads, head_dim]`. Grid: (query blocks, KV heads x cubes per
-/// group, batch).
+/// and `v` `[batch, kv_heads, past + tokens, head_dim]`, all read as 16-byte chunks (`N` =
+/// 8); `out` `[batch, tokens, q_heads, head_dim]`; query `t` is token `past + t` of its
+/// sequence. Grid: (query blocks, KV heads x cubes per group, batch).
 #[cube(
     launch_unchecked,
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
@@ -169,6 +169,7 @@ fn prefill_attention_kernel<F: Float, N: Size>(
     v: &Array<Vector<F, N>>,
     out: &mut Array<F>,
     tokens: u32,
+    past: u32,
     q_heads: u32,
     group: u32,
     blocks: u32,
@@ -197,6 +198,8 @@ fn prefill_attention_kernel<F: Float, N: Size>(
     let bar1 = Barrier::shared(UNITS as u32, UNIT_POS == 0);
 
     let n = tokens as usize;
+    let past = past as usize;
+    let context = past + n;
     let b = CUBE_POS_Z as usize;
     // The latest query blocks see the most keys: they go first (`blocks` is the grid's width).
     let block = (blocks - 1 - CUBE_POS_X) as usize;
@@ -251,13 +254,14 @@ fn prefill_attention_kernel<F: Float, N: Size>(
         l_run[r] = 0.0;
     }
 
-    let stream0 = (b * kv_heads + kv_head) * n;
-    let plane_last = t_plane + ROWS - 1;
+    let stream0 = (b * kv_heads + kv_head) * context;
+    // The key position of the plane's last query (keys are numbered from the context's start).
+    let plane_last = past + t_plane + ROWS - 1;
     let v_tile = comptime!(plan.keys * plan.row() / CHUNK);
-    let tiles = q_end.div_ceil(keys);
+    let tiles = (past + q_end).div_ceil(keys);
     // Step 1 for the first tile; the barriers exist for every unit once the cube has synced.
     sync_cube();
-    issue_tile::<F, N>(k, v, &mut kv_s, 0usize, stream0, 0usize, n, plan);
+    issue_tile::<F, N>(k, v, &mut kv_s, 0usize, stream0, 0usize, context, plan);
     bar0.commit_copy_async();
     for kt in 0..tiles {
         let k0 = kt * keys;
@@ -273,7 +277,7 @@ fn prefill_attention_kernel<F: Float, N: Size>(
                 (1 - cur) * buffer,
                 stream0,
                 k0 + keys,
-                n,
+                context,
                 plan,
             );
             if cur == 0 {
@@ -358,11 +362,12 @@ fn prefill_attention_kernel<F: Float, N: Size>(
             }
 
             // Step 3: softmax state of rows 16 mt + g (r = 0) and 16 mt + g + 8 (r = 1).
-            let masked = k0 + keys > t_plane;
+            let masked = k0 + keys > past + t_plane;
             #[unroll]
             for mr in 0..comptime!(2 * M_TILES) {
                 let (mt, r) = (mr / 2, mr % 2);
-                let t = t_plane + mt * 16 + g + 8 * r;
+                // The row's key position.
+                let t = past + t_plane + mt * 16 + g + 8 * r;
                 let mut mx = f32::new(-3.0e38);
                 #[unroll]
                 for nt in 0..key_tiles {
@@ -513,10 +518,11 @@ pub fn prefill_attention_unsupported<R: Runtime, F: FloatElement>(
     None
 }
 
-/// Causal self-attention of whole prompts (module docs): `q` `[batch, tokens, q_heads,
-/// head_dim]`, `k` and `v` `[batch, kv_heads, tokens, head_dim]`, all contiguous `F` and
-/// 16-byte aligned; writes `out` `[batch, tokens, q_heads, head_dim]`. Query token `t` of a
-/// prompt sees its keys `0..=t`, scores scaled by `1 / sqrt(head_dim)`, accumulated in f32.
+/// Causal self-attention of prompts (module docs): `q` `[batch, tokens, q_heads, head_dim]`,
+/// `k` and `v` `[batch, kv_heads, context, head_dim]` (`context = past + tokens`, the
+/// [`PromptShape`]'s), all contiguous `F` and 16-byte aligned; writes `out` `[batch, tokens,
+/// q_heads, head_dim]`. Query token `t` sees keys `0..=past + t`, scores scaled by
+/// `1 / sqrt(head_dim)`, accumulated in f32.
 /// [`KernelError::Unsupported`] where [`prefill_attention_unsupported`] says why.
 pub fn prefill_attention<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
@@ -539,7 +545,7 @@ pub fn prefill_attention<R: Runtime, F: FloatElement>(
     let d = shape.head_dim().get();
     let es = F::size_bytes();
     let q_bytes = batch * tokens * q_heads * d * es;
-    let kv_bytes = batch * tokens * kv_heads * d * es;
+    let kv_bytes = batch * shape.context() * kv_heads * d * es;
     check_len("queries", q, q_bytes)?;
     check_len("keys", k, kv_bytes)?;
     check_len("values", v, kv_bytes)?;
@@ -560,7 +566,7 @@ pub fn prefill_attention<R: Runtime, F: FloatElement>(
         ArrayArg::from_raw_parts(h.clone(), h.size() as usize / bytes)
     };
     // SAFETY: the kernel reads query rows below `tokens` of heads below `q_heads` and key and
-    // value rows below `tokens` of its KV head, and writes output rows below `tokens`: all
+    // value rows below `context` of its KV head, and writes output rows below `tokens`: all
     // inside the buffers whose sizes were checked above, read as whole 16-byte chunks since
     // head_dim is a multiple of 16 and the buffers start on 16 bytes.
     unsafe {
@@ -574,6 +580,7 @@ pub fn prefill_attention<R: Runtime, F: FloatElement>(
             arr(v, 16),
             arr(out, es),
             tokens as u32,
+            shape.past() as u32,
             q_heads as u32,
             group as u32,
             blocks,
