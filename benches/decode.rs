@@ -22,6 +22,15 @@
 //! layer's prompt attention alone (`SparseKvBackend::prompt_attention`, the mean of 5 calls,
 //! and its rate in causal TFLOP/s), whose peer is the script's SDPA row.
 //!
+//! `SPARSEKV_BENCH_STREAM=8x131072` (any `BxT` list) replaces all rows by the long-context
+//! showcase: first a dense cache for `T + 64` tokens per sequence is asked for (on an H200 and
+//! smaller it does not fit beside the weights: the row shows the typed capacity error, nothing
+//! allocated), then sparse caches at s = 0.7 with the streaming prefill policy
+//! (`SPARSEKV_BENCH_STREAM_CHUNK` prompt tokens per chunk, 4096 by default) take a prompt of
+//! `T` tokens per sequence, after a warm-up prefill of two chunks, and decode 64 steps; the
+//! row has the prefill time, the decode step's median and tokens/s, and CubeCL's reserved
+//! memory after each phase (its pools keep their pages: that is the peak so far).
+//!
 //! `SPARSEKV_BENCH_MATMUL=32768` (a token count) replaces all rows by a sweep of cubek's matmul
 //! strategies over the prefill's projection shapes (`[T, k] x [n, k]^T`, f16, the weights
 //! transposed as the model reads them), in TFLOP/s; `scripts/decode_baseline.py --prefill`
@@ -45,7 +54,8 @@ use common::{
 use criterion::{Criterion, criterion_group, criterion_main};
 use sparsekv::cache::burn::tensor::{Distribution, Tensor};
 use sparsekv::cache::{
-    DenseKvCache, KvCache, KvCacheConfig, LayerCaches, SparseKvBackend, SparseKvCache,
+    DenseKvCache, KvCache, KvCacheConfig, LayerCaches, PrefillPolicy, SparseKvBackend,
+    SparseKvCache,
 };
 use sparsekv::format::{HeadDim, PromptShape, ValueType};
 use sparsekv::kernels::cubecl::prelude::Runtime;
@@ -114,6 +124,10 @@ fn decode(c: &mut Criterion) {
     }
     if let Ok(list) = std::env::var("SPARSEKV_BENCH_PREFILL") {
         prefill(&parse_shapes(&list), layers);
+        return;
+    }
+    if let Ok(list) = std::env::var("SPARSEKV_BENCH_STREAM") {
+        stream_showcase(&parse_shapes(&list), layers);
         return;
     }
     // (B, T): the issue's shapes; quick runs one small one.
@@ -256,6 +270,113 @@ fn prefill(shapes: &[(usize, usize)], layers: usize) {
         );
         drop(caches);
         prompt_attention_row(&config, batch, tokens);
+    }
+}
+
+/// Decode steps after the showcase's prefill.
+const SHOWCASE_STEPS: usize = 64;
+
+/// The long-context showcase (module docs).
+fn stream_showcase(shapes: &[(usize, usize)], layers: usize) {
+    let device = Default::default();
+    let client = Rt::client(&device);
+    let chunk: usize = std::env::var("SPARSEKV_BENCH_STREAM_CHUNK")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(4096);
+    let max_t = shapes.iter().map(|s| s.1).max().unwrap_or(0) + SHOWCASE_STEPS;
+    let config = llama3_8b_shape(layers, max_t);
+    let model = Llama::<ModelBackend>::random(&config, &device).expect("model");
+    sync(&client);
+    client.memory_cleanup();
+    let gb = |bytes: f64| bytes / 1e9;
+    let reserved = || {
+        sync(&client);
+        gb(client.memory_usage().map_or(0, |u| u.bytes_reserved) as f64)
+    };
+    println!(
+        "\nLong-context showcase, Llama-3-8B shape with {layers} layers, f16, {}, bare backend; \
+         streaming prefill in chunks of {chunk} tokens into sparse caches s = 0.7 (window 32), \
+         then {SHOWCASE_STEPS} decode steps; CubeCL holds {:.2} GB with the model loaded\n",
+        backend_name(),
+        reserved()
+    );
+    for &(batch, tokens) in shapes {
+        let seq = tokens + SHOWCASE_STEPS;
+        let dense = KvCacheConfig::new(batch, config.n_kv_heads, config.head_dim(), seq)
+            .with_value_type(ValueType::F16);
+        match LayerCaches::<DenseKvCache<ModelBackend>>::dense(layers, &dense, &device) {
+            Err(e) => println!(
+                "- dense caches for B = {batch}, {seq} tokens: refused before any allocation: {e} \
+                 (CubeCL still holds {:.2} GB)",
+                reserved()
+            ),
+            Ok(caches) => {
+                let bytes: usize = caches.layers().iter().map(|c| c.allocated_bytes()).sum();
+                println!(
+                    "- dense caches for B = {batch}, {seq} tokens fit on this device ({:.2} GB)",
+                    gb(bytes as f64)
+                );
+            }
+        }
+        let sparse = KvCacheConfig::new(batch, config.n_kv_heads, config.head_dim(), seq)
+            .with_sparsity(0.7, 0.7)
+            .with_chunk(CHUNK)
+            .with_value_type(ValueType::F16)
+            .with_prefill(PrefillPolicy::Streaming { chunk });
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|s| {
+                (0..tokens)
+                    .map(|i| ((i * 7919 + s * 104_729) % (config.vocab_size - 1) + 1) as u32)
+                    .collect()
+            })
+            .collect();
+        // Warm-up: two chunks into small caches compile every kernel of the prefill.
+        {
+            let warm = KvCacheConfig {
+                max_seq: 2 * chunk.min(tokens),
+                ..sparse.clone()
+            };
+            let mut caches =
+                LayerCaches::<SparseKvCache<ModelBackend>>::sparse(layers, &warm, &device)
+                    .expect("warm-up caches");
+            let short: Vec<&[u32]> = prompts.iter().map(|p| &p[..warm.max_seq]).collect();
+            model
+                .prefill_batch(&short, caches.layers_mut())
+                .expect("warm-up prefill");
+            sync(&client);
+        }
+        client.memory_cleanup();
+        let mut caches = LayerCaches::<SparseKvCache<ModelBackend>>::sparse(layers, &sparse, &device)
+            .expect("sparse caches");
+        let cache_gb = gb(caches
+            .layers()
+            .iter()
+            .map(|c| c.allocated_bytes())
+            .sum::<usize>() as f64);
+        let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        sync(&client);
+        let t = Instant::now();
+        let logits = model
+            .prefill_batch(&prompts, caches.layers_mut())
+            .expect("streaming prefill");
+        sync(&client);
+        let prefill = t.elapsed().as_secs_f64();
+        assert_eq!(logits.dims(), [batch, config.vocab_size]);
+        drop(logits);
+        let after_prefill = reserved();
+        let steps = decode_step_times(&model, caches.layers_mut(), SHOWCASE_STEPS);
+        let (median, mean) = median_mean(&steps);
+        let after_decode = reserved();
+        println!(
+            "\n| B | T | chunk | prefill s | prompt tokens/s | decode step ms (median / mean of {SHOWCASE_STEPS}) | decode tokens/s | sparse caches GB | CubeCL GB after prefill | after decode |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n\
+             | {batch} | {tokens} | {chunk} | {prefill:.1} | {:.0} | {:.1} / {:.1} | {:.0} | {cache_gb:.2} | {after_prefill:.2} | {after_decode:.2} |",
+            (batch * tokens) as f64 / prefill,
+            median.as_secs_f64() * 1e3,
+            mean.as_secs_f64() * 1e3,
+            batch as f64 / median.as_secs_f64(),
+        );
     }
 }
 

@@ -7,6 +7,8 @@
 #   ATT=BxT[,..]     the attention bench at those shapes, then cuDNN SDPA at each
 #   PREFILL=BxT[,..] the exact-prefill rows of the decode bench with nvidia-smi sampling the
 #                    memory, then the PyTorch prefill peer
+#   STREAM=BxT[,..]  the long-context showcase of the decode bench (CHUNK=n prompt tokens per
+#                    streaming chunk, LAYERS=n for fewer than 32) with nvidia-smi sampling
 #   MATMUL=T         the decode bench's sweep of cubek's matmul strategies over a prefill's
 #                    projection shapes at T tokens (its cuBLAS peer is part of PREFILL's)
 #   TESTS=1          the CUDA tests (TESTLIST=a,b,.. picks binaries and filters, default
@@ -39,6 +41,14 @@ if [ -n "${PREFILL:-}" ]; then
   SPARSEKV_BENCH_PREFILL=$PREFILL $bin/bench_decode --bench 2>&1 | tee -a $OUT/prefill.log | grep -E "^\||^Exact|panicked|error"
   kill $smi; echo "nvidia-smi peak MiB used during our prefill: $(sort -n $OUT/smi_mem.txt | tail -1)"
   for bt in ${PREFILL//,/ }; do python3 "$here/scripts/decode_baseline.py" --prefill --batch ${bt%x*} --tokens ${bt#*x} 2>&1 | tee -a $OUT/prefill.log; done
+fi
+if [ -n "${STREAM:-}" ]; then
+  echo "== stream $STREAM"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > $OUT/smi_stream.txt &
+  smi=$!
+  SPARSEKV_BENCH_STREAM=$STREAM SPARSEKV_BENCH_STREAM_CHUNK=${CHUNK:-4096} SPARSEKV_BENCH_LAYERS=${LAYERS:-32} \
+    $bin/bench_decode --bench 2>&1 | tee -a $OUT/stream.log | grep -E "^\||^Long|^- |panicked|error"
+  kill $smi; echo "nvidia-smi peak MiB used during the showcase: $(sort -n $OUT/smi_stream.txt | tail -1)"
 fi
 if [ -n "${MATMUL:-}" ]; then
   echo "== matmul sweep $MATMUL"

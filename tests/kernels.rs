@@ -768,6 +768,113 @@ fn prompt_attention_in_a_model_matches_the_blocked_prefill() {
     );
 }
 
+/// A streaming prefill's chunks through a sparse cache, f16: after each chunk (the same width
+/// for every sequence) its queries attend through the cache (`attend_newest`), on CUDA by the
+/// prompt attention kernel over the cache's tokens expanded back to dense rows, elsewhere
+/// through the decode kernel. Either way each query row must equal the oracle's causal
+/// attention over the tokens up to its own as cached: the compressed ones pruned (the
+/// oracle's compress and decompress), the window's dense. In this binary for the reason given
+/// at `prompt_attention_in_a_model_matches_the_blocked_prefill`.
+#[test]
+fn streaming_chunks_through_a_sparse_cache_match_the_oracle() {
+    use sparsekv::cache::burn::tensor::{Tensor, TensorData};
+    use sparsekv::cache::burn_cubecl::CubeBackend;
+    use sparsekv::cache::{KvCache, KvCacheConfig, SparseKvCache};
+    use sparsekv::format::ValueType;
+    type F = half::f16;
+    type H = CubeBackend<Rt, F, i32, u32>;
+    if !supports_type::<Rt, F>(&client()) {
+        eprintln!("f16 not supported by this device: nothing to run");
+        return;
+    }
+    let device = Default::default();
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for scenario in 0..case_count(8) {
+        let b = rng.random_range(1..=2);
+        let kv_heads = rng.random_range(1..=2);
+        let group = [1, 2, 4][rng.random_range(0..3)];
+        let q_heads = kv_heads * group;
+        let d = [16, 64, 128][rng.random_range(0..3)];
+        let hd = HeadDim::new(d).unwrap();
+        let window = [4, 32][rng.random_range(0..2)];
+        let (ks, vs) = (
+            [0.0, 0.5, 0.7][rng.random_range(0..3)],
+            [0.0, 0.5, 0.7][rng.random_range(0..3)],
+        );
+        let widths: Vec<usize> = (0..rng.random_range(1..=3))
+            .map(|_| rng.random_range(2..=80))
+            .collect();
+        let describe = format!(
+            "scenario {scenario}: batch {b}, {kv_heads} KV heads x group {group}, head_dim {d}, window {window}, s = {ks}/{vs}, chunks {widths:?}, SPARSEKV_SEED={seed}"
+        );
+        let config = KvCacheConfig::new(b, kv_heads, d, widths.iter().sum::<usize>() + 1)
+            .with_window(window)
+            .with_sparsity(ks, vs)
+            .with_value_type(ValueType::F16);
+        let mut cache = SparseKvCache::<H>::new(&config, &device).expect(&describe);
+        // The appended rows per stream, as the cache received them.
+        let mut history = vec![(Vec::<f64>::new(), Vec::<f64>::new()); b * kv_heads];
+        for &n in &widths {
+            let k = normals::<F>(&mut rng, b * kv_heads * n * d);
+            let v = normals::<F>(&mut rng, b * kv_heads * n * d);
+            for (st, (hk, hv)) in history.iter_mut().enumerate() {
+                hk.extend_from_slice(&k[st * n * d..][..n * d]);
+                hv.extend_from_slice(&v[st * n * d..][..n * d]);
+            }
+            let tensor = |x: &[f64], dims: [usize; 4]| {
+                let x: Vec<F> = x.iter().map(|&x| F::from_f64(x)).collect();
+                Tensor::<H, 4>::from_data(TensorData::new(x, dims), &device)
+            };
+            let counts = vec![n; b];
+            cache
+                .append_ragged(
+                    tensor(&k, [b, kv_heads, n, d]),
+                    tensor(&v, [b, kv_heads, n, d]),
+                    &counts,
+                )
+                .expect(&describe);
+            let q = normals::<F>(&mut rng, b * n * q_heads * d);
+            let got: Vec<f64> = cache
+                .attend_newest(tensor(&q, [b, n, q_heads, d]), &counts)
+                .expect(&describe)
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("f32")
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            // Every stream's tokens as cached: the compressed ones pruned, the window's dense.
+            let context = history[0].0.len() / d;
+            let comp = cache.compressed_lengths().to_vec();
+            let cached = |rows: &[f64], tc: usize, s: f64| -> Vec<f64> {
+                let old = DenseBlock::new(rows[..tc * d].to_vec(), tc, hd).unwrap();
+                let mut out = oracle::compress(&old, Sparsity::new(s).unwrap())
+                    .decompress()
+                    .data()
+                    .to_vec();
+                out.extend_from_slice(&rows[tc * d..]);
+                out
+            };
+            let (mut kc, mut vc) = (Vec::new(), Vec::new());
+            for (st, (hk, hv)) in history.iter().enumerate() {
+                kc.extend(cached(hk, comp[st / kv_heads], ks));
+                vc.extend(cached(hv, comp[st / kv_heads], vs));
+            }
+            let shape = PromptShape::new(b, n, q_heads, kv_heads, hd)
+                .unwrap()
+                .with_past(context - n);
+            let expect = oracle::causal_attention(shape, &q, &kc, &vc).unwrap();
+            let err = rel_err(&got, &expect);
+            assert!(
+                err < F::ATTENTION_TOL,
+                "chunk of {n} at {context} tokens ({comp:?} compressed): rel err {err:e}: {describe}"
+            );
+        }
+    }
+}
+
 /// The prompt matmul (`x · wᵀ + residual` for many rows: cubek's TMA kernel on Hopper, Burn's
 /// matmul elsewhere) against f64 on the CPU, f16, at shapes off the kernels' tiles. In this
 /// binary for the reason given at `prompt_attention_in_a_model_matches_the_blocked_prefill`.

@@ -29,11 +29,13 @@
 
 use burn::tensor::{Tensor, TensorPrimitive};
 use sparsekv_format::{
-    CacheShape, HeadDim, KvBytes, SequenceOccupancy, Sparsity, ValueType, keep_count, kv_bytes,
-    layout,
+    CacheShape, HeadDim, KvBytes, PromptShape, SequenceOccupancy, Sparsity, ValueType, keep_count,
+    kv_bytes, layout,
 };
 
-use crate::backend::{CompressTarget, DecodeShape, DenseRows, RowCopy, Segment, SparseKvBackend};
+use crate::backend::{
+    CompressTarget, ContextLayout, DecodeShape, DenseRows, RowCopy, Segment, SparseKvBackend,
+};
 use crate::error::{KvCacheError, Result};
 
 /// Default number of recent tokens kept dense.
@@ -755,12 +757,9 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
         &self.dense
     }
 
-    /// Compresses the oldest `counts[s]` dense tokens of each sequence and compacts the
-    /// windows into the other buffer pair.
-    /// Attention of the query rows `q` `[rows, q_heads, head_dim]` as `shape` lays them out.
-    fn attend_rows(&self, q: Tensor<B, 3>, shape: &DecodeShape) -> Result<Tensor<B, 3>> {
-        let cur = self.current;
-        let segment = Segment::<B> {
+    /// The compressed streams (shared handles, nothing copied).
+    fn segment(&self) -> Segment<B> {
+        Segment {
             k_bitmap: self.k_bitmap.clone(),
             k_values: self.k_values.clone(),
             v_bitmap: self.v_bitmap.clone(),
@@ -768,17 +767,69 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
             capacity: self.capacity,
             k_sparsity: self.k_sparsity,
             v_sparsity: self.v_sparsity,
-        };
-        let dense = DenseRows::<B> {
-            k: self.k_window[cur].clone(),
-            v: self.v_window[cur].clone(),
+        }
+    }
+
+    /// The current window buffers (shared handles).
+    fn window_rows(&self) -> DenseRows<B> {
+        DenseRows {
+            k: self.k_window[self.current].clone(),
+            v: self.v_window[self.current].clone(),
             capacity: self.window_capacity,
-        };
-        let out =
-            B::kv_decode_attention(q.into_primitive().tensor(), Some(&segment), &dense, shape)?;
+        }
+    }
+
+    /// Attention of the query rows `q` `[rows, q_heads, head_dim]` as `shape` lays them out.
+    fn attend_rows(&self, q: Tensor<B, 3>, shape: &DecodeShape) -> Result<Tensor<B, 3>> {
+        let out = B::kv_decode_attention(
+            q.into_primitive().tensor(),
+            Some(&self.segment()),
+            &self.window_rows(),
+            shape,
+        )?;
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
     }
 
+    /// [`KvCache::attend_newest`] through the prompt attention kernel, where it applies: every
+    /// sequence appended the chunk's `n` rows and holds as many tokens as the others, and the
+    /// backend has the kernel for the shape. The cache's tokens are expanded back to dense
+    /// rows (one layer's transient, [`SparseKvBackend::kv_expand_context`]) and the chunk's
+    /// queries attend to them as the last `n` of the context. `None` where it does not apply
+    /// (the caller goes through the decode kernel, one query row at a time: the same result,
+    /// at a cost that grows with rows times context).
+    fn attend_newest_expanded(
+        &self,
+        q: &Tensor<B, 4>,
+        counts: &[usize],
+        lengths: &[usize],
+    ) -> Result<Option<Tensor<B, 4>>> {
+        let [b, n, q_heads, _] = q.dims();
+        let context = lengths.first().copied().unwrap_or(0);
+        if n < 2 || counts.iter().any(|&c| c != n) || lengths.iter().any(|&l| l != context) {
+            return Ok(None);
+        }
+        let c = &self.config;
+        let shape =
+            PromptShape::new(b, n, q_heads, c.kv_heads, self.head_dim)?.with_past(context - n);
+        if B::prompt_attention_unsupported(&self.device, c.value_type, shape).is_some() {
+            return Ok(None);
+        }
+        let layout = ContextLayout {
+            kv_heads: c.kv_heads,
+            head_dim: self.head_dim,
+            value_type: c.value_type,
+            compressed_lens: to_u32(&self.compressed),
+            dense_lens: to_u32(&self.dense),
+            context,
+        };
+        let [k, v] =
+            B::kv_expand_context(&self.device, &self.segment(), &self.window_rows(), &layout)?;
+        let out = B::prompt_attention(q.clone().into_primitive().tensor(), k, v)?;
+        Ok(Some(Tensor::from_primitive(TensorPrimitive::Float(out))))
+    }
+
+    /// Compresses the oldest `counts[s]` dense tokens of each sequence and compacts the
+    /// windows into the other buffer pair.
     fn compress_oldest(&mut self, counts: &[usize]) -> Result<()> {
         if counts.iter().all(|&c| c == 0) {
             return Ok(());
@@ -954,6 +1005,9 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
         let (c, hd) = (&self.config, self.head_dim);
         let (shape, [b, n, h, d]) =
             newest_rows(c, &self.device, hd, &self.compressed, &lengths, &q, counts)?;
+        if let Some(out) = self.attend_newest_expanded(&q, counts, &lengths)? {
+            return Ok(out);
+        }
         let out = self.attend_rows(q.reshape([b * n, h, d]), &shape)?;
         Ok(out.reshape([b, n, h, d]))
     }

@@ -6,10 +6,12 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use sparsekv_format::{PromptShape, Sparsity, ValueType};
 use sparsekv_kernels::cubecl::server::Handle;
-use sparsekv_kernels::{AttentionArgs, CompressArgs, DenseCacheArgs, SparseSegmentArgs};
+use sparsekv_kernels::{
+    AttentionArgs, CompressArgs, DenseCacheArgs, ExpandArgs, SparseSegmentArgs,
+};
 
 use super::{
-    CompressTarget, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
+    CompressTarget, ContextLayout, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
     SparseKvBackend, check_rows, decode_output, projection_plan, prompt_plan, rms_norm_plan,
     rope_output_dims, rope_plan, row_args, skinny_plan, swiglu_plan, value_dtype,
 };
@@ -396,6 +398,74 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
             sparsekv_kernels::swiglu::<R, E>(&client, plan.rows, plan.dim, &gate_up.handle, &out)?
         );
         Ok(tensor_like(&gate_up, out, plan.dims, plan.value_type))
+    }
+
+    fn kv_expand_context(
+        device: &Self::Device,
+        segment: &Segment<Self>,
+        window: &DenseRows<Self>,
+        layout: &ContextLayout,
+    ) -> Result<[FloatTensor<Self>; 2]> {
+        let client = R::client(device);
+        let sequences = layout.compressed_lens.len();
+        let dims = vec![
+            sequences,
+            layout.kv_heads,
+            layout.context,
+            layout.head_dim.get(),
+        ];
+        let bytes = dims.iter().product::<usize>() * layout.value_type.size_bytes();
+        let expand = |bitmap: &Self::KvBuffer,
+                      values: &Self::KvBuffer,
+                      rows: &Self::KvBuffer,
+                      sparsity|
+         -> Result<FloatTensor<Self>> {
+            let out = client.empty(bytes);
+            let args = ExpandArgs {
+                sequences,
+                kv_heads: layout.kv_heads,
+                head_dim: layout.head_dim,
+                sparsity,
+                capacity: segment.capacity,
+                window_capacity: window.capacity,
+                compressed: &layout.compressed_lens,
+                window: &layout.dense_lens,
+                context: layout.context,
+            };
+            with_float!(
+                layout.value_type,
+                E,
+                sparsekv_kernels::expand_context::<R, E>(
+                    &client,
+                    &args,
+                    &bitmap.handle,
+                    &values.handle,
+                    &rows.handle,
+                    &out
+                )?
+            );
+            Ok(CubeTensor::new_contiguous(
+                client.clone(),
+                device.clone(),
+                burn::tensor::Shape::from(dims.clone()),
+                out,
+                value_dtype(layout.value_type),
+            ))
+        };
+        Ok([
+            expand(
+                &segment.k_bitmap,
+                &segment.k_values,
+                &window.k,
+                segment.k_sparsity,
+            )?,
+            expand(
+                &segment.v_bitmap,
+                &segment.v_values,
+                &window.v,
+                segment.v_sparsity,
+            )?,
+        ])
     }
 
     fn prompt_attention_unsupported(

@@ -34,7 +34,7 @@ use sparsekv_format::{PromptShape, Sparsity, ValueType};
 use sparsekv_kernels::SkinnyShape;
 
 use super::{
-    CompressTarget, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
+    CompressTarget, ContextLayout, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
     SparseKvBackend, check_rows, decode_output, projection_plan, prompt_plan, rms_norm_plan,
     rope_output_dims, rope_plan, skinny_plan, swiglu_plan, value_dtype,
 };
@@ -559,6 +559,54 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             },
         )?;
         single(outputs)
+    }
+
+    fn kv_expand_context(
+        device: &Self::Device,
+        segment: &Segment<Self>,
+        window: &DenseRows<Self>,
+        layout: &ContextLayout,
+    ) -> Result<[FloatTensor<Self>; 2]> {
+        let device = device.clone();
+        let touched = [
+            &segment.k_bitmap,
+            &segment.k_values,
+            &segment.v_bitmap,
+            &segment.v_values,
+            &window.k,
+            &window.v,
+        ];
+        let (inner_segment, inner_window) = (
+            segment.map_buffers::<B>(inner),
+            window.map_buffers::<B>(inner),
+        );
+        let dims = vec![
+            layout.compressed_lens.len(),
+            layout.kv_heads,
+            layout.context,
+            layout.head_dim.get(),
+        ];
+        let layout = layout.clone();
+        let run_on = device.clone();
+        let outputs = queue::<B, _>(
+            &burn_fusion::get_client::<B>(&device),
+            "sparsekv_expand_context",
+            Vec::new(),
+            &[dims.clone(), dims],
+            layout.value_type,
+            &touched,
+            move |_, outputs, handles| {
+                let kv = B::kv_expand_context(&run_on, &inner_segment, &inner_window, &layout)?;
+                register_outputs::<B>(outputs, handles, kv);
+                Ok(())
+            },
+        )?;
+        let n = outputs.len();
+        <[FloatTensor<Self>; 2]>::try_from(outputs).map_err(|_| {
+            KvCacheError::Invalid(format!(
+                "the queued context expansion returned {n} tensors, not 2"
+            ))
+        })
     }
 
     fn prompt_attention_unsupported(

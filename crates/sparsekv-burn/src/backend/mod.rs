@@ -131,6 +131,25 @@ pub struct DecodeShape {
     pub row_sequences: Vec<u32>,
 }
 
+/// The dense copy of a sparse cache's tokens that [`SparseKvBackend::kv_expand_context`]
+/// makes: per sequence its compressed tokens then its window tokens, in streams of `context`
+/// rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContextLayout {
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: HeadDim,
+    /// The cache's value type (and the result's).
+    pub value_type: ValueType,
+    /// Compressed tokens per sequence.
+    pub compressed_lens: Vec<u32>,
+    /// Dense (window) tokens per sequence, after the compressed ones.
+    pub dense_lens: Vec<u32>,
+    /// Rows per stream of the result, at least every sequence's tokens.
+    pub context: usize,
+}
+
 /// Where prune+compress reads and writes (see [`SparseKvBackend::kv_prune_compress`]).
 #[derive(Debug, Clone)]
 pub struct CompressTarget<B: SparseKvBackend> {
@@ -312,6 +331,19 @@ pub trait SparseKvBackend: Backend {
     /// projection on its last axis; returns `silu(gate) · up`, `[.., hidden]`, computed in f32.
     fn swiglu(gate_up: FloatTensor<Self>) -> Result<FloatTensor<Self>>;
 
+    /// Every token of a sparse cache as dense rows, for the attention of a prompt chunk that
+    /// went into the cache ([`Self::prompt_attention`] with the chunk's past): keys and values
+    /// `[sequences, kv_heads, context, head_dim]`, each stream its compressed tokens expanded
+    /// (pruned elements zero, docs/FORMAT.md), then its window rows, then zero rows up to
+    /// `layout.context`. A transient of one layer's dense context, written in one launch per
+    /// tensor.
+    fn kv_expand_context(
+        device: &Self::Device,
+        segment: &Segment<Self>,
+        window: &DenseRows<Self>,
+        layout: &ContextLayout,
+    ) -> Result<[FloatTensor<Self>; 2]>;
+
     /// Why [`Self::prompt_attention`] has no kernel for prompts of `value_type` and `shape` on
     /// `device`, or `None` when it has one. A caller without one computes the attention
     /// another way (the Llama model: blocks of queries through Burn's matmul and softmax).
@@ -323,12 +355,14 @@ pub trait SparseKvBackend: Backend {
         shape: PromptShape,
     ) -> Option<String>;
 
-    /// Causal self-attention of whole prompts in one launch, flash-style (no `tokens x tokens`
+    /// Causal self-attention of prompts in one launch, flash-style (no `tokens x context`
     /// scores in memory; each KV head's keys and values read for its whole query group, never
     /// repeated): `q` `[batch, tokens, q_heads, head_dim]`, `k` and `v`
-    /// `[batch, kv_heads, tokens, head_dim]`, one float type; returns
-    /// `[batch, tokens, q_heads, head_dim]`. Query token `t` sees keys `0..=t`, scores scaled
-    /// by `1 / sqrt(head_dim)`, accumulated in f32. Where
+    /// `[batch, kv_heads, context, head_dim]` with `context >= tokens`, one float type;
+    /// returns `[batch, tokens, q_heads, head_dim]`. The queries are the last `tokens` of
+    /// the context (a whole prompt when `context == tokens`, else a chunk after
+    /// `past = context - tokens` earlier tokens): query `t` sees keys `0..=past + t`, scores
+    /// scaled by `1 / sqrt(head_dim)`, accumulated in f32. Where
     /// [`Self::prompt_attention_unsupported`] gives a reason, the call is the typed error
     /// `KvCacheError::Kernel(KernelError::Unsupported(..))`.
     fn prompt_attention(
@@ -660,7 +694,9 @@ pub(crate) fn prompt_plan<T: TensorMetadata>(q: &T, k: &T, v: &T) -> Result<Prom
         )));
     };
     let kv_heads = k.dims.get(1).copied().unwrap_or(0);
-    let kv_dims = vec![batch, kv_heads, tokens, d];
+    // The queries are the context's last `tokens`.
+    let context = k.dims.get(2).copied().unwrap_or(0).max(tokens);
+    let kv_dims = vec![batch, kv_heads, context, d];
     for (what, x) in [("prompt keys", k), ("prompt values", v)] {
         if x.dims != kv_dims {
             return Err(KvCacheError::Shape {
@@ -670,7 +706,8 @@ pub(crate) fn prompt_plan<T: TensorMetadata>(q: &T, k: &T, v: &T) -> Result<Prom
             });
         }
     }
-    let shape = PromptShape::new(batch, tokens, q_heads, kv_heads, HeadDim::new(d)?)?;
+    let shape = PromptShape::new(batch, tokens, q_heads, kv_heads, HeadDim::new(d)?)?
+        .with_past(context - tokens);
     Ok(PromptPlan {
         value_type,
         shape,
