@@ -11,9 +11,9 @@ use sparsekv_kernels::{
 };
 
 use super::{
-    CompressTarget, ContextLayout, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
-    SparseKvBackend, check_rows, decode_output, projection_plan, prompt_plan, rms_norm_plan,
-    rope_output_dims, rope_plan, row_args, skinny_plan, swiglu_plan, value_dtype,
+    CompressTarget, ContextLayout, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy,
+    Segment, SparseKvBackend, check_rows, decode_output, projection_plan, prompt_plan,
+    rms_norm_plan, rope_output_dims, rope_plan, row_args, skinny_plan, swiglu_plan, value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 

@@ -34,9 +34,9 @@ use sparsekv_format::{PromptShape, Sparsity, ValueType};
 use sparsekv_kernels::SkinnyShape;
 
 use super::{
-    CompressTarget, ContextLayout, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy, Segment,
-    SparseKvBackend, check_rows, decode_output, projection_plan, prompt_plan, rms_norm_plan,
-    rope_output_dims, rope_plan, skinny_plan, swiglu_plan, value_dtype,
+    CompressTarget, ContextLayout, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy,
+    Segment, SparseKvBackend, check_rows, decode_output, projection_plan, prompt_plan,
+    rms_norm_plan, rope_output_dims, rope_plan, skinny_plan, swiglu_plan, value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 

@@ -15,10 +15,11 @@
 //!    `keys / 8` 16x8x16 products; the plane's queries (staged once) by `ldmatrix`, the keys by
 //!    `ldmatrix.x4` as the `B` operand of two products.
 //! 3. **Softmax state**: the causal mask where the tile reaches past the plane's first query,
-//!    the running maximum per row (reduced over the row's four lanes by plane shuffles), the
-//!    rescale of what was accumulated, the probabilities (the fast `exp`: the kernel is
-//!    compiled with reduced-precision, finite-only float math), a lane-partial running sum
-//!    (reduced once at the end).
+//!    the tile's maximum per row (reduced over the row's four lanes by plane shuffles), the
+//!    rescale of what was accumulated, lazily (only when some row's maximum grew by more than
+//!    [`RESCALE_SLACK`]: FlashAttention-4's conditional rescaling), the probabilities (the fast
+//!    `exp`: the kernel is compiled with reduced-precision, finite-only float math), a
+//!    lane-partial running sum (reduced once at the end).
 //! 4. **Values**: `O += P V`; the probabilities go from the scores' accumulator registers
 //!    straight into the `A` operand (the two layouts agree lane by lane), the values by
 //!    `ldmatrix.x4.trans` as the `B` operand of two products.
@@ -57,6 +58,9 @@ const KEYS: usize = 32;
 const CHUNK: usize = 8;
 /// Padding of a staged row, in elements.
 const ROW_PAD: usize = CHUNK;
+/// How far (in units of the exponent) a tile's maximum score may pass a row's running maximum
+/// before the row's accumulators are rescaled: ln 256, so probabilities stay at most 256.
+const RESCALE_SLACK: f32 = 5.545;
 /// The largest head_dim: a lane keeps `M_TILES * head_dim / 4` output accumulators and
 /// `M_TILES * keys / 2` scores in registers.
 const MAX_HEAD_DIM: usize = 128;
@@ -361,8 +365,11 @@ fn prefill_attention_kernel<F: Float, N: Size>(
                 }
             }
 
-            // Step 3: softmax state of rows 16 mt + g (r = 0) and 16 mt + g + 8 (r = 1).
+            // Step 3: softmax state of rows 16 mt + g (r = 0) and 16 mt + g + 8 (r = 1): the
+            // masked scores and each row's maximum over the tile (reduced over its four lanes).
             let masked = k0 + keys > past + t_plane;
+            let mut tile_max = Array::<f32>::new(comptime!(2 * M_TILES));
+            let mut grows = false;
             #[unroll]
             for mr in 0..comptime!(2 * M_TILES) {
                 let (mt, r) = (mr / 2, mr % 2);
@@ -383,29 +390,49 @@ fn prefill_attention_kernel<F: Float, N: Size>(
                 }
                 mx = max(mx, plane_shuffle_xor(mx, 1u32));
                 mx = max(mx, plane_shuffle_xor(mx, 2u32));
-                let m_new = max(m_run[mr], mx);
-                let alpha = Exp::exp((m_run[mr] - m_new) * scale);
-                m_run[mr] = m_new;
+                tile_max[mr] = mx;
+                grows = grows || (mx - m_run[mr]) * scale > RESCALE_SLACK;
+            }
+            // Lazy rescale: a row keeps its running maximum while the tile's stays within
+            // RESCALE_SLACK of it (its probabilities are then at most e^RESCALE_SLACK = 256:
+            // exact enough in 16 bits, the sums in f32), so the accumulators are rescaled
+            // (most of this step's instructions) only when some row of the plane needs it.
+            if plane_any(grows) {
+                #[unroll]
+                for mr in 0..comptime!(2 * M_TILES) {
+                    let mt = mr / 2;
+                    let m_new = max(m_run[mr], tile_max[mr]);
+                    let alpha = Exp::exp((m_run[mr] - m_new) * scale);
+                    m_run[mr] = m_new;
+                    l_run[mr] *= alpha;
+                    #[unroll]
+                    for dt in 0..d_tiles {
+                        let at = (mt * d_tiles + dt) * 2 + mr % 2;
+                        let mut x = o[at];
+                        x[0] *= alpha;
+                        x[1] *= alpha;
+                        o[at] = x;
+                    }
+                }
+            }
+            // The probabilities and a lane-partial running sum (reduced once at the end).
+            #[unroll]
+            for mr in 0..comptime!(2 * M_TILES) {
+                let (mt, r) = (mr / 2, mr % 2);
+                // exp((x - m) scale) as one fused multiply-add and the exponential.
+                let m_scaled = m_run[mr] * scale;
                 let mut sum = 0.0f32;
                 #[unroll]
                 for nt in 0..key_tiles {
                     let at = (mt * key_tiles + nt) * 2 + r;
                     let x = s[at];
                     let mut p = Vector::<f32, P>::empty();
-                    p[0] = Exp::exp((x[0] - m_new) * scale);
-                    p[1] = Exp::exp((x[1] - m_new) * scale);
+                    p[0] = Exp::exp(x[0] * scale - m_scaled);
+                    p[1] = Exp::exp(x[1] * scale - m_scaled);
                     sum += p[0] + p[1];
                     s[at] = p;
                 }
-                l_run[mr] = l_run[mr] * alpha + sum;
-                #[unroll]
-                for dt in 0..d_tiles {
-                    let at = (mt * d_tiles + dt) * 2 + r;
-                    let mut x = o[at];
-                    x[0] *= alpha;
-                    x[1] *= alpha;
-                    o[at] = x;
-                }
+                l_run[mr] += sum;
             }
 
             // Step 4: O += P V, 16 keys per product. A of product mt, key step kk: rows
