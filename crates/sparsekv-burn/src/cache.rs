@@ -75,9 +75,14 @@ pub struct KvCacheConfig {
 ///   (per layer), and every prompt token's attention is exact.
 /// - `Streaming`: the prompt goes in `chunk` tokens at a time: each chunk is appended (older
 ///   tokens leaving the window are compressed as they would be while decoding) and its
-///   queries attend to the cache as it is then. The dense part never exceeds `window + chunk`
-///   tokens, so a prompt longer than device memory would hold dense still fits, but later
-///   prompt tokens see the pruned versions of earlier ones (as decoding does).
+///   queries attend to the cache as it is then. The cache's dense part never exceeds
+///   `window + chunk` tokens, so a prompt longer than device memory would hold dense still
+///   fits, but later prompt tokens see the pruned versions of earlier ones (as decoding does).
+///   Where the backend has a prompt attention kernel (CUDA, 16-bit values) and every sequence
+///   takes the same chunk, a chunk's attention expands one layer's cached tokens into a
+///   transient dense copy and runs the kernel over it: one layer's dense K/V for a moment
+///   (1/layers of a dense cache), in exchange for matrix-unit speed; elsewhere each query
+///   row goes through the decode kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PrefillPolicy {
     /// Dense attention over the whole prompt, then compression.
