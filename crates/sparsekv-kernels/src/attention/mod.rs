@@ -1031,7 +1031,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         keep_k,
         keep_v,
         sparse,
-        in_registers: TilePlan::expand_in_registers(),
     };
     let use_tc = match kernel {
         DecodeKernel::Simt => false,

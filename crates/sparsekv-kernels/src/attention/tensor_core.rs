@@ -65,18 +65,6 @@ pub(super) struct TilePlan {
     pub keep_v: usize,
     /// Whether a compressed segment is read.
     pub sparse: bool,
-    /// How compressed rows become `mma` operands: as dense rows in shared memory read by
-    /// `ldmatrix` (v4.3), or in registers, each lane expanding its own fragment elements
-    /// (v6, being measured: `SPARSEKV_TC_EXPAND=registers`).
-    pub in_registers: bool,
-}
-
-impl TilePlan {
-    /// Whether `SPARSEKV_TC_EXPAND=registers` asks for the expansion in registers (a
-    /// benchmark knob while it is measured).
-    pub fn expand_in_registers() -> bool {
-        std::env::var("SPARSEKV_TC_EXPAND").as_deref() == Ok("registers")
-    }
 }
 
 impl TilePlan {
@@ -359,87 +347,6 @@ fn expand_row<F: Float, E: Size>(
     }
 }
 
-/// Bits `ch..ch + count` of row `r` of a staged tile's bitmap (words from `w0`): bit `i` of
-/// the result is channel `ch + i`. `count` divides 32 and `ch` is a multiple of it, so the
-/// bits lie in one word.
-#[cube]
-fn row_bits(
-    bits: &SharedMemory<u32>,
-    w0: usize,
-    r: usize,
-    ch: usize,
-    #[comptime] d: usize,
-    #[comptime] count: usize,
-) -> u32 {
-    let bit = r * d + ch;
-    let word = bits[w0 + bit / 32];
-    let mut out = word;
-    if comptime!(count < 32) {
-        let mask = comptime!(((1u64 << count) - 1) as u32);
-        out = (word >> (bit % 32) as u32) & mask;
-    }
-    out
-}
-
-/// Set bits of row `r` of a staged tile's bitmap (words from `w0`) below channel `ch`: where
-/// the row's kept value for channel `ch` sits among its packed values.
-#[cube]
-fn bits_before(
-    bits: &SharedMemory<u32>,
-    w0: usize,
-    r: usize,
-    ch: usize,
-    #[comptime] d: usize,
-) -> u32 {
-    let start = r * d;
-    let end = start + ch;
-    let mut n = 0u32;
-    // Whole words (rows of 32 channels or more start on a word).
-    for w in start / 32..end / 32 {
-        n += bits[w0 + w].count_ones();
-    }
-    // The word holding `ch`: its bits from the row's start (non-zero only for rows shorter
-    // than a word) up to `ch`.
-    let lo = (start % 32) as u32;
-    let hi = (end % 32) as u32;
-    if hi > lo {
-        n += (bits[w0 + end / 32] & ((1u32 << hi) - (1u32 << lo))).count_ones();
-    }
-    n
-}
-
-/// One element of a compressed row in registers: bit `j` of `word` says whether the lane's
-/// next packed value (at `slot`, which then advances) is this element, else it is zero.
-#[cube]
-fn take<F: Float>(vals: &SharedMemory<F>, word: u32, #[comptime] j: usize, slot: &mut usize) -> F {
-    let bit = (word >> comptime!(j as u32)) & 1u32;
-    let mut x = F::new(0.0);
-    if bit == 1u32 {
-        x = vals[*slot];
-    }
-    *slot += bit as usize;
-    x
-}
-
-/// The physical channel of `k`-index `kappa` (0..16) of step `ks` when compressed key rows are
-/// expanded in registers: lane `c` of a fragment owns the contiguous channels
-/// `c d / 4 .. (c + 1) d / 4` of every row, four per step (`2c, 2c + 1` are its first two,
-/// `2c + 8, 2c + 9` the next two). Queries are staged in the same order, so the scores
-/// (sums over channels) do not change.
-#[cube]
-fn key_channel(#[comptime] d: usize, ks: usize, kappa: usize) -> usize {
-    comptime!(d / 4) * ((kappa % 8) / 2) + 4 * ks + 2 * (kappa / 8) + kappa % 2
-}
-
-/// The physical output channel of row `m` (0..16) of the values product's step `mt` when
-/// compressed value rows are expanded in registers: lane row `g` of a fragment owns the
-/// contiguous channels `g d / 8 .. (g + 1) d / 8` of every value row, two per step (rows
-/// `g` and `g + 8`).
-#[cube]
-fn value_channel(#[comptime] d: usize, mt: usize, m: usize) -> usize {
-    comptime!(d / 8) * (m % 8) + 2 * mt + m / 8
-}
-
 /// Chunks of dense rows each lane stages per batch (K and V each) in the dense kernel: all the
 /// loads of a batch are issued before any store, so a tile costs one or two memory round trips
 /// instead of one per chunk (dense B = 8, T = 32K: 383 -> 316 us).
@@ -542,8 +449,6 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
     #[comptime] plan: TilePlan,
 ) {
     let (d, group, sparse) = comptime!((plan.head_dim, plan.group, plan.sparse));
-    // Compressed rows expanded straight into fragment registers (module docs).
-    let regs = comptime!(plan.sparse && plan.in_registers);
     let steps = comptime!(plan.head_dim / 16);
     let row = comptime!(plan.row());
     let tile_words = comptime!(plan.tile_words());
@@ -605,13 +510,7 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
         let ch = i % d;
         let mut x = F::new(0.0);
         if head < group {
-            // With keys expanded in registers, column `16 ks + kappa` holds the channel the
-            // fragments give that position.
-            let mut src = ch;
-            if regs {
-                src = key_channel(d, ch / 16, ch % 16);
-            }
-            x = q[(row0 + head) * d + src];
+            x = q[(row0 + head) * d + ch];
         }
         q_s[head * row + ch] = x;
         i += UNITS;
@@ -636,18 +535,9 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
     let words0 = plane * words_len;
     let vals0 = plane * vals_len;
     let p0 = plane * HEADS * TILE;
-    // This lane's row in the expansion into shared memory: keys for lanes 0..16, values for
-    // 16..32.
+    // This lane's row in the expansion step: keys for lanes 0..16, values for 16..32.
     let kind = lane / TILE;
     let r_own = lane % TILE;
-    // The expansion in registers: per key row g, g + 8 the lane's bitmap words (its
-    // `d / 4` channels) and next packed value; per value row 2c, 2c + 1, 2c + 8, 2c + 9 its
-    // `d / 8` channels' bits and next value.
-    let key_words = comptime!((plan.head_dim / 128).max(1));
-    let mut kw = Array::<u32>::new(comptime!(2 * key_words));
-    let mut kslot = Array::<usize>::new(2usize);
-    let mut vw = Array::<u32>::new(4usize);
-    let mut vslot = Array::<usize>::new(4usize);
 
     // Chunk sources of a tile (K bitmap, V bitmap, K values, V values) and its loaded chunks.
     let mut srcs = Array::<usize>::new(4usize);
@@ -743,38 +633,8 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
         }
         sync_plane();
 
-        // Step 2: expand the compressed rows: in registers, find where this lane's elements
-        // of each of its rows start; else rebuild the rows in the dense tiles.
-        if regs && nc > 0 {
-            #[unroll]
-            for ri in 0..2usize {
-                let r = g + 8 * ri;
-                #[unroll]
-                for w in 0..key_words {
-                    kw[ri * key_words + w] = row_bits(
-                        &bits_s,
-                        words0,
-                        r,
-                        c * comptime!(plan.head_dim / 4) + 32 * w,
-                        d,
-                        comptime!((plan.head_dim / 4).min(32)),
-                    );
-                }
-                kslot[ri] = vals0
-                    + r * k_row
-                    + bits_before(&bits_s, words0, r, c * comptime!(plan.head_dim / 4), d) as usize;
-            }
-            #[unroll]
-            for i in 0..4usize {
-                let tok = 2 * c + i % 2 + 8 * (i / 2);
-                let ch0 = g * comptime!(plan.head_dim / 8);
-                let w0 = words0 + tile_words;
-                vw[i] = row_bits(&bits_s, w0, tok, ch0, d, comptime!(plan.head_dim / 8));
-                vslot[i] =
-                    vals0 + k_tile + tok * v_row + bits_before(&bits_s, w0, tok, ch0, d) as usize;
-            }
-        }
-        if sparse && !regs && nc > 0 {
+        // Step 2: expand the compressed rows.
+        if sparse && nc > 0 {
             if r_own < nc {
                 let stride = select(kind == 0, k_row, v_row);
                 let slot0 = vals0 + kind * k_tile + r_own * stride;
@@ -798,53 +658,14 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
         s[1] = Vector::<f32, P>::zeroed();
         #[unroll]
         for ks in 0..steps {
-            let mut a = Array::<Vector<F, P>>::new(4usize);
-            if regs {
-                // Rows g (ri = 0) and g + 8: this lane's four channels of step ks, from the
-                // compressed row or the dense tile.
-                #[unroll]
-                for ri in 0..2usize {
-                    let r = g + 8 * ri;
-                    let mut e = Array::<F>::new(4usize);
-                    if r < nc {
-                        let word = kw[ri * key_words + comptime!(4 * ks / 32)];
-                        let mut slot = kslot[ri];
-                        #[unroll]
-                        for j in 0..4usize {
-                            e[j] =
-                                take::<F>(&vals_s, word, comptime!((4 * ks + j) % 32), &mut slot);
-                        }
-                        kslot[ri] = slot;
-                    } else {
-                        let at = dense0 + r * row + c * comptime!(plan.head_dim / 4) + 4 * ks;
-                        #[unroll]
-                        for j in 0..4usize {
-                            e[j] = dense_s[at + j];
-                        }
-                    }
-                    let mut lo = Vector::<F, P>::empty();
-                    lo[0] = e[0];
-                    lo[1] = e[1];
-                    let mut hi = Vector::<F, P>::empty();
-                    hi[0] = e[2];
-                    hi[1] = e[3];
-                    a[ri] = lo;
-                    a[2 + ri] = hi;
-                }
-            } else {
-                // Lane l gives row l % 16 (token), channels 16ks + 8 (l / 16).
-                let at = dense0 + (lane % 16) * row + ks * 16 + (lane / 16) * 8;
-                let loaded = def.load_matrix::<F, P>(
-                    &dense_s.slice(at, at + CHUNK),
-                    MatrixIdent::A,
-                    4usize,
-                    false,
-                );
-                #[unroll]
-                for i in 0..4usize {
-                    a[i] = loaded[i];
-                }
-            }
+            // Lane l gives row l % 16 (token), channels 16ks + 8 (l / 16).
+            let at = dense0 + (lane % 16) * row + ks * 16 + (lane / 16) * 8;
+            let a = def.load_matrix::<F, P>(
+                &dense_s.slice(at, at + CHUNK),
+                MatrixIdent::A,
+                4usize,
+                false,
+            );
             // Lanes 0..8 give head l of channels 16ks.., lanes 8..16 of 16ks + 8.. (the
             // others repeat them: every lane must give a valid address).
             let qa = ((lane % 8) * row) + ks * 16 + ((lane / 8) % 2) * 8;
@@ -895,50 +716,13 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
         let vt = dense0 + comptime!(TILE * plan.row());
         #[unroll]
         for mt in 0..steps {
-            let mut a = Array::<Vector<F, P>>::new(4usize);
-            if regs {
-                // Channels value_channel(mt, g) and (mt, g + 8) (this lane's 2mt and
-                // 2mt + 1) of tokens 2c, 2c + 1, 2c + 8, 2c + 9.
-                let mut ch0 = Array::<F>::new(4usize);
-                let mut ch1 = Array::<F>::new(4usize);
-                #[unroll]
-                for i in 0..4usize {
-                    let tok = 2 * c + i % 2 + 8 * (i / 2);
-                    if tok < nc {
-                        let mut slot = vslot[i];
-                        ch0[i] = take::<F>(&vals_s, vw[i], comptime!(2 * mt), &mut slot);
-                        ch1[i] = take::<F>(&vals_s, vw[i], comptime!(2 * mt + 1), &mut slot);
-                        vslot[i] = slot;
-                    } else {
-                        let at = vt + tok * row + g * comptime!(plan.head_dim / 8) + 2 * mt;
-                        ch0[i] = dense_s[at];
-                        ch1[i] = dense_s[at + 1];
-                    }
-                }
-                #[unroll]
-                for half in 0..2usize {
-                    let mut x0 = Vector::<F, P>::empty();
-                    x0[0] = ch0[2 * half];
-                    x0[1] = ch0[2 * half + 1];
-                    let mut x1 = Vector::<F, P>::empty();
-                    x1[0] = ch1[2 * half];
-                    x1[1] = ch1[2 * half + 1];
-                    a[2 * half] = x0;
-                    a[2 * half + 1] = x1;
-                }
-            } else {
-                let at = vt + (lane % 8 + 8 * (lane / 16)) * row + mt * 16 + ((lane / 8) % 2) * 8;
-                let loaded = def.load_matrix::<F, P>(
-                    &dense_s.slice(at, at + CHUNK),
-                    MatrixIdent::A,
-                    4usize,
-                    true,
-                );
-                #[unroll]
-                for i in 0..4usize {
-                    a[i] = loaded[i];
-                }
-            }
+            let at = vt + (lane % 8 + 8 * (lane / 16)) * row + mt * 16 + ((lane / 8) % 2) * 8;
+            let a = def.load_matrix::<F, P>(
+                &dense_s.slice(at, at + CHUNK),
+                MatrixIdent::A,
+                4usize,
+                true,
+            );
             let mut acc = Array::<Vector<f32, P>>::new(2usize);
             acc[0] = o[2 * mt];
             acc[1] = o[2 * mt + 1];
@@ -980,10 +764,7 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
             for mt in 0..steps {
                 #[unroll]
                 for half in 0..2usize {
-                    let mut ch = mt * 16 + g + 8 * half;
-                    if regs {
-                        ch = value_channel(d, mt, g + 8 * half);
-                    }
+                    let ch = mt * 16 + g + 8 * half;
                     let v = o[2 * mt + half];
                     o_s[(plane * group + head) * d + ch] = v[e] * factor;
                 }
