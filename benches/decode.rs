@@ -208,14 +208,7 @@ fn prefill(shapes: &[(usize, usize)], layers: usize) {
         gb(client.memory_usage().map_or(0, |u| u.bytes_in_use) as f64)
     );
     for &(batch, tokens) in shapes {
-        // Token ids spread over the vocabulary, different per sequence.
-        let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|s| {
-                (0..tokens)
-                    .map(|i| ((i * 7919 + s * 104_729) % (config.vocab_size - 1) + 1) as u32)
-                    .collect()
-            })
-            .collect();
+        let prompts = bench_prompts(batch, tokens, config.vocab_size);
         let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
         let kv = KvCacheConfig::new(batch, config.n_kv_heads, config.head_dim(), tokens)
             .with_sparsity(0.7, 0.7)
@@ -273,6 +266,17 @@ fn prefill(shapes: &[(usize, usize)], layers: usize) {
     }
 }
 
+/// `batch` prompts of `tokens` token ids spread over the vocabulary, different per sequence.
+fn bench_prompts(batch: usize, tokens: usize, vocab: usize) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|s| {
+            (0..tokens)
+                .map(|i| ((i * 7919 + s * 104_729) % (vocab - 1) + 1) as u32)
+                .collect()
+        })
+        .collect()
+}
+
 /// Decode steps after the showcase's prefill (timed), after [`SHOWCASE_WARM_UP`] more (the
 /// decode kernels compile at their first launch).
 const SHOWCASE_STEPS: usize = 64;
@@ -326,13 +330,7 @@ fn stream_showcase(shapes: &[(usize, usize)], layers: usize) {
             .with_chunk(CHUNK)
             .with_value_type(ValueType::F16)
             .with_prefill(PrefillPolicy::Streaming { chunk });
-        let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|s| {
-                (0..tokens)
-                    .map(|i| ((i * 7919 + s * 104_729) % (config.vocab_size - 1) + 1) as u32)
-                    .collect()
-            })
-            .collect();
+        let prompts = bench_prompts(batch, tokens, config.vocab_size);
         // Warm-up: two chunks into small caches compile every kernel of the prefill.
         {
             let warm = KvCacheConfig {

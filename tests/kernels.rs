@@ -77,6 +77,19 @@ fn upload<F: TestFloat>(client: &ComputeClient<Rt>, v: &[f64]) -> Handle {
     client.create_from_slice(F::as_bytes(&typed))
 }
 
+/// A Burn tensor's elements (of any float type) as f64.
+fn tensor_f64<B: sparsekv::cache::burn::tensor::backend::Backend, const D: usize>(
+    t: sparsekv::cache::burn::tensor::Tensor<B, D>,
+) -> Vec<f64> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32")
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
 fn read<F: TestFloat>(client: &ComputeClient<Rt>, h: Handle) -> Vec<f64> {
     let bytes = client.read_one(h).expect("read back");
     F::from_bytes(&bytes)
@@ -835,16 +848,11 @@ fn streaming_chunks_through_a_sparse_cache_match_the_oracle() {
                 )
                 .expect(&describe);
             let q = normals::<F>(&mut rng, b * n * q_heads * d);
-            let got: Vec<f64> = cache
-                .attend_newest(tensor(&q, [b, n, q_heads, d]), &counts)
-                .expect(&describe)
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .expect("f32")
-                .into_iter()
-                .map(f64::from)
-                .collect();
+            let got = tensor_f64(
+                cache
+                    .attend_newest(tensor(&q, [b, n, q_heads, d]), &counts)
+                    .expect(&describe),
+            );
             // Every stream's tokens as cached: the compressed ones pruned, the window's dense.
             let context = history[0].0.len() / d;
             let comp = cache.compressed_lengths().to_vec();
@@ -911,14 +919,7 @@ fn prompt_matmul_matches_reference() {
             with_residual.then(|| tensor(&r, [m, n])),
         )
         .expect("prompt matmul");
-        let got: Vec<f64> = Tensor::<H, 2>::from_primitive(TensorPrimitive::Float(out))
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32")
-            .into_iter()
-            .map(f64::from)
-            .collect();
+        let got = tensor_f64(Tensor::<H, 2>::from_primitive(TensorPrimitive::Float(out)));
         let expect: Vec<f64> = (0..m * n)
             .map(|i| {
                 let (row, col) = (i / n, i % n);

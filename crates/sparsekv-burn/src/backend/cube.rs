@@ -408,12 +408,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
     ) -> Result<[FloatTensor<Self>; 2]> {
         let client = R::client(device);
         let sequences = layout.compressed_lens.len();
-        let dims = vec![
-            sequences,
-            layout.kv_heads,
-            layout.context,
-            layout.head_dim.get(),
-        ];
+        let dims = layout.dims();
         let bytes = dims.iter().product::<usize>() * layout.value_type.size_bytes();
         let expand = |bitmap: &Self::KvBuffer,
                       values: &Self::KvBuffer,

@@ -580,12 +580,7 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             segment.map_buffers::<B>(inner),
             window.map_buffers::<B>(inner),
         );
-        let dims = vec![
-            layout.compressed_lens.len(),
-            layout.kv_heads,
-            layout.context,
-            layout.head_dim.get(),
-        ];
+        let dims = layout.dims();
         let layout = layout.clone();
         let run_on = device.clone();
         let outputs = queue::<B, _>(

@@ -150,6 +150,18 @@ pub struct ContextLayout {
     pub context: usize,
 }
 
+impl ContextLayout {
+    /// The shape of each result: `[sequences, kv_heads, context, head_dim]`.
+    pub fn dims(&self) -> Vec<usize> {
+        vec![
+            self.compressed_lens.len(),
+            self.kv_heads,
+            self.context,
+            self.head_dim.get(),
+        ]
+    }
+}
+
 /// Where prune+compress reads and writes (see [`SparseKvBackend::kv_prune_compress`]).
 #[derive(Debug, Clone)]
 pub struct CompressTarget<B: SparseKvBackend> {
