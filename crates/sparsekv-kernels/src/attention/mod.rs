@@ -60,10 +60,9 @@ use tensor_core::TilePlan;
 /// Cubes to aim for when splitting the token range: several waves of resident cubes on a large
 /// GPU, so that the last, partial wave is a small part of the call.
 const TARGET_CUBES: usize = 4096;
-/// Cubes of the tensor-core kernel resident on one streaming multiprocessor (its registers
-/// allow three of 128 units: ncu, 156-162 registers per unit), unless shared memory allows
-/// fewer.
-const TC_CUBES_PER_SM: usize = 3;
+/// Cubes to aim for with the dense tensor-core kernel at head_dim 128 and more (see the split
+/// rule in [`decode_attention_with`]).
+const DENSE_TC_CUBES: usize = 2048;
 /// Most splits per stream: the merge kernel walks every split of a row serially (twice), so
 /// small batches (few streams) must not turn into hundreds of tiny splits.
 const MAX_SPLITS: usize = 64;
@@ -1088,22 +1087,20 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         .map(|s| (args.compressed_lens[s] + args.window_lens[s]) as usize)
         .max()
         .unwrap_or(1);
-    let streams = batch * kv_heads;
-    let wanted_splits = match (simt_plan, hw.num_streaming_multiprocessors) {
-        // The dense tensor-core kernel: one wave of resident cubes. Each cube pays a fixed
-        // cost (staging the queries, merging its planes, writing its partial output), so the
-        // fewest cubes that fill the GPU once leave the most time to streaming (B = 8,
-        // T = 16K on the H100: 230 us with 4096 cubes, 200 with one wave; BENCHMARKS.md).
-        (None, Some(sms)) if !sparse => {
-            let shared = tc_plan.shared_bytes().max(1);
-            let per_sm = TC_CUBES_PER_SM
-                .min(hw.max_shared_memory_size / shared)
-                .max(1);
-            (sms as usize * per_sm / streams).clamp(1, MAX_SPLITS)
-        }
-        // The others (the sparse kernel is latency-bound on expansion) keep many waves.
-        _ => TARGET_CUBES.div_ceil(streams).clamp(1, MAX_SPLITS),
+    // The dense tensor-core kernel at head_dim 128 and more takes half the cubes of the
+    // others: each cube pays a fixed cost (staging the queries, merging its planes, writing
+    // its partial output), so fewer, longer splits leave more of the call to streaming (B = 8,
+    // T = 16K on the H100: 230 us with 4096 cubes, 213 with 2048). One wave of resident
+    // cubes was faster still in one call (200 us) and much slower in another (325 us: the
+    // residency it assumes is not guaranteed), so several waves it stays. The sparse kernel
+    // (bound by its expansion) and rows of head_dim 64 (too little in flight per tile) keep
+    // the full count.
+    let target = if simt_plan.is_none() && !sparse && d >= 128 {
+        DENSE_TC_CUBES
+    } else {
+        TARGET_CUBES
     };
+    let wanted_splits = target.div_ceil(batch * kv_heads).clamp(1, MAX_SPLITS);
     let split_tokens = max_total
         .div_ceil(wanted_splits)
         .div_ceil(tile)
