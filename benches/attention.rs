@@ -35,8 +35,8 @@ use sparsekv::format::{HeadDim, Sparsity, keep_count, layout};
 use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
-    AttentionArgs, CompressArgs, DecodeKernel, DenseCacheArgs, FloatElement, SparseSegmentArgs,
-    decode_attention_with, prune_compress, supports_type,
+    AttentionArgs, CompressArgs, CompressTarget, DecodeKernel, DenseCacheArgs, FloatElement,
+    SparseSegmentArgs, decode_attention_with, prune_compress, supports_type,
 };
 
 const Q_HEADS: usize = 32;
@@ -73,15 +73,15 @@ impl Shape {
     fn compressed_tokens(&self) -> usize {
         self.tokens - WINDOW
     }
+    /// Tokens per compressed stream.
+    fn capacity(&self) -> usize {
+        layout::aligned_capacity(self.compressed_tokens())
+    }
     fn bitmap_stride(&self) -> usize {
-        layout::bitmap_words(
-            layout::aligned_capacity(self.compressed_tokens()),
-            HeadDim::new(self.head_dim).expect("valid"),
-        )
+        layout::bitmap_words(self.capacity(), HeadDim::new(self.head_dim).expect("valid"))
     }
     fn values_stride(&self, s: Sparsity) -> usize {
-        layout::aligned_capacity(self.compressed_tokens())
-            * keep_count(s, HeadDim::new(self.head_dim).expect("valid"))
+        self.capacity() * keep_count(s, HeadDim::new(self.head_dim).expect("valid"))
     }
 
     /// Bytes a call must read and write: K/V (compressed or dense), queries and output.
@@ -117,21 +117,25 @@ impl Shape {
                 let bits = || client.empty(streams * bitmap_stride * 4);
                 let vals = || client.empty(streams * values_stride * F::size_bytes());
                 let set = [bits(), bits(), vals(), vals()];
-                for (src, b, v) in [(&dense_k, &set[0], &set[2]), (&dense_v, &set[1], &set[3])] {
-                    let args = CompressArgs {
-                        sequences: self.batch,
-                        kv_heads: KV_HEADS,
-                        head_dim: hd,
+                let args = CompressArgs {
+                    sequences: self.batch,
+                    kv_heads: KV_HEADS,
+                    head_dim: hd,
+                    src_stride: self.tokens * self.head_dim,
+                    src_start: &zeros,
+                    dst_start: &zeros,
+                    counts: &counts,
+                    capacity: self.capacity(),
+                };
+                let targets = [(&dense_k, &set[0], &set[2]), (&dense_v, &set[1], &set[3])].map(
+                    |(src, bitmap, values)| CompressTarget {
+                        src,
+                        bitmap,
+                        values,
                         sparsity,
-                        src_stride: self.tokens * self.head_dim,
-                        src_start: &zeros,
-                        dst_start: &zeros,
-                        counts: &counts,
-                        bitmap_stride,
-                        values_stride,
-                    };
-                    prune_compress::<Rt, F>(client, &args, src, b, v).expect("compress");
-                }
+                    },
+                );
+                prune_compress::<Rt, F>(client, &args, &targets).expect("compress");
                 set
             })
             .collect();

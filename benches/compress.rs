@@ -21,7 +21,7 @@ use sparsekv::cache::SparseKvCache;
 use sparsekv::format::{HeadDim, Sparsity, keep_count, layout};
 use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
-use sparsekv::kernels::{CompressArgs, CopyRowsArgs, copy_rows, prune_compress};
+use sparsekv::kernels::{CompressArgs, CompressTarget, CopyRowsArgs, copy_rows, prune_compress};
 use sparsekv::llama::Llama;
 
 const KV_HEADS: usize = 8;
@@ -96,28 +96,26 @@ impl Chunk {
         let from = vec![CHUNK as u32; MODEL_BATCH];
         let rest = vec![WINDOW as u32; MODEL_BATCH];
         for layer in &self.layers {
-            for kv in 0..2 {
-                let args = CompressArgs {
-                    sequences: MODEL_BATCH,
-                    kv_heads: KV_HEADS,
-                    head_dim: hd,
+            // Keys and values in one launch, as the cache does.
+            let args = CompressArgs {
+                sequences: MODEL_BATCH,
+                kv_heads: KV_HEADS,
+                head_dim: hd,
+                src_stride: self.window_capacity * HEAD_DIM,
+                src_start: &zeros,
+                dst_start: &dst,
+                counts: &counts,
+                capacity,
+            };
+            let targets: Vec<CompressTarget<'_>> = (0..2)
+                .map(|kv| CompressTarget {
+                    src: &layer.window[kv],
+                    bitmap: &layer.bitmaps[kv],
+                    values: &layer.values[kv],
                     sparsity,
-                    src_stride: self.window_capacity * HEAD_DIM,
-                    src_start: &zeros,
-                    dst_start: &dst,
-                    counts: &counts,
-                    bitmap_stride: layout::bitmap_words(capacity, hd),
-                    values_stride: capacity * keep_count(sparsity, hd),
-                };
-                prune_compress::<Rt, half::f16>(
-                    client,
-                    &args,
-                    &layer.window[kv],
-                    &layer.bitmaps[kv],
-                    &layer.values[kv],
-                )
-                .expect("compress");
-            }
+                })
+                .collect();
+            prune_compress::<Rt, half::f16>(client, &args, &targets).expect("compress");
             // The K and V windows are compacted in one launch, as the cache does.
             let copy = CopyRowsArgs {
                 sequences: MODEL_BATCH,

@@ -13,10 +13,10 @@ use sparsekv::format::{HeadDim, PromptShape, Sparsity, keep_count, layout};
 use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
-    AttentionArgs, CompressArgs, DecodeKernel, DenseCacheArgs, ExpandArgs, FloatElement,
-    KernelError, SkinnyKernel, SkinnyShape, SkinnyTuning, SparseSegmentArgs, decode_attention,
-    decode_attention_with, expand_context, prefill_attention, prune_compress, rms_norm,
-    skinny_matmul_with, supports_type, swiglu,
+    AttentionArgs, CompressArgs, CompressTarget, DecodeKernel, DenseCacheArgs, ExpandArgs,
+    FloatElement, KernelError, SkinnyKernel, SkinnyShape, SkinnyTuning, SparseSegmentArgs,
+    decode_attention, decode_attention_with, expand_context, prefill_attention, prune_compress,
+    rms_norm, skinny_matmul_with, supports_type, swiglu,
 };
 
 mod common;
@@ -108,29 +108,41 @@ const SPARSITIES: [f64; 5] = [0.0, 0.3, 0.5, 0.7, 0.9];
 
 /// Compresses two consecutive chunks per sequence into poisoned streams (the second at an
 /// offset that is generally not word-aligned for narrow rows) and checks every bit and value
-/// of the compressed range against the oracle.
+/// of the compressed range against the oracle; half the cases compress a pair of targets
+/// (a cache's keys and values: other sources, other sparsities) in each launch.
 fn compress_case<F: TestFloat>(client: &ComputeClient<Rt>, rng: &mut StdRng) -> Result<(), String> {
     let d = DIMS[rng.random_range(0..DIMS.len())];
     let hd = HeadDim::new(d).map_err(|e| e.to_string())?;
-    let s = Sparsity::new(SPARSITIES[rng.random_range(0..SPARSITIES.len())])
+    let targets = if rng.random_bool(0.5) { 2 } else { 1 };
+    let sparsities: Vec<Sparsity> = (0..targets)
+        .map(|_| Sparsity::new(SPARSITIES[rng.random_range(0..SPARSITIES.len())]))
+        .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     let (seqs, kv_heads) = (rng.random_range(1..=3usize), rng.random_range(1..=3usize));
     let streams = seqs * kv_heads;
-    let keep = keep_count(s, hd);
     let first: Vec<u32> = (0..seqs).map(|_| rng.random_range(0..=70)).collect();
     let second: Vec<u32> = (0..seqs).map(|_| rng.random_range(0..=70)).collect();
     let src_offset: Vec<u32> = (0..seqs).map(|_| rng.random_range(0..=5)).collect();
     let cap = layout::aligned_capacity(150);
     let src_tokens = 150;
-    let src = normals::<F>(rng, streams * src_tokens * d);
-    let src_h = upload::<F>(client, &src);
     let bitmap_stride = layout::bitmap_words(cap, hd);
-    let values_stride = cap * keep;
-    let bitmap_h = client.create_from_slice(u32::as_bytes(&vec![
-        0xDEAD_BEEFu32;
-        streams * bitmap_stride
-    ]));
-    let values_h = upload::<F>(client, &vec![f64::NAN; streams * values_stride]);
+    // Per target: its source rows (host and device), bitmap and values (poisoned).
+    let srcs: Vec<Vec<f64>> = (0..targets)
+        .map(|_| normals::<F>(rng, streams * src_tokens * d))
+        .collect();
+    let src_h: Vec<Handle> = srcs.iter().map(|x| upload::<F>(client, x)).collect();
+    let bitmap_h: Vec<Handle> = (0..targets)
+        .map(|_| {
+            client.create_from_slice(u32::as_bytes(&vec![
+                0xDEAD_BEEFu32;
+                streams * bitmap_stride
+            ]))
+        })
+        .collect();
+    let values_h: Vec<Handle> = sparsities
+        .iter()
+        .map(|&sp| upload::<F>(client, &vec![f64::NAN; streams * cap * keep_count(sp, hd)]))
+        .collect();
     let src_start2: Vec<u32> = (0..seqs).map(|i| src_offset[i] + first[i]).collect();
     for (src_start, dst_start, counts) in [
         (src_offset.clone(), vec![0; seqs], first.clone()),
@@ -140,47 +152,55 @@ fn compress_case<F: TestFloat>(client: &ComputeClient<Rt>, rng: &mut StdRng) -> 
             sequences: seqs,
             kv_heads,
             head_dim: hd,
-            sparsity: s,
             src_stride: src_tokens * d,
             src_start: &src_start,
             dst_start: &dst_start,
             counts: &counts,
-            bitmap_stride,
-            values_stride,
+            capacity: cap,
         };
-        prune_compress::<Rt, F>(client, &args, &src_h, &bitmap_h, &values_h)
-            .map_err(|e| e.to_string())?;
+        let launch: Vec<CompressTarget<'_>> = (0..targets)
+            .map(|i| CompressTarget {
+                src: &src_h[i],
+                bitmap: &bitmap_h[i],
+                values: &values_h[i],
+                sparsity: sparsities[i],
+            })
+            .collect();
+        prune_compress::<Rt, F>(client, &args, &launch).map_err(|e| e.to_string())?;
     }
-    let bits = read_u32(client, bitmap_h);
-    let vals = read::<F>(client, values_h);
-    for st in 0..streams {
-        let seq = st / kv_heads;
-        let n = (first[seq] + second[seq]) as usize;
-        let start = (st * src_tokens + src_offset[seq] as usize) * d;
-        let block = DenseBlock::new(src[start..start + n * d].to_vec(), n, hd)
-            .map_err(|e| e.to_string())?;
-        let expect = oracle::compress(&block, s);
-        let words = &bits[st * bitmap_stride..][..layout::bitmap_words(n, hd)];
-        let got_vals = &vals[st * values_stride..][..n * keep];
-        let got = CompressedBlock::from_parts(words.to_vec(), got_vals.to_vec(), n, hd, keep);
-        // The last word may hold poison past the compressed range: compare bit by bit.
-        for t in 0..n {
-            for j in 0..d {
-                let (w, b) = layout::bit_position(t, j, hd);
-                let bit = words[w] >> b & 1 == 1;
-                if bit != expect.is_kept(t, j) {
-                    return Err(format!(
-                        "d {d} s {} stream {st} token {t} element {j}: bit {bit}",
-                        s.get()
-                    ));
+    for (i, &s) in sparsities.iter().enumerate() {
+        let keep = keep_count(s, hd);
+        let bits = read_u32(client, bitmap_h[i].clone());
+        let vals = read::<F>(client, values_h[i].clone());
+        for st in 0..streams {
+            let seq = st / kv_heads;
+            let n = (first[seq] + second[seq]) as usize;
+            let start = (st * src_tokens + src_offset[seq] as usize) * d;
+            let block = DenseBlock::new(srcs[i][start..start + n * d].to_vec(), n, hd)
+                .map_err(|e| e.to_string())?;
+            let expect = oracle::compress(&block, s);
+            let words = &bits[st * bitmap_stride..][..layout::bitmap_words(n, hd)];
+            let got_vals = &vals[st * cap * keep..][..n * keep];
+            let got = CompressedBlock::from_parts(words.to_vec(), got_vals.to_vec(), n, hd, keep);
+            // The last word may hold poison past the compressed range: compare bit by bit.
+            for t in 0..n {
+                for j in 0..d {
+                    let (w, b) = layout::bit_position(t, j, hd);
+                    let bit = words[w] >> b & 1 == 1;
+                    if bit != expect.is_kept(t, j) {
+                        return Err(format!(
+                            "target {i} of {targets}, d {d} s {} stream {st} token {t} element {j}: bit {bit}",
+                            s.get()
+                        ));
+                    }
                 }
             }
-        }
-        if got_vals != expect.values() {
-            return Err(format!(
-                "d {d} s {} stream {st}: packed values differ ({got:?})",
-                s.get()
-            ));
+            if got_vals != expect.values() {
+                return Err(format!(
+                    "target {i} of {targets}, d {d} s {} stream {st}: packed values differ ({got:?})",
+                    s.get()
+                ));
+            }
         }
     }
     Ok(())

@@ -34,7 +34,8 @@ use sparsekv_format::{
 };
 
 use crate::backend::{
-    CompressTarget, ContextLayout, DecodeShape, DenseRows, RowCopy, Segment, SparseKvBackend,
+    CompressTarget, CompressedStreams, ContextLayout, DecodeShape, DenseRows, RowCopy, Segment,
+    SparseKvBackend,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -775,6 +776,22 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
         }
     }
 
+    /// Where keys and values are compressed to (shared handles).
+    fn compressed_streams(&self) -> [CompressedStreams<B>; 2] {
+        [
+            CompressedStreams {
+                bitmap: self.k_bitmap.clone(),
+                values: self.k_values.clone(),
+                sparsity: self.k_sparsity,
+            },
+            CompressedStreams {
+                bitmap: self.v_bitmap.clone(),
+                values: self.v_values.clone(),
+                sparsity: self.v_sparsity,
+            },
+        ]
+    }
+
     /// The current window buffers (shared handles).
     fn window_rows(&self) -> DenseRows<B> {
         DenseRows {
@@ -858,28 +875,19 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
             dst_start: to_u32(&self.compressed),
             counts: n.clone(),
         };
-        for (window, bitmap, values, sparsity) in [
-            (
-                &self.k_window[cur],
-                &self.k_bitmap,
-                &self.k_values,
-                self.k_sparsity,
-            ),
-            (
-                &self.v_window[cur],
-                &self.v_bitmap,
-                &self.v_values,
-                self.v_sparsity,
-            ),
-        ] {
-            let target = CompressTarget::<B> {
-                src: window.clone(),
-                bitmap: bitmap.clone(),
-                values: values.clone(),
-                sparsity,
-            };
-            B::kv_prune_compress(&self.device, &target, vt, &rows)?;
-        }
+        // Keys and values in one launch.
+        let [k_dest, v_dest] = self.compressed_streams();
+        let targets = [
+            CompressTarget {
+                src: self.k_window[cur].clone(),
+                dest: k_dest,
+            },
+            CompressTarget {
+                src: self.v_window[cur].clone(),
+                dest: v_dest,
+            },
+        ];
+        B::kv_prune_compress(&self.device, &targets, vt, &rows)?;
         let remaining: Vec<usize> = self
             .dense
             .iter()
@@ -954,12 +962,8 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
                 dst_start: to_u32(&self.compressed),
                 counts: to_u32(&from_rows),
             };
-            for (src, bitmap, values, sparsity) in [
-                (&k, &self.k_bitmap, &self.k_values, self.k_sparsity),
-                (&v, &self.v_bitmap, &self.v_values, self.v_sparsity),
-            ] {
-                B::kv_compress_rows(src.clone(), bitmap, values, sparsity, vt, &copy)?;
-            }
+            let [k_dest, v_dest] = self.compressed_streams();
+            B::kv_compress_rows(vec![(k.clone(), k_dest), (v.clone(), v_dest)], vt, &copy)?;
             for (total, n) in self.compressed.iter_mut().zip(&from_rows) {
                 *total += n;
             }

@@ -1,8 +1,9 @@
 //! Per-token magnitude prune + compress: dense rows in, bitmap words and packed values out,
 //! written in place into preallocated stream storage (docs/FORMAT.md).
 //!
-//! A cube handles `ROW_BITS / head_dim` consecutive destination tokens of one stream, one unit
-//! per element. An element's rank is the number of elements of its row that beat it
+//! A cube handles `ROW_BITS / head_dim` consecutive destination tokens of one stream of one
+//! target (a launch takes a cache's keys and values together: one launch and one upload of
+//! the offsets where there were two), one unit per element. An element's rank is the number of elements of its row that beat it
 //! (larger magnitude key, or equal key and lower index); it is kept when its rank is below the
 //! keep count, which is exactly the oracle's rule. Tiles are aligned to destination bitmap
 //! words, so no two cubes write the same word; a word shared with tokens compressed earlier is
@@ -12,15 +13,17 @@ use cubecl::prelude::*;
 
 use crate::error::{KernelError, Result};
 use crate::{FloatElement, check_type_supported};
-use sparsekv_format::{HeadDim, Sparsity, keep_count};
+use sparsekv_format::{HeadDim, Sparsity, keep_count, layout::bitmap_words};
 
 /// Bits (elements) a compress cube covers: one unit per element.
 const ROW_BITS: usize = 256;
 /// Magnitude key of NaN: above +Inf (0x7F80_0000); all NaNs tie.
 const NAN_KEY: u32 = 0x7F80_0001;
 
-#[cube(launch)]
-fn prune_compress_kernel<F: Float>(
+/// One cube's tile of one target (module docs).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn compress_tile<F: Float>(
     src: &Array<F>,
     offsets: &Array<u32>,
     bitmap: &mut Array<u32>,
@@ -102,11 +105,64 @@ fn prune_compress_kernel<F: Float>(
     }
 }
 
+/// The prune+compress kernel: one or two targets (a cache's keys and values) in one launch,
+/// grid `(tiles, streams, targets)`; the second target's arguments are placeholders when
+/// there is one.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn prune_compress_kernel<F: Float>(
+    src_a: &Array<F>,
+    src_b: &Array<F>,
+    offsets: &Array<u32>,
+    bitmap_a: &mut Array<u32>,
+    values_a: &mut Array<F>,
+    bitmap_b: &mut Array<u32>,
+    values_b: &mut Array<F>,
+    src_stride: u32,
+    bitmap_stride: u32,
+    values_stride_a: u32,
+    values_stride_b: u32,
+    kv_heads: u32,
+    keep_a: u32,
+    keep_b: u32,
+    #[comptime] head_dim: usize,
+) {
+    if CUBE_POS_Z == 0 {
+        compress_tile::<F>(
+            src_a,
+            offsets,
+            bitmap_a,
+            values_a,
+            src_stride,
+            bitmap_stride,
+            values_stride_a,
+            kv_heads,
+            keep_a,
+            head_dim,
+        );
+    } else {
+        compress_tile::<F>(
+            src_b,
+            offsets,
+            bitmap_b,
+            values_b,
+            src_stride,
+            bitmap_stride,
+            values_stride_b,
+            kv_heads,
+            keep_b,
+            head_dim,
+        );
+    }
+}
+
 /// Where a [`prune_compress`] call reads its dense rows and writes its compressed tokens.
 ///
 /// Streams are numbered `sequence * kv_heads + kv_head`. Stream `s` reads token `i` from
 /// `src[s * src_stride + (src_start[seq] + i) * head_dim ..]` and writes it as compressed
-/// token `dst_start[seq] + i` of its stream, for `i < counts[seq]`.
+/// token `dst_start[seq] + i` of its stream, for `i < counts[seq]`; destination streams hold
+/// `capacity` tokens each (docs/FORMAT.md's strides: `bitmap_words(capacity)` words and
+/// `capacity * keep` values).
 #[derive(Debug, Clone)]
 pub struct CompressArgs<'a> {
     /// Sequences in the batch.
@@ -115,8 +171,6 @@ pub struct CompressArgs<'a> {
     pub kv_heads: usize,
     /// Elements per row.
     pub head_dim: HeadDim,
-    /// Fraction of each row pruned.
-    pub sparsity: Sparsity,
     /// Elements between the starts of consecutive source streams.
     pub src_stride: usize,
     /// First source token of each sequence.
@@ -125,27 +179,58 @@ pub struct CompressArgs<'a> {
     pub dst_start: &'a [u32],
     /// Tokens to compress, per sequence.
     pub counts: &'a [u32],
-    /// Bitmap words per destination stream (its capacity).
-    pub bitmap_stride: usize,
-    /// Values per destination stream (its capacity).
-    pub values_stride: usize,
+    /// Tokens per destination stream.
+    pub capacity: usize,
+}
+
+/// One set of buffers a [`prune_compress`] call compresses: dense rows of `F` in, `u32`
+/// bitmap words and `F` packed values out, pruned at `sparsity`.
+#[derive(Debug, Clone, Copy)]
+pub struct CompressTarget<'a> {
+    /// Dense source rows.
+    pub src: &'a cubecl::server::Handle,
+    /// Destination bitmap words.
+    pub bitmap: &'a cubecl::server::Handle,
+    /// Destination packed values.
+    pub values: &'a cubecl::server::Handle,
+    /// Fraction of each row pruned.
+    pub sparsity: Sparsity,
 }
 
 /// Prunes and compresses dense rows into preallocated streams, on the device, without
-/// synchronising with the host.
-///
-/// `src` holds `F` elements; `bitmap` holds `u32` words and `values` `F` elements laid out
-/// as [`CompressArgs`] describes. Lengths of the handles are checked against the strides.
+/// synchronising with the host: one or two targets (a cache's keys and values, each at its
+/// own sparsity) with the same rows, in one launch with one upload of the offsets. Lengths of
+/// the handles are checked against the strides [`CompressArgs`] implies.
 pub fn prune_compress<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
     args: &CompressArgs<'_>,
-    src: &cubecl::server::Handle,
-    bitmap: &cubecl::server::Handle,
-    values: &cubecl::server::Handle,
+    targets: &[CompressTarget<'_>],
 ) -> Result<()> {
     check_type_supported::<R, F>(client)?;
+    // A single target binds small placeholders as the second one (never touched: the grid
+    // has one layer), so no buffer is bound twice; two (a cache's K and V) allocate nothing.
+    let placeholder;
+    let (a, b) = match targets {
+        [a] => {
+            placeholder = client.empty(16);
+            let p = &placeholder;
+            let none = CompressTarget {
+                src: p,
+                bitmap: p,
+                values: p,
+                sparsity: a.sparsity,
+            };
+            (*a, none)
+        }
+        [a, b] => (*a, *b),
+        _ => {
+            return Err(KernelError::InvalidArguments(format!(
+                "prune_compress takes one or two targets, got {}",
+                targets.len()
+            )));
+        }
+    };
     let d = args.head_dim.get();
-    let keep = keep_count(args.sparsity, args.head_dim);
     let streams = args.sequences * args.kv_heads;
     for (name, v) in [
         ("src_start", args.src_start),
@@ -178,20 +263,25 @@ pub fn prune_compress<R: Runtime, F: FloatElement>(
                 args.src_stride / d
             )));
         }
-        if (dst0 + n) * d > args.bitmap_stride * 32 || (dst0 + n) * keep > args.values_stride {
+        if dst0 + n > args.capacity {
             return Err(KernelError::InvalidArguments(format!(
-                "sequence {seq}: compressed tokens {dst0}..{} exceed the stream capacity",
-                dst0 + n
+                "sequence {seq}: compressed tokens {dst0}..{} exceed the stream capacity ({})",
+                dst0 + n,
+                args.capacity
             )));
         }
     }
-    check_len("source", src, streams * args.src_stride * F::size_bytes())?;
-    check_len("bitmap", bitmap, streams * args.bitmap_stride * 4)?;
-    check_len(
-        "values",
-        values,
-        streams * args.values_stride * F::size_bytes(),
-    )?;
+    let bitmap_stride = bitmap_words(args.capacity, args.head_dim);
+    let keep = |t: &CompressTarget<'_>| keep_count(t.sparsity, args.head_dim);
+    for t in targets {
+        check_len("source", t.src, streams * args.src_stride * F::size_bytes())?;
+        check_len("bitmap", t.bitmap, streams * bitmap_stride * 4)?;
+        check_len(
+            "values",
+            t.values,
+            streams * args.capacity * keep(t) * F::size_bytes(),
+        )?;
+    }
     let max_count = args.counts.iter().copied().max().unwrap_or(0) as usize;
     if max_count == 0 {
         return Ok(());
@@ -204,20 +294,26 @@ pub fn prune_compress<R: Runtime, F: FloatElement>(
         &[args.src_start, args.dst_start, args.counts].concat(),
     ));
     let word_count = |h: &cubecl::server::Handle, elem: usize| h.size() as usize / elem;
+    let es = F::size_bytes();
     unsafe {
         prune_compress_kernel::launch::<F, R>(
             client,
-            CubeCount::Static(tiles as u32, streams as u32, 1),
+            CubeCount::Static(tiles as u32, streams as u32, targets.len() as u32),
             CubeDim::new_1d(ROW_BITS as u32),
-            ArrayArg::from_raw_parts(src.clone(), word_count(src, F::size_bytes())),
+            ArrayArg::from_raw_parts(a.src.clone(), word_count(a.src, es)),
+            ArrayArg::from_raw_parts(b.src.clone(), word_count(b.src, es)),
             ArrayArg::from_raw_parts(offsets, 3 * args.sequences),
-            ArrayArg::from_raw_parts(bitmap.clone(), word_count(bitmap, 4)),
-            ArrayArg::from_raw_parts(values.clone(), word_count(values, F::size_bytes())),
+            ArrayArg::from_raw_parts(a.bitmap.clone(), word_count(a.bitmap, 4)),
+            ArrayArg::from_raw_parts(a.values.clone(), word_count(a.values, es)),
+            ArrayArg::from_raw_parts(b.bitmap.clone(), word_count(b.bitmap, 4)),
+            ArrayArg::from_raw_parts(b.values.clone(), word_count(b.values, es)),
             args.src_stride as u32,
-            args.bitmap_stride as u32,
-            args.values_stride as u32,
+            bitmap_stride as u32,
+            (args.capacity * keep(&a)) as u32,
+            (args.capacity * keep(&b)) as u32,
             args.kv_heads as u32,
-            keep as u32,
+            keep(&a) as u32,
+            keep(&b) as u32,
             d,
         )
     };

@@ -24,7 +24,7 @@ pub use attention::{
     AttentionArgs, DecodeKernel, DenseCacheArgs, SparseSegmentArgs, decode_attention,
     decode_attention_with, prefill_attention, prefill_attention_unsupported,
 };
-pub use compress::{CompressArgs, prune_compress};
+pub use compress::{CompressArgs, CompressTarget, prune_compress};
 pub use error::{KernelError, Result};
 pub use expand::{ExpandArgs, expand_context};
 pub use norm::rms_norm;

@@ -4,16 +4,18 @@
 use burn::tensor::ops::FloatTensor;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use sparsekv_format::{PromptShape, Sparsity, ValueType};
+use sparsekv_format::{PromptShape, ValueType};
 use sparsekv_kernels::cubecl::server::Handle;
 use sparsekv_kernels::{
-    AttentionArgs, CompressArgs, DenseCacheArgs, ExpandArgs, SparseSegmentArgs,
+    AttentionArgs, CompressArgs, CompressTarget as KernelCompressTarget, DenseCacheArgs,
+    ExpandArgs, SparseSegmentArgs,
 };
 
 use super::{
-    CompressTarget, ContextLayout, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy,
-    Segment, SparseKvBackend, check_rows, decode_output, projection_plan, prompt_plan,
-    rms_norm_plan, rope_output_dims, rope_plan, row_args, skinny_plan, swiglu_plan, value_dtype,
+    CompressTarget, CompressedStreams, ContextLayout, DecodeShape, DenseRows, DeviceMemory,
+    RopeHeads, RowCopy, Segment, SparseKvBackend, check_rows, decode_output, projection_plan,
+    prompt_plan, rms_norm_plan, rope_output_dims, rope_plan, row_args, skinny_plan, swiglu_plan,
+    value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -173,41 +175,36 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
 
     fn kv_prune_compress(
         device: &Self::Device,
-        target: &CompressTarget<Self>,
+        targets: &[CompressTarget<Self>],
         value_type: ValueType,
         rows: &RowCopy,
     ) -> Result<()> {
         let client = R::client(device);
-        prune_compress_handles(
-            &client,
-            &target.src.handle,
-            &target.bitmap.handle,
-            &target.values.handle,
-            target.sparsity,
-            value_type,
-            rows,
-        )
+        let targets: Vec<_> = targets
+            .iter()
+            .map(|t| kernel_target(&t.src.handle, &t.dest))
+            .collect();
+        prune_compress_handles(&client, &targets, value_type, rows)
     }
 
     fn kv_compress_rows(
-        src: FloatTensor<Self>,
-        bitmap: &Self::KvBuffer,
-        values: &Self::KvBuffer,
-        sparsity: Sparsity,
+        sources: Vec<(FloatTensor<Self>, CompressedStreams<Self>)>,
         value_type: ValueType,
         rows: &RowCopy,
     ) -> Result<()> {
-        check_rows([&src], value_type)?;
-        let src = burn_cubecl::kernel::into_contiguous(src);
-        prune_compress_handles(
-            &src.client,
-            &src.handle,
-            &bitmap.handle,
-            &values.handle,
-            sparsity,
-            value_type,
-            rows,
-        )
+        check_rows(sources.iter().map(|(t, _)| t), value_type)?;
+        let sources: Vec<_> = sources
+            .into_iter()
+            .map(|(t, dest)| (burn_cubecl::kernel::into_contiguous(t), dest))
+            .collect();
+        let Some(client) = sources.first().map(|(t, _)| t.client.clone()) else {
+            return Ok(());
+        };
+        let targets: Vec<_> = sources
+            .iter()
+            .map(|(t, dest)| kernel_target(&t.handle, dest))
+            .collect();
+        prune_compress_handles(&client, &targets, value_type, rows)
     }
 
     fn kv_decode_attention(
@@ -496,35 +493,41 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
     }
 }
 
-/// Prune+compress of `rows` from the streams of `src` into `bitmap` and `values` (the launch
-/// of [`SparseKvBackend::kv_prune_compress`] and [`SparseKvBackend::kv_compress_rows`]).
+/// The kernel's view of dense rows `src` compressed into `dest`.
+fn kernel_target<'a, R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    src: &'a Handle,
+    dest: &'a CompressedStreams<CubeBackend<R, F, I, BT>>,
+) -> KernelCompressTarget<'a> {
+    KernelCompressTarget {
+        src,
+        bitmap: &dest.bitmap.handle,
+        values: &dest.values.handle,
+        sparsity: dest.sparsity,
+    }
+}
+
+/// Prune+compress of `rows` for one or two targets in one launch (the launch of
+/// [`SparseKvBackend::kv_prune_compress`] and [`SparseKvBackend::kv_compress_rows`]).
 fn prune_compress_handles<R: CubeRuntime>(
     client: &sparsekv_kernels::cubecl::client::ComputeClient<R>,
-    src: &Handle,
-    bitmap: &Handle,
-    values: &Handle,
-    sparsity: Sparsity,
+    targets: &[KernelCompressTarget<'_>],
     value_type: ValueType,
     rows: &RowCopy,
 ) -> Result<()> {
-    let head_dim = rows.head_dim;
-    let keep = sparsekv_format::keep_count(sparsity, head_dim);
     let args = CompressArgs {
         sequences: rows.sequences,
         kv_heads: rows.kv_heads,
-        head_dim,
-        sparsity,
-        src_stride: rows.src_capacity * head_dim.get(),
+        head_dim: rows.head_dim,
+        src_stride: rows.src_capacity * rows.head_dim.get(),
         src_start: &rows.src_start,
         dst_start: &rows.dst_start,
         counts: &rows.counts,
-        bitmap_stride: sparsekv_format::layout::bitmap_words(rows.dst_capacity, head_dim),
-        values_stride: rows.dst_capacity * keep,
+        capacity: rows.dst_capacity,
     };
     with_float!(
         value_type,
         E,
-        sparsekv_kernels::prune_compress::<R, E>(client, &args, src, bitmap, values)?
+        sparsekv_kernels::prune_compress::<R, E>(client, &args, targets)?
     );
     Ok(())
 }

@@ -30,13 +30,13 @@ use burn::tensor::{DType, FloatDType, Shape};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Client, Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
-use sparsekv_format::{PromptShape, Sparsity, ValueType};
+use sparsekv_format::{PromptShape, ValueType};
 use sparsekv_kernels::SkinnyShape;
 
 use super::{
-    CompressTarget, ContextLayout, DecodeShape, DenseRows, DeviceMemory, RopeHeads, RowCopy,
-    Segment, SparseKvBackend, check_rows, decode_output, projection_plan, prompt_plan,
-    rms_norm_plan, rope_output_dims, rope_plan, skinny_plan, swiglu_plan, value_dtype,
+    CompressTarget, CompressedStreams, ContextLayout, DecodeShape, DenseRows, DeviceMemory,
+    RopeHeads, RowCopy, Segment, SparseKvBackend, check_rows, decode_output, projection_plan,
+    prompt_plan, rms_norm_plan, rope_output_dims, rope_plan, skinny_plan, swiglu_plan, value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -363,13 +363,16 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
 
     fn kv_prune_compress(
         device: &Self::Device,
-        target: &CompressTarget<Self>,
+        targets: &[CompressTarget<Self>],
         value_type: ValueType,
         rows: &RowCopy,
     ) -> Result<()> {
         let device = device.clone();
-        let touched = [&target.src, &target.bitmap, &target.values];
-        let inner_target = target.map_buffers::<B>(inner);
+        let touched: Vec<_> = targets
+            .iter()
+            .flat_map(|t| [&t.src, &t.dest.bitmap, &t.dest.values])
+            .collect();
+        let inner_targets: Vec<_> = targets.iter().map(|t| t.map_buffers::<B>(inner)).collect();
         let rows = rows.clone();
         queue::<B, _>(
             &burn_fusion::get_client::<B>(&device),
@@ -378,34 +381,37 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             &[],
             value_type,
             &touched,
-            move |_, _, _| B::kv_prune_compress(&device, &inner_target, value_type, &rows),
+            move |_, _, _| B::kv_prune_compress(&device, &inner_targets, value_type, &rows),
         )?;
         Ok(())
     }
 
     fn kv_compress_rows(
-        src: FloatTensor<Self>,
-        bitmap: &Self::KvBuffer,
-        values: &Self::KvBuffer,
-        sparsity: Sparsity,
+        sources: Vec<(FloatTensor<Self>, CompressedStreams<Self>)>,
         value_type: ValueType,
         rows: &RowCopy,
     ) -> Result<()> {
-        check_rows([&src], value_type)?;
-        let client = src.client.clone();
-        let touched = [bitmap, values];
-        let (bitmap, values) = (inner(bitmap), inner(values));
+        check_rows(sources.iter().map(|(t, _)| t), value_type)?;
+        let Some(client) = sources.first().map(|(t, _)| t.client.clone()) else {
+            return Ok(());
+        };
+        let (tensors, outer): (Vec<_>, Vec<_>) = sources.into_iter().unzip();
+        let touched: Vec<_> = outer.iter().flat_map(|d| [&d.bitmap, &d.values]).collect();
+        let dests: Vec<_> = outer.iter().map(|d| d.map_buffers::<B>(inner)).collect();
         let rows = rows.clone();
         queue::<B, _>(
             &client,
             "sparsekv_compress_rows",
-            vec![src],
+            tensors,
             &[],
             value_type,
             &touched,
             move |inputs, _, handles| {
-                let src = single(inner_inputs::<B>(inputs, handles))?;
-                B::kv_compress_rows(src, &bitmap, &values, sparsity, value_type, &rows)
+                let sources = inner_inputs::<B>(inputs, handles)
+                    .into_iter()
+                    .zip(dests.iter().cloned())
+                    .collect();
+                B::kv_compress_rows(sources, value_type, &rows)
             },
         )?;
         Ok(())

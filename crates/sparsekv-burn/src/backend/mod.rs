@@ -162,17 +162,40 @@ impl ContextLayout {
     }
 }
 
-/// Where prune+compress reads and writes (see [`SparseKvBackend::kv_prune_compress`]).
+/// Compressed streams that prune+compress writes: bitmap words and packed values, pruned at
+/// `sparsity` (see [`SparseKvBackend::kv_prune_compress`]).
 #[derive(Debug, Clone)]
-pub struct CompressTarget<B: SparseKvBackend> {
-    /// Dense source rows, `[streams, src_capacity, head_dim]`.
-    pub src: B::KvBuffer,
+pub struct CompressedStreams<B: SparseKvBackend> {
     /// Destination bitmap words.
     pub bitmap: B::KvBuffer,
     /// Destination packed values.
     pub values: B::KvBuffer,
     /// Sparsity to prune at.
     pub sparsity: Sparsity,
+}
+
+impl<B: SparseKvBackend> CompressedStreams<B> {
+    /// The same streams for another backend type, each buffer mapped by `buffer`.
+    pub fn map_buffers<C: SparseKvBackend>(
+        &self,
+        buffer: impl Fn(&B::KvBuffer) -> C::KvBuffer,
+    ) -> CompressedStreams<C> {
+        CompressedStreams {
+            bitmap: buffer(&self.bitmap),
+            values: buffer(&self.values),
+            sparsity: self.sparsity,
+        }
+    }
+}
+
+/// Where prune+compress reads and writes: dense source rows `[streams, src_capacity,
+/// head_dim]` and the streams they go to.
+#[derive(Debug, Clone)]
+pub struct CompressTarget<B: SparseKvBackend> {
+    /// Dense source rows.
+    pub src: B::KvBuffer,
+    /// Where they go.
+    pub dest: CompressedStreams<B>,
 }
 
 impl<B: SparseKvBackend> CompressTarget<B> {
@@ -183,9 +206,7 @@ impl<B: SparseKvBackend> CompressTarget<B> {
     ) -> CompressTarget<C> {
         CompressTarget {
             src: buffer(&self.src),
-            bitmap: buffer(&self.bitmap),
-            values: buffer(&self.values),
-            sparsity: self.sparsity,
+            dest: self.dest.map_buffers::<C>(buffer),
         }
     }
 }
@@ -263,25 +284,24 @@ pub trait SparseKvBackend: Backend {
     ) -> Result<()>;
 
     /// Prunes rows `rows.src_start[s] ..` (`rows.counts[s]` of them) of every stream of
-    /// sequence `s` of `target.src` and writes them compressed as tokens `rows.dst_start[s] ..`
-    /// of its destination streams (`rows.dst_capacity` tokens each).
+    /// sequence `s` of each target's `src` and writes them compressed as tokens
+    /// `rows.dst_start[s] ..` of its destination streams (`rows.dst_capacity` tokens each).
+    /// One or two targets (a cache's keys and values, each at its own sparsity), in one
+    /// launch.
     fn kv_prune_compress(
         device: &Self::Device,
-        target: &CompressTarget<Self>,
+        targets: &[CompressTarget<Self>],
         value_type: ValueType,
         rows: &RowCopy,
     ) -> Result<()>;
 
-    /// Prunes token rows of a tensor `[sequences, kv_heads, n, head_dim]` (sequence `s`: its
+    /// Prunes token rows of tensors `[sequences, kv_heads, n, head_dim]` (sequence `s`: its
     /// `rows.counts[s]` rows from `rows.src_start[s]`; `rows.src_capacity` is `n`) and writes
-    /// them compressed as tokens `rows.dst_start[s] ..` of `bitmap` and `values`
-    /// (`rows.dst_capacity` tokens per stream), in one launch: a prompt's tokens go straight
-    /// into the compressed streams without passing through the dense window.
+    /// them compressed as tokens `rows.dst_start[s] ..` of their streams (`rows.dst_capacity`
+    /// tokens per stream): a prompt's tokens go straight into the compressed streams without
+    /// passing through the dense window. One or two sources (keys and values), one launch.
     fn kv_compress_rows(
-        src: FloatTensor<Self>,
-        bitmap: &Self::KvBuffer,
-        values: &Self::KvBuffer,
-        sparsity: Sparsity,
+        sources: Vec<(FloatTensor<Self>, CompressedStreams<Self>)>,
         value_type: ValueType,
         rows: &RowCopy,
     ) -> Result<()>;
