@@ -644,8 +644,8 @@ fn prompt_attention_case<F: TestFloat>(
         rng.random_range(1..=200)
     };
     let shape = PromptShape::new(batch, tokens, kv_heads * group, kv_heads, hd)
-        .map_err(|e| e.to_string())?
-        .with_past(past);
+        .and_then(|s| s.with_past(past))
+        .map_err(|e| e.to_string())?;
     let describe = format!(
         "batch {batch}, {tokens} tokens after {past}, {kv_heads} KV heads x group {group}, head_dim {d}"
     );
@@ -891,8 +891,8 @@ fn streaming_chunks_through_a_sparse_cache_match_the_oracle() {
                 vc.extend(cached(hv, comp[st / kv_heads], vs));
             }
             let shape = PromptShape::new(b, n, q_heads, kv_heads, hd)
-                .unwrap()
-                .with_past(context - n);
+                .and_then(|s| s.with_past(context - n))
+                .unwrap();
             let expect = oracle::causal_attention(shape, &q, &kc, &vc).unwrap();
             let err = rel_err(&got, &expect);
             assert!(

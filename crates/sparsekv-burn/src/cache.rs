@@ -825,14 +825,26 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
         counts: &[usize],
         lengths: &[usize],
     ) -> Result<Option<Tensor<B, 4>>> {
-        let [b, n, q_heads, _] = q.dims();
+        let [b, n, q_heads, d] = q.dims();
         let context = lengths.first().copied().unwrap_or(0);
-        if n < 2 || counts.iter().any(|&c| c != n) || lengths.iter().any(|&l| l != context) {
+        // The expansion and the kernel index elements with 32-bit integers (the queries and
+        // the expanded keys, whose streams are at least as long as the compressed ones).
+        let largest =
+            (b * n * q_heads * d).max(b * self.config.kv_heads * context.max(self.capacity) * d);
+        if n < 2
+            || counts.iter().any(|&c| c != n)
+            || lengths.iter().any(|&l| l != context)
+            || largest > u32::MAX as usize
+        {
             return Ok(None);
         }
         let c = &self.config;
+        // The kernel takes queries of the cache's value type only.
+        if B::kv_value_type(&q.clone().into_primitive().tensor()).ok() != Some(c.value_type) {
+            return Ok(None);
+        }
         let shape =
-            PromptShape::new(b, n, q_heads, c.kv_heads, self.head_dim)?.with_past(context - n);
+            PromptShape::new(b, n, q_heads, c.kv_heads, self.head_dim)?.with_past(context - n)?;
         if B::prompt_attention_unsupported(&self.device, c.value_type, shape).is_some() {
             return Ok(None);
         }

@@ -101,9 +101,16 @@ impl PromptShape {
         self.batch
     }
 
-    /// The same shape with `past` tokens before the queries (0 for a whole prompt).
-    pub fn with_past(self, past: usize) -> Self {
-        PromptShape { past, ..self }
+    /// The same shape with `past` tokens before the queries (0 for a whole prompt); an error
+    /// when `past + tokens` does not fit a `usize`.
+    pub fn with_past(self, past: usize) -> Result<Self> {
+        if past.checked_add(self.tokens).is_none() {
+            return Err(FormatError::InvalidArgument(format!(
+                "{past} past tokens before {} queries overflow a usize",
+                self.tokens
+            )));
+        }
+        Ok(PromptShape { past, ..self })
     }
 
     /// Query tokens per sequence.
@@ -246,7 +253,8 @@ mod tests {
         );
         assert_eq!((shape.group(), shape.head_dim()), (4, d));
         assert_eq!((shape.past(), shape.context()), (0, 100));
-        let chunk = shape.with_past(28);
+        let chunk = shape.with_past(28)?;
+        assert!(shape.with_past(usize::MAX).is_err());
         assert_eq!(
             (chunk.tokens(), chunk.past(), chunk.context()),
             (100, 28, 128)

@@ -154,6 +154,13 @@ pub fn expand_context<R: Runtime, F: FloatElement>(
             )));
         }
     }
+    // The kernel indexes elements with 32-bit integers.
+    if streams * args.context.max(args.capacity) * d > u32::MAX as usize {
+        return Err(KernelError::InvalidArguments(format!(
+            "{streams} streams of {} tokens of {d} elements: the expansion indexes at most 2^32 elements",
+            args.context.max(args.capacity)
+        )));
+    }
     let bitmap_stride = bitmap_words(args.capacity, args.head_dim);
     let values_stride = args.capacity * keep;
     check_len("bitmap", bitmap, streams * bitmap_stride * 4)?;

@@ -739,7 +739,7 @@ pub(crate) fn prompt_plan<T: TensorMetadata>(q: &T, k: &T, v: &T) -> Result<Prom
         }
     }
     let shape = PromptShape::new(batch, tokens, q_heads, kv_heads, HeadDim::new(d)?)?
-        .with_past(context - tokens);
+        .with_past(context - tokens)?;
     Ok(PromptPlan {
         value_type,
         shape,

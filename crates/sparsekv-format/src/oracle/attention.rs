@@ -339,7 +339,7 @@ mod tests {
         let d = HeadDim::new(8)?;
         let (n, past, heads) = (7, 4, 2);
         let whole = PromptShape::new(1, n, heads, 1, d)?;
-        let chunk = PromptShape::new(1, n - past, heads, 1, d)?.with_past(past);
+        let chunk = PromptShape::new(1, n - past, heads, 1, d)?.with_past(past)?;
         let x = |i: usize| ((i * 37 % 101) as f64 / 50.0) - 1.0;
         let q: Vec<f64> = (0..n * heads * 8).map(x).collect();
         let k: Vec<f64> = (0..n * 8).map(|i| x(i + 5)).collect();

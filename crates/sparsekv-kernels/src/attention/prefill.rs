@@ -573,6 +573,17 @@ pub fn prefill_attention<R: Runtime, F: FloatElement>(
     let es = F::size_bytes();
     let q_bytes = batch * tokens * q_heads * d * es;
     let kv_bytes = batch * shape.context() * kv_heads * d * es;
+    // The kernel indexes elements with 32-bit integers.
+    if [q_bytes, kv_bytes]
+        .iter()
+        .any(|&b| b / es > u32::MAX as usize)
+    {
+        return Err(KernelError::InvalidArguments(format!(
+            "{} query and {} key elements: the prompt attention kernel indexes at most 2^32 of each",
+            q_bytes / es,
+            kv_bytes / es
+        )));
+    }
     check_len("queries", q, q_bytes)?;
     check_len("keys", k, kv_bytes)?;
     check_len("values", v, kv_bytes)?;
