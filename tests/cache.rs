@@ -8,7 +8,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sparsekv::cache::burn::tensor::{Tensor, TensorData};
+use sparsekv::cache::burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use sparsekv::cache::burn_cubecl::CubeBackend;
 use sparsekv::cache::{
     DenseKvCache, KvCache, KvCacheConfig, KvCacheError, LayerCaches, SparseKvBackend, SparseKvCache,
@@ -762,4 +762,136 @@ fn a_queued_operation_that_fails_makes_cache_operations_errors() {
         "queued-operation error from",
         &["append", "attend"],
     );
+}
+
+/// `SparseKvBackend::kv_expand_context` (what a streaming chunk's attention reads on CUDA)
+/// through the backend extension on both backend types: compressed streams and windows
+/// filled by the extension's own operations, then expanded, must equal the oracle's
+/// decompressed rows, then the window's rows, then zeros. On the fused backend this is the
+/// queued operation with two outputs and six ordered buffers.
+fn expanded_context_matches_the_oracle<B: SparseKvBackend>() {
+    use sparsekv::cache::backend::{CompressedStreams, ContextLayout, DenseRows, RowCopy, Segment};
+    use sparsekv::format::{ValueType, layout};
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let device: B::Device = Default::default();
+    for case in 0..3 {
+        let (b, kv_heads) = (rng.random_range(1..=2), rng.random_range(1..=2));
+        let d = [16, 64][rng.random_range(0..2)];
+        let hd = HeadDim::new(d).expect("head_dim");
+        let (ks, vs) = (
+            Sparsity::new([0.0, 0.5, 0.7][rng.random_range(0..3)]).expect("sparsity"),
+            Sparsity::new([0.0, 0.5, 0.7][rng.random_range(0..3)]).expect("sparsity"),
+        );
+        let n = 40;
+        let compressed: Vec<u32> = (0..b).map(|_| rng.random_range(0..=30)).collect();
+        let window: Vec<u32> = compressed
+            .iter()
+            .map(|&c| rng.random_range(0..=(n as u32 - c).min(10)))
+            .collect();
+        let context = n + 3;
+        let (capacity, window_capacity) = (layout::aligned_capacity(n), 16);
+        let streams = b * kv_heads;
+        // The rows each stream's tokens come from: [b, kv_heads, n, d] per K and V.
+        let rows: Vec<Vec<f32>> = (0..2).map(|_| normals(&mut rng, streams * n * d)).collect();
+        let tensor = |x: &[f32]| {
+            Tensor::<B, 4>::from_data(TensorData::new(x.to_vec(), [b, kv_heads, n, d]), &device)
+                .into_primitive()
+                .tensor()
+        };
+        let alloc = |bytes: usize| B::kv_alloc(&device, bytes).expect("alloc");
+        let bitmap_bytes = streams * layout::bitmap_words(capacity, hd) * 4;
+        let dest = |s: Sparsity| CompressedStreams::<B> {
+            bitmap: alloc(bitmap_bytes),
+            values: alloc(streams * capacity * keep_count(s, hd) * 4),
+            sparsity: s,
+        };
+        let (k_dest, v_dest) = (dest(ks), dest(vs));
+        let win = DenseRows::<B> {
+            k: alloc(streams * window_capacity * d * 4),
+            v: alloc(streams * window_capacity * d * 4),
+            capacity: window_capacity,
+        };
+        let copy = |dst_capacity, src_start: Vec<u32>, counts: Vec<u32>| RowCopy {
+            sequences: b,
+            kv_heads,
+            head_dim: hd,
+            src_capacity: n,
+            dst_capacity,
+            src_start,
+            dst_start: vec![0; b],
+            counts,
+        };
+        // The oldest `compressed[s]` rows compressed, the next `window[s]` into the window.
+        B::kv_compress_rows(
+            vec![
+                (tensor(&rows[0]), k_dest.clone()),
+                (tensor(&rows[1]), v_dest.clone()),
+            ],
+            ValueType::F32,
+            &copy(capacity, vec![0; b], compressed.clone()),
+        )
+        .expect("compress");
+        B::kv_write_rows(
+            &[(tensor(&rows[0]), &win.k), (tensor(&rows[1]), &win.v)],
+            ValueType::F32,
+            &copy(window_capacity, compressed.clone(), window.clone()),
+        )
+        .expect("window rows");
+        let segment = Segment::<B> {
+            k_bitmap: k_dest.bitmap.clone(),
+            k_values: k_dest.values.clone(),
+            v_bitmap: v_dest.bitmap.clone(),
+            v_values: v_dest.values.clone(),
+            capacity,
+            k_sparsity: ks,
+            v_sparsity: vs,
+        };
+        let layout = ContextLayout {
+            kv_heads,
+            head_dim: hd,
+            value_type: ValueType::F32,
+            compressed_lens: compressed.clone(),
+            dense_lens: window.clone(),
+            context,
+        };
+        let expanded = B::kv_expand_context(&device, &segment, &win, &layout).expect("expand");
+        for (kind, (out, s)) in expanded.into_iter().zip([ks, vs]).enumerate() {
+            let got: Vec<f32> = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(out))
+                .into_data()
+                .to_vec::<f32>()
+                .expect("f32");
+            assert_eq!(got.len(), streams * context * d);
+            for st in 0..streams {
+                let (tc, tw) = (
+                    compressed[st / kv_heads] as usize,
+                    window[st / kv_heads] as usize,
+                );
+                let src: Vec<f64> = rows[kind][st * n * d..(st + 1) * n * d]
+                    .iter()
+                    .map(|&x| f64::from(x))
+                    .collect();
+                let old = DenseBlock::new(src[..tc * d].to_vec(), tc, hd).expect("block");
+                let mut expect = oracle::compress(&old, s).decompress().data().to_vec();
+                expect.extend_from_slice(&src[tc * d..(tc + tw) * d]);
+                expect.resize(context * d, 0.0);
+                let stream: Vec<f64> = got[st * context * d..(st + 1) * context * d]
+                    .iter()
+                    .map(|&x| f64::from(x))
+                    .collect();
+                assert_eq!(
+                    stream,
+                    expect,
+                    "case {case}, {} stream {st} ({tc} compressed, {tw} window, head_dim {d}), SPARSEKV_SEED={seed}",
+                    ["keys", "values"][kind]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn expanded_context_matches_the_oracle_on_both_backends() {
+    expanded_context_matches_the_oracle::<B>();
+    expanded_context_matches_the_oracle::<Fused>();
 }
