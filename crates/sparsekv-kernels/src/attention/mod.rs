@@ -1114,7 +1114,9 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     let rows = batch * q_heads;
     let part_o = client.empty(rows * splits * d * 4);
     let part_ml = client.empty(rows * splits * 2 * 4);
-    let placeholder = client.empty(32);
+    // The dense kernel binds a small placeholder for the segment it never reads (allocated
+    // only then: every call of the sparse kernel saves the allocation).
+    let placeholder;
     let (kb, kv, vb, vv, bits_stride, kvs, vvs) = match segment {
         Some(s) => (
             s.k_bitmap,
@@ -1125,15 +1127,18 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             s.k_values_stride,
             s.v_values_stride,
         ),
-        None => (
-            &placeholder,
-            &placeholder,
-            &placeholder,
-            &placeholder,
-            0,
-            0,
-            0,
-        ),
+        None => {
+            placeholder = client.empty(32);
+            (
+                &placeholder,
+                &placeholder,
+                &placeholder,
+                &placeholder,
+                0,
+                0,
+                0,
+            )
+        }
     };
     // Arrays of `bytes`-byte items.
     let arr = |h: &cubecl::server::Handle, bytes: usize| unsafe {
