@@ -1023,12 +1023,21 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
 
     fn attend_newest(&self, q: Tensor<B, 4>, counts: &[usize]) -> Result<Tensor<B, 4>> {
         let lengths = self.lengths();
-        let (c, hd) = (&self.config, self.head_dim);
-        let (shape, [b, n, h, d]) =
-            newest_rows(c, &self.device, hd, &self.compressed, &lengths, &q, counts)?;
+        let c = &self.config;
+        let (q_heads, n) = check_newest(c, &self.device, &q, counts, &lengths)?;
         if let Some(out) = self.attend_newest_expanded(&q, counts, &lengths)? {
             return Ok(out);
         }
+        // The decode kernel's row layout, only where it runs (a prompt chunk's rows: b n).
+        let shape = decode_shape(
+            c,
+            self.head_dim,
+            q_heads,
+            &self.compressed,
+            &lengths,
+            Some((counts, n)),
+        );
+        let [b, _, h, d] = q.dims();
         let out = self.attend_rows(q.reshape([b * n, h, d]), &shape)?;
         Ok(out.reshape([b, n, h, d]))
     }
