@@ -460,6 +460,137 @@ fn sparse_at_zero_equals_dense<B: SparseKvBackend>() {
 }
 
 #[test]
+fn layer_groups_match_independent_caches() {
+    grouped_equals_independent::<B>();
+}
+
+#[test]
+fn fused_backend_layer_groups_match_independent_caches() {
+    grouped_equals_independent::<Fused>();
+}
+
+/// `LayerCaches::sparse` (layers sharing group buffers, each compression of the window run for
+/// every layer of a group by whichever layer gets there first) against independent caches fed
+/// the same rows: every attention output equal, bit for bit. The layers are driven in a
+/// random order each step, and now and then one layer runs ahead of the others for a few
+/// steps (out of step, it must compress alone) before they catch up.
+fn grouped_equals_independent<B: SparseKvBackend>() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut sc = random_scenario(&mut rng);
+    (sc.window, sc.chunk, sc.steps) = (4, 8, 60);
+    let layers = rng.random_range(2..=4);
+    // Steps run ahead by one layer (and caught up by the others) come on top of `steps`.
+    const AHEAD: usize = 100;
+    let max_seq = sc.prefill.iter().max().copied().unwrap_or(0) + sc.steps + AHEAD + 8;
+    let config = KvCacheConfig::new(sc.batch, sc.kv_heads, sc.head_dim, max_seq)
+        .with_window(sc.window)
+        .with_chunk(sc.chunk)
+        .with_sparsity(sc.ks, sc.vs);
+    let device = Default::default();
+    let mut grouped = LayerCaches::<SparseKvCache<B>>::sparse(layers, &config, &device)
+        .expect("caches")
+        .into_layers();
+    let mut alone: Vec<SparseKvCache<B>> = (0..layers)
+        .map(|_| SparseKvCache::<B>::new(&config, &device).expect("cache"))
+        .collect();
+    let context = || format!("{layers} layers ({}), SPARSEKV_SEED={seed}", describe(&sc));
+    let empty = || vec![vec![Vec::new(); sc.kv_heads]; sc.batch];
+    let mut hist = History {
+        k: empty(),
+        v: empty(),
+    };
+    // One layer and a number of steps it runs ahead of the others.
+    let mut ahead: Option<(usize, usize)> = None;
+    let mut ahead_steps = 0;
+    let mut step = 0;
+    while step <= sc.steps {
+        let counts = if step == 0 {
+            sc.prefill.clone()
+        } else {
+            vec![1; sc.batch]
+        };
+        if ahead.is_none() && step > 0 && ahead_steps + 10 <= AHEAD && rng.random_bool(0.1) {
+            let n = rng.random_range(1..=10);
+            ahead_steps += n;
+            ahead = Some((rng.random_range(0..layers), n));
+        }
+        let mut order: Vec<usize> = (0..layers).collect();
+        if rng.random_bool(0.5) {
+            order.reverse();
+        }
+        if let Some((runner, _)) = ahead {
+            order = vec![runner];
+        }
+        for &l in &order {
+            // The same rows into both caches of layer l.
+            let step_seed: u64 = rng.random();
+            for cache in [&mut grouped[l] as &mut dyn KvCache<B>, &mut alone[l]] {
+                append(
+                    &mut StdRng::seed_from_u64(step_seed),
+                    &sc,
+                    cache,
+                    &mut hist,
+                    &counts,
+                )
+                .unwrap_or_else(|e| panic!("step {step}, layer {l}, {}: {e}", context()));
+            }
+            assert_eq!(
+                grouped[l].lengths(),
+                alone[l].lengths(),
+                "step {step}, layer {l}, {}",
+                context()
+            );
+            assert_eq!(
+                grouped[l].compressed_lengths(),
+                alone[l].compressed_lengths(),
+                "step {step}, layer {l}, {}",
+                context()
+            );
+            if grouped[l].lengths().contains(&0) {
+                continue;
+            }
+            let q_seed: u64 = rng.random();
+            let (_, a) = attend(&mut StdRng::seed_from_u64(q_seed), &sc, &grouped[l]);
+            let (_, b) = attend(&mut StdRng::seed_from_u64(q_seed), &sc, &alone[l]);
+            let (a, b) = (a.expect("grouped"), b.expect("alone"));
+            assert!(
+                a.iter().all(|x| x.is_finite()) && a == b,
+                "step {step}, layer {l}, {}: grouped and independent caches differ",
+                context()
+            );
+        }
+        match ahead {
+            Some((runner, 1)) => {
+                // The others catch up with the runner, one step at a time, below.
+                ahead = None;
+                let behind = grouped[(runner + 1) % layers].lengths();
+                let lead = grouped[runner].lengths();
+                let extra = lead.iter().zip(&behind).map(|(a, b)| a - b).max();
+                for _ in 0..extra.unwrap_or(0) {
+                    for l in (0..layers).filter(|&l| l != runner) {
+                        let step_seed: u64 = rng.random();
+                        for cache in [&mut grouped[l] as &mut dyn KvCache<B>, &mut alone[l]] {
+                            append(
+                                &mut StdRng::seed_from_u64(step_seed),
+                                &sc,
+                                cache,
+                                &mut hist,
+                                &vec![1; sc.batch],
+                            )
+                            .unwrap_or_else(|e| panic!("catching up, {}: {e}", context()));
+                        }
+                    }
+                }
+                step += 1;
+            }
+            Some((runner, n)) => ahead = Some((runner, n - 1)),
+            None => step += 1,
+        }
+    }
+}
+
+#[test]
 fn bad_input_is_a_typed_error() {
     let device = Default::default();
     let config = KvCacheConfig::new(2, 2, 16, 10);

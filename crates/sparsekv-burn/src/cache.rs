@@ -33,9 +33,11 @@ use sparsekv_format::{
     kv_bytes, layout,
 };
 
+use std::sync::{Arc, Mutex};
+
 use crate::backend::{
-    CompressTarget, CompressedStreams, ContextLayout, DecodeShape, DenseRows, RowCopy, Segment,
-    SparseKvBackend,
+    CompressTarget, CompressedStreams, ContextLayout, DecodeShape, DenseRows, KV_VIEW_ALIGNMENT,
+    RowCopy, Segment, SparseKvBackend,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -166,11 +168,44 @@ impl KvCacheConfig {
 
     /// The buffers of a sparse cache, after validating the configuration.
     fn sparse_plan(&self) -> Result<SparsePlan> {
-        let (head_dim, k_sparsity, v_sparsity) = self.validate()?;
-        let streams = self.batch.checked_mul(self.kv_heads);
         let capacity = layout::aligned_capacity(self.max_seq);
         // The dense tokens never pass the cache's own capacity, however large the window.
         let window_capacity = layout::aligned_capacity(self.dense_limit());
+        self.sized_plan(capacity, window_capacity)
+    }
+
+    /// [`KvCacheConfig::sparse_plan`] for caches that share group buffers
+    /// ([`LayerCaches::sparse`]): the stream capacities are rounded up (by at most 256 tokens)
+    /// so that each of a layer's buffers is a whole number of [`KV_VIEW_ALIGNMENT`] bytes, so
+    /// layer `i`'s part of a group buffer starts `i` buffers in, and the group's streams follow
+    /// each other at one stride (what lets one launch work on every layer).
+    fn grouped_sparse_plan(&self) -> Result<SparsePlan> {
+        let mut plan = self.sparse_plan()?;
+        let aligned = |p: &SparsePlan| {
+            [p.bitmap, p.k_values, p.v_values]
+                .iter()
+                .all(|b| b.is_multiple_of(KV_VIEW_ALIGNMENT))
+        };
+        while !aligned(&plan) {
+            plan = self.sized_plan(
+                plan.capacity + layout::STREAM_TOKEN_ALIGNMENT,
+                plan.window_capacity,
+            )?;
+        }
+        while !plan.window.is_multiple_of(KV_VIEW_ALIGNMENT) {
+            plan = self.sized_plan(
+                plan.capacity,
+                plan.window_capacity + layout::STREAM_TOKEN_ALIGNMENT,
+            )?;
+        }
+        Ok(plan)
+    }
+
+    /// The buffers of a sparse cache whose streams hold `capacity` compressed and
+    /// `window_capacity` dense tokens, after validating the configuration.
+    fn sized_plan(&self, capacity: usize, window_capacity: usize) -> Result<SparsePlan> {
+        let (head_dim, k_sparsity, v_sparsity) = self.validate()?;
+        let streams = self.batch.checked_mul(self.kv_heads);
         let es = self.value_type.size_bytes();
         let too_big = || {
             KvCacheError::Invalid(format!(
@@ -227,12 +262,19 @@ impl KvCacheConfig {
 
     /// The plan of `layers` sparse caches of this configuration, refused by [`ensure_room`]
     /// when `device` cannot allocate or hold them all.
+    /// With `grouped`, the plan of caches in group buffers
+    /// ([`KvCacheConfig::grouped_sparse_plan`]).
     fn sparse_plan_on<B: SparseKvBackend>(
         &self,
         layers: usize,
+        grouped: bool,
         device: &B::Device,
     ) -> Result<SparsePlan> {
-        let plan = self.sparse_plan()?;
+        let plan = if grouped {
+            self.grouped_sparse_plan()?
+        } else {
+            self.sparse_plan()?
+        };
         let needed = total_bytes(layers, plan.total())?;
         ensure_room::<B>(device, plan.largest(), needed, || {
             self.describe(layers, "sparse")
@@ -671,34 +713,260 @@ fn to_u32(v: &[usize]) -> Vec<u32> {
 /// never wait for the device.
 pub struct SparseKvCache<B: SparseKvBackend> {
     config: KvCacheConfig,
-    head_dim: HeadDim,
-    k_sparsity: Sparsity,
-    v_sparsity: Sparsity,
+    plan: SparsePlan,
     device: B::Device,
-    /// Token capacity of each compressed stream.
-    capacity: usize,
-    /// Token capacity of each dense window stream.
-    window_capacity: usize,
-    k_bitmap: B::KvBuffer,
-    v_bitmap: B::KvBuffer,
-    k_values: B::KvBuffer,
-    v_values: B::KvBuffer,
-    /// Two dense windows for K and for V; `current` holds the data, the other is the target
-    /// of compaction after a compression.
-    k_window: [B::KvBuffer; 2],
-    v_window: [B::KvBuffer; 2],
-    current: usize,
-    compressed: Vec<usize>,
-    dense: Vec<usize>,
+    buffers: SparseBuffers<B>,
+    state: WindowState,
+    /// The group of layers whose buffers this cache's are part of ([`LayerCaches::sparse`]).
+    group: Option<GroupLink<B>>,
 }
 
 impl<B: SparseKvBackend> std::fmt::Debug for SparseKvCache<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SparseKvCache")
             .field("config", &self.config)
-            .field("compressed", &self.compressed)
-            .field("dense", &self.dense)
+            .field("compressed", &self.state.compressed)
+            .field("dense", &self.state.dense)
+            .field("grouped", &self.group.is_some())
             .finish()
+    }
+}
+
+/// The device buffers of a sparse cache (or of a group of layers' caches, whose streams follow
+/// each other layer by layer): K and V bitmaps and packed values, and two dense windows each
+/// for K and V (one holds the window, the other is the target of compaction after a
+/// compression).
+#[derive(Debug, Clone)]
+struct SparseBuffers<B: SparseKvBackend> {
+    k_bitmap: B::KvBuffer,
+    v_bitmap: B::KvBuffer,
+    k_values: B::KvBuffer,
+    v_values: B::KvBuffer,
+    k_window: [B::KvBuffer; 2],
+    v_window: [B::KvBuffer; 2],
+}
+
+impl<B: SparseKvBackend> SparseBuffers<B> {
+    /// Buffers of `plan` for `layers` layers.
+    fn allocate(plan: &SparsePlan, layers: usize, device: &B::Device) -> Result<Self> {
+        let alloc = |bytes: usize| B::kv_alloc(device, bytes * layers);
+        Ok(SparseBuffers {
+            k_bitmap: alloc(plan.bitmap)?,
+            v_bitmap: alloc(plan.bitmap)?,
+            k_values: alloc(plan.k_values)?,
+            v_values: alloc(plan.v_values)?,
+            k_window: [alloc(plan.window)?, alloc(plan.window)?],
+            v_window: [alloc(plan.window)?, alloc(plan.window)?],
+        })
+    }
+
+    /// Layer `layer`'s part of a group's buffers of `plan` (views, nothing copied).
+    fn layer(&self, plan: &SparsePlan, layer: usize) -> Result<Self> {
+        let view = |buffer: &B::KvBuffer, bytes: usize| B::kv_view(buffer, layer * bytes, bytes);
+        let windows = |pair: &[B::KvBuffer; 2]| -> Result<[B::KvBuffer; 2]> {
+            Ok([view(&pair[0], plan.window)?, view(&pair[1], plan.window)?])
+        };
+        Ok(SparseBuffers {
+            k_bitmap: view(&self.k_bitmap, plan.bitmap)?,
+            v_bitmap: view(&self.v_bitmap, plan.bitmap)?,
+            k_values: view(&self.k_values, plan.k_values)?,
+            v_values: view(&self.v_values, plan.v_values)?,
+            k_window: windows(&self.k_window)?,
+            v_window: windows(&self.v_window)?,
+        })
+    }
+
+    fn all(&self) -> impl Iterator<Item = &B::KvBuffer> {
+        [
+            &self.k_bitmap,
+            &self.v_bitmap,
+            &self.k_values,
+            &self.v_values,
+        ]
+        .into_iter()
+        .chain(self.k_window.iter())
+        .chain(self.v_window.iter())
+    }
+}
+
+/// Where a sparse cache stands: per sequence, its compressed tokens and its window tokens
+/// (after the compressed ones), and which of the two window buffers holds the window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WindowState {
+    compressed: Vec<usize>,
+    dense: Vec<usize>,
+    current: usize,
+}
+
+impl WindowState {
+    fn empty(batch: usize) -> Self {
+        WindowState {
+            compressed: vec![0; batch],
+            dense: vec![0; batch],
+            current: 0,
+        }
+    }
+
+    /// The state after the oldest `counts[s]` window tokens of each sequence were compressed
+    /// and the rest of the window compacted into the other window buffer.
+    fn after_compressing(&self, counts: &[usize]) -> Self {
+        WindowState {
+            compressed: self
+                .compressed
+                .iter()
+                .zip(counts)
+                .map(|(t, c)| t + c)
+                .collect(),
+            dense: self.dense.iter().zip(counts).map(|(w, c)| w - c).collect(),
+            current: 1 - self.current,
+        }
+    }
+}
+
+/// Launches the window policy's compression over `buffers` holding the streams of `layers`
+/// layers of `plan` (one cache's, or a whole group's, all in `state`): the oldest `counts[s]`
+/// window tokens of each sequence are pruned and compressed after its compressed tokens
+/// (keys and values in one launch), and the rest of each window moves to the front of the
+/// other window buffer (one launch). Two launches and two uploads however many layers.
+fn launch_compression<B: SparseKvBackend>(
+    device: &B::Device,
+    config: &KvCacheConfig,
+    plan: &SparsePlan,
+    buffers: &SparseBuffers<B>,
+    layers: usize,
+    state: &WindowState,
+    counts: &[usize],
+) -> Result<()> {
+    // A group's layers are sequences of their own to the kernels: layer l's sequence s is
+    // sequence l b + s, its streams right after layer l - 1's.
+    let each_layer = |v: Vec<u32>| v.repeat(layers);
+    let n = to_u32(counts);
+    let cur = state.current;
+    let rows = RowCopy {
+        sequences: layers * config.batch,
+        kv_heads: config.kv_heads,
+        head_dim: plan.head_dim,
+        src_capacity: plan.window_capacity,
+        dst_capacity: plan.capacity,
+        src_start: vec![0; layers * config.batch],
+        dst_start: each_layer(to_u32(&state.compressed)),
+        counts: each_layer(n.clone()),
+    };
+    let targets = [
+        CompressTarget {
+            src: buffers.k_window[cur].clone(),
+            dest: CompressedStreams {
+                bitmap: buffers.k_bitmap.clone(),
+                values: buffers.k_values.clone(),
+                sparsity: plan.k_sparsity,
+            },
+        },
+        CompressTarget {
+            src: buffers.v_window[cur].clone(),
+            dest: CompressedStreams {
+                bitmap: buffers.v_bitmap.clone(),
+                values: buffers.v_values.clone(),
+                sparsity: plan.v_sparsity,
+            },
+        },
+    ];
+    let vt = config.value_type;
+    B::kv_prune_compress(device, &targets, vt, &rows)?;
+    let remaining: Vec<usize> = state.dense.iter().zip(counts).map(|(w, c)| w - c).collect();
+    let copy = RowCopy {
+        dst_capacity: plan.window_capacity,
+        src_start: each_layer(n),
+        dst_start: vec![0; layers * config.batch],
+        counts: each_layer(to_u32(&remaining)),
+        ..rows
+    };
+    B::kv_copy_rows(
+        device,
+        &[
+            (&buffers.k_window[cur], &buffers.k_window[1 - cur]),
+            (&buffers.v_window[cur], &buffers.v_window[1 - cur]),
+        ],
+        vt,
+        &copy,
+    )
+}
+
+/// The layers of a group ([`LayerCaches::sparse`]): their buffers as wholes, and what the
+/// window policy needs to run a compression for all of them at once.
+struct LayerGroup<B: SparseKvBackend> {
+    buffers: SparseBuffers<B>,
+    /// Each layer's state as its latest append left it.
+    states: Vec<WindowState>,
+    /// The compression last run for every layer of the group, for the layers that have not
+    /// taken it up yet.
+    ahead: Option<GroupCompression>,
+}
+
+/// A compression that ran for every layer of a group from one state.
+struct GroupCompression {
+    from: WindowState,
+    counts: Vec<usize>,
+    /// Per layer: whether it is still to take the compression up.
+    pending: Vec<bool>,
+}
+
+/// A cache's place in its group.
+struct GroupLink<B: SparseKvBackend> {
+    group: Arc<Mutex<LayerGroup<B>>>,
+    layer: usize,
+}
+
+impl<B: SparseKvBackend> GroupLink<B> {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, LayerGroup<B>>> {
+        self.group
+            .lock()
+            .map_err(|_| KvCacheError::Invalid("a layer group's lock is poisoned".into()))
+    }
+
+    /// The window policy's compression of `counts` tokens per sequence for this layer, in
+    /// `state`, through the group: `true` when it is done, because another layer of the group
+    /// already ran it for every layer from the same state or because every layer is in that
+    /// state and this call ran it for all of them; `false` when the layers are out of step
+    /// (the caller compresses its layer alone). Running it for every layer is safe whatever
+    /// they do next: it writes only where a layer in `state` holds nothing (compressed
+    /// positions past its tokens, its idle window buffer), and a layer whose next compression
+    /// differs overwrites those places itself.
+    fn compress(
+        &self,
+        device: &B::Device,
+        config: &KvCacheConfig,
+        plan: &SparsePlan,
+        state: &WindowState,
+        counts: &[usize],
+    ) -> Result<bool> {
+        let mut group = self.lock()?;
+        if let Some(ahead) = &mut group.ahead
+            && ahead.pending[self.layer]
+            && ahead.from == *state
+            && ahead.counts == counts
+        {
+            ahead.pending[self.layer] = false;
+            return Ok(true);
+        }
+        if group.states.iter().any(|s| s != state) {
+            return Ok(false);
+        }
+        let layers = group.states.len();
+        launch_compression(device, config, plan, &group.buffers, layers, state, counts)?;
+        let mut pending = vec![true; layers];
+        pending[self.layer] = false;
+        group.ahead = Some(GroupCompression {
+            from: state.clone(),
+            counts: counts.to_vec(),
+            pending,
+        });
+        Ok(true)
+    }
+
+    /// Records this layer's state after an append.
+    fn record(&self, state: &WindowState) -> Result<()> {
+        self.lock()?.states[self.layer] = state.clone();
+        Ok(())
     }
 }
 
@@ -707,45 +975,56 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
     /// allocated) when the device cannot hold it.
     pub fn new(config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
         device_ready()?;
-        Self::allocate(config, config.sparse_plan_on::<B>(1, device)?, device)
-    }
-
-    /// Allocates the buffers of `plan` (checked by the caller).
-    fn allocate(config: &KvCacheConfig, plan: SparsePlan, device: &B::Device) -> Result<Self> {
-        let SparsePlan {
-            head_dim,
-            k_sparsity,
-            v_sparsity,
-            capacity,
-            window_capacity,
-            bitmap,
-            k_values,
-            v_values,
-            window,
-        } = plan;
-        let alloc = |bytes| B::kv_alloc(device, bytes);
-        let (k_bitmap, v_bitmap) = (alloc(bitmap)?, alloc(bitmap)?);
-        let (k_values, v_values) = (alloc(k_values)?, alloc(v_values)?);
-        let k_window = [alloc(window)?, alloc(window)?];
-        let v_window = [alloc(window)?, alloc(window)?];
+        let plan = config.sparse_plan_on::<B>(1, false, device)?;
         Ok(SparseKvCache {
             config: config.clone(),
-            head_dim,
-            k_sparsity,
-            v_sparsity,
+            plan,
             device: device.clone(),
-            capacity,
-            window_capacity,
-            k_bitmap,
-            v_bitmap,
-            k_values,
-            v_values,
-            k_window,
-            v_window,
-            current: 0,
-            compressed: vec![0; config.batch],
-            dense: vec![0; config.batch],
+            buffers: SparseBuffers::allocate(&plan, 1, device)?,
+            state: WindowState::empty(config.batch),
+            group: None,
         })
+    }
+
+    /// The caches of `layers` layers of `plan` (checked by the caller), in groups of layers
+    /// that share buffers: as many layers per group as keep a group buffer within what the
+    /// device allocates in one piece and within 2 GiB (so that kernels index it with 32-bit
+    /// integers).
+    fn grouped(
+        layers: usize,
+        config: &KvCacheConfig,
+        plan: SparsePlan,
+        device: &B::Device,
+    ) -> Result<Vec<Self>> {
+        let limit = B::max_buffer_bytes(device).min(GROUP_BYTES_LIMIT) as usize;
+        let per_group = (limit / plan.largest().max(1)).clamp(1, layers.max(1));
+        let mut caches = Vec::with_capacity(layers);
+        for first in (0..layers).step_by(per_group) {
+            let size = per_group.min(layers - first);
+            let whole = SparseBuffers::allocate(&plan, size, device)?;
+            let parts = (0..size)
+                .map(|l| whole.layer(&plan, l))
+                .collect::<Result<Vec<_>>>()?;
+            let group = Arc::new(Mutex::new(LayerGroup {
+                buffers: whole,
+                states: vec![WindowState::empty(config.batch); size],
+                ahead: None,
+            }));
+            for (layer, buffers) in parts.into_iter().enumerate() {
+                caches.push(SparseKvCache {
+                    config: config.clone(),
+                    plan,
+                    device: device.clone(),
+                    buffers,
+                    state: WindowState::empty(config.batch),
+                    group: (size > 1).then(|| GroupLink {
+                        group: group.clone(),
+                        layer,
+                    }),
+                });
+            }
+        }
+        Ok(caches)
     }
 
     /// The configuration.
@@ -755,49 +1034,52 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
 
     /// Compressed tokens per sequence.
     pub fn compressed_lengths(&self) -> &[usize] {
-        &self.compressed
+        &self.state.compressed
     }
 
     /// Dense (window) tokens per sequence.
     pub fn window_lengths(&self) -> &[usize] {
-        &self.dense
+        &self.state.dense
     }
 
     /// The compressed streams (shared handles, nothing copied).
     fn segment(&self) -> Segment<B> {
+        let b = &self.buffers;
         Segment {
-            k_bitmap: self.k_bitmap.clone(),
-            k_values: self.k_values.clone(),
-            v_bitmap: self.v_bitmap.clone(),
-            v_values: self.v_values.clone(),
-            capacity: self.capacity,
-            k_sparsity: self.k_sparsity,
-            v_sparsity: self.v_sparsity,
+            k_bitmap: b.k_bitmap.clone(),
+            k_values: b.k_values.clone(),
+            v_bitmap: b.v_bitmap.clone(),
+            v_values: b.v_values.clone(),
+            capacity: self.plan.capacity,
+            k_sparsity: self.plan.k_sparsity,
+            v_sparsity: self.plan.v_sparsity,
         }
     }
 
     /// Where keys and values are compressed to (shared handles).
     fn compressed_streams(&self) -> [CompressedStreams<B>; 2] {
+        let b = &self.buffers;
         [
             CompressedStreams {
-                bitmap: self.k_bitmap.clone(),
-                values: self.k_values.clone(),
-                sparsity: self.k_sparsity,
+                bitmap: b.k_bitmap.clone(),
+                values: b.k_values.clone(),
+                sparsity: self.plan.k_sparsity,
             },
             CompressedStreams {
-                bitmap: self.v_bitmap.clone(),
-                values: self.v_values.clone(),
-                sparsity: self.v_sparsity,
+                bitmap: b.v_bitmap.clone(),
+                values: b.v_values.clone(),
+                sparsity: self.plan.v_sparsity,
             },
         ]
     }
 
     /// The current window buffers (shared handles).
     fn window_rows(&self) -> DenseRows<B> {
+        let cur = self.state.current;
         DenseRows {
-            k: self.k_window[self.current].clone(),
-            v: self.v_window[self.current].clone(),
-            capacity: self.window_capacity,
+            k: self.buffers.k_window[cur].clone(),
+            v: self.buffers.v_window[cur].clone(),
+            capacity: self.plan.window_capacity,
         }
     }
 
@@ -829,8 +1111,8 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
         let context = lengths.first().copied().unwrap_or(0);
         // The expansion and the kernel index elements with 32-bit integers (the queries and
         // the expanded keys, whose streams are at least as long as the compressed ones).
-        let largest =
-            (b * n * q_heads * d).max(b * self.config.kv_heads * context.max(self.capacity) * d);
+        let largest = (b * n * q_heads * d)
+            .max(b * self.config.kv_heads * context.max(self.plan.capacity) * d);
         if n < 2
             || counts.iter().any(|&c| c != n)
             || lengths.iter().any(|&l| l != context)
@@ -843,17 +1125,17 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
         if B::kv_value_type(&q.clone().into_primitive().tensor()).ok() != Some(c.value_type) {
             return Ok(None);
         }
-        let shape =
-            PromptShape::new(b, n, q_heads, c.kv_heads, self.head_dim)?.with_past(context - n)?;
+        let shape = PromptShape::new(b, n, q_heads, c.kv_heads, self.plan.head_dim)?
+            .with_past(context - n)?;
         if B::prompt_attention_unsupported(&self.device, c.value_type, shape).is_some() {
             return Ok(None);
         }
         let layout = ContextLayout {
             kv_heads: c.kv_heads,
-            head_dim: self.head_dim,
+            head_dim: self.plan.head_dim,
             value_type: c.value_type,
-            compressed_lens: to_u32(&self.compressed),
-            dense_lens: to_u32(&self.dense),
+            compressed_lens: to_u32(&self.state.compressed),
+            dense_lens: to_u32(&self.state.dense),
             context,
         };
         let [k, v] =
@@ -863,71 +1145,21 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
     }
 
     /// Compresses the oldest `counts[s]` dense tokens of each sequence and compacts the
-    /// windows into the other buffer pair.
+    /// windows into the other buffer pair: through the group where there is one (one launch
+    /// pair for all its layers, see [`GroupLink::compress`]), else for this layer alone.
     fn compress_oldest(&mut self, counts: &[usize]) -> Result<()> {
         if counts.iter().all(|&c| c == 0) {
             return Ok(());
         }
-        let (b, h, d, vt) = (
-            self.config.batch,
-            self.config.kv_heads,
-            self.head_dim,
-            self.config.value_type,
-        );
-        let n = to_u32(counts);
-        let cur = self.current;
-        // The oldest window rows of each sequence become its next compressed tokens.
-        let rows = RowCopy {
-            sequences: b,
-            kv_heads: h,
-            head_dim: d,
-            src_capacity: self.window_capacity,
-            dst_capacity: self.capacity,
-            src_start: vec![0; b],
-            dst_start: to_u32(&self.compressed),
-            counts: n.clone(),
+        let (device, config, plan) = (&self.device, &self.config, &self.plan);
+        let by_group = match &self.group {
+            Some(link) => link.compress(device, config, plan, &self.state, counts)?,
+            None => false,
         };
-        // Keys and values in one launch.
-        let [k_dest, v_dest] = self.compressed_streams();
-        let targets = [
-            CompressTarget {
-                src: self.k_window[cur].clone(),
-                dest: k_dest,
-            },
-            CompressTarget {
-                src: self.v_window[cur].clone(),
-                dest: v_dest,
-            },
-        ];
-        B::kv_prune_compress(&self.device, &targets, vt, &rows)?;
-        let remaining: Vec<usize> = self
-            .dense
-            .iter()
-            .zip(counts)
-            .map(|(&w, &c)| w - c)
-            .collect();
-        // The rest of the window moves to the front of the other window buffer.
-        let copy = RowCopy {
-            dst_capacity: self.window_capacity,
-            src_start: n,
-            dst_start: vec![0; b],
-            counts: to_u32(&remaining),
-            ..rows
-        };
-        B::kv_copy_rows(
-            &self.device,
-            &[
-                (&self.k_window[cur], &self.k_window[1 - cur]),
-                (&self.v_window[cur], &self.v_window[1 - cur]),
-            ],
-            vt,
-            &copy,
-        )?;
-        self.current = 1 - cur;
-        for (total, c) in self.compressed.iter_mut().zip(counts) {
-            *total += c;
+        if !by_group {
+            launch_compression(device, config, plan, &self.buffers, 1, &self.state, counts)?;
         }
-        self.dense = remaining;
+        self.state = self.state.after_compressing(counts);
         Ok(())
     }
 }
@@ -938,7 +1170,7 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
         let (b, h, d, vt) = (
             self.config.batch,
             self.config.kv_heads,
-            self.head_dim,
+            self.plan.head_dim,
             self.config.value_type,
         );
         let rows = k.dims()[2];
@@ -951,12 +1183,12 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
         // by compressing its oldest chunk. Pruning is per token, so where a token is
         // compressed from does not change its bits.
         let (mut from_window, mut from_rows) = (vec![0usize; b], vec![0usize; b]);
-        let room = room_to_make(&self.config, &self.dense, counts);
+        let room = room_to_make(&self.config, &self.state.dense, counts);
         for s in 0..b {
             if counts[s] > 1 {
-                let total = self.dense[s] + counts[s];
+                let total = self.state.dense[s] + counts[s];
                 let older = total - total.min(self.config.window);
-                from_window[s] = older.min(self.dense[s]);
+                from_window[s] = older.min(self.state.dense[s]);
                 from_rows[s] = older - from_window[s];
             } else {
                 from_window[s] = room[s];
@@ -969,14 +1201,14 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
                 kv_heads: h,
                 head_dim: d,
                 src_capacity: rows,
-                dst_capacity: self.capacity,
+                dst_capacity: self.plan.capacity,
                 src_start: vec![0; b],
-                dst_start: to_u32(&self.compressed),
+                dst_start: to_u32(&self.state.compressed),
                 counts: to_u32(&from_rows),
             };
             let [k_dest, v_dest] = self.compressed_streams();
             B::kv_compress_rows(vec![(k.clone(), k_dest), (v.clone(), v_dest)], vt, &copy)?;
-            for (total, n) in self.compressed.iter_mut().zip(&from_rows) {
+            for (total, n) in self.state.compressed.iter_mut().zip(&from_rows) {
                 *total += n;
             }
         }
@@ -987,22 +1219,26 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
                 kv_heads: h,
                 head_dim: d,
                 src_capacity: rows,
-                dst_capacity: self.window_capacity,
+                dst_capacity: self.plan.window_capacity,
                 src_start: to_u32(&from_rows),
-                dst_start: to_u32(&self.dense),
+                dst_start: to_u32(&self.state.dense),
                 counts: to_u32(&take),
             };
+            let cur = self.state.current;
             B::kv_write_rows(
                 &[
-                    (k, &self.k_window[self.current]),
-                    (v, &self.v_window[self.current]),
+                    (k, &self.buffers.k_window[cur]),
+                    (v, &self.buffers.v_window[cur]),
                 ],
                 vt,
                 &copy,
             )?;
-            for (dense, n) in self.dense.iter_mut().zip(&take) {
+            for (dense, n) in self.state.dense.iter_mut().zip(&take) {
                 *dense += n;
             }
+        }
+        if let Some(link) = &self.group {
+            link.record(&self.state)?;
         }
         Ok(())
     }
@@ -1013,8 +1249,8 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
         let shape = decode_rows(
             c,
             &self.device,
-            self.head_dim,
-            &self.compressed,
+            self.plan.head_dim,
+            &self.state.compressed,
             &lengths,
             &q,
         )?;
@@ -1031,9 +1267,9 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
         // The decode kernel's row layout, only where it runs (a prompt chunk's rows: b n).
         let shape = decode_shape(
             c,
-            self.head_dim,
+            self.plan.head_dim,
             q_heads,
-            &self.compressed,
+            &self.state.compressed,
             &lengths,
             Some((counts, n)),
         );
@@ -1047,48 +1283,43 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
     }
 
     fn lengths(&self) -> Vec<usize> {
-        self.compressed
-            .iter()
-            .zip(&self.dense)
-            .map(|(c, w)| c + w)
-            .collect()
+        let WindowState {
+            compressed, dense, ..
+        } = &self.state;
+        compressed.iter().zip(dense).map(|(c, w)| c + w).collect()
     }
 
     fn compressed_counts(&self) -> Vec<usize> {
-        self.compressed.clone()
+        self.state.compressed.clone()
     }
 
     fn memory(&self) -> KvBytes {
         let shape = CacheShape {
             layers: 1,
             kv_heads: self.config.kv_heads,
-            head_dim: self.head_dim,
+            head_dim: self.plan.head_dim,
             value_type: self.config.value_type,
         };
         let occupancy: Vec<SequenceOccupancy> = self
+            .state
             .compressed
             .iter()
-            .zip(&self.dense)
+            .zip(&self.state.dense)
             .map(|(&c, &w)| SequenceOccupancy {
                 compressed_tokens: c,
                 window_tokens: w,
             })
             .collect();
-        kv_bytes(&shape, &occupancy, self.k_sparsity, self.v_sparsity)
+        kv_bytes(
+            &shape,
+            &occupancy,
+            self.plan.k_sparsity,
+            self.plan.v_sparsity,
+        )
     }
 
     fn allocated_bytes(&self) -> usize {
-        [
-            &self.k_bitmap,
-            &self.v_bitmap,
-            &self.k_values,
-            &self.v_values,
-        ]
-        .into_iter()
-        .chain(self.k_window.iter())
-        .chain(self.v_window.iter())
-        .map(B::kv_buffer_bytes)
-        .sum()
+        self.buffers.all().map(B::kv_buffer_bytes).sum()
     }
 }
 
@@ -1255,8 +1486,10 @@ impl<B: SparseKvBackend> LayerCaches<SparseKvCache<B>> {
     /// later layer.
     pub fn sparse(layers: usize, config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
         device_ready()?;
-        let plan = config.sparse_plan_on::<B>(layers, device)?;
-        LayerCaches::new(layers, |_| SparseKvCache::allocate(config, plan, device))
+        let plan = config.sparse_plan_on::<B>(layers, true, device)?;
+        Ok(LayerCaches {
+            layers: SparseKvCache::grouped(layers, config, plan, device)?,
+        })
     }
 }
 
@@ -1268,6 +1501,9 @@ impl<B: SparseKvBackend> LayerCaches<DenseKvCache<B>> {
         LayerCaches::new(layers, |_| DenseKvCache::allocate(config, plan, device))
     }
 }
+
+/// The most bytes of one buffer shared by a group of layers' caches.
+const GROUP_BYTES_LIMIT: u64 = 1 << 31;
 
 /// `layers` x `bytes`, or an error when that passes `u64`.
 fn total_bytes(layers: usize, bytes: u64) -> Result<u64> {

@@ -13,9 +13,9 @@ use sparsekv_kernels::{
 
 use super::{
     CompressTarget, CompressedStreams, ContextLayout, DecodeShape, DenseRows, DeviceMemory,
-    RopeHeads, RowCopy, Segment, SparseKvBackend, check_rows, decode_output, projection_plan,
-    prompt_plan, rms_norm_plan, rope_output_dims, rope_plan, row_args, skinny_plan, swiglu_plan,
-    value_dtype,
+    RopeHeads, RowCopy, Segment, SparseKvBackend, check_rows, check_view, decode_output,
+    projection_plan, prompt_plan, rms_norm_plan, rope_output_dims, rope_plan, row_args,
+    skinny_plan, swiglu_plan, value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -90,6 +90,21 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
 
     fn kv_buffer_bytes(buffer: &Self::KvBuffer) -> usize {
         buffer.bytes
+    }
+
+    fn kv_view(buffer: &Self::KvBuffer, offset: usize, bytes: usize) -> Result<Self::KvBuffer> {
+        check_view(buffer.bytes, offset, bytes)?;
+        // Offsets add up on a view of a view; the end offset trims what lies past the range.
+        let tail = buffer.handle.size_in_used() - (offset + bytes) as u64;
+        Ok(CubeKvBuffer {
+            handle: buffer
+                .handle
+                .clone()
+                .offset_start(offset as u64)
+                .offset_end(tail),
+            bytes,
+            _runtime: std::marker::PhantomData,
+        })
     }
 
     fn max_buffer_bytes(device: &Self::Device) -> u64 {

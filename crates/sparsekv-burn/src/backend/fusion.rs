@@ -295,6 +295,15 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         B::kv_buffer_bytes(&buffer.inner)
     }
 
+    fn kv_view(buffer: &Self::KvBuffer, offset: usize, bytes: usize) -> Result<Self::KvBuffer> {
+        // The view shares the whole buffer's access token: every operation on any part of it
+        // stays in the order it was called (the parts overlap the whole).
+        Ok(FusedKvBuffer {
+            inner: B::kv_view(&buffer.inner, offset, bytes)?,
+            last_access: buffer.last_access.clone(),
+        })
+    }
+
     fn max_buffer_bytes(device: &Self::Device) -> u64 {
         B::max_buffer_bytes(device)
     }

@@ -211,6 +211,11 @@ impl<B: SparseKvBackend> CompressTarget<B> {
     }
 }
 
+/// Alignment, in bytes, of the offset of a [`SparseKvBackend::kv_view`]: wgpu binds storage
+/// buffers at offsets of its `min_storage_buffer_offset_alignment`, which is at most 256 on
+/// every adapter (WebGPU's default limit).
+pub const KV_VIEW_ALIGNMENT: usize = 256;
+
 /// The most activation rows [`SparseKvBackend::skinny_matmul`] takes.
 pub const SKINNY_MAX_ROWS: usize = sparsekv_kernels::skinny::MAX_M;
 
@@ -235,6 +240,13 @@ pub trait SparseKvBackend: Backend {
 
     /// Size of a buffer in bytes.
     fn kv_buffer_bytes(buffer: &Self::KvBuffer) -> usize;
+
+    /// The `bytes` bytes of `buffer` from byte `offset` as a buffer of their own, sharing its
+    /// memory (nothing is copied; operations on the view and on the whole are ordered alike).
+    /// `offset` must be a multiple of [`KV_VIEW_ALIGNMENT`] (the binding-offset alignment
+    /// that every runtime accepts); a typed error when it is not or when the range passes the
+    /// buffer's end.
+    fn kv_view(buffer: &Self::KvBuffer, offset: usize, bytes: usize) -> Result<Self::KvBuffer>;
 
     /// The largest buffer `device` allocates in one piece, in bytes (on wgpu the adapter's
     /// storage-buffer limit, on CUDA a share of device memory). Anything larger fails inside
@@ -759,4 +771,16 @@ pub(crate) fn row_args(copy: &RowCopy) -> CopyRowsArgs<'_> {
         dst_start: &copy.dst_start,
         counts: &copy.counts,
     }
+}
+
+/// Checks the range of a [`SparseKvBackend::kv_view`] of a buffer of `total` bytes.
+pub(crate) fn check_view(total: usize, offset: usize, bytes: usize) -> Result<()> {
+    if !offset.is_multiple_of(KV_VIEW_ALIGNMENT)
+        || offset.checked_add(bytes).is_none_or(|end| end > total)
+    {
+        return Err(KvCacheError::Invalid(format!(
+            "a view of {bytes} bytes at byte {offset} of a {total}-byte buffer must lie inside it and start at a multiple of {KV_VIEW_ALIGNMENT}"
+        )));
+    }
+    Ok(())
 }
