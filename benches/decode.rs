@@ -542,8 +542,10 @@ fn rows<B: SparseKvBackend>(c: &mut Criterion, label: &str, setup: &Setup, table
     let model = Llama::<B>::random(&config, &device).expect("model");
     for &(batch, tokens) in shapes {
         let max_seq = tokens + SLACK;
-        let dense = filled_caches(batch, layers, tokens, max_seq, 0.0, |cfg| {
-            DenseKvCache::<B>::new(cfg, &device).expect("cache")
+        let dense = filled_caches(batch, layers, tokens, max_seq, 0.0, |n, cfg| {
+            LayerCaches::<DenseKvCache<B>>::dense(n, cfg, &device)
+                .expect("caches")
+                .into_layers()
         });
         let dense_kv: u64 = dense.iter().map(|c| c.memory().total()).sum();
         let (dense_median, dense_mean, dense_host) = measure(
@@ -553,8 +555,10 @@ fn rows<B: SparseKvBackend>(c: &mut Criterion, label: &str, setup: &Setup, table
             max_seq,
             &format!("{label}/dense/B{batch}/T{tokens}"),
         );
-        let sparse = filled_caches(batch, layers, tokens, max_seq, 0.7, |cfg| {
-            SparseKvCache::<B>::new(cfg, &device).expect("cache")
+        let sparse = filled_caches(batch, layers, tokens, max_seq, 0.7, |n, cfg| {
+            LayerCaches::<SparseKvCache<B>>::sparse(n, cfg, &device)
+                .expect("caches")
+                .into_layers()
         });
         let sparse_kv: u64 = sparse.iter().map(|c| c.memory().total()).sum();
         let (sparse_median, sparse_mean, sparse_host) = measure(

@@ -256,32 +256,41 @@ pub fn llama3_8b_shape(layers: usize, max_seq: usize) -> sparsekv::llama::LlamaC
     }
 }
 
-/// One cache per layer for `batch` sequences of up to `max_seq` tokens, f16, each already
-/// holding `tokens` random tokens (appended at once, as a prefill would).
+/// The configuration of the model benches' caches: `batch` sequences of up to `max_seq`
+/// tokens, 8 KV heads of 128, f16, keys and values at `sparsity`, chunks of [`CHUNK`].
+pub fn bench_cache_config(
+    batch: usize,
+    max_seq: usize,
+    sparsity: f64,
+) -> sparsekv::cache::KvCacheConfig {
+    sparsekv::cache::KvCacheConfig::new(batch, 8, 128, max_seq)
+        .with_sparsity(sparsity, sparsity)
+        .with_chunk(CHUNK)
+        .with_value_type(sparsekv::format::ValueType::F16)
+}
+
+/// `layers` caches of [`bench_cache_config`] made by `make` (`LayerCaches::sparse` or
+/// `::dense`, say), each already holding `tokens` random tokens per sequence (appended at
+/// once, as a prefill would).
 pub fn filled_caches<B: SparseKvBackend, C: sparsekv::cache::KvCache<B>>(
     batch: usize,
     layers: usize,
     tokens: usize,
     max_seq: usize,
     sparsity: f64,
-    make: impl Fn(&sparsekv::cache::KvCacheConfig) -> C,
+    make: impl FnOnce(usize, &sparsekv::cache::KvCacheConfig) -> Vec<C>,
 ) -> Vec<C> {
     use sparsekv::cache::burn::tensor::{Distribution, Tensor};
     let device = Default::default();
-    let config = sparsekv::cache::KvCacheConfig::new(batch, 8, 128, max_seq)
-        .with_sparsity(sparsity, sparsity)
-        .with_chunk(CHUNK)
-        .with_value_type(sparsekv::format::ValueType::F16);
-    (0..layers)
-        .map(|_| {
-            let mut cache = make(&config);
-            let shape = [batch, 8, tokens, 128];
-            let k = Tensor::<B, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
-            let v = Tensor::<B, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
-            cache.append(k, v).expect("fill the cache");
-            cache
-        })
-        .collect()
+    let config = bench_cache_config(batch, max_seq, sparsity);
+    let mut caches = make(layers, &config);
+    for cache in &mut caches {
+        let shape = [batch, 8, tokens, 128];
+        let k = Tensor::<B, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+        let v = Tensor::<B, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+        cache.append(k, v).expect("fill the cache");
+    }
+    caches
 }
 
 /// Times `steps` decode steps of `model` (one token per sequence), each synchronised; returns
