@@ -53,9 +53,12 @@ struct Args {
     /// Backend (default: cuda when built with the `cuda` feature, else wgpu).
     #[arg(long, value_enum)]
     backend: Option<RuntimeName>,
-    /// Burn's operation fusion: on (Burn's own `Wgpu`/`Cuda` as its default features make
-    /// them) or off (the bare `CubeBackend`).
-    #[arg(long, value_enum, default_value = "on")]
+    /// Burn's operation fusion: off (the bare `CubeBackend`, the default: the model's work is
+    /// already in sparsekv's own fused kernels, and registering every operation on a fusion
+    /// stream doubles the host's time per step, which a small model's step is made of:
+    /// stories260K decodes at about half the tokens/s with it) or on (Burn's own
+    /// `Wgpu`/`Cuda` as its default features make them).
+    #[arg(long, value_enum, default_value = "off")]
     fusion: FusionChoice,
     /// Float type of the weights, activations and cache.
     #[arg(long, value_enum, default_value = "f32")]

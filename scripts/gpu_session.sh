@@ -11,6 +11,10 @@
 #                    streaming chunk, LAYERS=n for fewer than 32) with nvidia-smi sampling
 #   MATMUL=T         the decode bench's sweep of cubek's matmul strategies over a prefill's
 #                    projection shapes at T tokens (its cuBLAS peer is part of PREFILL's)
+#   COMPRESS=1       the compression bench (a chunk over all layers, layer groups against
+#                    independent caches, and the decode step it is a fraction of)
+#   CHAT=1           the chat example on both shared models, warm, greedy, 256 tokens, with
+#                    Burn's fusion on (the example's default) and off
 #   TESTS=1          the CUDA tests (TESTLIST=a,b,.. picks binaries and filters, default
 #                    cache, kernels attention, kernels compress, model, the other kernels)
 #   NCU=1            ncu of one tensor-core split launch of the attention bench at B = 8,
@@ -53,6 +57,20 @@ fi
 if [ -n "${MATMUL:-}" ]; then
   echo "== matmul sweep $MATMUL"
   SPARSEKV_BENCH_MATMUL=$MATMUL $bin/bench_decode --bench 2>&1 | tee -a $OUT/matmul.log | grep -E "^\||^Prefill|panicked"
+fi
+if [ "${COMPRESS:-0}" = 1 ]; then
+  echo "== bench_compress"
+  $bin/bench_compress --bench 2>&1 | tee -a $OUT/compress.log | grep -E "^\||^Compression|round|panicked|error"
+fi
+if [ "${CHAT:-0}" = 1 ]; then
+  models=$SPARSEKV_SHARED/models
+  for m in "stories260K/stories260K.bin --tokenizer $models/stories260K/tok512.bin" tinystories-656K; do
+    for fusion in on off; do
+      echo "== chat $m --fusion $fusion"
+      printf 'Once upon a time\nOnce upon a time\n' | $bin/chat --model $models/$m --chat-template none --max-tokens 256 --fusion $fusion 2>&1 \
+        | tee -a $OUT/chat.log | grep -iE "tokens/s|error|panicked" | tail -3
+    done
+  done
 fi
 if [ "${TESTS:-0}" = 1 ]; then
   IFS=, read -ra list <<< "${TESTLIST:-cache,kernels attention,kernels compress,model,kernels}"

@@ -126,9 +126,19 @@ fn compress_case<F: TestFloat>(client: &ComputeClient<Rt>, rng: &mut StdRng) -> 
     let cap = layout::aligned_capacity(150);
     let src_tokens = 150;
     let bitmap_stride = layout::bitmap_words(cap, hd);
-    // Per target: its source rows (host and device), bitmap and values (poisoned).
+    // Per target: its source rows (host and device), bitmap and values (poisoned). Half the
+    // cases round the rows to quarters in [-2, 2]: many equal magnitudes (zeros of both
+    // signs among them), so ties go to the lower index as the oracle says.
+    let ties = rng.random_bool(0.5);
     let srcs: Vec<Vec<f64>> = (0..targets)
-        .map(|_| normals::<F>(rng, streams * src_tokens * d))
+        .map(|_| {
+            let mut x = normals::<F>(rng, streams * src_tokens * d);
+            if ties {
+                x.iter_mut()
+                    .for_each(|v| *v = ((*v * 4.0).round() / 4.0).clamp(-2.0, 2.0));
+            }
+            x
+        })
         .collect();
     let src_h: Vec<Handle> = srcs.iter().map(|x| upload::<F>(client, x)).collect();
     let bitmap_h: Vec<Handle> = (0..targets)
@@ -189,7 +199,7 @@ fn compress_case<F: TestFloat>(client: &ComputeClient<Rt>, rng: &mut StdRng) -> 
                     let bit = words[w] >> b & 1 == 1;
                     if bit != expect.is_kept(t, j) {
                         return Err(format!(
-                            "target {i} of {targets}, d {d} s {} stream {st} token {t} element {j}: bit {bit}",
+                            "target {i} of {targets}, d {d} s {} ties {ties} stream {st} token {t} element {j}: bit {bit}",
                             s.get()
                         ));
                     }
@@ -197,7 +207,7 @@ fn compress_case<F: TestFloat>(client: &ComputeClient<Rt>, rng: &mut StdRng) -> 
             }
             if got_vals != expect.values() {
                 return Err(format!(
-                    "target {i} of {targets}, d {d} s {} stream {st}: packed values differ ({got:?})",
+                    "target {i} of {targets}, d {d} s {} ties {ties} stream {st}: packed values differ ({got:?})",
                     s.get()
                 ));
             }

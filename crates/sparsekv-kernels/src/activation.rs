@@ -67,7 +67,7 @@ pub fn swiglu<R: Runtime, F: FloatElement>(
         )));
     }
     let varr = |h: &cubecl::server::Handle| unsafe {
-        ArrayArg::from_raw_parts(h.clone(), h.size() as usize / (es * vec))
+        ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / (es * vec))
     };
     // SAFETY: indices below `rows * 2 * hidden / vec` and `rows * hidden / vec`, as checked.
     unsafe {

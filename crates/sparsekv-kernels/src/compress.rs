@@ -1,13 +1,23 @@
 //! Per-token magnitude prune + compress: dense rows in, bitmap words and packed values out,
 //! written in place into preallocated stream storage (docs/FORMAT.md).
 //!
-//! A cube handles `ROW_BITS / head_dim` consecutive destination tokens of one stream of one
-//! target (a launch takes a cache's keys and values together: one launch and one upload of
-//! the offsets where there were two), one unit per element. An element's rank is the number of elements of its row that beat it
-//! (larger magnitude key, or equal key and lower index); it is kept when its rank is below the
-//! keep count, which is exactly the oracle's rule. Tiles are aligned to destination bitmap
-//! words, so no two cubes write the same word; a word shared with tokens compressed earlier is
-//! updated by read-modify-write of the bits this cube owns.
+//! A launch takes one or two targets (a cache's keys and values together: one launch and one
+//! upload of the offsets where there were two). Every element's fate follows the oracle's
+//! rule: an element is kept when fewer than `keep` elements of its row beat it (a larger
+//! magnitude key, or an equal key and a lower index). Two kernels apply it:
+//!
+//! - **Plane selection** (devices with 32-lane plane operations, `head_dim` at least 32): one
+//!   plane per row, each lane holding `head_dim / 32` elements. The row's `keep`-th largest
+//!   key is found bit by bit from the top (radix select: a candidate stays when at least
+//!   `keep` keys reach it, counted by ballots), stopping as soon as exactly `keep` keys reach
+//!   it; ties at that key go to the lower indices. The ballots of the kept elements are the
+//!   row's bitmap words, and their prefix counts the slots of the packed values. About 12
+//!   steps of a few instructions per row where ranking costs `head_dim` per element.
+//! - **Ranking** (elsewhere, e.g. lavapipe): a cube handles `ROW_BITS / head_dim` consecutive
+//!   destination tokens of one stream, one unit per element; an element's rank is the number
+//!   of elements of its row that beat it. Tiles are aligned to destination bitmap words, so no
+//!   two cubes write the same word; a word shared with tokens compressed earlier is updated by
+//!   read-modify-write of the bits this cube owns.
 
 use cubecl::prelude::*;
 
@@ -19,6 +29,109 @@ use sparsekv_format::{HeadDim, Sparsity, keep_count, layout::bitmap_words};
 const ROW_BITS: usize = 256;
 /// Magnitude key of NaN: above +Inf (0x7F80_0000); all NaNs tie.
 const NAN_KEY: u32 = 0x7F80_0001;
+/// Rows (planes) per cube of the plane-selection kernel.
+const PLANE_ROWS: usize = 8;
+/// Lanes per plane the plane-selection kernel is written for.
+const PLANE_LANES: usize = 32;
+
+/// The magnitude key of `x`: its absolute value's f32 bits (monotonic in `|x|`), NaN above
+/// everything.
+#[cube]
+fn magnitude_key<F: Float>(x: F) -> u32 {
+    let mut key = u32::reinterpret(f32::cast_from(x)) & 0x7FFF_FFFFu32;
+    if key > 0x7F80_0000u32 {
+        key = NAN_KEY;
+    }
+    key
+}
+
+/// The plane-selection kernel's work for one target (module docs): plane `UNIT_POS_Y` of the
+/// cube compresses token `CUBE_POS_X * PLANE_ROWS + UNIT_POS_Y` of its sequence's range in
+/// stream `CUBE_POS_Y`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn compress_rows_plane<F: Float>(
+    src: &Array<F>,
+    offsets: &Array<u32>,
+    bitmap: &mut Array<u32>,
+    values: &mut Array<F>,
+    src_stride: u32,
+    bitmap_stride: u32,
+    values_stride: u32,
+    kv_heads: u32,
+    keep: u32,
+    #[comptime] head_dim: usize,
+) {
+    let per_lane = comptime!(head_dim / PLANE_LANES);
+    let stream = CUBE_POS_Y as usize;
+    let seqs = CUBE_COUNT_Y as usize / kv_heads as usize;
+    let seq = stream / kv_heads as usize;
+    // offsets: source start tokens, destination start tokens, counts (one per sequence each).
+    let count = offsets[2 * seqs + seq] as usize;
+    let r = CUBE_POS_X as usize * PLANE_ROWS + UNIT_POS_Y as usize;
+    // The whole plane takes the same branch: one row per plane.
+    if r < count {
+        let lane = UNIT_POS_X;
+        let src0 = stream * src_stride as usize + (offsets[seq] as usize + r) * head_dim;
+        let dst_token = offsets[seqs + seq] as usize + r;
+        // Element `j * 32 + lane` of the row, for each of this lane's `j`.
+        let mut xs = Array::<F>::new(per_lane);
+        let mut keys = Array::<u32>::new(per_lane);
+        #[unroll]
+        for j in 0..per_lane {
+            let x = src[src0 + j * PLANE_LANES + lane as usize];
+            xs[j] = x;
+            keys[j] = magnitude_key::<F>(x);
+        }
+        // Radix select: `threshold` is the largest value that at least `keep` keys reach,
+        // built from the top bit down; `reaching` counts the keys that reach it. Exactly
+        // `keep` reaching ends the search early: the kept set is then known.
+        let mut threshold = 0u32;
+        let mut reaching = u32::new(comptime!(head_dim as i64));
+        let mut bit = 31u32;
+        while bit > 0u32 && reaching != keep {
+            bit -= 1u32;
+            let candidate = threshold | (1u32 << bit);
+            let mut n = 0u32;
+            #[unroll]
+            for j in 0..per_lane {
+                n += plane_ballot(keys[j] >= candidate)[0].count_ones();
+            }
+            if n >= keep {
+                threshold = candidate;
+                reaching = n;
+            }
+        }
+        // Keys above the threshold are kept; of the keys equal to it, the lowest indices
+        // (index order is j, then lane) fill what is left of `keep`.
+        let mut above = 0u32;
+        #[unroll]
+        for j in 0..per_lane {
+            above += plane_ballot(keys[j] > threshold)[0].count_ones();
+        }
+        let mut ties_left = keep - above;
+        let below_lane = (1u32 << lane) - 1u32;
+        let mut slot = 0u32;
+        let row_words = stream * bitmap_stride as usize + dst_token * head_dim / 32;
+        let row_values = stream * values_stride as usize + dst_token * keep as usize;
+        #[unroll]
+        for j in 0..per_lane {
+            let tie = keys[j] == threshold;
+            let ties = plane_ballot(tie)[0];
+            let tie_rank = (ties & below_lane).count_ones();
+            let kept = keys[j] > threshold || (tie && tie_rank < ties_left);
+            ties_left -= min(ties.count_ones(), ties_left);
+            let word = plane_ballot(kept)[0];
+            if kept {
+                values[row_values + (slot + (word & below_lane).count_ones()) as usize] = xs[j];
+            }
+            if lane == 0u32 {
+                bitmap[row_words + j] = word;
+            }
+            slot += word.count_ones();
+        }
+    }
+}
 
 /// One cube's tile of one target (module docs).
 #[cube]
@@ -57,10 +170,7 @@ fn compress_tile<F: Float>(
     if valid {
         let src_token = offsets[seq] as usize + (dst_token - dst0);
         x = src[stream * src_stride as usize + src_token * head_dim + elem];
-        key = u32::reinterpret(f32::cast_from(x)) & 0x7FFF_FFFFu32;
-        if key > 0x7F80_0000u32 {
-            key = NAN_KEY;
-        }
+        key = magnitude_key::<F>(x);
     }
     keys[unit] = key;
     sync_cube();
@@ -107,7 +217,7 @@ fn compress_tile<F: Float>(
 
 /// The prune+compress kernel: one or two targets (a cache's keys and values) in one launch,
 /// grid `(tiles, streams, targets)`; the second target's arguments are placeholders when
-/// there is one.
+/// there is one. `plane`: the plane-selection kernel (module docs), else ranking.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn prune_compress_kernel<F: Float>(
@@ -126,18 +236,47 @@ fn prune_compress_kernel<F: Float>(
     keep_a: u32,
     keep_b: u32,
     #[comptime] head_dim: usize,
+    #[comptime] plane: bool,
 ) {
     if CUBE_POS_Z == 0 {
-        compress_tile::<F>(
-            src_a,
+        if comptime!(plane) {
+            compress_rows_plane::<F>(
+                src_a,
+                offsets,
+                bitmap_a,
+                values_a,
+                src_stride,
+                bitmap_stride,
+                values_stride_a,
+                kv_heads,
+                keep_a,
+                head_dim,
+            );
+        } else {
+            compress_tile::<F>(
+                src_a,
+                offsets,
+                bitmap_a,
+                values_a,
+                src_stride,
+                bitmap_stride,
+                values_stride_a,
+                kv_heads,
+                keep_a,
+                head_dim,
+            );
+        }
+    } else if comptime!(plane) {
+        compress_rows_plane::<F>(
+            src_b,
             offsets,
-            bitmap_a,
-            values_a,
+            bitmap_b,
+            values_b,
             src_stride,
             bitmap_stride,
-            values_stride_a,
+            values_stride_b,
             kv_heads,
-            keep_a,
+            keep_b,
             head_dim,
         );
     } else {
@@ -286,20 +425,37 @@ pub fn prune_compress<R: Runtime, F: FloatElement>(
     if max_count == 0 {
         return Ok(());
     }
-    let rows = ROW_BITS / d;
-    // +1 tile: destination tiles are aligned down to whole bitmap words.
-    let tiles = max_count.div_ceil(rows) + 1;
+    let hw = &client.properties().hardware;
+    let plane = d >= PLANE_LANES
+        && client
+            .features()
+            .plane
+            .contains(cubecl::features::Plane::Ops)
+        && hw.plane_size_min == PLANE_LANES as u32
+        && hw.plane_size_max == PLANE_LANES as u32;
+    let (tiles, dim) = if plane {
+        (
+            max_count.div_ceil(PLANE_ROWS),
+            CubeDim::new_2d(PLANE_LANES as u32, PLANE_ROWS as u32),
+        )
+    } else {
+        // +1 tile: destination tiles are aligned down to whole bitmap words.
+        (
+            max_count.div_ceil(ROW_BITS / d) + 1,
+            CubeDim::new_1d(ROW_BITS as u32),
+        )
+    };
     // One upload: source starts, destination starts, counts.
     let offsets = client.create_from_slice(u32::as_bytes(
         &[args.src_start, args.dst_start, args.counts].concat(),
     ));
-    let word_count = |h: &cubecl::server::Handle, elem: usize| h.size() as usize / elem;
+    let word_count = |h: &cubecl::server::Handle, elem: usize| h.size_in_used() as usize / elem;
     let es = F::size_bytes();
     unsafe {
         prune_compress_kernel::launch::<F, R>(
             client,
             CubeCount::Static(tiles as u32, streams as u32, targets.len() as u32),
-            CubeDim::new_1d(ROW_BITS as u32),
+            dim,
             ArrayArg::from_raw_parts(a.src.clone(), word_count(a.src, es)),
             ArrayArg::from_raw_parts(b.src.clone(), word_count(b.src, es)),
             ArrayArg::from_raw_parts(offsets, 3 * args.sequences),
@@ -315,6 +471,7 @@ pub fn prune_compress<R: Runtime, F: FloatElement>(
             keep(&a) as u32,
             keep(&b) as u32,
             d,
+            plane,
         )
     };
     Ok(())
@@ -322,10 +479,11 @@ pub fn prune_compress<R: Runtime, F: FloatElement>(
 
 /// Checks that a handle holds at least `bytes` bytes.
 pub(crate) fn check_len(what: &str, handle: &cubecl::server::Handle, bytes: usize) -> Result<()> {
-    if (handle.size() as usize) < bytes {
+    // A view of a larger buffer (an offset handle) holds only its own range.
+    if (handle.size_in_used() as usize) < bytes {
         return Err(KernelError::InvalidArguments(format!(
             "{what} buffer holds {} bytes, the arguments need {bytes}",
-            handle.size()
+            handle.size_in_used()
         )));
     }
     Ok(())

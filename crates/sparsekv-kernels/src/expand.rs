@@ -179,7 +179,7 @@ pub fn expand_context<R: Runtime, F: FloatElement>(
     let vectors = args.context * d / vector;
     let lengths = client.create_from_slice(u32::as_bytes(&[args.compressed, args.window].concat()));
     let arr = |h: &cubecl::server::Handle, bytes: usize| unsafe {
-        ArrayArg::from_raw_parts(h.clone(), h.size() as usize / bytes)
+        ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / bytes)
     };
     // SAFETY: every unit reads bitmap words and values of compressed rows below its
     // sequence's count (at most the capacity the buffers were checked against), window rows

@@ -170,7 +170,7 @@ pub fn rms_norm<R: Runtime, F: FloatElement>(
         use_plane,
     };
     let varr = |h: &cubecl::server::Handle| unsafe {
-        ArrayArg::from_raw_parts(h.clone(), h.size() as usize / (es * vec))
+        ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / (es * vec))
     };
     // SAFETY: rows below `rows` of `dim_vecs` vectors, within the checked sizes.
     unsafe {

@@ -174,7 +174,7 @@ pub fn rope_split<R: Runtime, F: FloatElement>(
         angles_per_sequence,
     };
     let arr = |h: &cubecl::server::Handle| unsafe {
-        ArrayArg::from_raw_parts(h.clone(), h.size() as usize / es)
+        ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / es)
     };
     // SAFETY: every index is below the sizes checked above (rows of the given shape).
     unsafe {

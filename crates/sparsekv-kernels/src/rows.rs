@@ -139,7 +139,7 @@ pub fn copy_rows<R: Runtime, F: FloatElement>(
         &[args.src_start, args.dst_start, args.counts].concat(),
     ));
     let varr = |h: &cubecl::server::Handle| unsafe {
-        ArrayArg::from_raw_parts(h.clone(), h.size() as usize / (es * vec))
+        ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / (es * vec))
     };
     copy_rows_kernel::launch::<F, R>(
         client,

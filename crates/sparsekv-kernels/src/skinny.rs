@@ -625,7 +625,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
             let (cubes_n, cubes_m) = (n.div_ceil(MMA_N), m.div_ceil(MMA_M));
             check_cube_count(cubes_n, cubes_m, cube_limit)?;
             let arr = |h: &cubecl::server::Handle| unsafe {
-                ArrayArg::from_raw_parts(h.clone(), h.size() as usize / es)
+                ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / es)
             };
             // SAFETY: every tile starts inside `[m, k]` / `[n, k]` (the last cubes are moved
             // back to end at `m` and `n`; `k` is a multiple of the tile width), within the
@@ -638,7 +638,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     vec,
                     arr(x),
                     arr(w),
-                    ArrayArg::from_raw_parts(w.clone(), w.size() as usize / 16),
+                    ArrayArg::from_raw_parts(w.clone(), w.size_in_used() as usize / 16),
                     arr(residual_h),
                     arr(out),
                     m as u32,
@@ -694,7 +694,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
         residual: residual.is_some(),
     };
     let varr = |h: &cubecl::server::Handle| unsafe {
-        ArrayArg::from_raw_parts(h.clone(), h.size() as usize / (es * vec))
+        ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / (es * vec))
     };
     // SAFETY: the buffers hold at least the checked sizes, and the kernel clamps every row
     // index below `m` and `n` and every vector index below `k / vec`.
@@ -706,7 +706,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
             vec,
             varr(x),
             varr(w),
-            ArrayArg::from_raw_parts(residual_h.clone(), residual_h.size() as usize / es),
+            ArrayArg::from_raw_parts(residual_h.clone(), residual_h.size_in_used() as usize / es),
             ArrayArg::from_raw_parts(out.clone(), m * n),
             m as u32,
             n as u32,

@@ -1142,7 +1142,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     };
     // Arrays of `bytes`-byte items.
     let arr = |h: &cubecl::server::Handle, bytes: usize| unsafe {
-        ArrayArg::from_raw_parts(h.clone(), h.size() as usize / bytes)
+        ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / bytes)
     };
     let count = CubeCount::Static(splits as u32, kv_heads as u32, batch as u32);
     let scale = 1.0 / (d as f32).sqrt();

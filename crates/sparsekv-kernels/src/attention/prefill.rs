@@ -601,7 +601,7 @@ pub fn prefill_attention<R: Runtime, F: FloatElement>(
     let blocks = tokens.div_ceil(plan.tokens()) as u32;
     let count = CubeCount::Static(blocks, (kv_heads * group / plan.heads) as u32, batch as u32);
     let arr = |h: &cubecl::server::Handle, bytes: usize| unsafe {
-        ArrayArg::from_raw_parts(h.clone(), h.size() as usize / bytes)
+        ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / bytes)
     };
     // SAFETY: the kernel reads query rows below `tokens` of heads below `q_heads` and key and
     // value rows below `context` of its KV head, and writes output rows below `tokens`: all
