@@ -22,6 +22,7 @@
 use cubecl::prelude::*;
 
 use crate::error::{KernelError, Result};
+use crate::upload::upload_u32;
 use crate::{FloatElement, check_type_supported};
 use sparsekv_format::{HeadDim, Sparsity, keep_count, layout::bitmap_words};
 
@@ -446,9 +447,10 @@ pub fn prune_compress<R: Runtime, F: FloatElement>(
         )
     };
     // One upload: source starts, destination starts, counts.
-    let offsets = client.create_from_slice(u32::as_bytes(
+    let offsets = upload_u32(
+        client,
         &[args.src_start, args.dst_start, args.counts].concat(),
-    ));
+    );
     let word_count = |h: &cubecl::server::Handle, elem: usize| h.size_in_used() as usize / elem;
     let es = F::size_bytes();
     unsafe {

@@ -13,6 +13,7 @@ use cubecl::prelude::*;
 
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
+use crate::upload::upload_u32;
 use crate::{FloatElement, check_type_supported};
 use sparsekv_format::{HeadDim, Sparsity, keep_count, layout::bitmap_words};
 
@@ -177,7 +178,7 @@ pub fn expand_context<R: Runtime, F: FloatElement>(
     }
     let vector = expand_vector::<F>(args.head_dim);
     let vectors = args.context * d / vector;
-    let lengths = client.create_from_slice(u32::as_bytes(&[args.compressed, args.window].concat()));
+    let lengths = upload_u32(client, &[args.compressed, args.window].concat());
     let arr = |h: &cubecl::server::Handle, bytes: usize| unsafe {
         ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / bytes)
     };

@@ -18,6 +18,7 @@ mod reduce;
 pub mod rope;
 pub mod rows;
 pub mod skinny;
+mod upload;
 
 pub use activation::swiglu;
 pub use attention::{

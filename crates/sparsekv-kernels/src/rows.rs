@@ -6,6 +6,7 @@ use cubecl::prelude::*;
 
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
+use crate::upload::upload_u32;
 use crate::{FloatElement, check_type_supported};
 
 /// Units per cube.
@@ -135,9 +136,10 @@ pub fn copy_rows<R: Runtime, F: FloatElement>(
         vec /= 2;
     }
     let row_vecs = d / vec;
-    let offsets = client.create_from_slice(u32::as_bytes(
+    let offsets = upload_u32(
+        client,
         &[args.src_start, args.dst_start, args.counts].concat(),
-    ));
+    );
     let varr = |h: &cubecl::server::Handle| unsafe {
         ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / (es * vec))
     };

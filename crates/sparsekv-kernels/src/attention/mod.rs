@@ -53,6 +53,7 @@ use cubecl::prelude::*;
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
 use crate::reduce::cube_reduce;
+use crate::upload::upload_u32;
 use crate::{FloatElement, MmaApi, check_type_supported, has_mma, vector_size};
 use sparsekv_format::{HeadDim, Sparsity, keep_count};
 use tensor_core::TilePlan;
@@ -1108,9 +1109,11 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         * tile;
     let splits = max_total.div_ceil(split_tokens);
 
-    let upload = |v: &[u32]| client.create_from_slice(u32::as_bytes(v));
     // One upload: the compressed lengths, the window lengths, the rows' sequences.
-    let lens = upload(&[args.compressed_lens, args.window_lens, row_sequences].concat());
+    let lens = upload_u32(
+        client,
+        &[args.compressed_lens, args.window_lens, row_sequences].concat(),
+    );
     let rows = batch * q_heads;
     let part_o = client.empty(rows * splits * d * 4);
     let part_ml = client.empty(rows * splits * 2 * 4);
