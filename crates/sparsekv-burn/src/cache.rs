@@ -1483,7 +1483,9 @@ impl<B: SparseKvBackend> LayerCaches<SparseKvCache<B>> {
     /// The caches of a model's layers, all of `config`, checked together before any is
     /// allocated: [`KvCacheError::DeviceMemory`] when the device cannot hold all of them
     /// (where the runtime reports its memory: CUDA), instead of an allocation failure at a
-    /// later layer.
+    /// later layer. The layers share buffers in groups, and the window policy's compression
+    /// runs for every layer of a group at once (the crate docs, "One cache for the whole
+    /// model"); stream capacities are rounded up by at most 256 tokens for that.
     pub fn sparse(layers: usize, config: &KvCacheConfig, device: &B::Device) -> Result<Self> {
         device_ready()?;
         let plan = config.sparse_plan_on::<B>(layers, true, device)?;

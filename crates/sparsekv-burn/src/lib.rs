@@ -2,6 +2,60 @@
 //! ([`SparseKvCache`], [`DenseKvCache`]) that a Burn model puts into its attention layers.
 //! [`cache`] shows a cache inside an attention layer.
 //!
+//! # One cache for the whole model
+//!
+//! A model with `n` attention layers takes its caches from [`LayerCaches::sparse`] (or
+//! [`LayerCaches::dense`]): one call checks the whole model's memory before allocating any of
+//! it, and the sparse caches it makes share work across layers.
+//!
+//! - **Buffers in layer groups.** The layers' bitmaps, packed values and windows live in a few
+//!   shared buffers (as many layers per buffer as the device allocates in one piece, within
+//!   2 GiB), each layer's cache holding views of its part ([`SparseKvBackend::kv_view`]).
+//! - **One window policy per step.** Every layer appends the same tokens, so every layer's
+//!   window overflows on the same step. The first layer to get there compresses the oldest
+//!   chunk of every layer of its group in one launch (keys and values together) and compacts
+//!   every window in one more; the other layers find it done. Pruning is per token, so which
+//!   layer triggers it changes no bit. Layers driven out of step (one layer ahead of the
+//!   others) compress alone, as independent caches would: the result is the same either way.
+//! - **One upload per step.** The attention lengths and the row offsets of an append are the
+//!   same for every layer of a step; the kernels keep such small arrays on the device by
+//!   content, so only the first layer of a step uploads them.
+//! - **Positions from the caches.** A token's position is the length of its sequence in the
+//!   caches ([`KvCache::lengths`]): RoPE reads it from there, never from a counter the caller
+//!   keeps beside them.
+//!
+//! Each layer still sees a plain [`KvCache`], so a model's layer loop stays as it was:
+//!
+//! ```no_run
+//! # #[cfg(feature = "wgpu")] {
+//! use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
+//! use burn::tensor::{Distribution, Tensor};
+//! use sparsekv_burn::{KvCache, KvCacheConfig, LayerCaches, SparseKvCache};
+//!
+//! type B = CubeBackend<WgpuRuntime, f32, i32, u32>;
+//! let device = Default::default();
+//! let (layers, batch, kv_heads, head_dim) = (4, 2, 4, 64);
+//! let config = KvCacheConfig::new(batch, kv_heads, head_dim, 4096).with_sparsity(0.7, 0.7);
+//! // Every layer's cache, checked against the device's memory before anything is allocated.
+//! let mut caches = LayerCaches::<SparseKvCache<B>>::sparse(layers, &config, &device)?;
+//! for _step in 0..100 {
+//!     // One decode step: each layer appends its new keys and values, then attends.
+//!     for cache in caches.layers_mut() {
+//!         let _position = cache.lengths()[0]; // where RoPE puts this step's token
+//!         let k = Tensor::<B, 4>::random([batch, kv_heads, 1, head_dim], Distribution::Default, &device);
+//!         let v = Tensor::<B, 4>::random([batch, kv_heads, 1, head_dim], Distribution::Default, &device);
+//!         cache.append(k, v)?;
+//!         let q = Tensor::<B, 3>::random([batch, 2 * kv_heads, head_dim], Distribution::Default, &device);
+//!         let _out: Tensor<B, 3> = cache.attend(q)?;
+//!     }
+//! }
+//! println!("{:.1}% of dense", 100.0 * caches.memory::<B>().fraction_of_dense());
+//! # }
+//! # Ok::<(), sparsekv_burn::KvCacheError>(())
+//! ```
+//!
+//! `sparsekv_llama`'s model takes `caches.layers_mut()` in its prefill and decode.
+//!
 //! # Decode-step operations
 //!
 //! Besides the caches' own operations, [`SparseKvBackend`] carries the fused operations a
