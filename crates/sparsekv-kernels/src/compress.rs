@@ -348,11 +348,11 @@ pub fn prune_compress<R: Runtime, F: FloatElement>(
 ) -> Result<()> {
     check_type_supported::<R, F>(client)?;
     // A single target binds small placeholders as the second one (never touched: the grid
-    // has one layer), so no buffer is bound twice; two (a cache's K and V) allocate nothing.
+    // has one layer), so no buffer is bound twice; two (a cache's K and V) need none.
     let placeholder;
     let (a, b) = match targets {
         [a] => {
-            placeholder = client.empty(16);
+            placeholder = crate::upload::placeholder(client, 0);
             let p = &placeholder;
             let none = CompressTarget {
                 src: p,

@@ -78,11 +78,14 @@ pub fn copy_rows<R: Runtime, F: FloatElement>(
 ) -> Result<()> {
     check_type_supported::<R, F>(client)?;
     // A single pair binds small placeholders as the second one (never read: the grid has
-    // one layer), so no buffer is bound twice; two pairs (a cache's K and V) allocate nothing.
+    // one layer), so no buffer is bound twice; two pairs (a cache's K and V) need none.
     let placeholder;
     let (&(src_a, dst_a), (src_b, dst_b)) = match pairs {
         [a] => {
-            placeholder = (client.empty(16), client.empty(16));
+            placeholder = (
+                crate::upload::placeholder(client, 0),
+                crate::upload::placeholder(client, 1),
+            );
             (a, (&placeholder.0, &placeholder.1))
         }
         [a, b] => (a, *b),

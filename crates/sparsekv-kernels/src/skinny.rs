@@ -567,7 +567,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
     let residual_h = match residual {
         Some(r) => r,
         None => {
-            placeholder = client.empty(16);
+            placeholder = crate::upload::placeholder(client, 0);
             &placeholder
         }
     };

@@ -62,3 +62,11 @@ pub(crate) fn upload_u32<R: Runtime>(client: &ComputeClient<R>, data: &[u32]) ->
     });
     handle
 }
+
+/// A small buffer (32 bytes) for a kernel argument that the launch never touches (the second
+/// target of a one-target launch, a segment the dense kernel does not read): a kept one per
+/// device, so such launches allocate nothing. `which` tells apart placeholders that must be
+/// distinct buffers in one launch.
+pub(crate) fn placeholder<R: Runtime>(client: &ComputeClient<R>, which: u32) -> Handle {
+    upload_u32(client, &[u32::MAX - which; 8])
+}

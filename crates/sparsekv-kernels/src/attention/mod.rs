@@ -121,6 +121,10 @@ struct SplitPlan {
     sparse: bool,
     /// Whether plane operations are used.
     use_plane: bool,
+    /// Whether the call has one split per row, so the split kernel normalises its result and
+    /// writes the output itself (no partials, no merge launch: short contexts, where a
+    /// decode step's attention is two launches of almost no work).
+    direct: bool,
 }
 
 impl SplitPlan {
@@ -180,6 +184,7 @@ impl SplitPlan {
             unpack,
             sparse,
             use_plane,
+            direct: false,
         };
         // Dense key rows take the most shared memory: about 16 KB of them per tile.
         let rows = if sparse { MAX_TILE } else { 8192 / head_dim };
@@ -533,6 +538,7 @@ fn decode_split_kernel<F: Float, N: Size>(
     lens: &Array<u32>,
     part_o: &mut Array<f32>,
     part_ml: &mut Array<f32>,
+    out: &mut Array<F>,
     bits_stride: u32,
     k_vals_stride: u32,
     v_vals_stride: u32,
@@ -792,11 +798,15 @@ fn decode_split_kernel<F: Float, N: Size>(
         if lane == 0 {
             #[unroll]
             for c in 0..vec {
-                part_o[((row0 + g) * splits + split) * d + c0 + c] = acc[g * vec + c];
+                if comptime!(plan.direct) {
+                    out[(row0 + g) * d + c0 + c] = F::cast_from(acc[g * vec + c] / l_total[g]);
+                } else {
+                    part_o[((row0 + g) * splits + split) * d + c0 + c] = acc[g * vec + c];
+                }
             }
         }
     }
-    if tid == 0 {
+    if tid == 0 && comptime!(!plan.direct) {
         #[unroll]
         for g in 0..group {
             let at = ((row0 + g) * splits + split) * 2;
@@ -1115,10 +1125,25 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         &[args.compressed_lens, args.window_lens, row_sequences].concat(),
     );
     let rows = batch * q_heads;
-    let part_o = client.empty(rows * splits * d * 4);
-    let part_ml = client.empty(rows * splits * 2 * 4);
-    // The dense kernel binds a small placeholder for the segment it never reads (allocated
-    // only then: every call of the sparse kernel saves the allocation).
+    // One split per row on CUDA cores: the split kernel writes the output (no partials).
+    let simt_plan = simt_plan.map(|plan| SplitPlan {
+        direct: splits == 1,
+        ..plan
+    });
+    let direct = simt_plan.is_some_and(|plan| plan.direct);
+    let (part_o, part_ml) = if direct {
+        (
+            crate::upload::placeholder(client, 1),
+            crate::upload::placeholder(client, 2),
+        )
+    } else {
+        (
+            client.empty(rows * splits * d * 4),
+            client.empty(rows * splits * 2 * 4),
+        )
+    };
+    // The dense kernel binds a small placeholder (kept per device) for the segment it never
+    // reads.
     let placeholder;
     let (kb, kv, vb, vv, bits_stride, kvs, vvs) = match segment {
         Some(s) => (
@@ -1131,7 +1156,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             s.v_values_stride,
         ),
         None => {
-            placeholder = client.empty(32);
+            placeholder = crate::upload::placeholder(client, 0);
             (
                 &placeholder,
                 &placeholder,
@@ -1195,6 +1220,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                 arr(&lens, 4),
                 arr(&part_o, 4),
                 arr(&part_ml, 4),
+                arr(out, es),
                 bits_stride as u32,
                 kvs as u32,
                 vvs as u32,
@@ -1204,6 +1230,9 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                 scale,
                 plan,
             ),
+        }
+        if direct {
+            return Ok(());
         }
         decode_merge_kernel::launch_unchecked::<F, R>(
             client,
