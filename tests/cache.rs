@@ -459,6 +459,20 @@ fn sparse_at_zero_equals_dense<B: SparseKvBackend>() {
     }
 }
 
+/// Appends the same random rows (drawn once from `rng`) to two caches.
+fn append_both<B: SparseKvBackend>(
+    rng: &mut StdRng,
+    sc: &Scenario,
+    a: &mut dyn KvCache<B>,
+    b: &mut dyn KvCache<B>,
+    hist: &mut History,
+    counts: &[usize],
+) -> Result<(), String> {
+    let seed: u64 = rng.random();
+    append(&mut StdRng::seed_from_u64(seed), sc, a, hist, counts)?;
+    append(&mut StdRng::seed_from_u64(seed), sc, b, hist, counts)
+}
+
 #[test]
 fn layer_groups_match_independent_caches() {
     grouped_equals_independent::<B>();
@@ -523,18 +537,15 @@ fn grouped_equals_independent<B: SparseKvBackend>() {
             order = vec![runner];
         }
         for &l in &order {
-            // The same rows into both caches of layer l.
-            let step_seed: u64 = rng.random();
-            for cache in [&mut grouped[l] as &mut dyn KvCache<B>, &mut alone[l]] {
-                append(
-                    &mut StdRng::seed_from_u64(step_seed),
-                    &sc,
-                    cache,
-                    &mut hist,
-                    &counts,
-                )
-                .unwrap_or_else(|e| panic!("step {step}, layer {l}, {}: {e}", context()));
-            }
+            append_both(
+                &mut rng,
+                &sc,
+                &mut grouped[l],
+                &mut alone[l],
+                &mut hist,
+                &counts,
+            )
+            .unwrap_or_else(|e| panic!("step {step}, layer {l}, {}: {e}", context()));
             assert_eq!(
                 grouped[l].lengths(),
                 alone[l].lengths(),
@@ -569,17 +580,16 @@ fn grouped_equals_independent<B: SparseKvBackend>() {
                 let extra = lead.iter().zip(&behind).map(|(a, b)| a - b).max();
                 for _ in 0..extra.unwrap_or(0) {
                     for l in (0..layers).filter(|&l| l != runner) {
-                        let step_seed: u64 = rng.random();
-                        for cache in [&mut grouped[l] as &mut dyn KvCache<B>, &mut alone[l]] {
-                            append(
-                                &mut StdRng::seed_from_u64(step_seed),
-                                &sc,
-                                cache,
-                                &mut hist,
-                                &vec![1; sc.batch],
-                            )
-                            .unwrap_or_else(|e| panic!("catching up, {}: {e}", context()));
-                        }
+                        let one = vec![1; sc.batch];
+                        append_both(
+                            &mut rng,
+                            &sc,
+                            &mut grouped[l],
+                            &mut alone[l],
+                            &mut hist,
+                            &one,
+                        )
+                        .unwrap_or_else(|e| panic!("catching up, {}: {e}", context()));
                     }
                 }
                 step += 1;

@@ -216,6 +216,51 @@ fn compress_tile<F: Float>(
     }
 }
 
+/// One target's share of the launch: plane selection or ranking (module docs).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn compress_target<F: Float>(
+    src: &Array<F>,
+    offsets: &Array<u32>,
+    bitmap: &mut Array<u32>,
+    values: &mut Array<F>,
+    src_stride: u32,
+    bitmap_stride: u32,
+    values_stride: u32,
+    kv_heads: u32,
+    keep: u32,
+    #[comptime] head_dim: usize,
+    #[comptime] plane: bool,
+) {
+    if comptime!(plane) {
+        compress_rows_plane::<F>(
+            src,
+            offsets,
+            bitmap,
+            values,
+            src_stride,
+            bitmap_stride,
+            values_stride,
+            kv_heads,
+            keep,
+            head_dim,
+        );
+    } else {
+        compress_tile::<F>(
+            src,
+            offsets,
+            bitmap,
+            values,
+            src_stride,
+            bitmap_stride,
+            values_stride,
+            kv_heads,
+            keep,
+            head_dim,
+        );
+    }
+}
+
 /// The prune+compress kernel: one or two targets (a cache's keys and values) in one launch,
 /// grid `(tiles, streams, targets)`; the second target's arguments are placeholders when
 /// there is one. `plane`: the plane-selection kernel (module docs), else ranking.
@@ -240,48 +285,21 @@ fn prune_compress_kernel<F: Float>(
     #[comptime] plane: bool,
 ) {
     if CUBE_POS_Z == 0 {
-        if comptime!(plane) {
-            compress_rows_plane::<F>(
-                src_a,
-                offsets,
-                bitmap_a,
-                values_a,
-                src_stride,
-                bitmap_stride,
-                values_stride_a,
-                kv_heads,
-                keep_a,
-                head_dim,
-            );
-        } else {
-            compress_tile::<F>(
-                src_a,
-                offsets,
-                bitmap_a,
-                values_a,
-                src_stride,
-                bitmap_stride,
-                values_stride_a,
-                kv_heads,
-                keep_a,
-                head_dim,
-            );
-        }
-    } else if comptime!(plane) {
-        compress_rows_plane::<F>(
-            src_b,
+        compress_target::<F>(
+            src_a,
             offsets,
-            bitmap_b,
-            values_b,
+            bitmap_a,
+            values_a,
             src_stride,
             bitmap_stride,
-            values_stride_b,
+            values_stride_a,
             kv_heads,
-            keep_b,
+            keep_a,
             head_dim,
+            plane,
         );
     } else {
-        compress_tile::<F>(
+        compress_target::<F>(
             src_b,
             offsets,
             bitmap_b,
@@ -292,6 +310,7 @@ fn prune_compress_kernel<F: Float>(
             kv_heads,
             keep_b,
             head_dim,
+            plane,
         );
     }
 }
