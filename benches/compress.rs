@@ -97,7 +97,7 @@ fn round_times(
 fn compress(_: &mut Criterion) {
     let layers = model_layers();
     let tokens = if quick() { 1024 } else { 16384 };
-    let samples = if quick() { 3 } else { 20 };
+    let samples = if quick() { 3 } else { 50 };
     let client = Rt::client(&Default::default());
     let device = Default::default();
     let grouped = round_times(&client, layers, tokens, samples, |n, cfg| {
