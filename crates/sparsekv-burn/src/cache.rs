@@ -776,6 +776,22 @@ impl<B: SparseKvBackend> SparseBuffers<B> {
         })
     }
 
+    /// Where keys and values of `plan` are compressed to (shared handles).
+    fn compressed_streams(&self, plan: &SparsePlan) -> [CompressedStreams<B>; 2] {
+        [
+            CompressedStreams {
+                bitmap: self.k_bitmap.clone(),
+                values: self.k_values.clone(),
+                sparsity: plan.k_sparsity,
+            },
+            CompressedStreams {
+                bitmap: self.v_bitmap.clone(),
+                values: self.v_values.clone(),
+                sparsity: plan.v_sparsity,
+            },
+        ]
+    }
+
     fn all(&self) -> impl Iterator<Item = &B::KvBuffer> {
         [
             &self.k_bitmap,
@@ -852,27 +868,20 @@ fn launch_compression<B: SparseKvBackend>(
         dst_start: each_layer(to_u32(&state.compressed)),
         counts: each_layer(n.clone()),
     };
+    let [k_dest, v_dest] = buffers.compressed_streams(plan);
     let targets = [
         CompressTarget {
             src: buffers.k_window[cur].clone(),
-            dest: CompressedStreams {
-                bitmap: buffers.k_bitmap.clone(),
-                values: buffers.k_values.clone(),
-                sparsity: plan.k_sparsity,
-            },
+            dest: k_dest,
         },
         CompressTarget {
             src: buffers.v_window[cur].clone(),
-            dest: CompressedStreams {
-                bitmap: buffers.v_bitmap.clone(),
-                values: buffers.v_values.clone(),
-                sparsity: plan.v_sparsity,
-            },
+            dest: v_dest,
         },
     ];
     let vt = config.value_type;
     B::kv_prune_compress(device, &targets, vt, &rows)?;
-    let remaining: Vec<usize> = state.dense.iter().zip(counts).map(|(w, c)| w - c).collect();
+    let remaining = state.after_compressing(counts).dense;
     let copy = RowCopy {
         dst_capacity: plan.window_capacity,
         src_start: each_layer(n),
@@ -1056,23 +1065,6 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
         }
     }
 
-    /// Where keys and values are compressed to (shared handles).
-    fn compressed_streams(&self) -> [CompressedStreams<B>; 2] {
-        let b = &self.buffers;
-        [
-            CompressedStreams {
-                bitmap: b.k_bitmap.clone(),
-                values: b.k_values.clone(),
-                sparsity: self.plan.k_sparsity,
-            },
-            CompressedStreams {
-                bitmap: b.v_bitmap.clone(),
-                values: b.v_values.clone(),
-                sparsity: self.plan.v_sparsity,
-            },
-        ]
-    }
-
     /// The current window buffers (shared handles).
     fn window_rows(&self) -> DenseRows<B> {
         let cur = self.state.current;
@@ -1206,7 +1198,7 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
                 dst_start: to_u32(&self.state.compressed),
                 counts: to_u32(&from_rows),
             };
-            let [k_dest, v_dest] = self.compressed_streams();
+            let [k_dest, v_dest] = self.buffers.compressed_streams(&self.plan);
             B::kv_compress_rows(vec![(k.clone(), k_dest), (v.clone(), v_dest)], vt, &copy)?;
             for (total, n) in self.state.compressed.iter_mut().zip(&from_rows) {
                 *total += n;
