@@ -12,7 +12,7 @@
 //!
 //! `SPARSEKV_BENCH_QUICK=1`: small shapes (software adapters). `SPARSEKV_BENCH_SWEEP=1` adds,
 //! at M = 8, f16, a sweep of tunings (kernel, rows per plane, planes per cube, unroll) of every
-//! shape.
+//! shape. `SPARSEKV_BENCH_LAUNCH=1` measures the launch path instead (see `launch_probe`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -21,9 +21,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    ModelBackend, Rt, backend_name, median_call_times, quick, random_handle, read_bandwidth, sync,
+    ModelBackend, Rt, backend_name, median_call_times, median_call_times_in_batches, quick,
+    random_handle, read_bandwidth, sync,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
+use sparsekv::kernels::cubecl;
 use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
@@ -287,10 +289,87 @@ fn profile_calls(client: &ComputeClient<Rt>) {
     }
 }
 
+/// One unit writes one value: a launch with (almost) no device work.
+#[cube(launch)]
+fn touch_kernel(out: &mut Array<f32>) {
+    if ABSOLUTE_POS == 0 {
+        out[0] = 1.0;
+    }
+}
+
+/// `SPARSEKV_BENCH_LAUNCH=1`: where the time of a short launch goes. An empty launch back to
+/// back in batches of several sizes (CubeCL 0.10 hands launches to its device thread 32 at a
+/// time, or when something synchronises), the same with a blocking `flush` after each launch
+/// (a round trip to the device thread), and the small projections in batches of 20 and 200.
+fn launch_probe(client: &ComputeClient<Rt>, ceiling: f64) {
+    let out = client.empty(4);
+    let touch = |_: usize| {
+        touch_kernel::launch::<Rt>(
+            client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(32),
+            unsafe { ArrayArg::from_raw_parts(out.clone(), 1) },
+        );
+    };
+    let mut table = String::from(
+        "\nLaunch path (CUDA: one launch = one task for CubeCL's device thread)\n\n\
+         | what | calls per batch | us per call (median) | host us to issue |\n|---|---|---|---|\n",
+    );
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    for calls in [1, 20, 32, 64, 200, 1000] {
+        let (t, host) = median_call_times_in_batches(client, calls, touch);
+        table.push_str(&format!(
+            "| empty launch | {calls} | {:.2} | {:.2} |\n",
+            us(t),
+            us(host)
+        ));
+    }
+    for calls in [20, 200] {
+        let (t, host) = median_call_times_in_batches(client, calls, |i| {
+            touch(i);
+            client.flush().expect("flush");
+        });
+        table.push_str(&format!(
+            "| empty launch + blocking flush | {calls} | {:.2} | {:.2} |\n",
+            us(t),
+            us(host)
+        ));
+    }
+    println!("{table}");
+    let mut rows = format!(
+        "| matrix | M | N | K | calls per batch | us (median) | host us to issue | weight GB/s | of read-only |\n\
+         |---|---|---|---|---|---|---|---|---|\n"
+    );
+    for (m, (name, n, k)) in [(1, SHAPES[1]), (8, SHAPES[1]), (8, SHAPES[0]), (8, SHAPES[3])] {
+        let w = weights::<half::f16>(client, m, n, k);
+        let shape = SkinnyShape { m, n, k };
+        for calls in [20, 200] {
+            let (t, host) = median_call_times_in_batches(client, calls, |i| {
+                let copy = &w.copies[i % w.copies.len()];
+                skinny_matmul::<Rt, half::f16>(client, shape, &w.x, copy, &w.out).expect("launch");
+            });
+            let bw = (n * k * 2) as f64 / t.as_secs_f64();
+            rows.push_str(&format!(
+                "| {name} | {m} | {n} | {k} | {calls} | {:.1} | {:.1} | {:.0} | {:.1}% |\n",
+                us(t),
+                us(host),
+                bw / 1e9,
+                100.0 * bw / ceiling
+            ));
+        }
+    }
+    println!("{rows}");
+}
+
 fn skinny(c: &mut Criterion) {
     let client = Rt::client(&Default::default());
     if std::env::var_os("SPARSEKV_BENCH_PROFILE").is_some() {
         profile_calls(&client);
+        return;
+    }
+    if std::env::var_os("SPARSEKV_BENCH_LAUNCH").is_some() {
+        let ceiling = read_bandwidth(&client, if quick() { 64 << 20 } else { 1 << 30 });
+        launch_probe(&client, ceiling);
         return;
     }
     let ceiling = read_bandwidth(&client, if quick() { 64 << 20 } else { 1 << 30 });

@@ -11,6 +11,9 @@
 #                    streaming chunk, LAYERS=n for fewer than 32) with nvidia-smi sampling
 #   MATMUL=T         the decode bench's sweep of cubek's matmul strategies over a prefill's
 #                    projection shapes at T tokens (its cuBLAS peer is part of PREFILL's)
+#   LAUNCH=1         the skinny bench's launch-path probe (empty launches in batches of several
+#                    sizes, a blocking flush per launch, the small projections in batches of
+#                    20 and 200)
 #   COMPRESS=1       the compression bench (a chunk over all layers, layer groups against
 #                    independent caches, and the decode step it is a fraction of)
 #   CHAT=1           the chat example on both shared models, warm, greedy, 256 tokens, with
@@ -57,6 +60,10 @@ fi
 if [ -n "${MATMUL:-}" ]; then
   echo "== matmul sweep $MATMUL"
   SPARSEKV_BENCH_MATMUL=$MATMUL $bin/bench_decode --bench 2>&1 | tee -a $OUT/matmul.log | grep -E "^\||^Prefill|panicked"
+fi
+if [ "${LAUNCH:-0}" = 1 ]; then
+  echo "== launch path"
+  SPARSEKV_BENCH_LAUNCH=1 $bin/bench_skinny --bench 2>&1 | tee -a $OUT/launch.log | grep -E "^\||^Launch|panicked|error"
 fi
 if [ "${COMPRESS:-0}" = 1 ]; then
   echo "== bench_compress"

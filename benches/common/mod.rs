@@ -120,9 +120,9 @@ pub fn mean_call_time(client: &ComputeClient<Rt>, reps: u32, mut call: impl FnMu
     t.elapsed() / reps
 }
 
-/// Median per-call time of `call(i)` over 15 batches of 20 calls (call `i` of a batch gets
-/// `i`), after 10 warm-up calls, with the device synchronised around each batch (quick runs:
-/// 3 batches of 2 after 1).
+/// Median per-call time of `call(i)` over 15 batches of [`calls_per_batch`] calls (call `i` of
+/// a batch gets `i`), after 10 warm-up calls, with the device synchronised around each batch
+/// (quick runs: 3 batches after 1).
 pub fn median_call_time(client: &ComputeClient<Rt>, call: impl FnMut(usize)) -> Duration {
     median_call_times(client, call).0
 }
@@ -132,9 +132,30 @@ pub fn median_call_time(client: &ComputeClient<Rt>, call: impl FnMut(usize)) -> 
 /// close, the calls are bound by the host's launch work, not by the device.
 pub fn median_call_times(
     client: &ComputeClient<Rt>,
+    call: impl FnMut(usize),
+) -> (Duration, Duration) {
+    median_call_times_in_batches(client, calls_per_batch(), call)
+}
+
+/// Calls per timed batch: `SPARSEKV_BENCH_CALLS`, else 20 (2 in quick runs). CubeCL 0.10 hands
+/// launches to its device thread in groups of 32 (or when something synchronises), so a batch
+/// of fewer launches than that is issued by the caller before the device starts any of it:
+/// larger batches measure the steady state where issuing and running overlap.
+pub fn calls_per_batch() -> usize {
+    std::env::var("SPARSEKV_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or(if quick() { 2 } else { 20 })
+}
+
+/// [`median_call_times`] with `calls` calls per batch.
+pub fn median_call_times_in_batches(
+    client: &ComputeClient<Rt>,
+    calls: usize,
     mut call: impl FnMut(usize),
 ) -> (Duration, Duration) {
-    let (warm, batches, calls) = if quick() { (1, 3, 2) } else { (10, 15, 20) };
+    let (warm, batches) = if quick() { (1, 3) } else { (10, 15) };
     for i in 0..warm {
         call(i);
     }
