@@ -29,8 +29,8 @@ use sparsekv::kernels::cubecl;
 use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
-    FloatElement, SkinnyKernel, SkinnyShape, SkinnyTuning, skinny_matmul, skinny_matmul_with,
-    supports_type,
+    FloatElement, SkinnyInput, SkinnyKernel, SkinnyShape, SkinnyTuning, skinny_matmul,
+    skinny_matmul_with, supports_type,
 };
 
 /// Weight bytes the rotated copies of a matrix add up to, at least.
@@ -73,8 +73,17 @@ fn time_skinny<F: FloatElement>(
 ) -> (Duration, Duration) {
     median_call_times(client, |i| {
         let copy = &w.copies[i % w.copies.len()];
-        skinny_matmul_with::<Rt, F>(client, shape, &w.x, copy, None, &w.out, tuning)
-            .expect("launch");
+        skinny_matmul_with::<Rt, F>(
+            client,
+            shape,
+            SkinnyInput::Plain,
+            &w.x,
+            copy,
+            None,
+            &w.out,
+            tuning,
+        )
+        .expect("launch");
     })
 }
 
@@ -238,6 +247,7 @@ fn sweep_tunings<F: FloatElement>(
         let probe = skinny_matmul_with::<Rt, F>(
             client,
             shape,
+            SkinnyInput::Plain,
             &w.x,
             &w.copies[0],
             None,
@@ -277,6 +287,7 @@ fn profile_calls(client: &ComputeClient<Rt>) {
             skinny_matmul_with::<Rt, half::f16>(
                 client,
                 shape,
+                SkinnyInput::Plain,
                 &w.x,
                 copy,
                 None,
@@ -340,7 +351,17 @@ fn launch_probe(client: &ComputeClient<Rt>, ceiling: f64) {
         "| matrix | M | N | K | calls per batch | us (median) | host us to issue | weight GB/s | of read-only |\n\
          |---|---|---|---|---|---|---|---|---|\n"
     );
-    for (m, (name, n, k)) in [(1, SHAPES[1]), (8, SHAPES[1]), (8, SHAPES[0]), (8, SHAPES[3])] {
+    let shapes = if quick() {
+        vec![(1, QUICK_SHAPES[0]), (8, QUICK_SHAPES[1])]
+    } else {
+        vec![
+            (1, SHAPES[1]),
+            (8, SHAPES[1]),
+            (8, SHAPES[0]),
+            (8, SHAPES[3]),
+        ]
+    };
+    for (m, (name, n, k)) in shapes {
         let w = weights::<half::f16>(client, m, n, k);
         let shape = SkinnyShape { m, n, k };
         for calls in [20, 200] {

@@ -14,9 +14,9 @@ use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
     AttentionArgs, CompressArgs, CompressTarget, DecodeKernel, DenseCacheArgs, ExpandArgs,
-    FloatElement, KernelError, SkinnyKernel, SkinnyShape, SkinnyTuning, SparseSegmentArgs,
-    decode_attention, decode_attention_with, expand_context, prefill_attention, prune_compress,
-    rms_norm, skinny_matmul_with, supports_type, swiglu,
+    FloatElement, KernelError, SkinnyInput, SkinnyKernel, SkinnyShape, SkinnyTuning,
+    SparseSegmentArgs, decode_attention, decode_attention_with, expand_context, prefill_attention,
+    prune_compress, rms_norm, skinny_matmul_with, supports_type, swiglu,
 };
 
 mod common;
@@ -973,8 +973,10 @@ fn within(got: f64, reference: f64, bound: f64) -> bool {
 
 /// One random skinny matmul (`m` up to 20, so chunks of activation rows and partial chunks
 /// occur; `k` not always a multiple of the vector width; `n` not always a multiple of a cube's
-/// rows; random or automatic tuning) against an f64 reference, element by element: each output
-/// within `tol` of `Σ |x w|` of its reference.
+/// rows; random or automatic tuning; plain activations, an RMSNorm prologue over rows of
+/// random scales, zero rows among them, or a SwiGLU prologue) against an f64 reference,
+/// element by element: each output within `tol` of `Σ |a w|` of its reference, `a` the
+/// activations after the prologue.
 fn skinny_case<F: TestFloat>(
     client: &ComputeClient<Rt>,
     rng: &mut StdRng,
@@ -1001,9 +1003,66 @@ fn skinny_case<F: TestFloat>(
     // Where the tensor-core kernel cannot run, asking for it must be a typed error.
     let tensor_cores_fit =
         cfg!(feature = "cuda") && F::name() != "f32" && m >= 8 && n >= 32 && k.is_multiple_of(16);
-    let x = normals::<F>(rng, m * k);
+    let prologue = rng.random_range(0..3);
+    let x: Vec<f64> = match prologue {
+        // RMSNorm: rows of different scales, some all zero.
+        1 => (0..m)
+            .flat_map(|_| {
+                let scale = [0.0, 1e-3, 1.0, 50.0][rng.random_range(0..4)];
+                normals::<F>(rng, k)
+                    .into_iter()
+                    .map(move |v| TestFloat::to_f64(F::from_f64(v * scale)))
+            })
+            .collect(),
+        // SwiGLU: rows of the gate then the up projection, gates up to about ±12.
+        2 => normals::<F>(rng, m * 2 * k)
+            .into_iter()
+            .map(|v| TestFloat::to_f64(F::from_f64(v * 4.0)))
+            .collect(),
+        _ => normals::<F>(rng, m * k),
+    };
+    let norm_w = normals::<F>(rng, k);
+    let eps = [0.0, 1e-5][rng.random_range(0..2)];
+    // The activations the product uses, row-major `[m, k]`.
+    let a: Vec<f64> = (0..m)
+        .flat_map(|i| {
+            let (x, norm_w) = (&x, &norm_w);
+            let row = match prologue {
+                1 => {
+                    let xr = &x[i * k..(i + 1) * k];
+                    let ms = xr.iter().map(|v| v * v).sum::<f64>() / k as f64;
+                    let factor = if ms + eps > 0.0 {
+                        1.0 / (ms + eps).sqrt()
+                    } else {
+                        0.0
+                    };
+                    xr.iter()
+                        .zip(norm_w)
+                        .map(|(v, g)| v * factor * g)
+                        .collect::<Vec<_>>()
+                }
+                2 => (0..k)
+                    .map(|c| {
+                        let (g, u) = (x[i * 2 * k + c], x[i * 2 * k + k + c]);
+                        g / (1.0 + (-g).exp()) * u
+                    })
+                    .collect(),
+                _ => x[i * k..(i + 1) * k].to_vec(),
+            };
+            row.into_iter()
+        })
+        .collect();
     let w = normals::<F>(rng, n * k);
     let (x_h, w_h) = (upload::<F>(client, &x), upload::<F>(client, &w));
+    let norm_h = upload::<F>(client, &norm_w);
+    let input = match prologue {
+        1 => SkinnyInput::RmsNorm {
+            weight: &norm_h,
+            eps: eps as f32,
+        },
+        2 => SkinnyInput::SwiGlu,
+        _ => SkinnyInput::Plain,
+    };
     // Half the cases add a residual to the product.
     let residual = rng.random_bool(0.5).then(|| normals::<F>(rng, m * n));
     let residual_h = residual.as_ref().map(|r| upload::<F>(client, r));
@@ -1011,6 +1070,7 @@ fn skinny_case<F: TestFloat>(
     let launched = skinny_matmul_with::<Rt, F>(
         client,
         SkinnyShape { m, n, k },
+        input,
         &x_h,
         &w_h,
         residual_h.as_ref(),
@@ -1025,20 +1085,26 @@ fn skinny_case<F: TestFloat>(
         {
             return Ok(());
         }
-        other => other.map_err(|e| format!("m {m} n {n} k {k} {tuning:?}: {e}"))?,
+        // The norm's reduction tree needs a power of two planes without plane operations.
+        Err(KernelError::InvalidArguments(e))
+            if prologue == 1 && e.contains("needs a power of two planes") =>
+        {
+            return Ok(());
+        }
+        other => other.map_err(|e| format!("m {m} n {n} k {k} {tuning:?} {input:?}: {e}"))?,
     }
     let out = read::<F>(client, out_h);
     for i in 0..m {
         for j in 0..n {
-            let (xr, wr) = (&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
+            let (ar, wr) = (&a[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
             let add = residual.as_ref().map_or(0.0, |r| r[i * n + j]);
-            let reference: f64 = add + xr.iter().zip(wr).map(|(a, b)| a * b).sum::<f64>();
-            let scale: f64 = add.abs() + xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum::<f64>();
+            let reference: f64 = add + ar.iter().zip(wr).map(|(a, b)| a * b).sum::<f64>();
+            let scale: f64 = add.abs() + ar.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum::<f64>();
             let got = out[i * n + j];
             // NaN (an unwritten, poisoned output) fails the comparison.
             if !within(got, reference, tol * scale.max(1e-30)) {
                 return Err(format!(
-                    "m {m} n {n} k {k} {tuning:?}: out[{i}, {j}] = {got}, reference {reference}"
+                    "m {m} n {n} k {k} {tuning:?} {input:?}: out[{i}, {j}] = {got}, reference {reference}"
                 ));
             }
         }
@@ -1243,7 +1309,16 @@ fn unsupported_types_and_bad_arguments_are_typed_errors() {
             "operands far larger than the buffer",
         ),
     ] {
-        let err = skinny_matmul_with::<Rt, f32>(&client, shape, &h, &h, None, &h, None);
+        let err = skinny_matmul_with::<Rt, f32>(
+            &client,
+            shape,
+            SkinnyInput::Plain,
+            &h,
+            &h,
+            None,
+            &h,
+            None,
+        );
         assert!(
             matches!(err, Err(KernelError::InvalidArguments(_))),
             "{what}: {err:?}"

@@ -103,7 +103,7 @@ pub use cache::{DenseKvCache, KvCache, KvCacheConfig, LayerCaches, PrefillPolicy
 pub use error::{KvCacheError, Result};
 pub use masked::{MaskedKvCache, PruneStrategy};
 pub use runtime::{check_device_threads, watch_device_threads};
-pub use sparsekv_kernels::RopeStyle;
+pub use sparsekv_kernels::{RopeStyle, SkinnyInput};
 
 /// The Burn version this crate is built with.
 pub use burn;

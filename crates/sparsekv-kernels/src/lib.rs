@@ -31,7 +31,9 @@ pub use expand::{ExpandArgs, expand_context};
 pub use norm::rms_norm;
 pub use rope::{RopeShape, RopeStyle, rope_split};
 pub use rows::{CopyRowsArgs, copy_rows};
-pub use skinny::{SkinnyKernel, SkinnyShape, SkinnyTuning, skinny_matmul, skinny_matmul_with};
+pub use skinny::{
+    SkinnyInput, SkinnyKernel, SkinnyShape, SkinnyTuning, skinny_matmul, skinny_matmul_with,
+};
 
 /// The CubeCL version the kernels are built with, for callers that create clients.
 pub use cubecl;

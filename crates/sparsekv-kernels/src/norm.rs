@@ -1,10 +1,8 @@
 //! RMSNorm in one launch: `out = x / sqrt(mean(x²) + eps) · w` over the last axis of `x`.
 //!
 //! One cube per row (grid-stride over rows), three short passes over the row, which stays in
-//! L1 after the first: the largest magnitude (`cube_reduce`, max), the mean square of the row
-//! divided by it, and the scaled write. Dividing by the largest magnitude first keeps the
-//! squares finite in f32 for every input type (a bf16 row can hold values whose square
-//! overflows f32), and the result is the same function.
+//! L1 after the first: the largest magnitude and the mean square of the row divided by it
+//! ([`rms_factors`], which the skinny matmul's RMSNorm prologue shares), then the scaled write.
 
 use cubecl::prelude::*;
 
@@ -33,46 +31,76 @@ struct NormPlan {
     use_plane: bool,
 }
 
-/// The largest magnitude of this unit's share of the row starting at vector `base`.
+/// The RMSNorm factor `1 / sqrt(mean(x²) + eps)` of each of `rows` rows of `dim_vecs` vectors
+/// of `vec` elements, row `i` starting at vector `bases[i]` of `x`; every unit of the cube gets
+/// them (all units must call it). Two short passes over the rows, each unit taking every
+/// `units`-th vector: the largest magnitude, then the mean square of the row divided by it
+/// (`cube_reduce` each). Dividing first keeps the squares finite in f32 for every input type
+/// (a bf16 row can hold values whose square overflows f32), and the factor is the same.
+/// `red` holds `rows * units` floats (`rows * planes` with plane operations).
 #[cube]
-fn row_max_abs<F: Float, N: Size>(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rms_factors<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
-    base: usize,
-    #[comptime] plan: NormPlan,
-) -> f32 {
-    let mut amax = 0.0f32;
-    let mut i = UNIT_POS as usize;
-    while i < plan.dim_vecs {
-        let v = x[base + i];
-        #[unroll]
-        for e in 0..plan.vec {
-            amax = max(amax, Abs::abs(f32::cast_from(v[e])));
+    bases: &Array<usize>,
+    dim_vecs: usize,
+    eps: f32,
+    red: &mut SharedMemory<f32>,
+    #[comptime] rows: usize,
+    #[comptime] vec: usize,
+    #[comptime] units: usize,
+    #[comptime] use_plane: bool,
+) -> Array<f32> {
+    let mut part = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        let mut amax = 0.0f32;
+        let mut i = UNIT_POS as usize;
+        while i < dim_vecs {
+            let v = x[bases[r] + i];
+            #[unroll]
+            for e in 0..vec {
+                amax = max(amax, Abs::abs(f32::cast_from(v[e])));
+            }
+            i += units;
         }
-        i += plan.units;
+        part[r] = amax;
     }
-    amax
-}
-
-/// The sum of `(x · inv)²` over this unit's share of the row starting at vector `base`.
-#[cube]
-fn row_scaled_squares<F: Float, N: Size>(
-    x: &Array<Vector<F, N>>,
-    base: usize,
-    inv: f32,
-    #[comptime] plan: NormPlan,
-) -> f32 {
-    let mut sum = 0.0f32;
-    let mut i = UNIT_POS as usize;
-    while i < plan.dim_vecs {
-        let v = x[base + i];
-        #[unroll]
-        for e in 0..plan.vec {
-            let s = f32::cast_from(v[e]) * inv;
-            sum += s * s;
+    let amax = cube_reduce(&part, red, rows, units, true, use_plane);
+    let mut inv = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        // An all-zero row stays zero: inv is finite, the squares are zero and eps · inv² is
+        // large, so the factor is (close to) zero.
+        inv[r] = 1.0f32 / max(amax[r], f32::new(1.0e-30));
+        let mut sum = 0.0f32;
+        let mut i = UNIT_POS as usize;
+        while i < dim_vecs {
+            let v = x[bases[r] + i];
+            #[unroll]
+            for e in 0..vec {
+                let s = f32::cast_from(v[e]) * inv[r];
+                sum += s * s;
+            }
+            i += units;
         }
-        i += plan.units;
+        part[r] = sum;
     }
-    sum
+    let sums = cube_reduce(&part, red, rows, units, false, use_plane);
+    let dim = f32::cast_from(dim_vecs * vec);
+    let mut factors = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        // x / sqrt(mean(x²) + eps) = (x · inv) / sqrt(mean((x · inv)²) + eps · inv²); inv² is
+        // capped so that eps = 0 never meets infinity, and a zero row with eps = 0 gives 0.
+        let denom = sums[r] / dim + eps * min(inv[r] * inv[r], f32::new(3.0e38));
+        factors[r] = if denom > 0.0 {
+            inv[r] / Sqrt::sqrt(denom)
+        } else {
+            f32::new(0.0)
+        };
+    }
+    factors
 }
 
 #[cube(launch_unchecked)]
@@ -85,26 +113,22 @@ fn rms_norm_kernel<F: Float, N: Size>(
     #[comptime] plan: NormPlan,
 ) {
     let mut red = SharedMemory::<f32>::new(plan.units);
-    let dim = comptime!((plan.dim_vecs * plan.vec) as f32);
-    let mut one = Array::<f32>::new(1usize);
+    let mut bases = Array::<usize>::new(1usize);
     let mut row = CUBE_POS_X as usize;
     while row < rows as usize {
         let base = row * plan.dim_vecs;
-        one[0] = row_max_abs::<F, N>(x, base, plan);
-        let amax = cube_reduce(&one, &mut red, 1usize, plan.units, true, plan.use_plane)[0];
-        // An all-zero row stays zero: inv is finite, the squares are zero and eps · inv² is
-        // large, so the factor is (close to) zero.
-        let inv = 1.0f32 / max(amax, f32::new(1.0e-30));
-        one[0] = row_scaled_squares::<F, N>(x, base, inv, plan);
-        let sum = cube_reduce(&one, &mut red, 1usize, plan.units, false, plan.use_plane)[0];
-        // x / sqrt(mean(x²) + eps) = (x · inv) / sqrt(mean((x · inv)²) + eps · inv²); inv² is
-        // capped so that eps = 0 never meets infinity, and a zero row with eps = 0 gives 0.
-        let denom = sum / dim + eps * min(inv * inv, f32::new(3.0e38));
-        let factor = if denom > 0.0 {
-            inv / Sqrt::sqrt(denom)
-        } else {
-            f32::new(0.0)
-        };
+        bases[0] = base;
+        let factor = rms_factors::<F, N>(
+            x,
+            &bases,
+            plan.dim_vecs,
+            eps,
+            &mut red,
+            1usize,
+            plan.vec,
+            plan.units,
+            plan.use_plane,
+        )[0];
         let mut i = UNIT_POS as usize;
         while i < plan.dim_vecs {
             let v = x[base + i];

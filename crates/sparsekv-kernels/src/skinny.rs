@@ -29,6 +29,7 @@ use cubecl::prelude::*;
 
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
+use crate::norm::rms_factors;
 use crate::{FloatElement, MmaApi, check_type_supported, has_mma, vector_size};
 
 /// Activation rows one cube multiplies: its accumulators live in registers, `rows_m` per
@@ -102,20 +103,100 @@ struct SkinnyPlan {
     use_plane: bool,
     /// Whether the output adds a residual.
     residual: bool,
+    /// What is done to the activations before the product.
+    prologue: Prologue,
 }
 
-/// Adds `x[m0 + i, :] · w[n0 + j, :]` over this lane's share of `K` to `acc[i * rows_n + j]`.
-/// Rows past `m` or `n` are clamped to the last one (their results are never written), so
-/// every load is in bounds.
+/// What the activation operand of a skinny matmul holds and what the product uses of it; `W`
+/// is how the norm's weights are passed (a buffer handle here, a tensor in `sparsekv-burn`).
+#[derive(Debug, Clone, Copy)]
+pub enum SkinnyInput<W> {
+    /// `x` `[m, k]`, used as it is.
+    Plain,
+    /// `x` `[m, k]`, each row normalised first: `x / sqrt(mean(x²) + eps) · weight` (RMSNorm,
+    /// `weight` `k` elements of the same type), in f32 and not rounded to the storage type
+    /// before the product. Saves the launch of a separate RMSNorm.
+    RmsNorm {
+        /// The norm's weights, `k` elements.
+        weight: W,
+        /// Added to the mean square (finite, at least 0).
+        eps: f32,
+    },
+    /// `x` `[m, 2k]`, each row the gate then the up projection (a fused gate+up projection's
+    /// output); the product uses `silu(gate) · up`, in f32. Saves the launch of a separate
+    /// SwiGLU.
+    SwiGlu,
+}
+
+/// [`SkinnyInput`] as the kernels see it, at compile time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Prologue {
+    Plain,
+    RmsNorm,
+    SwiGlu,
+}
+
+impl<W> SkinnyInput<W> {
+    fn prologue(&self) -> Prologue {
+        match self {
+            SkinnyInput::Plain => Prologue::Plain,
+            SkinnyInput::RmsNorm { .. } => Prologue::RmsNorm,
+            SkinnyInput::SwiGlu => Prologue::SwiGlu,
+        }
+    }
+
+    /// The same input borrowing the norm's weights.
+    pub fn as_ref(&self) -> SkinnyInput<&W> {
+        match self {
+            SkinnyInput::Plain => SkinnyInput::Plain,
+            SkinnyInput::RmsNorm { weight, eps } => SkinnyInput::RmsNorm { weight, eps: *eps },
+            SkinnyInput::SwiGlu => SkinnyInput::SwiGlu,
+        }
+    }
+
+    /// The same input with the norm's weights passed as `f(weight)`.
+    pub fn map<V>(self, f: impl FnOnce(W) -> V) -> SkinnyInput<V> {
+        match self {
+            SkinnyInput::Plain => SkinnyInput::Plain,
+            SkinnyInput::RmsNorm { weight, eps } => SkinnyInput::RmsNorm {
+                weight: f(weight),
+                eps,
+            },
+            SkinnyInput::SwiGlu => SkinnyInput::SwiGlu,
+        }
+    }
+
+    /// Activation elements per row of `x` for a product over `k` input features (`2k` for
+    /// SwiGLU: the gate and the up projection).
+    pub fn row_len(&self, k: usize) -> usize {
+        self.prologue().row_len(k)
+    }
+}
+
+impl Prologue {
+    /// Activation elements per row of `x` for a product over `k` input features.
+    fn row_len(self, k: usize) -> usize {
+        match self {
+            Prologue::SwiGlu => 2 * k,
+            _ => k,
+        }
+    }
+}
+
+/// Adds `x[m0 + i, :] · w[n0 + j, :]` over this lane's share of `K` to `acc[i * rows_n + j]`,
+/// the activation rows starting at vectors `x_base` (see [`activations`] for `norm_w` and
+/// `scale`). Weight rows past `n` are clamped to the last one (their results are never
+/// written), so every load is in bounds.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn accumulate_rows<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
+    x_base: &Array<usize>,
+    norm_w: &Array<Vector<F, N>>,
+    scale: &Array<f32>,
     w: &Array<Vector<F, N>>,
     acc: &mut Array<f32>,
-    m0: usize,
     n0: usize,
-    m: usize,
     n: usize,
     k_vecs: usize,
     lane: usize,
@@ -126,11 +207,6 @@ fn accumulate_rows<F: Float, N: Size>(
     #[unroll]
     for j in 0..rows_n {
         w_base[j] = min(n0 + j, n - 1) * k_vecs;
-    }
-    let mut x_base = Array::<usize>::new(rows_m);
-    #[unroll]
-    for i in 0..rows_m {
-        x_base[i] = min(m0 + i, m - 1) * k_vecs;
     }
     let unroll = comptime!(plan.unroll);
     let mut wv = Array::<Vector<F, N>>::new(rows_n * unroll);
@@ -148,16 +224,19 @@ fn accumulate_rows<F: Float, N: Size>(
         }
         #[unroll]
         for u in 0..unroll {
-            multiply_step::<F, N>(
+            activations::<F, N>(
                 x,
-                &x_base,
-                &wv,
+                x_base,
+                norm_w,
+                scale,
                 &mut xf,
-                acc,
                 kv + u * lanes,
-                u * rows_n,
-                plan,
+                k_vecs,
+                plan.rows_m,
+                plan.vec,
+                plan.prologue,
             );
+            multiply_step(&wv, &xf, acc, u * rows_n, plan);
         }
         kv += unroll * lanes;
     }
@@ -167,34 +246,82 @@ fn accumulate_rows<F: Float, N: Size>(
         for j in 0..rows_n {
             wv[j] = w[w_base[j] + kv];
         }
-        multiply_step::<F, N>(x, &x_base, &wv, &mut xf, acc, kv, 0usize, plan);
+        activations::<F, N>(
+            x,
+            x_base,
+            norm_w,
+            scale,
+            &mut xf,
+            kv,
+            k_vecs,
+            plan.rows_m,
+            plan.vec,
+            plan.prologue,
+        );
+        multiply_step(&wv, &xf, acc, 0usize, plan);
         kv += lanes;
     }
 }
 
-/// One step: widens the activation vectors at `kv` to f32 (`xf`) and adds their products with
-/// the weight vectors `wv[w0 ..][.. rows_n]` to the accumulators.
+/// The activations of `rows` rows at vector `kv` of the product's `K` axis, widened to f32
+/// into `xf[i * vec ..]`, row `i` of `x` starting at vector `x_base[i]`: as stored
+/// (`Plain`), times the row's RMSNorm factor `scale[i]` and the norm's weights `norm_w[kv]`
+/// (`RmsNorm`), or `silu(gate) · up` with the up half `k_vecs` vectors after the gate
+/// (`SwiGlu`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn multiply_step<F: Float, N: Size>(
+fn activations<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
     x_base: &Array<usize>,
-    wv: &Array<Vector<F, N>>,
+    norm_w: &Array<Vector<F, N>>,
+    scale: &Array<f32>,
     xf: &mut Array<f32>,
-    acc: &mut Array<f32>,
     kv: usize,
+    k_vecs: usize,
+    #[comptime] rows: usize,
+    #[comptime] vec: usize,
+    #[comptime] prologue: Prologue,
+) {
+    let mut gw = Vector::<F, N>::empty();
+    if comptime!(prologue == Prologue::RmsNorm) {
+        gw = norm_w[kv];
+    }
+    #[unroll]
+    for i in 0..rows {
+        let xv = x[x_base[i] + kv];
+        if comptime!(prologue == Prologue::SwiGlu) {
+            let uv = x[x_base[i] + k_vecs + kv];
+            #[unroll]
+            for e in 0..vec {
+                let g = f32::cast_from(xv[e]);
+                // silu(g) = g / (1 + exp(-g)), as the SwiGLU kernel computes it.
+                xf[i * vec + e] = g / (1.0 + Exp::exp(-g)) * f32::cast_from(uv[e]);
+            }
+        } else if comptime!(prologue == Prologue::RmsNorm) {
+            #[unroll]
+            for e in 0..vec {
+                xf[i * vec + e] = f32::cast_from(xv[e]) * scale[i] * f32::cast_from(gw[e]);
+            }
+        } else {
+            #[unroll]
+            for e in 0..vec {
+                xf[i * vec + e] = f32::cast_from(xv[e]);
+            }
+        }
+    }
+}
+
+/// One step: adds the products of the activations `xf` (see [`activations`]) with the weight
+/// vectors `wv[w0 ..][.. rows_n]` to the accumulators.
+#[cube]
+fn multiply_step<F: Float, N: Size>(
+    wv: &Array<Vector<F, N>>,
+    xf: &Array<f32>,
+    acc: &mut Array<f32>,
     #[comptime] w0: usize,
     #[comptime] plan: SkinnyPlan,
 ) {
     let (rows_m, rows_n, vec) = comptime!((plan.rows_m, plan.rows_n, plan.vec));
-    #[unroll]
-    for i in 0..rows_m {
-        let xv = x[x_base[i] + kv];
-        #[unroll]
-        for e in 0..vec {
-            xf[i * vec + e] = f32::cast_from(xv[e]);
-        }
-    }
     #[unroll]
     for j in 0..rows_n {
         #[unroll]
@@ -250,14 +377,17 @@ fn plane_reduce(
 }
 
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 fn skinny_matmul_kernel<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
+    norm_w: &Array<Vector<F, N>>,
     w: &Array<Vector<F, N>>,
     residual: &Array<F>,
     out: &mut Array<F>,
     m: u32,
     features: u32,
     k_vecs: u32,
+    eps: f32,
     #[comptime] plan: SkinnyPlan,
 ) {
     let (rows_m, rows_n, lanes) = comptime!((plan.rows_m, plan.rows_n, plan.lanes));
@@ -267,18 +397,52 @@ fn skinny_matmul_kernel<F: Float, N: Size>(
         plan.lanes * plan.planes
     });
     let mut red = SharedMemory::<f32>::new(red_cap);
-    let (m, n) = (m as usize, features as usize);
+    let (m, n, k_vecs) = (m as usize, features as usize, k_vecs as usize);
     let lane = UNIT_POS as usize % lanes;
     let plane = UNIT_POS as usize / lanes;
     let n0 = (CUBE_POS_X as usize * comptime!(plan.planes) + plane) * rows_n;
     let m0 = CUBE_POS_Y as usize * rows_m;
+
+    // Rows past `m` are clamped to the last one (their results are never written).
+    let x_row = comptime!(plan.prologue.row_len(1)) * k_vecs;
+    let mut x_base = Array::<usize>::new(rows_m);
+    #[unroll]
+    for i in 0..rows_m {
+        x_base[i] = min(m0 + i, m - 1) * x_row;
+    }
+    let mut scale = Array::<f32>::new(rows_m);
+    if comptime!(plan.prologue == Prologue::RmsNorm) {
+        let units = comptime!(plan.lanes * plan.planes);
+        let mut nred = SharedMemory::<f32>::new(comptime!(if plan.use_plane {
+            plan.rows_m * plan.planes
+        } else {
+            plan.rows_m * plan.lanes * plan.planes
+        }));
+        let factors = rms_factors::<F, N>(
+            x,
+            &x_base,
+            k_vecs,
+            eps,
+            &mut nred,
+            rows_m,
+            plan.vec,
+            units,
+            plan.use_plane,
+        );
+        #[unroll]
+        for i in 0..rows_m {
+            scale[i] = factors[i];
+        }
+    }
 
     let mut acc = Array::<f32>::new(rows_m * rows_n);
     #[unroll]
     for i in 0..rows_m * rows_n {
         acc[i] = 0.0;
     }
-    accumulate_rows::<F, N>(x, w, &mut acc, m0, n0, m, n, k_vecs as usize, lane, plan);
+    accumulate_rows::<F, N>(
+        x, &x_base, norm_w, &scale, w, &mut acc, n0, n, k_vecs, lane, plan,
+    );
 
     #[unroll]
     for i in 0..rows_m {
@@ -309,6 +473,10 @@ struct MmaPlan {
     vec: usize,
     /// Whether the output adds a residual.
     residual: bool,
+    /// What is done to the activations before the product: with anything but `Plain` they
+    /// are computed into shared memory (`stage_activations`) instead of read as matrix
+    /// operands straight from global memory.
+    prologue: Prologue,
 }
 
 /// The tensor-core kernel: each cube computes 8 activation rows by 32 output features; its
@@ -327,8 +495,11 @@ struct MmaPlan {
 /// cube along each axis is moved back to end at `m` / `n` (it recomputes a few outputs of its
 /// neighbour, with the same values), so no tile reads out of bounds.
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 fn skinny_mma_kernel<F: Float, N: Size>(
     x: &Array<F>,
+    x_vecs: &Array<Vector<F, N>>,
+    norm_w: &Array<Vector<F, N>>,
     w: &Array<F>,
     w_vecs: &Array<Vector<F, N>>,
     residual: &Array<F>,
@@ -336,6 +507,7 @@ fn skinny_mma_kernel<F: Float, N: Size>(
     m: u32,
     features: u32,
     k: u32,
+    eps: f32,
     #[comptime] plan: MmaPlan,
 ) {
     let (planes, unroll) = comptime!((plan.planes, plan.unroll));
@@ -365,6 +537,42 @@ fn skinny_mma_kernel<F: Float, N: Size>(
         0.0,
     );
     let base = plane * tile_elems;
+    // The activations with a prologue: 8 rows of one group per plane, rows padded by one
+    // vector (the stride a matrix load needs and fewer bank conflicts).
+    let staged_x = comptime!(plan.prologue != Prologue::Plain);
+    let x_stride = comptime!(plan.unroll * MMA_K + plan.vec);
+    let x_tile_elems = comptime!(if plan.prologue != Prologue::Plain {
+        MMA_M * (plan.unroll * MMA_K + plan.vec)
+    } else {
+        1
+    });
+    let mut xs = SharedMemory::<F>::new_aligned(comptime!(plan.planes * x_tile_elems), 32usize);
+    let x_at = plane * x_tile_elems;
+    let x_row = comptime!(plan.prologue.row_len(1)) * (k / plan.vec);
+    let mut x_base = Array::<usize>::new(MMA_M);
+    #[unroll]
+    for i in 0..MMA_M {
+        x_base[i] = (m0 + i) * x_row;
+    }
+    let mut scale = Array::<f32>::new(MMA_M);
+    if comptime!(plan.prologue == Prologue::RmsNorm) {
+        let mut nred = SharedMemory::<f32>::new(comptime!(MMA_M * plan.planes));
+        let factors = rms_factors::<F, N>(
+            x_vecs,
+            &x_base,
+            k / plan.vec,
+            eps,
+            &mut nred,
+            MMA_M,
+            plan.vec,
+            comptime!(32 * plan.planes),
+            true,
+        );
+        #[unroll]
+        for i in 0..MMA_M {
+            scale[i] = factors[i];
+        }
+    }
     let mut staged = Array::<Vector<F, N>>::new(per_row);
     let mut k0 = plane * group;
     if k0 + group <= k {
@@ -382,6 +590,21 @@ fn skinny_mma_kernel<F: Float, N: Size>(
                 dst[(v / per_row) * row_vecs + v % per_row] = staged[i];
             }
         }
+        if staged_x {
+            stage_activations::<F, N>(
+                x_vecs,
+                &x_base,
+                norm_w,
+                &scale,
+                &mut xs,
+                x_at,
+                k0,
+                k / plan.vec,
+                lane,
+                group,
+                plan,
+            );
+        }
         sync_plane();
         let next = k0 + planes * group;
         if next + group <= k {
@@ -389,7 +612,20 @@ fn skinny_mma_kernel<F: Float, N: Size>(
         }
         #[unroll]
         for u in 0..unroll {
-            let xa = x_tile(x, m0 * k + k0 + u * MMA_K, k);
+            let xa = if staged_x {
+                let at = x_at + u * MMA_K;
+                cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::A,
+                    MMA_M,
+                    MMA_N,
+                    MMA_K,
+                    cmma::MatrixLayout::RowMajor,
+                    &xs.slice(at, at + (MMA_M - 1) * x_stride + MMA_K),
+                    x_stride as u32,
+                )
+            } else {
+                x_tile(x, m0 * k + k0 + u * MMA_K, k)
+            };
             let at = base + u * MMA_K;
             let wb = cmma::Matrix::<F>::from_slice(
                 cmma::MatrixIdent::B,
@@ -410,9 +646,39 @@ fn skinny_mma_kernel<F: Float, N: Size>(
     let tail = k - k % group;
     let mut kt = tail + plane * MMA_K;
     while kt < k {
-        let xa = x_tile(x, m0 * k + kt, k);
+        let xa = if staged_x {
+            stage_activations::<F, N>(
+                x_vecs,
+                &x_base,
+                norm_w,
+                &scale,
+                &mut xs,
+                x_at,
+                kt,
+                k / plan.vec,
+                lane,
+                MMA_K,
+                plan,
+            );
+            sync_plane();
+            cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::A,
+                MMA_M,
+                MMA_N,
+                MMA_K,
+                cmma::MatrixLayout::RowMajor,
+                &xs.slice(x_at, x_at + (MMA_M - 1) * x_stride + MMA_K),
+                x_stride as u32,
+            )
+        } else {
+            x_tile(x, m0 * k + kt, k)
+        };
         let wb = w_tile(w, n0 * k + kt, k);
         cmma::execute::<F, F, f32, f32>(&xa, &wb, &acc, &acc);
+        if staged_x {
+            // The staged tile is overwritten next only after every lane has read it.
+            sync_plane();
+        }
         kt += planes * MMA_K;
     }
     let at = plane * tile_out;
@@ -428,6 +694,62 @@ fn skinny_mma_kernel<F: Float, N: Size>(
         let at = (m0 + i / MMA_N) * n + n0 + i % MMA_N;
         out[at] = F::cast_from(with_residual(total, residual, at, plan.residual));
         i += CUBE_DIM as usize;
+    }
+}
+
+/// Computes the 8 activation rows of columns `k0 .. k0 + width` into this plane's tile of
+/// shared memory (`xs` from `at`, rows one group and one vector apart) as the prologue asks ([`activations`], one vector per lane and step), in the storage type.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_activations<F: Float, N: Size>(
+    x_vecs: &Array<Vector<F, N>>,
+    x_base: &Array<usize>,
+    norm_w: &Array<Vector<F, N>>,
+    scale: &Array<f32>,
+    xs: &mut SharedMemory<F>,
+    at: usize,
+    k0: usize,
+    k_vecs: usize,
+    lane: usize,
+    #[comptime] width: usize,
+    #[comptime] plan: MmaPlan,
+) {
+    let vec = comptime!(plan.vec);
+    let row_vecs = comptime!(width / plan.vec);
+    let stride_vecs = comptime!((plan.unroll * MMA_K + plan.vec) / plan.vec);
+    let total = comptime!(MMA_M * width / plan.vec);
+    let mut dst = xs
+        .slice_mut(at, at + comptime!(MMA_M * (plan.unroll * MMA_K + plan.vec)))
+        .into_vectorized()
+        .with_vector_size::<N>();
+    let mut one = Array::<usize>::new(1usize);
+    let mut s1 = Array::<f32>::new(1usize);
+    let mut xf = Array::<f32>::new(vec);
+    let mut v = lane;
+    while v < total {
+        let row = v / row_vecs;
+        let kv = k0 / vec + v % row_vecs;
+        one[0] = x_base[row];
+        s1[0] = scale[row];
+        activations::<F, N>(
+            x_vecs,
+            &one,
+            norm_w,
+            &s1,
+            &mut xf,
+            kv,
+            k_vecs,
+            1usize,
+            vec,
+            plan.prologue,
+        );
+        let mut o = Vector::<F, N>::empty();
+        #[unroll]
+        for e in 0..vec {
+            o[e] = F::cast_from(xf[e]);
+        }
+        dst[row * stride_vecs + v % row_vecs] = o;
+        v += 32;
     }
 }
 
@@ -512,7 +834,7 @@ pub fn skinny_matmul<R: Runtime, F: FloatElement>(
     w: &cubecl::server::Handle,
     out: &cubecl::server::Handle,
 ) -> Result<()> {
-    skinny_matmul_with::<R, F>(client, shape, x, w, None, out, None)
+    skinny_matmul_with::<R, F>(client, shape, SkinnyInput::Plain, x, w, None, out, None)
 }
 
 /// The sizes of one [`skinny_matmul`]: `x` is `[m, k]`, the weights `[n, k]`, `out` `[m, n]`.
@@ -526,12 +848,16 @@ pub struct SkinnyShape {
     pub k: usize,
 }
 
-/// [`skinny_matmul`] plus, when given, a residual `[m, n]` added to the output (`out` must not
-/// be the residual's buffer), with explicit tuning (`None`: chosen from the shape and device).
+/// [`skinny_matmul`] with what `x` holds and what the product uses of it (`input`: plain
+/// activations, activations to normalise first, or a gate+up projection's output for SwiGLU;
+/// `x` is `[m, 2k]` in that case), plus, when given, a residual `[m, n]` added to the output
+/// (`out` must not be the residual's buffer), with explicit tuning (`None`: chosen from the
+/// shape and device).
 #[allow(clippy::too_many_arguments)]
 pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
     shape: SkinnyShape,
+    input: SkinnyInput<&cubecl::server::Handle>,
     x: &cubecl::server::Handle,
     w: &cubecl::server::Handle,
     residual: Option<&cubecl::server::Handle>,
@@ -555,8 +881,21 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
         )));
     }
     let es = F::size_bytes();
-    check_len("activations", x, m * k * es)?;
+    let prologue = input.prologue();
+    check_len("activations", x, m * prologue.row_len(k) * es)?;
     check_len("weights", w, n * k * es)?;
+    let (norm_w, eps) = match input {
+        SkinnyInput::RmsNorm { weight, eps } => {
+            if !(eps.is_finite() && eps >= 0.0) {
+                return Err(KernelError::InvalidArguments(format!(
+                    "skinny matmul with RMSNorm: eps {eps} must be finite and at least 0"
+                )));
+            }
+            check_len("RMSNorm weights", weight, k * es)?;
+            (weight.clone(), eps)
+        }
+        _ => (crate::upload::placeholder(client, 1), 0.0),
+    };
     check_len("output", out, m * n * es)?;
     if let Some(r) = residual {
         check_len("residual", r, m * n * es)?;
@@ -598,6 +937,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     unroll: t.unroll,
                     vec,
                     residual: residual.is_some(),
+                    prologue,
                 },
                 // Long rows (the down projection) have few cubes (one per 32 outputs): more
                 // planes split each row and keep more bytes in flight (H200 sweep).
@@ -606,16 +946,24 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     unroll: 2,
                     vec,
                     residual: residual.is_some(),
+                    prologue,
                 },
                 None => MmaPlan {
                     planes: DEFAULT_MMA_PLANES.min(max_planes),
                     unroll: DEFAULT_MMA_UNROLL,
                     vec,
                     residual: residual.is_some(),
+                    prologue,
                 },
             };
+            let staged_x = if prologue == Prologue::Plain {
+                0
+            } else {
+                plan.planes * MMA_M * ((plan.unroll * MMA_K + vec) * es + 4)
+            };
             let stage_bytes = plan.planes * MMA_N * (plan.unroll * MMA_K + vec) * es
-                + plan.planes * MMA_M * MMA_N * 4;
+                + plan.planes * MMA_M * MMA_N * 4
+                + staged_x;
             if stage_bytes > hw.max_shared_memory_size {
                 return Err(KernelError::InvalidArguments(format!(
                     "the tensor-core skinny matmul with {} planes needs {stage_bytes} bytes of shared memory; the device allows {}",
@@ -637,6 +985,8 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     CubeDim::new_1d((32 * plan.planes) as u32),
                     vec,
                     arr(x),
+                    ArrayArg::from_raw_parts(x.clone(), x.size_in_used() as usize / 16),
+                    ArrayArg::from_raw_parts(norm_w.clone(), norm_w.size_in_used() as usize / 16),
                     arr(w),
                     ArrayArg::from_raw_parts(w.clone(), w.size_in_used() as usize / 16),
                     arr(residual_h),
@@ -644,6 +994,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     m as u32,
                     n as u32,
                     k as u32,
+                    eps,
                     plan,
                 );
             }
@@ -683,6 +1034,12 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
     };
     let cubes_n = n.div_ceil(rows_n * planes);
     check_cube_count(cubes_n, m_chunks, cube_limit)?;
+    if prologue == Prologue::RmsNorm && !use_plane && !planes.is_power_of_two() {
+        // The norm's reduction tree spans the cube.
+        return Err(KernelError::InvalidArguments(format!(
+            "skinny matmul with RMSNorm on a device without plane operations needs a power of two planes per cube (got {planes})"
+        )));
+    }
     let plan = SkinnyPlan {
         rows_m,
         rows_n,
@@ -692,6 +1049,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
         unroll,
         use_plane,
         residual: residual.is_some(),
+        prologue,
     };
     let varr = |h: &cubecl::server::Handle| unsafe {
         ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / (es * vec))
@@ -705,12 +1063,14 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
             CubeDim::new_1d((lanes * planes) as u32),
             vec,
             varr(x),
+            varr(&norm_w),
             varr(w),
             ArrayArg::from_raw_parts(residual_h.clone(), residual_h.size_in_used() as usize / es),
             ArrayArg::from_raw_parts(out.clone(), m * n),
             m as u32,
             n as u32,
             (k / vec) as u32,
+            eps,
             plan,
         );
     }

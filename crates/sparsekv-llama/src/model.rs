@@ -8,7 +8,9 @@
 
 use sparsekv_burn::burn::tensor::activation::softmax;
 use sparsekv_burn::burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
-use sparsekv_burn::{KvCache, KvCacheError, PrefillPolicy, RopeHeads, SparseKvBackend};
+use sparsekv_burn::{
+    KvCache, KvCacheError, PrefillPolicy, RopeHeads, SkinnyInput, SparseKvBackend,
+};
 use sparsekv_format::{HeadDim, PromptShape};
 
 use crate::checkpoint::{LayerWeights, LlamaWeights};
@@ -361,14 +363,12 @@ impl<B: SparseKvBackend> Llama<B> {
             .reshape([b, n, h * hd])
     }
 
-    /// RMSNorm of `x` `[b, n, dim]` with weights `w`, in one launch (computed in f32).
-    fn rms_norm(&self, x: Tensor<B, 3>, w: &Tensor<B, 1>) -> Result<Tensor<B, 3>> {
-        let y = B::rms_norm(
-            x.into_primitive().tensor(),
-            w.clone().into_primitive().tensor(),
-            self.config.rms_eps as f64,
-        )?;
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(y)))
+    /// The RMSNorm (the model's eps, weights `w`) that a projection applies to its input.
+    fn normed<'a>(&self, w: &'a Tensor<B, 1>) -> SkinnyInput<&'a Tensor<B, 1>> {
+        SkinnyInput::RmsNorm {
+            weight: w,
+            eps: self.config.rms_eps,
+        }
     }
 
     /// Rotary angles for positions `0..n`, shared by the sequences: `[1, n, head_dim / 2]`.
@@ -419,27 +419,42 @@ impl<B: SparseKvBackend> Llama<B> {
             .reshape([b, n, self.config.dim]))
     }
 
-    /// `x · wᵀ` for `x` `[b, n, in]` and `w` `[out, in]`: `[b, n, out]`, plus `residual`
-    /// `[b, n, out]` when given. A few rows (a decode step, a short prompt) go through the
-    /// skinny matmul, which streams the weights once at memory bandwidth and adds the residual
-    /// in the same launch; more rows (a prompt) through the backend's prompt matmul (matrix
-    /// units, [`SparseKvBackend::prompt_matmul`]).
+    /// `a · wᵀ` for `w` `[out, in]`, where `a` `[b, n, in]` is what `input` makes of `x`: `x`
+    /// itself, its RMSNorm, or SwiGLU of `x` `[b, n, 2 in]` (the gate, then the up half);
+    /// `[b, n, out]`, plus `residual` `[b, n, out]` when given. A few rows (a decode step, a
+    /// short prompt) go through the skinny matmul, which streams the weights once at memory
+    /// bandwidth, applies the norm or the activation as it reads `x` and adds the residual,
+    /// all in one launch; more rows (a prompt) take the norm or the activation in a launch of
+    /// its own, then the backend's prompt matmul (matrix units,
+    /// [`SparseKvBackend::prompt_matmul`]).
     fn project(
         &self,
         x: Tensor<B, 3>,
+        input: SkinnyInput<&Tensor<B, 1>>,
         w: &Tensor<B, 2>,
         residual: Option<Tensor<B, 3>>,
     ) -> Result<Tensor<B, 3>> {
-        let [b, n, inp] = x.dims();
-        let [out, _] = w.dims();
+        let [b, n, width] = x.dims();
+        let [out, inp] = w.dims();
+        let float = |t| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(t));
         if b * n <= sparsekv_burn::SKINNY_MAX_ROWS {
             let y = B::skinny_matmul(
-                x.reshape([b * n, inp]).into_primitive().tensor(),
+                x.reshape([b * n, width]).into_primitive().tensor(),
+                input.map(|t| t.clone().into_primitive().tensor()),
                 w.clone().into_primitive().tensor(),
                 residual.map(|r| r.reshape([b * n, out]).into_primitive().tensor()),
             )?;
             Ok(Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape([b, n, out]))
         } else {
+            let x = match input {
+                SkinnyInput::Plain => x,
+                SkinnyInput::RmsNorm { weight, eps } => float(B::rms_norm(
+                    x.into_primitive().tensor(),
+                    weight.clone().into_primitive().tensor(),
+                    eps as f64,
+                )?),
+                SkinnyInput::SwiGlu => float(B::swiglu(x.into_primitive().tensor())?),
+            };
             let y = B::prompt_matmul(
                 x.reshape([b * n, inp]).into_primitive().tensor(),
                 w.clone().into_primitive().tensor(),
@@ -472,42 +487,41 @@ impl<B: SparseKvBackend> Llama<B> {
 
     /// [`Self::feed_forward`] of `x` `[b, n, dim]` in one piece.
     fn feed_forward_rows(&self, x: Tensor<B, 3>, l: &Layer<B>) -> Result<Tensor<B, 3>> {
-        let h = self.rms_norm(x.clone(), &l.ffn_norm)?;
-        // [b, n, 2 * hidden]: the gate, then the up projection.
-        let gate_up = self.project(h, &l.w13, None)?;
-        let act = B::swiglu(gate_up.into_primitive().tensor())?;
-        let act = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(act));
-        self.project(act, &l.w2, Some(x))
+        // [b, n, 2 * hidden]: the gate, then the up projection, of the normalised x.
+        let gate_up = self.project(x.clone(), self.normed(&l.ffn_norm), &l.w13, None)?;
+        self.project(gate_up, SkinnyInput::SwiGlu, &l.w2, Some(x))
     }
 
     /// Logits `[b, vocab]` of `x` `[b, dim]`.
     fn logits(&self, x: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
         let [b, dim] = x.dims();
-        let h = self.rms_norm(x.reshape([1, b, dim]), &self.final_norm)?;
         Ok(self
-            .project(h, &self.lm_head, None)?
+            .project(
+                x.reshape([1, b, dim]),
+                self.normed(&self.final_norm),
+                &self.lm_head,
+                None,
+            )?
             .reshape([b, self.config.vocab_size]))
     }
 
-    /// Queries `[b, n, heads, hd]`, keys and values `[b, kv_heads, n, hd]` of the normalised
-    /// hidden states `hn` `[b, n, dim]`: one fused projection, then one launch that splits it
-    /// and rotates queries and keys by `cos`, `sin` `[1 or b, n, hd / 2]`.
+    /// Queries `[b, n, heads, hd]`, keys and values `[b, kv_heads, n, hd]` of the hidden
+    /// states `x` `[b, n, dim]`: one fused projection of their RMSNorm, then one launch that
+    /// splits it and rotates queries and keys by `cos`, `sin` `[1 or b, n, hd / 2]`. A prompt's
+    /// tokens go through `prompt_rows / b` at a time (per token, so the result is the same),
+    /// which keeps the fused projection's transient that size.
     #[allow(clippy::type_complexity)]
-    /// Queries `[b, n, heads, hd]`, keys and values `[b, kv_heads, n, hd]` of `hn`
-    /// `[b, n, dim]`, rotated by `cos`, `sin` `[1 or b, n, hd / 2]`. A prompt's tokens go
-    /// through `prompt_rows / b` at a time (per token, so the result is the same), which
-    /// keeps the fused projection's transient that size.
     fn qkv(
         &self,
-        hn: Tensor<B, 3>,
+        x: Tensor<B, 3>,
         l: &Layer<B>,
         cos: &Tensor<B, 3>,
         sin: &Tensor<B, 3>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
-        let [b, n, dim] = hn.dims();
+        let [b, n, dim] = x.dims();
         let step = (self.prompt_rows / b).max(1);
         if n <= step {
-            return self.qkv_rows(hn, l, cos, sin);
+            return self.qkv_rows(x, l, cos, sin);
         }
         let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
         for t0 in (0..n).step_by(step) {
@@ -517,7 +531,7 @@ impl<B: SparseKvBackend> Llama<B> {
                 a.clone().slice([0..ab, t0..t1, 0..half])
             };
             let (q, k, v) = self.qkv_rows(
-                hn.clone().slice([0..b, t0..t1, 0..dim]),
+                x.clone().slice([0..b, t0..t1, 0..dim]),
                 l,
                 &angles(cos),
                 &angles(sin),
@@ -532,14 +546,14 @@ impl<B: SparseKvBackend> Llama<B> {
     /// [`Self::qkv`] in one piece.
     fn qkv_rows(
         &self,
-        hn: Tensor<B, 3>,
+        x: Tensor<B, 3>,
         l: &Layer<B>,
         cos: &Tensor<B, 3>,
         sin: &Tensor<B, 3>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
         let c = &self.config;
         // [b, n, (heads + 2 kv_heads) * hd]
-        let qkv = self.project(hn, &l.wqkv, None)?;
+        let qkv = self.project(x, self.normed(&l.attn_norm), &l.wqkv, None)?;
         let [q, k, v] = B::rope_split(
             qkv.into_primitive().tensor(),
             cos.clone().into_primitive().tensor(),
@@ -624,12 +638,11 @@ impl<B: SparseKvBackend> Llama<B> {
         let (cos, sin) = self.angles_prefix(n);
         let mut x = self.embed(&ids, b, n)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            let hn = self.rms_norm(x.clone(), &l.attn_norm)?;
             // q [b, n, h, hd]; k, v [b, kv_heads, n, hd]
-            let (q, k, v) = self.qkv(hn, l, &cos, &sin)?;
+            let (q, k, v) = self.qkv(x.clone(), l, &cos, &sin)?;
             cache.append_ragged(k.clone(), v.clone(), &lengths)?;
             let att = self.prefill_attention(q, k, v)?;
-            x = self.project(att, &l.wo, Some(x))?;
+            x = self.project(att, SkinnyInput::Plain, &l.wo, Some(x))?;
             x = self.feed_forward(x, l)?;
         }
         let last: Vec<i32> = lengths
@@ -671,12 +684,11 @@ impl<B: SparseKvBackend> Llama<B> {
             // [b, width, dim]
             let mut x = self.embed(&ids, b, width)?;
             for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
-                let hn = self.rms_norm(x.clone(), &l.attn_norm)?;
                 // q [b, width, h, hd]; k, v [b, kv_heads, width, hd]
-                let (q, k, v) = self.qkv(hn, l, &cos, &sin)?;
+                let (q, k, v) = self.qkv(x.clone(), l, &cos, &sin)?;
                 cache.append_ragged(k, v, &counts)?;
                 let att = cache.attend_newest(q, &counts)?.reshape([b, width, h * hd]);
-                x = self.project(att, &l.wo, Some(x))?;
+                x = self.project(att, SkinnyInput::Plain, &l.wo, Some(x))?;
                 x = self.feed_forward(x, l)?;
             }
             let rows = x.reshape([b * width, c.dim]);
@@ -740,11 +752,10 @@ impl<B: SparseKvBackend> Llama<B> {
         let counts: Vec<usize> = active.iter().map(|&a| usize::from(a)).collect();
         let mut x = self.embed(tokens, b, 1)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            let hn = self.rms_norm(x.clone(), &l.attn_norm)?;
-            let (q, k, v) = self.qkv(hn, l, &cos, &sin)?;
+            let (q, k, v) = self.qkv(x.clone(), l, &cos, &sin)?;
             cache.append_ragged(k, v, &counts)?;
             let att = cache.attend(q.reshape([b, h, hd]))?.reshape([b, 1, h * hd]);
-            x = self.project(att, &l.wo, Some(x))?;
+            x = self.project(att, SkinnyInput::Plain, &l.wo, Some(x))?;
             x = self.feed_forward(x, l)?;
         }
         self.logits(x.reshape([b, c.dim]))

@@ -8,7 +8,7 @@ use sparsekv_format::{PromptShape, ValueType};
 use sparsekv_kernels::cubecl::server::Handle;
 use sparsekv_kernels::{
     AttentionArgs, CompressArgs, CompressTarget as KernelCompressTarget, DenseCacheArgs,
-    ExpandArgs, SparseSegmentArgs,
+    ExpandArgs, SkinnyInput, SparseSegmentArgs,
 };
 
 use super::{
@@ -278,11 +278,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
 
     fn skinny_matmul(
         x: FloatTensor<Self>,
+        input: SkinnyInput<FloatTensor<Self>>,
         w: FloatTensor<Self>,
         residual: Option<FloatTensor<Self>>,
     ) -> Result<FloatTensor<Self>> {
-        let (value_type, shape) = skinny_plan(&x, &w, residual.as_ref())?;
+        let (value_type, shape) = skinny_plan(&x, &input, &w, residual.as_ref())?;
         let x = burn_cubecl::kernel::into_contiguous(x);
+        let input = input.map(burn_cubecl::kernel::into_contiguous);
         let w = burn_cubecl::kernel::into_contiguous(w);
         let residual = residual.map(burn_cubecl::kernel::into_contiguous);
         let client = x.client.clone();
@@ -293,6 +295,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
             sparsekv_kernels::skinny_matmul_with::<R, E>(
                 &client,
                 shape,
+                input.as_ref().map(|t| &t.handle),
                 &x.handle,
                 &w.handle,
                 residual.as_ref().map(|r| &r.handle),

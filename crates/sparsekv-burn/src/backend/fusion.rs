@@ -31,7 +31,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Client, Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use sparsekv_format::{PromptShape, ValueType};
-use sparsekv_kernels::SkinnyShape;
+use sparsekv_kernels::{SkinnyInput, SkinnyShape};
 
 use super::{
     CompressTarget, CompressedStreams, ContextLayout, DecodeShape, DenseRows, DeviceMemory,
@@ -220,21 +220,34 @@ fn inner_inputs<B: FusionBackend>(inputs: &[TensorIr], handles: &mut Handles<B>)
         .collect()
 }
 
-/// The inner backend's `x · wᵀ (+ residual)`: its skinny or its prompt matmul.
-type Projection<B> = fn(Inner<B>, Inner<B>, Option<Inner<B>>) -> Result<Inner<B>>;
+/// The inner backend's `a · wᵀ (+ residual)` of activations `x` (`a` as the input says): its
+/// skinny or its prompt matmul.
+type Projection<B> =
+    fn(Inner<B>, SkinnyInput<Inner<B>>, Inner<B>, Option<Inner<B>>) -> Result<Inner<B>>;
 
-/// Queues the projection `name`, `x · wᵀ (+ residual)` of checked `shape`, that `run` (the
+/// Queues the projection `name`, `a · wᵀ (+ residual)` of checked `shape`, that `run` (the
 /// inner backend's skinny or prompt matmul) computes when the stream gets to it.
 fn queue_projection<B: FusionBackend + SparseKvBackend>(
     name: &'static str,
     [x, w]: [Token<B>; 2],
+    input: SkinnyInput<Token<B>>,
     residual: Option<Token<B>>,
     value_type: ValueType,
     shape: SkinnyShape,
     run: Projection<B>,
 ) -> Result<Token<B>> {
     let client = x.client.clone();
-    let inputs = [Some(x), Some(w), residual].into_iter().flatten().collect();
+    let has_residual = residual.is_some();
+    // What the input is, without its weights (they are queued as the last input).
+    let kind = input.as_ref().map(|_| ());
+    let norm_weight = match input {
+        SkinnyInput::RmsNorm { weight, .. } => Some(weight),
+        _ => None,
+    };
+    let inputs = [Some(x), Some(w), residual, norm_weight]
+        .into_iter()
+        .flatten()
+        .collect();
     let outputs = queue::<B, _>(
         &client,
         name,
@@ -249,7 +262,20 @@ fn queue_projection<B: FusionBackend + SparseKvBackend>(
                     "a queued {name} lost its operands"
                 )));
             };
-            let out = run(x, w, inputs.next())?;
+            let residual = if has_residual { inputs.next() } else { None };
+            let input = match kind {
+                SkinnyInput::RmsNorm { eps, .. } => match inputs.next() {
+                    Some(weight) => SkinnyInput::RmsNorm { weight, eps },
+                    None => {
+                        return Err(KvCacheError::Invalid(format!(
+                            "a queued {name} lost its norm weights"
+                        )));
+                    }
+                },
+                SkinnyInput::Plain => SkinnyInput::Plain,
+                SkinnyInput::SwiGlu => SkinnyInput::SwiGlu,
+            };
+            let out = run(x, input, w, residual)?;
             register_outputs::<B>(outputs, handles, [out]);
             Ok(())
         },
@@ -460,13 +486,15 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
 
     fn skinny_matmul(
         x: FloatTensor<Self>,
+        input: SkinnyInput<FloatTensor<Self>>,
         w: FloatTensor<Self>,
         residual: Option<FloatTensor<Self>>,
     ) -> Result<FloatTensor<Self>> {
-        let (value_type, shape) = skinny_plan(&x, &w, residual.as_ref())?;
+        let (value_type, shape) = skinny_plan(&x, &input, &w, residual.as_ref())?;
         queue_projection::<B>(
             "sparsekv_skinny_matmul",
             [x, w],
+            input,
             residual,
             value_type,
             shape,
@@ -483,10 +511,11 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         queue_projection::<B>(
             "sparsekv_prompt_matmul",
             [x, w],
+            SkinnyInput::Plain,
             residual,
             value_type,
             shape,
-            B::prompt_matmul,
+            |x, _plain, w, residual| B::prompt_matmul(x, w, residual),
         )
     }
 

@@ -19,7 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorMetadata};
 use sparsekv_format::{HeadDim, PromptShape, Sparsity, ValueType};
-use sparsekv_kernels::{CopyRowsArgs, RopeShape, RopeStyle, SkinnyShape};
+use sparsekv_kernels::{CopyRowsArgs, RopeShape, RopeStyle, SkinnyInput, SkinnyShape};
 
 use crate::error::{KvCacheError, Result};
 
@@ -327,14 +327,19 @@ pub trait SparseKvBackend: Backend {
         shape: &DecodeShape,
     ) -> Result<FloatTensor<Self>>;
 
-    /// The projection of a decode step, `x · wᵀ`: `x` is `[m, k]` activations (one row per
-    /// sequence, `m` at most [`SKINNY_MAX_ROWS`]) and `w` the weights as
-    /// `[n, k]` rows (PyTorch's `nn.Linear` layout), both of the same float type; returns
-    /// `[m, n]`. The weights are streamed once at memory bandwidth (the skinny-matmul kernel),
-    /// where a general matmul would tile for reuse that a few rows do not have. With a
-    /// `residual` `[m, n]` (same type) the result is `residual + x · wᵀ`, in the same launch.
+    /// The projection of a decode step, `a · wᵀ`: `x` holds the activations of `m` rows (one
+    /// per sequence, `m` at most [`SKINNY_MAX_ROWS`]) and `w` the weights as `[n, k]` rows
+    /// (PyTorch's `nn.Linear` layout), all of one float type; returns `[m, n]`. `input` says
+    /// what `a` is: `x` `[m, k]` itself ([`SkinnyInput::Plain`]), the RMSNorm of `x` `[m, k]`
+    /// with a `[k]` weight ([`SkinnyInput::RmsNorm`]), or `silu(gate) · up` of `x` `[m, 2k]`
+    /// holding the gate then the up projection ([`SkinnyInput::SwiGlu`]); the last two save
+    /// the launch of a separate norm or activation. The weights are streamed once at memory
+    /// bandwidth (the skinny-matmul kernel), where a general matmul would tile for reuse that
+    /// a few rows do not have. With a `residual` `[m, n]` (same type) the result is
+    /// `residual + a · wᵀ`, in the same launch.
     fn skinny_matmul(
         x: FloatTensor<Self>,
+        input: SkinnyInput<FloatTensor<Self>>,
         w: FloatTensor<Self>,
         residual: Option<FloatTensor<Self>>,
     ) -> Result<FloatTensor<Self>>;
@@ -525,10 +530,42 @@ pub(crate) fn decode_output<T: TensorMetadata>(
 /// product's shape.
 pub(crate) fn skinny_plan<T: TensorMetadata>(
     x: &T,
+    input: &SkinnyInput<T>,
     w: &T,
     residual: Option<&T>,
 ) -> Result<(ValueType, SkinnyShape)> {
-    let (value_type, shape) = projection_plan(x, w, residual)?;
+    let mut xo = Operand::of(x);
+    if let SkinnyInput::SwiGlu = input {
+        // The product's activations are [m, k] of the [m, 2k] gate and up halves.
+        match xo.dims.as_mut_slice() {
+            [_, two_k] if *two_k % 2 == 0 => *two_k /= 2,
+            _ => {
+                return Err(KvCacheError::Shape {
+                    what: "SwiGLU projection activations (the gate then the up half, [m, 2k])",
+                    expected: vec![0, 0],
+                    actual: xo.dims,
+                });
+            }
+        }
+    }
+    let (value_type, shape) =
+        projection_operands(&xo, &Operand::of(w), residual.map(Operand::of).as_ref())?;
+    if let SkinnyInput::RmsNorm { weight, eps } = input {
+        let weight = Operand::of(weight);
+        weight.expect_type("RMSNorm weights", value_type)?;
+        if weight.dims != [shape.k] {
+            return Err(KvCacheError::Shape {
+                what: "RMSNorm weights",
+                expected: vec![shape.k],
+                actual: weight.dims,
+            });
+        }
+        if !(eps.is_finite() && *eps >= 0.0) {
+            return Err(KvCacheError::Invalid(format!(
+                "RMSNorm eps {eps}: needs a finite eps >= 0"
+            )));
+        }
+    }
     if shape.m > SKINNY_MAX_ROWS {
         return Err(KvCacheError::Invalid(format!(
             "skinny matmul of [{}, {}] by [{}, {}]ᵀ: needs 1..={SKINNY_MAX_ROWS} activation rows",
@@ -545,9 +582,19 @@ pub(crate) fn projection_plan<T: TensorMetadata>(
     w: &T,
     residual: Option<&T>,
 ) -> Result<(ValueType, SkinnyShape)> {
-    let (x, w) = (&Operand::of(x), &Operand::of(w));
-    let residual = residual.map(Operand::of);
-    let residual = residual.as_ref();
+    projection_operands(
+        &Operand::of(x),
+        &Operand::of(w),
+        residual.map(Operand::of).as_ref(),
+    )
+}
+
+/// [`projection_plan`] of the operands' shapes and types.
+fn projection_operands(
+    x: &Operand,
+    w: &Operand,
+    residual: Option<&Operand>,
+) -> Result<(ValueType, SkinnyShape)> {
     let value_type = x.value_type("activations")?;
     w.expect_type("weights", value_type)?;
     if let Some(r) = residual {
