@@ -18,6 +18,8 @@
 #                    independent caches, and the decode step it is a fraction of)
 #   CHAT=1           the chat example on both shared models, warm, greedy, 256 tokens, with
 #                    Burn's fusion on (the example's default) and off
+#   CHATAB=1         the chat example (bare backend) on both shared models, three rounds
+#                    alternating a chat_before binary staged beside chat (an A/B on one host)
 #   TESTS=1          the CUDA tests (TESTLIST=a,b,.. picks binaries and filters, default
 #                    cache, kernels attention, kernels compress, model, the other kernels)
 #   NCU=1            ncu of one tensor-core split launch of the attention bench at B = 8,
@@ -76,6 +78,19 @@ if [ "${CHAT:-0}" = 1 ]; then
       echo "== chat $m --fusion $fusion"
       printf 'Once upon a time\nOnce upon a time\n' | $bin/chat --model $models/$m --chat-template none --max-tokens 256 --fusion $fusion 2>&1 \
         | tee -a $OUT/chat.log | grep -iE "tokens/s|error|panicked" | tail -3
+    done
+  done
+fi
+if [ "${CHATAB:-0}" = 1 ]; then
+  models=$SPARSEKV_SHARED/models
+  for round in 1 2 3; do
+    for exe in chat_before chat; do
+      [ -x $bin/$exe ] || continue
+      for m in "stories260K/stories260K.bin --tokenizer $models/stories260K/tok512.bin" tinystories-656K; do
+        printf '%s round %s %s: ' "$exe" "$round" "${m%% *}"
+        printf 'Once upon a time\nOnce upon a time\n' | $bin/$exe --model $models/$m --chat-template none --max-tokens 256 --fusion off 2>&1 \
+          | tee -a $OUT/chatab.log | grep -iE "tokens/s|error|panicked" | tail -1
+      done
     done
   done
 fi

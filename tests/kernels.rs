@@ -14,9 +14,10 @@ use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
     AttentionArgs, CompressArgs, CompressTarget, DecodeKernel, DenseCacheArgs, ExpandArgs,
-    FloatElement, KernelError, SkinnyInput, SkinnyKernel, SkinnyShape, SkinnyTuning,
-    SparseSegmentArgs, decode_attention, decode_attention_with, expand_context, prefill_attention,
-    prune_compress, rms_norm, skinny_matmul_with, supports_type, swiglu,
+    FloatElement, KernelError, RopeShape, RopeStyle, SkinnyInput, SkinnyKernel, SkinnyShape,
+    SkinnyTuning, SparseSegmentArgs, decode_attention, decode_attention_with, expand_context,
+    prefill_attention, prune_compress, rms_norm, rope_split, skinny_matmul_with, supports_type,
+    swiglu,
 };
 
 mod common;
@@ -1183,6 +1184,118 @@ fn rms_norm_matches_reference() {
     });
     run_cases::<half::bf16>("RMSNorm", case_count(10), |c, r| {
         rms_norm_case::<half::bf16>(c, r, 1e-2, 1e30)
+    });
+}
+
+/// One random RoPE split (random heads, head_dim, style, tokens per sequence and start
+/// positions in the angle tables) against an f64 reference: queries `[b, n, hq, d]`, keys and
+/// values `[b, hkv, n, d]`, every element within `tol` of `1 +` its magnitude.
+fn rope_case<F: TestFloat>(
+    client: &ComputeClient<Rt>,
+    rng: &mut StdRng,
+    tol: f64,
+) -> Result<(), String> {
+    let (b, n) = (rng.random_range(1..=4usize), rng.random_range(1..=5usize));
+    let kv_heads = rng.random_range(1..=3usize);
+    let q_heads = kv_heads * [1, 2, 4][rng.random_range(0..3)];
+    let d = [2, 8, 64, 128][rng.random_range(0..4)];
+    let style = [RopeStyle::Interleaved, RopeStyle::RotateHalf][rng.random_range(0..2)];
+    let positions = rng.random_range(n..=n + 40);
+    let starts: Vec<u32> = (0..b)
+        .map(|_| rng.random_range(0..=positions - n) as u32)
+        .collect();
+    let half = d / 2;
+    let angles: Vec<f64> = (0..positions * half)
+        .map(|i| (i / half) as f64 * 10f64.powf(-((i % half) as f64) / half as f64))
+        .collect();
+    let cos: Vec<f64> = angles.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f64> = angles.iter().map(|a| a.sin()).collect();
+    let heads = q_heads + 2 * kv_heads;
+    let qkv = normals::<F>(rng, b * n * heads * d);
+    let (qkv_h, cos_h, sin_h) = (
+        upload::<F>(client, &qkv),
+        upload::<F>(client, &cos),
+        upload::<F>(client, &sin),
+    );
+    // As the kernel sees the tables: rounded to F.
+    let (cos, sin) = (
+        read::<F>(client, cos_h.clone()),
+        read::<F>(client, sin_h.clone()),
+    );
+    let poisoned = |len| upload::<F>(client, &vec![f64::NAN; len]);
+    let (q_h, k_h, v_h) = (
+        poisoned(b * n * q_heads * d),
+        poisoned(b * kv_heads * n * d),
+        poisoned(b * kv_heads * n * d),
+    );
+    let shape = RopeShape {
+        sequences: b,
+        tokens: n,
+        q_heads,
+        kv_heads,
+        head_dim: d,
+        positions,
+    };
+    rope_split::<Rt, F>(
+        client, shape, style, &qkv_h, &cos_h, &sin_h, &starts, &q_h, &k_h, &v_h,
+    )
+    .map_err(|e| e.to_string())?;
+    let (q, k, v) = (
+        read::<F>(client, q_h),
+        read::<F>(client, k_h),
+        read::<F>(client, v_h),
+    );
+    for s in 0..b {
+        for t in 0..n {
+            let row = s * n + t;
+            let pos = starts[s] as usize + t;
+            for head in 0..heads {
+                for i in 0..half {
+                    let (c0, c1) = match style {
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                        RopeStyle::RotateHalf => (i, i + half),
+                    };
+                    let at = (row * heads + head) * d;
+                    let (x0, x1) = (qkv[at + c0], qkv[at + c1]);
+                    let (cs, sn) = (cos[pos * half + i], sin[pos * half + i]);
+                    let (want, got) = if head < q_heads {
+                        let o = (row * q_heads + head) * d;
+                        (
+                            (x0 * cs - x1 * sn, x0 * sn + x1 * cs),
+                            (q[o + c0], q[o + c1]),
+                        )
+                    } else if head < q_heads + kv_heads {
+                        let o = ((s * kv_heads + head - q_heads) * n + t) * d;
+                        (
+                            (x0 * cs - x1 * sn, x0 * sn + x1 * cs),
+                            (k[o + c0], k[o + c1]),
+                        )
+                    } else {
+                        let o = ((s * kv_heads + head - q_heads - kv_heads) * n + t) * d;
+                        ((x0, x1), (v[o + c0], v[o + c1]))
+                    };
+                    for (g, w) in [(got.0, want.0), (got.1, want.1)] {
+                        if !within(g, w, tol * (1.0 + w.abs())) {
+                            return Err(format!(
+                                "b {b} n {n} heads {q_heads}/{kv_heads} d {d} {style:?} starts {starts:?}: sequence {s} token {t} head {head} pair {i}: {g}, reference {w}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rope_split_matches_reference() {
+    run_cases::<f32>("RoPE", case_count(20), |c, r| rope_case::<f32>(c, r, 1e-5));
+    run_cases::<half::f16>("RoPE", case_count(20), |c, r| {
+        rope_case::<half::f16>(c, r, 2e-3)
+    });
+    run_cases::<half::bf16>("RoPE", case_count(10), |c, r| {
+        rope_case::<half::bf16>(c, r, 1e-2)
     });
 }
 

@@ -4,9 +4,10 @@
 //! values in the caches' layout `[sequences, kv_heads, tokens, head_dim]`, so they go into the
 //! cache without another copy.
 //!
-//! One unit per channel pair of every head of every token; the angles come per token
-//! (`cos`/`sin` rows, `[tokens, head_dim / 2]`, shared by the sequences, or one row per
-//! sequence and token), computed in f32.
+//! One unit per channel pair of every head of every token, computed in f32. The angles come
+//! from the model's tables (`cos`/`sin`, `[positions, head_dim / 2]`, one row per position):
+//! token `t` of sequence `s` takes row `starts[s] + t`, so a decode step passes each sequence's
+//! position and no per-step slice of the tables is launched.
 
 use cubecl::prelude::*;
 
@@ -41,9 +42,8 @@ pub struct RopeShape {
     pub kv_heads: usize,
     /// Elements per head (even).
     pub head_dim: usize,
-    /// Whether the angle rows are per sequence and token (`[sequences · tokens, head_dim / 2]`)
-    /// rather than per token, shared by the sequences (`[tokens, head_dim / 2]`).
-    pub angles_per_sequence: bool,
+    /// Rows (positions) of the angle tables.
+    pub positions: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,7 +52,6 @@ struct RopePlan {
     q_heads: usize,
     kv_heads: usize,
     style: RopeStyle,
-    angles_per_sequence: bool,
 }
 
 #[cube(launch_unchecked)]
@@ -61,6 +60,7 @@ fn rope_split_kernel<F: Float>(
     qkv: &Array<F>,
     cos: &Array<F>,
     sin: &Array<F>,
+    starts: &Array<u32>,
     q: &mut Array<F>,
     k: &mut Array<F>,
     v: &mut Array<F>,
@@ -89,11 +89,7 @@ fn rope_split_kernel<F: Float>(
         let seq = row / n;
         let t = row % n;
         if head < hq + hkv {
-            let angle_row = if comptime!(plan.angles_per_sequence) {
-                row
-            } else {
-                t
-            };
+            let angle_row = starts[seq] as usize + t;
             let cs = f32::cast_from(cos[angle_row * half + i]);
             let sn = f32::cast_from(sin[angle_row * half + i]);
             let o0 = F::cast_from(x0 * cs - x1 * sn);
@@ -116,8 +112,9 @@ fn rope_split_kernel<F: Float>(
     }
 }
 
-/// Splits `qkv` into rotated queries (`q`), rotated keys (`k`) and values (`v`); see the
-/// module docs for the layouts. All buffers hold `F`. Nothing is read back.
+/// Splits `qkv` into rotated queries (`q`), rotated keys (`k`) and values (`v`), token `t` of
+/// sequence `s` at position `starts[s] + t` of the angle tables `cos`, `sin`; see the module
+/// docs for the layouts. All buffers hold `F`. Nothing is read back.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_split<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
@@ -126,6 +123,7 @@ pub fn rope_split<R: Runtime, F: FloatElement>(
     qkv: &cubecl::server::Handle,
     cos: &cubecl::server::Handle,
     sin: &cubecl::server::Handle,
+    starts: &[u32],
     q: &cubecl::server::Handle,
     k: &cubecl::server::Handle,
     v: &cubecl::server::Handle,
@@ -137,8 +135,19 @@ pub fn rope_split<R: Runtime, F: FloatElement>(
         q_heads,
         kv_heads,
         head_dim,
-        angles_per_sequence,
+        positions,
     } = shape;
+    if starts.len() != sequences {
+        return Err(KernelError::InvalidArguments(format!(
+            "RoPE of {sequences} sequences with {} start positions",
+            starts.len()
+        )));
+    }
+    if let Some(s) = starts.iter().find(|&&s| s as usize + tokens > positions) {
+        return Err(KernelError::InvalidArguments(format!(
+            "RoPE of {tokens} tokens from position {s}: the angle tables hold {positions} positions"
+        )));
+    }
     if head_dim == 0 || !head_dim.is_multiple_of(2) || q_heads == 0 || kv_heads == 0 {
         return Err(KernelError::InvalidArguments(format!(
             "RoPE over {q_heads} query and {kv_heads} KV heads of {head_dim}: needs heads and an even, non-zero head_dim"
@@ -146,14 +155,13 @@ pub fn rope_split<R: Runtime, F: FloatElement>(
     }
     let rows = sequences * tokens;
     let es = F::size_bytes();
-    let angle_rows = if angles_per_sequence { rows } else { tokens };
     check_len(
         "fused QKV",
         qkv,
         rows * (q_heads + 2 * kv_heads) * head_dim * es,
     )?;
-    check_len("RoPE cos", cos, angle_rows * head_dim / 2 * es)?;
-    check_len("RoPE sin", sin, angle_rows * head_dim / 2 * es)?;
+    check_len("RoPE cos", cos, positions * head_dim / 2 * es)?;
+    check_len("RoPE sin", sin, positions * head_dim / 2 * es)?;
     check_len("queries", q, rows * q_heads * head_dim * es)?;
     check_len("keys", k, rows * kv_heads * head_dim * es)?;
     check_len("values", v, rows * kv_heads * head_dim * es)?;
@@ -171,8 +179,8 @@ pub fn rope_split<R: Runtime, F: FloatElement>(
         q_heads,
         kv_heads,
         style,
-        angles_per_sequence,
     };
+    let starts = crate::upload::upload_u32(client, starts);
     let arr = |h: &cubecl::server::Handle| unsafe {
         ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / es)
     };
@@ -185,6 +193,7 @@ pub fn rope_split<R: Runtime, F: FloatElement>(
             arr(qkv),
             arr(cos),
             arr(sin),
+            ArrayArg::from_raw_parts(starts.clone(), sequences),
             arr(q),
             arr(k),
             arr(v),

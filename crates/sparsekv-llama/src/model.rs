@@ -371,33 +371,6 @@ impl<B: SparseKvBackend> Llama<B> {
         }
     }
 
-    /// Rotary angles for positions `0..n`, shared by the sequences: `[1, n, head_dim / 2]`.
-    fn angles_prefix(&self, n: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        self.angles_range(0, n)
-    }
-
-    /// Rotary angles for positions `start..end`, shared by the sequences:
-    /// `[1, end - start, head_dim / 2]`.
-    fn angles_range(&self, start: usize, end: usize) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        let half = self.config.head_dim() / 2;
-        let take = |t: &Tensor<B, 2>| {
-            t.clone()
-                .slice([start..end, 0..half])
-                .reshape([1, end - start, half])
-        };
-        (take(&self.rope_cos), take(&self.rope_sin))
-    }
-
-    /// Rotary angles for one position per sequence: `[b, 1, head_dim / 2]`.
-    fn angles_at(&self, positions: &[usize]) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        let half = self.config.head_dim() / 2;
-        let b = positions.len();
-        let ids: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b]), &self.device);
-        let take = |t: &Tensor<B, 2>| t.clone().select(0, ids.clone()).reshape([b, 1, half]);
-        (take(&self.rope_cos), take(&self.rope_sin))
-    }
-
     /// Embeds `tokens` (`b * n` ids, sequence-major) as `[b, n, dim]`.
     fn embed(&self, tokens: &[u32], b: usize, n: usize) -> Result<Tensor<B, 3>> {
         if let Some(&t) = tokens
@@ -507,35 +480,27 @@ impl<B: SparseKvBackend> Llama<B> {
 
     /// Queries `[b, n, heads, hd]`, keys and values `[b, kv_heads, n, hd]` of the hidden
     /// states `x` `[b, n, dim]`: one fused projection of their RMSNorm, then one launch that
-    /// splits it and rotates queries and keys by `cos`, `sin` `[1 or b, n, hd / 2]`. A prompt's
-    /// tokens go through `prompt_rows / b` at a time (per token, so the result is the same),
-    /// which keeps the fused projection's transient that size.
+    /// splits it and rotates queries and keys, token `t` of sequence `s` at position
+    /// `starts[s] + t`. A prompt's tokens go through `prompt_rows / b` at a time (per token, so
+    /// the result is the same), which keeps the fused projection's transient that size.
     #[allow(clippy::type_complexity)]
     fn qkv(
         &self,
         x: Tensor<B, 3>,
         l: &Layer<B>,
-        cos: &Tensor<B, 3>,
-        sin: &Tensor<B, 3>,
+        starts: &[usize],
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
         let [b, n, dim] = x.dims();
         let step = (self.prompt_rows / b).max(1);
         if n <= step {
-            return self.qkv_rows(x, l, cos, sin);
+            return self.qkv_rows(x, l, starts);
         }
         let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
         for t0 in (0..n).step_by(step) {
             let t1 = (t0 + step).min(n);
-            let angles = |a: &Tensor<B, 3>| {
-                let [ab, _, half] = a.dims();
-                a.clone().slice([0..ab, t0..t1, 0..half])
-            };
-            let (q, k, v) = self.qkv_rows(
-                x.clone().slice([0..b, t0..t1, 0..dim]),
-                l,
-                &angles(cos),
-                &angles(sin),
-            )?;
+            let piece_starts: Vec<usize> = starts.iter().map(|s| s + t0).collect();
+            let (q, k, v) =
+                self.qkv_rows(x.clone().slice([0..b, t0..t1, 0..dim]), l, &piece_starts)?;
             qs.push(q);
             ks.push(k);
             vs.push(v);
@@ -548,16 +513,16 @@ impl<B: SparseKvBackend> Llama<B> {
         &self,
         x: Tensor<B, 3>,
         l: &Layer<B>,
-        cos: &Tensor<B, 3>,
-        sin: &Tensor<B, 3>,
+        starts: &[usize],
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
         let c = &self.config;
         // [b, n, (heads + 2 kv_heads) * hd]
         let qkv = self.project(x, self.normed(&l.attn_norm), &l.wqkv, None)?;
         let [q, k, v] = B::rope_split(
             qkv.into_primitive().tensor(),
-            cos.clone().into_primitive().tensor(),
-            sin.clone().into_primitive().tensor(),
+            self.rope_cos.clone().into_primitive().tensor(),
+            self.rope_sin.clone().into_primitive().tensor(),
+            starts,
             RopeHeads {
                 q_heads: c.n_heads,
                 kv_heads: c.n_kv_heads,
@@ -635,11 +600,11 @@ impl<B: SparseKvBackend> Llama<B> {
         let c = &self.config;
         let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
         let ids = padded_ids(prompts, 0, n);
-        let (cos, sin) = self.angles_prefix(n);
+        let starts = vec![0; b];
         let mut x = self.embed(&ids, b, n)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
             // q [b, n, h, hd]; k, v [b, kv_heads, n, hd]
-            let (q, k, v) = self.qkv(x.clone(), l, &cos, &sin)?;
+            let (q, k, v) = self.qkv(x.clone(), l, &starts)?;
             cache.append_ragged(k.clone(), v.clone(), &lengths)?;
             let att = self.prefill_attention(q, k, v)?;
             x = self.project(att, SkinnyInput::Plain, &l.wo, Some(x))?;
@@ -680,12 +645,12 @@ impl<B: SparseKvBackend> Llama<B> {
                 .map(|p| p.len().saturating_sub(start).min(width))
                 .collect();
             let ids = padded_ids(prompts, start, end);
-            let (cos, sin) = self.angles_range(start, end);
+            let starts = vec![start; b];
             // [b, width, dim]
             let mut x = self.embed(&ids, b, width)?;
             for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
                 // q [b, width, h, hd]; k, v [b, kv_heads, width, hd]
-                let (q, k, v) = self.qkv(x.clone(), l, &cos, &sin)?;
+                let (q, k, v) = self.qkv(x.clone(), l, &starts)?;
                 cache.append_ragged(k, v, &counts)?;
                 let att = cache.attend_newest(q, &counts)?.reshape([b, width, h * hd]);
                 x = self.project(att, SkinnyInput::Plain, &l.wo, Some(x))?;
@@ -746,13 +711,12 @@ impl<B: SparseKvBackend> Llama<B> {
                 self.config.max_seq
             )));
         }
-        let (cos, sin) = self.angles_at(&positions);
         let c = &self.config;
         let (h, hd) = (c.n_heads, c.head_dim());
         let counts: Vec<usize> = active.iter().map(|&a| usize::from(a)).collect();
         let mut x = self.embed(tokens, b, 1)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            let (q, k, v) = self.qkv(x.clone(), l, &cos, &sin)?;
+            let (q, k, v) = self.qkv(x.clone(), l, &positions)?;
             cache.append_ragged(k, v, &counts)?;
             let att = cache.attend(q.reshape([b, h, hd]))?.reshape([b, 1, h * hd]);
             x = self.project(att, SkinnyInput::Plain, &l.wo, Some(x))?;

@@ -369,9 +369,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         qkv: FloatTensor<Self>,
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
+        starts: &[usize],
         heads: RopeHeads,
     ) -> Result<[FloatTensor<Self>; 3]> {
-        let (value_type, shape) = rope_plan(&qkv, &cos, &sin, heads)?;
+        let (value_type, shape) = rope_plan(&qkv, &cos, &sin, starts, heads)?;
+        // Checked against the tables' rows, so they fit u32.
+        let starts: Vec<u32> = starts.iter().map(|&s| s as u32).collect();
         let qkv = burn_cubecl::kernel::into_contiguous(qkv);
         let cos = burn_cubecl::kernel::into_contiguous(cos);
         let sin = burn_cubecl::kernel::into_contiguous(sin);
@@ -390,6 +393,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
                 &qkv.handle,
                 &cos.handle,
                 &sin.handle,
+                &starts,
                 &q,
                 &k,
                 &v

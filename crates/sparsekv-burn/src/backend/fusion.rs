@@ -552,9 +552,11 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
         qkv: FloatTensor<Self>,
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
+        starts: &[usize],
         heads: RopeHeads,
     ) -> Result<[FloatTensor<Self>; 3]> {
-        let (value_type, shape) = rope_plan(&qkv, &cos, &sin, heads)?;
+        let (value_type, shape) = rope_plan(&qkv, &cos, &sin, starts, heads)?;
+        let starts = starts.to_vec();
         let client = qkv.client.clone();
         let outputs = queue::<B, _>(
             &client,
@@ -572,7 +574,7 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
                         "a queued RoPE split lost its operands".into(),
                     ));
                 };
-                let out = B::rope_split(qkv, cos, sin, heads)?;
+                let out = B::rope_split(qkv, cos, sin, &starts, heads)?;
                 register_outputs::<B>(outputs, handles, out);
                 Ok(())
             },

@@ -366,13 +366,16 @@ pub trait SparseKvBackend: Backend {
 
     /// Splits the output of a fused QKV projection, `qkv` `[b, n, (q_heads + 2 kv_heads) ·
     /// head_dim]`, into queries `[b, n, q_heads, head_dim]`, keys and values
-    /// `[b, kv_heads, n, head_dim]` (the caches' layout), rotating queries and keys by the
-    /// angles whose cosines and sines are `cos`, `sin` `[1 or b, n, head_dim / 2]` (shared by the
-    /// sequences, or per sequence), in one launch.
+    /// `[b, kv_heads, n, head_dim]` (the caches' layout), rotating queries and keys in one
+    /// launch: the angles' cosines and sines are the model's tables `cos`, `sin`
+    /// `[positions, head_dim / 2]`, and token `t` of sequence `s` sits at position
+    /// `starts[s] + t` (`b` starts; a decode step passes each sequence's length, a prompt chunk
+    /// its first position).
     fn rope_split(
         qkv: FloatTensor<Self>,
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
+        starts: &[usize],
         heads: RopeHeads,
     ) -> Result<[FloatTensor<Self>; 3]>;
 
@@ -677,6 +680,7 @@ pub(crate) fn rope_plan<T: TensorMetadata>(
     qkv: &T,
     cos: &T,
     sin: &T,
+    starts: &[usize],
     heads: RopeHeads,
 ) -> Result<(ValueType, RopeShape)> {
     let (qkv, cos, sin) = (&Operand::of(qkv), &Operand::of(cos), &Operand::of(sin));
@@ -700,15 +704,26 @@ pub(crate) fn rope_plan<T: TensorMetadata>(
             "fused QKV rows of {width} are not {q_heads} + 2 x {kv_heads} heads of an even head_dim"
         )));
     }
+    let positions = cos.dims.first().copied().unwrap_or(0);
     for (what, t) in [("RoPE cos", cos), ("RoPE sin", sin)] {
-        let got = &t.dims;
-        if got.len() != 3 || !(got[0] == 1 || got[0] == b) || got[1..] != [n, d / 2] {
+        if t.dims != [positions, d / 2] {
             return Err(KvCacheError::Shape {
                 what,
-                expected: vec![b, n, d / 2],
-                actual: got.clone(),
+                expected: vec![positions, d / 2],
+                actual: t.dims.clone(),
             });
         }
+    }
+    if starts.len() != b {
+        return Err(KvCacheError::Invalid(format!(
+            "RoPE of {b} sequences with {} start positions",
+            starts.len()
+        )));
+    }
+    if let Some(&s) = starts.iter().find(|&&s| s + n > positions) {
+        return Err(KvCacheError::Invalid(format!(
+            "RoPE of {n} tokens from position {s}: the angle tables hold {positions} positions"
+        )));
     }
     let shape = RopeShape {
         sequences: b,
@@ -716,7 +731,7 @@ pub(crate) fn rope_plan<T: TensorMetadata>(
         q_heads,
         kv_heads,
         head_dim: d,
-        angles_per_sequence: cos.dims.first() == Some(&b) && b > 1,
+        positions,
     };
     Ok((value_type, shape))
 }
