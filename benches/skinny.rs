@@ -347,9 +347,9 @@ fn launch_probe(client: &ComputeClient<Rt>, ceiling: f64) {
         ));
     }
     println!("{table}");
-    let mut rows = format!(
+    let mut rows = String::from(
         "| matrix | M | N | K | calls per batch | us (median) | host us to issue | weight GB/s | of read-only |\n\
-         |---|---|---|---|---|---|---|---|---|\n"
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     let shapes = if quick() {
         vec![(1, QUICK_SHAPES[0]), (8, QUICK_SHAPES[1])]

@@ -2,7 +2,7 @@
 //!
 //! One cube per row (grid-stride over rows), three short passes over the row, which stays in
 //! L1 after the first: the largest magnitude and the mean square of the row divided by it
-//! ([`rms_factors`], which the skinny matmul's RMSNorm prologue shares), then the scaled write.
+//! (`rms_factors`, which the skinny matmul's RMSNorm prologue shares), then the scaled write.
 
 use cubecl::prelude::*;
 

@@ -698,7 +698,8 @@ fn skinny_mma_kernel<F: Float, N: Size>(
 }
 
 /// Computes the 8 activation rows of columns `k0 .. k0 + width` into this plane's tile of
-/// shared memory (`xs` from `at`, rows one group and one vector apart) as the prologue asks ([`activations`], one vector per lane and step), in the storage type.
+/// shared memory (`xs` from `at`, rows one group and one vector apart) as the prologue asks
+/// ([`activations`], one vector per lane and step), in the storage type.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_activations<F: Float, N: Size>(
