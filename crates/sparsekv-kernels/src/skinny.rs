@@ -613,16 +613,7 @@ fn skinny_mma_kernel<F: Float, N: Size>(
         #[unroll]
         for u in 0..unroll {
             let xa = if staged_x {
-                let at = x_at + u * MMA_K;
-                cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::A,
-                    MMA_M,
-                    MMA_N,
-                    MMA_K,
-                    cmma::MatrixLayout::RowMajor,
-                    &xs.slice(at, at + (MMA_M - 1) * x_stride + MMA_K),
-                    x_stride as u32,
-                )
+                staged_x_tile(&xs, x_at + u * MMA_K, x_stride)
             } else {
                 x_tile(x, m0 * k + k0 + u * MMA_K, k)
             };
@@ -661,15 +652,7 @@ fn skinny_mma_kernel<F: Float, N: Size>(
                 plan,
             );
             sync_plane();
-            cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::A,
-                MMA_M,
-                MMA_N,
-                MMA_K,
-                cmma::MatrixLayout::RowMajor,
-                &xs.slice(x_at, x_at + (MMA_M - 1) * x_stride + MMA_K),
-                x_stride as u32,
-            )
+            staged_x_tile(&xs, x_at, x_stride)
         } else {
             x_tile(x, m0 * k + kt, k)
         };
@@ -785,6 +768,25 @@ fn x_tile<F: Float>(x: &Array<F>, at: usize, k: usize) -> cmma::Matrix<F> {
         cmma::MatrixIdent::A,
         cmma::MatrixLayout::RowMajor,
         MMA_M,
+    )
+}
+
+/// The 8x16 activation tile staged in shared memory at `xs[at]` (rows `stride` apart), as
+/// row-major matrix operand A.
+#[cube]
+fn staged_x_tile<F: Float>(
+    xs: &SharedMemory<F>,
+    at: usize,
+    #[comptime] stride: usize,
+) -> cmma::Matrix<F> {
+    cmma::Matrix::<F>::from_slice(
+        cmma::MatrixIdent::A,
+        MMA_M,
+        MMA_N,
+        MMA_K,
+        cmma::MatrixLayout::RowMajor,
+        &xs.slice(at, at + (MMA_M - 1) * stride + MMA_K),
+        stride as u32,
     )
 }
 
