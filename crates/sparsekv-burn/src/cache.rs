@@ -837,6 +837,17 @@ impl WindowState {
             current: 1 - self.current,
         }
     }
+
+    /// Each sequence's compressed and window tokens.
+    fn occupancy(&self) -> impl Iterator<Item = SequenceOccupancy> + '_ {
+        self.compressed
+            .iter()
+            .zip(&self.dense)
+            .map(|(&c, &w)| SequenceOccupancy {
+                compressed_tokens: c,
+                window_tokens: w,
+            })
+    }
 }
 
 /// Launches the window policy's compression over `buffers` holding the streams of `layers`
@@ -1275,10 +1286,10 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
     }
 
     fn lengths(&self) -> Vec<usize> {
-        let WindowState {
-            compressed, dense, ..
-        } = &self.state;
-        compressed.iter().zip(dense).map(|(c, w)| c + w).collect()
+        self.state
+            .occupancy()
+            .map(|o| o.compressed_tokens + o.window_tokens)
+            .collect()
     }
 
     fn compressed_counts(&self) -> Vec<usize> {
@@ -1292,16 +1303,7 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
             head_dim: self.plan.head_dim,
             value_type: self.config.value_type,
         };
-        let occupancy: Vec<SequenceOccupancy> = self
-            .state
-            .compressed
-            .iter()
-            .zip(&self.state.dense)
-            .map(|(&c, &w)| SequenceOccupancy {
-                compressed_tokens: c,
-                window_tokens: w,
-            })
-            .collect();
+        let occupancy: Vec<SequenceOccupancy> = self.state.occupancy().collect();
         kv_bytes(
             &shape,
             &occupancy,
