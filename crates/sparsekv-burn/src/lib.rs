@@ -61,10 +61,14 @@
 //! Besides the caches' own operations, [`SparseKvBackend`] carries the fused operations a
 //! decoder layer needs to make a decode step bandwidth-bound, each one launch:
 //! [`SparseKvBackend::skinny_matmul`] (a projection of a few rows, `x · wᵀ` with the weights as
-//! `[out, in]` rows, optionally adding the residual), [`SparseKvBackend::rms_norm`],
+//! `[out, in]` rows, optionally adding the residual, and applying the RMSNorm before it or the
+//! SwiGLU of a gate+up output as it reads `x`: [`SkinnyInput`]), [`SparseKvBackend::rms_norm`],
 //! [`SparseKvBackend::rope_split`] (RoPE fused with the split of a fused QKV projection into
-//! queries and cache-layout keys and values) and [`SparseKvBackend::swiglu`].
-//! `sparsekv_llama`'s model is written with them.
+//! queries and cache-layout keys and values, the angles read from the model's tables at each
+//! sequence's position) and [`SparseKvBackend::swiglu`]. `sparsekv_llama`'s model is written
+//! with them: a decode step's layer is seven launches (QKV with its norm, RoPE and split, the
+//! cache's row write, attention, the output projection, gate+up with its norm, the down
+//! projection with SwiGLU), plus a merge where attention splits its rows.
 //!
 //! # Which backend type
 //!

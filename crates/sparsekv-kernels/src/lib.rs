@@ -5,7 +5,8 @@
 //! units ([`prefill_attention`]), which a prompt chunk runs over a sparse cache's tokens
 //! expanded back to dense rows ([`expand_context`]); [`copy_rows`], which moves dense token rows between stream
 //! buffers at ragged per-sequence offsets; [`skinny_matmul`], the weight-streaming matrix
-//! product of a decode step's projections; [`rms_norm`], RMSNorm in one launch;
+//! product of a decode step's projections (which can apply an RMSNorm or SwiGLU to its
+//! activations as it reads them: [`SkinnyInput`]); [`rms_norm`], RMSNorm in one launch;
 //! [`rope_split`], rotary embedding fused with the split of a fused QKV projection; and
 //! [`swiglu`], the feed-forward gate in one launch.
 pub mod activation;
