@@ -114,8 +114,9 @@ pub enum SkinnyInput<W> {
     /// `x` `[m, k]`, used as it is.
     Plain,
     /// `x` `[m, k]`, each row normalised first: `x / sqrt(mean(x²) + eps) · weight` (RMSNorm,
-    /// `weight` `k` elements of the same type), in f32 and not rounded to the storage type
-    /// before the product. Saves the launch of a separate RMSNorm.
+    /// `weight` `k` elements of the same type). The CUDA-core kernel applies it in f32 as it
+    /// reads `x` (no launch of its own); the tensor-core kernel (CUDA, 8 rows and more) runs
+    /// the RMSNorm kernel into a scratch buffer first.
     RmsNorm {
         /// The norm's weights, `k` elements.
         weight: W,
@@ -123,8 +124,8 @@ pub enum SkinnyInput<W> {
         eps: f32,
     },
     /// `x` `[m, 2k]`, each row the gate then the up projection (a fused gate+up projection's
-    /// output); the product uses `silu(gate) · up`, in f32. Saves the launch of a separate
-    /// SwiGLU.
+    /// output); the product uses `silu(gate) · up`: in f32 as `x` is read on the CUDA-core
+    /// kernel, by the SwiGLU kernel into a scratch buffer first on the tensor-core one.
     SwiGlu,
 }
 
@@ -473,10 +474,6 @@ struct MmaPlan {
     vec: usize,
     /// Whether the output adds a residual.
     residual: bool,
-    /// What is done to the activations before the product: with anything but `Plain` they
-    /// are computed into shared memory (`stage_activations`) instead of read as matrix
-    /// operands straight from global memory.
-    prologue: Prologue,
 }
 
 /// The tensor-core kernel: each cube computes 8 activation rows by 32 output features; its
@@ -495,11 +492,8 @@ struct MmaPlan {
 /// cube along each axis is moved back to end at `m` / `n` (it recomputes a few outputs of its
 /// neighbour, with the same values), so no tile reads out of bounds.
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
 fn skinny_mma_kernel<F: Float, N: Size>(
     x: &Array<F>,
-    x_vecs: &Array<Vector<F, N>>,
-    norm_w: &Array<Vector<F, N>>,
     w: &Array<F>,
     w_vecs: &Array<Vector<F, N>>,
     residual: &Array<F>,
@@ -507,7 +501,6 @@ fn skinny_mma_kernel<F: Float, N: Size>(
     m: u32,
     features: u32,
     k: u32,
-    eps: f32,
     #[comptime] plan: MmaPlan,
 ) {
     let (planes, unroll) = comptime!((plan.planes, plan.unroll));
@@ -537,42 +530,6 @@ fn skinny_mma_kernel<F: Float, N: Size>(
         0.0,
     );
     let base = plane * tile_elems;
-    // The activations with a prologue: 8 rows of one group per plane, rows padded by one
-    // vector (the stride a matrix load needs and fewer bank conflicts).
-    let staged_x = comptime!(plan.prologue != Prologue::Plain);
-    let x_stride = comptime!(plan.unroll * MMA_K + plan.vec);
-    let x_tile_elems = comptime!(if plan.prologue != Prologue::Plain {
-        MMA_M * (plan.unroll * MMA_K + plan.vec)
-    } else {
-        1
-    });
-    let mut xs = SharedMemory::<F>::new_aligned(comptime!(plan.planes * x_tile_elems), 32usize);
-    let x_at = plane * x_tile_elems;
-    let x_row = comptime!(plan.prologue.row_len(1)) * (k / plan.vec);
-    let mut x_base = Array::<usize>::new(MMA_M);
-    #[unroll]
-    for i in 0..MMA_M {
-        x_base[i] = (m0 + i) * x_row;
-    }
-    let mut scale = Array::<f32>::new(MMA_M);
-    if comptime!(plan.prologue == Prologue::RmsNorm) {
-        let mut nred = SharedMemory::<f32>::new(comptime!(MMA_M * plan.planes));
-        let factors = rms_factors::<F, N>(
-            x_vecs,
-            &x_base,
-            k / plan.vec,
-            eps,
-            &mut nred,
-            MMA_M,
-            plan.vec,
-            comptime!(32 * plan.planes),
-            true,
-        );
-        #[unroll]
-        for i in 0..MMA_M {
-            scale[i] = factors[i];
-        }
-    }
     let mut staged = Array::<Vector<F, N>>::new(per_row);
     let mut k0 = plane * group;
     if k0 + group <= k {
@@ -590,21 +547,6 @@ fn skinny_mma_kernel<F: Float, N: Size>(
                 dst[(v / per_row) * row_vecs + v % per_row] = staged[i];
             }
         }
-        if staged_x {
-            stage_activations::<F, N>(
-                x_vecs,
-                &x_base,
-                norm_w,
-                &scale,
-                &mut xs,
-                x_at,
-                k0,
-                k / plan.vec,
-                lane,
-                group,
-                plan,
-            );
-        }
         sync_plane();
         let next = k0 + planes * group;
         if next + group <= k {
@@ -612,11 +554,7 @@ fn skinny_mma_kernel<F: Float, N: Size>(
         }
         #[unroll]
         for u in 0..unroll {
-            let xa = if staged_x {
-                staged_x_tile(&xs, x_at + u * MMA_K, x_stride)
-            } else {
-                x_tile(x, m0 * k + k0 + u * MMA_K, k)
-            };
+            let xa = x_tile(x, m0 * k + k0 + u * MMA_K, k);
             let at = base + u * MMA_K;
             let wb = cmma::Matrix::<F>::from_slice(
                 cmma::MatrixIdent::B,
@@ -637,31 +575,9 @@ fn skinny_mma_kernel<F: Float, N: Size>(
     let tail = k - k % group;
     let mut kt = tail + plane * MMA_K;
     while kt < k {
-        let xa = if staged_x {
-            stage_activations::<F, N>(
-                x_vecs,
-                &x_base,
-                norm_w,
-                &scale,
-                &mut xs,
-                x_at,
-                kt,
-                k / plan.vec,
-                lane,
-                MMA_K,
-                plan,
-            );
-            sync_plane();
-            staged_x_tile(&xs, x_at, x_stride)
-        } else {
-            x_tile(x, m0 * k + kt, k)
-        };
+        let xa = x_tile(x, m0 * k + kt, k);
         let wb = w_tile(w, n0 * k + kt, k);
         cmma::execute::<F, F, f32, f32>(&xa, &wb, &acc, &acc);
-        if staged_x {
-            // The staged tile is overwritten next only after every lane has read it.
-            sync_plane();
-        }
         kt += planes * MMA_K;
     }
     let at = plane * tile_out;
@@ -677,63 +593,6 @@ fn skinny_mma_kernel<F: Float, N: Size>(
         let at = (m0 + i / MMA_N) * n + n0 + i % MMA_N;
         out[at] = F::cast_from(with_residual(total, residual, at, plan.residual));
         i += CUBE_DIM as usize;
-    }
-}
-
-/// Computes the 8 activation rows of columns `k0 .. k0 + width` into this plane's tile of
-/// shared memory (`xs` from `at`, rows one group and one vector apart) as the prologue asks
-/// ([`activations`], one vector per lane and step), in the storage type.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn stage_activations<F: Float, N: Size>(
-    x_vecs: &Array<Vector<F, N>>,
-    x_base: &Array<usize>,
-    norm_w: &Array<Vector<F, N>>,
-    scale: &Array<f32>,
-    xs: &mut SharedMemory<F>,
-    at: usize,
-    k0: usize,
-    k_vecs: usize,
-    lane: usize,
-    #[comptime] width: usize,
-    #[comptime] plan: MmaPlan,
-) {
-    let vec = comptime!(plan.vec);
-    let row_vecs = comptime!(width / plan.vec);
-    let stride_vecs = comptime!((plan.unroll * MMA_K + plan.vec) / plan.vec);
-    let total = comptime!(MMA_M * width / plan.vec);
-    let mut dst = xs
-        .slice_mut(at, at + comptime!(MMA_M * (plan.unroll * MMA_K + plan.vec)))
-        .into_vectorized()
-        .with_vector_size::<N>();
-    let mut one = Array::<usize>::new(1usize);
-    let mut s1 = Array::<f32>::new(1usize);
-    let mut xf = Array::<f32>::new(vec);
-    let mut v = lane;
-    while v < total {
-        let row = v / row_vecs;
-        let kv = k0 / vec + v % row_vecs;
-        one[0] = x_base[row];
-        s1[0] = scale[row];
-        activations::<F, N>(
-            x_vecs,
-            &one,
-            norm_w,
-            &s1,
-            &mut xf,
-            kv,
-            k_vecs,
-            1usize,
-            vec,
-            plan.prologue,
-        );
-        let mut o = Vector::<F, N>::empty();
-        #[unroll]
-        for e in 0..vec {
-            o[e] = F::cast_from(xf[e]);
-        }
-        dst[row * stride_vecs + v % row_vecs] = o;
-        v += 32;
     }
 }
 
@@ -768,25 +627,6 @@ fn x_tile<F: Float>(x: &Array<F>, at: usize, k: usize) -> cmma::Matrix<F> {
         cmma::MatrixIdent::A,
         cmma::MatrixLayout::RowMajor,
         MMA_M,
-    )
-}
-
-/// The 8x16 activation tile staged in shared memory at `xs[at]` (rows `stride` apart), as
-/// row-major matrix operand A.
-#[cube]
-fn staged_x_tile<F: Float>(
-    xs: &SharedMemory<F>,
-    at: usize,
-    #[comptime] stride: usize,
-) -> cmma::Matrix<F> {
-    cmma::Matrix::<F>::from_slice(
-        cmma::MatrixIdent::A,
-        MMA_M,
-        MMA_N,
-        MMA_K,
-        cmma::MatrixLayout::RowMajor,
-        &xs.slice(at, at + (MMA_M - 1) * stride + MMA_K),
-        stride as u32,
     )
 }
 
@@ -940,7 +780,6 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     unroll: t.unroll,
                     vec,
                     residual: residual.is_some(),
-                    prologue,
                 },
                 // Long rows (the down projection) have few cubes (one per 32 outputs): more
                 // planes split each row and keep more bytes in flight (H200 sweep).
@@ -949,24 +788,16 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     unroll: 2,
                     vec,
                     residual: residual.is_some(),
-                    prologue,
                 },
                 None => MmaPlan {
                     planes: DEFAULT_MMA_PLANES.min(max_planes),
                     unroll: DEFAULT_MMA_UNROLL,
                     vec,
                     residual: residual.is_some(),
-                    prologue,
                 },
             };
-            let staged_x = if prologue == Prologue::Plain {
-                0
-            } else {
-                plan.planes * MMA_M * ((plan.unroll * MMA_K + vec) * es + 4)
-            };
             let stage_bytes = plan.planes * MMA_N * (plan.unroll * MMA_K + vec) * es
-                + plan.planes * MMA_M * MMA_N * 4
-                + staged_x;
+                + plan.planes * MMA_M * MMA_N * 4;
             if stage_bytes > hw.max_shared_memory_size {
                 return Err(KernelError::InvalidArguments(format!(
                     "the tensor-core skinny matmul with {} planes needs {stage_bytes} bytes of shared memory; the device allows {}",
@@ -975,6 +806,23 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
             }
             let (cubes_n, cubes_m) = (n.div_ceil(MMA_N), m.div_ceil(MMA_M));
             check_cube_count(cubes_n, cubes_m, cube_limit)?;
+            // The matrix units read their activations straight from global memory, so a
+            // prologue runs first, in a launch of its own, into a scratch buffer (computing it
+            // into shared memory inside this kernel came with a slower decode step at B = 8:
+            // docs/PERF-NOTES.md).
+            let x = match input {
+                SkinnyInput::Plain => x.clone(),
+                SkinnyInput::RmsNorm { weight, eps } => {
+                    let a = client.empty(m * k * es);
+                    crate::norm::rms_norm::<R, F>(client, m, k, eps, x, weight, &a)?;
+                    a
+                }
+                SkinnyInput::SwiGlu => {
+                    let a = client.empty(m * k * es);
+                    crate::activation::swiglu::<R, F>(client, m, k, x, &a)?;
+                    a
+                }
+            };
             let arr = |h: &cubecl::server::Handle| unsafe {
                 ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / es)
             };
@@ -987,9 +835,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     CubeCount::Static(cubes_n as u32, cubes_m as u32, 1),
                     CubeDim::new_1d((32 * plan.planes) as u32),
                     vec,
-                    arr(x),
-                    ArrayArg::from_raw_parts(x.clone(), x.size_in_used() as usize / 16),
-                    ArrayArg::from_raw_parts(norm_w.clone(), norm_w.size_in_used() as usize / 16),
+                    arr(&x),
                     arr(w),
                     ArrayArg::from_raw_parts(w.clone(), w.size_in_used() as usize / 16),
                     arr(residual_h),
@@ -997,7 +843,6 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     m as u32,
                     n as u32,
                     k as u32,
-                    eps,
                     plan,
                 );
             }
