@@ -64,6 +64,28 @@ fn weights<F: FloatElement>(client: &ComputeClient<Rt>, m: usize, n: usize, k: u
     Weights { copies, x, out }
 }
 
+/// Call `i` of a series: the product with the `i`-th rotated copy of the weights.
+fn launch<F: FloatElement>(
+    client: &ComputeClient<Rt>,
+    w: &Weights,
+    shape: SkinnyShape,
+    tuning: Option<SkinnyTuning>,
+    i: usize,
+) {
+    let copy = &w.copies[i % w.copies.len()];
+    skinny_matmul_with::<Rt, F>(
+        client,
+        shape,
+        SkinnyInput::Plain,
+        &w.x,
+        copy,
+        None,
+        &w.out,
+        tuning,
+    )
+    .expect("launch");
+}
+
 /// Median time per call and the host's share (see `median_call_times`).
 fn time_skinny<F: FloatElement>(
     client: &ComputeClient<Rt>,
@@ -71,20 +93,7 @@ fn time_skinny<F: FloatElement>(
     shape: SkinnyShape,
     tuning: Option<SkinnyTuning>,
 ) -> (Duration, Duration) {
-    median_call_times(client, |i| {
-        let copy = &w.copies[i % w.copies.len()];
-        skinny_matmul_with::<Rt, F>(
-            client,
-            shape,
-            SkinnyInput::Plain,
-            &w.x,
-            copy,
-            None,
-            &w.out,
-            tuning,
-        )
-        .expect("launch");
-    })
+    median_call_times(client, |i| launch::<F>(client, w, shape, tuning, i))
 }
 
 /// Burn's matmul on the same product, as the model ran it before: `x [1, m, k]` times the
@@ -283,18 +292,7 @@ fn profile_calls(client: &ComputeClient<Rt>) {
             unroll: if kernel == SkinnyKernel::Simt { 2 } else { 4 },
         };
         for i in 0..5 {
-            let copy = &w.copies[i % w.copies.len()];
-            skinny_matmul_with::<Rt, half::f16>(
-                client,
-                shape,
-                SkinnyInput::Plain,
-                &w.x,
-                copy,
-                None,
-                &w.out,
-                Some(tuning),
-            )
-            .expect("launch");
+            launch::<half::f16>(client, &w, shape, Some(tuning), i);
         }
         sync(client);
     }
@@ -366,8 +364,7 @@ fn launch_probe(client: &ComputeClient<Rt>, ceiling: f64) {
         let shape = SkinnyShape { m, n, k };
         for calls in [20, 200] {
             let (t, host) = median_call_times_in_batches(client, calls, |i| {
-                let copy = &w.copies[i % w.copies.len()];
-                skinny_matmul::<Rt, half::f16>(client, shape, &w.x, copy, &w.out).expect("launch");
+                launch::<half::f16>(client, &w, shape, None, i)
             });
             let bw = (n * k * 2) as f64 / t.as_secs_f64();
             rows.push_str(&format!(
