@@ -66,9 +66,11 @@
 //! [`SparseKvBackend::rope_split`] (RoPE fused with the split of a fused QKV projection into
 //! queries and cache-layout keys and values, the angles read from the model's tables at each
 //! sequence's position) and [`SparseKvBackend::swiglu`]. `sparsekv_llama`'s model is written
-//! with them: a decode step's layer is seven launches (QKV with its norm, RoPE and split, the
-//! cache's row write, attention, the output projection, gate+up with its norm, the down
-//! projection with SwiGLU), plus a merge where attention splits its rows.
+//! with them: a decode step's layer is seven launches where the projections run on CUDA cores
+//! (QKV with its norm, RoPE and split, the cache's row write, attention, the output
+//! projection, gate+up with its norm, the down projection with SwiGLU), plus a merge where
+//! attention splits its rows; on matrix units (CUDA, 8 sequences and more) the norms and
+//! SwiGLU keep launches of their own.
 //!
 //! # Which backend type
 //!
