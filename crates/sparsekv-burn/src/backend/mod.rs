@@ -332,11 +332,11 @@ pub trait SparseKvBackend: Backend {
     /// (PyTorch's `nn.Linear` layout), all of one float type; returns `[m, n]`. `input` says
     /// what `a` is: `x` `[m, k]` itself ([`SkinnyInput::Plain`]), the RMSNorm of `x` `[m, k]`
     /// with a `[k]` weight ([`SkinnyInput::RmsNorm`]), or `silu(gate) · up` of `x` `[m, 2k]`
-    /// holding the gate then the up projection ([`SkinnyInput::SwiGlu`]); the last two save
-    /// the launch of a separate norm or activation. The weights are streamed once at memory
-    /// bandwidth (the skinny-matmul kernel), where a general matmul would tile for reuse that
-    /// a few rows do not have. With a `residual` `[m, n]` (same type) the result is
-    /// `residual + a · wᵀ`, in the same launch.
+    /// holding the gate then the up projection ([`SkinnyInput::SwiGlu`]); the last two take no
+    /// launch of their own where the CUDA-core kernel runs (see [`SkinnyInput`]). The weights
+    /// are streamed once at memory bandwidth (the skinny-matmul kernel), where a general
+    /// matmul would tile for reuse that a few rows do not have. With a `residual` `[m, n]`
+    /// (same type) the result is `residual + a · wᵀ`, in the same launch.
     fn skinny_matmul(
         x: FloatTensor<Self>,
         input: SkinnyInput<FloatTensor<Self>>,
@@ -720,7 +720,10 @@ pub(crate) fn rope_plan<T: TensorMetadata>(
             starts.len()
         )));
     }
-    if let Some(&s) = starts.iter().find(|&&s| s + n > positions) {
+    if let Some(&s) = starts
+        .iter()
+        .find(|&&s| s.checked_add(n).is_none_or(|end| end > positions))
+    {
         return Err(KvCacheError::Invalid(format!(
             "RoPE of {n} tokens from position {s}: the angle tables hold {positions} positions"
         )));
