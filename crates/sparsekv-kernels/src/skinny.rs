@@ -166,16 +166,11 @@ impl<W> SkinnyInput<W> {
             SkinnyInput::SwiGlu => SkinnyInput::SwiGlu,
         }
     }
-
-    /// Activation elements per row of `x` for a product over `k` input features (`2k` for
-    /// SwiGLU: the gate and the up projection).
-    pub fn row_len(&self, k: usize) -> usize {
-        self.prologue().row_len(k)
-    }
 }
 
 impl Prologue {
-    /// Activation elements per row of `x` for a product over `k` input features.
+    /// Activation elements per row of `x` for a product over `k` input features (`2k` for
+    /// SwiGLU: the gate and the up projection).
     fn row_len(self, k: usize) -> usize {
         match self {
             Prologue::SwiGlu => 2 * k,
