@@ -10,9 +10,11 @@
 //! time and its fraction of the read-only ceiling. Criterion (`iter_custom`) runs the M = 8, f16
 //! rows.
 //!
-//! `SPARSEKV_BENCH_QUICK=1`: small shapes (software adapters). `SPARSEKV_BENCH_SWEEP=1` adds,
-//! at M = 8, f16, a sweep of tunings (kernel, rows per plane, planes per cube, unroll) of every
-//! shape. `SPARSEKV_BENCH_LAUNCH=1` measures the launch path instead (see `launch_probe`).
+//! `SPARSEKV_BENCH_QUICK=1`: small shapes (software adapters). `SPARSEKV_BENCH_ONLY=out,qkv`:
+//! only those matrices. `SPARSEKV_BENCH_SWEEP=1` adds, at M = 8, f16, a sweep of tunings
+//! (kernel, rows per plane, planes per cube, unroll) of every shape. `SPARSEKV_BENCH_LAUNCH=1`
+//! measures the launch path instead (see `launch_probe`), `SPARSEKV_BENCH_PROFILE=out` launches
+//! a few calls for a profiler (see `profile_calls`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -159,10 +161,16 @@ fn sweep_type<F: FloatElement>(
         table.push_str(&format!("({} not supported by this device)\n", F::name()));
         return;
     }
-    let shapes: &[(&str, usize, usize)] = if quick() { &QUICK_SHAPES } else { &SHAPES };
+    let only = std::env::var("SPARSEKV_BENCH_ONLY").ok();
+    let all: &[(&str, usize, usize)] = if quick() { &QUICK_SHAPES } else { &SHAPES };
+    let wanted = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|s| s == name))
+    };
+    let shapes: Vec<_> = all.iter().filter(|s| wanted(s.0)).copied().collect();
     let sweep = std::env::var_os("SPARSEKV_BENCH_SWEEP").is_some();
     for &m in &[1usize, 8, 32] {
-        for &(name, n, k) in shapes {
+        for &(name, n, k) in &shapes {
             let w = weights::<F>(client, m, n, k);
             let shape = SkinnyShape { m, n, k };
             let es = F::size_bytes();
@@ -234,8 +242,8 @@ fn sweep_tunings<F: FloatElement>(
             }
         }
     }
-    for planes in [8, 16, 32] {
-        for unroll in [2, 4] {
+    for planes in [4, 8, 16, 32] {
+        for unroll in [1, 2, 4] {
             tunings.push(SkinnyTuning {
                 kernel: SkinnyKernel::TensorCore,
                 rows_per_plane: 1,
@@ -278,21 +286,31 @@ fn sweep_tunings<F: FloatElement>(
     }
 }
 
-/// `SPARSEKV_BENCH_PROFILE=1`: five calls each of the CUDA-core and tensor-core kernels on the
-/// M = 8, f16 down projection, nothing else (for `ncu --kernel-name regex:skinny`).
-fn profile_calls(client: &ComputeClient<Rt>) {
-    let (m, n, k) = (8, 4096, 14336);
+/// `SPARSEKV_BENCH_PROFILE=NAME[:M]` (a matrix of `SHAPES`, M = 8 unless given; `1`: the down
+/// projection): five calls each of the CUDA-core kernel and of the kernel the launcher chooses
+/// on its own (the tensor-core one where it applies), f16, nothing else (for `ncu
+/// --kernel-name regex:skinny`).
+fn profile_calls(client: &ComputeClient<Rt>, target: &str) {
+    let (name, m) = target.split_once(':').unwrap_or((target, "8"));
+    let m: usize = m
+        .parse()
+        .expect("SPARSEKV_BENCH_PROFILE=NAME[:M], M a number");
+    let name = if name == "1" { "down" } else { name };
+    let &(_, n, k) = SHAPES
+        .iter()
+        .find(|(s, _, _)| *s == name)
+        .expect("SPARSEKV_BENCH_PROFILE names a matrix of SHAPES");
     let w = weights::<half::f16>(client, m, n, k);
     let shape = SkinnyShape { m, n, k };
-    for kernel in [SkinnyKernel::Simt, SkinnyKernel::TensorCore] {
-        let tuning = SkinnyTuning {
-            kernel,
-            rows_per_plane: 4,
-            planes: if kernel == SkinnyKernel::Simt { 2 } else { 16 },
-            unroll: if kernel == SkinnyKernel::Simt { 2 } else { 4 },
-        };
+    let simt = SkinnyTuning {
+        kernel: SkinnyKernel::Simt,
+        rows_per_plane: 4,
+        planes: 2,
+        unroll: 2,
+    };
+    for tuning in [Some(simt), None] {
         for i in 0..5 {
-            launch::<half::f16>(client, &w, shape, Some(tuning), i);
+            launch::<half::f16>(client, &w, shape, tuning, i);
         }
         sync(client);
     }
@@ -381,8 +399,8 @@ fn launch_probe(client: &ComputeClient<Rt>, ceiling: f64) {
 
 fn skinny(c: &mut Criterion) {
     let client = Rt::client(&Default::default());
-    if std::env::var_os("SPARSEKV_BENCH_PROFILE").is_some() {
-        profile_calls(&client);
+    if let Ok(target) = std::env::var("SPARSEKV_BENCH_PROFILE") {
+        profile_calls(&client, &target);
         return;
     }
     if std::env::var_os("SPARSEKV_BENCH_LAUNCH").is_some() {

@@ -14,6 +14,11 @@
 #   LAUNCH=1         the skinny bench's launch-path probe (empty launches in batches of several
 #                    sizes, a blocking flush per launch, the small projections in batches of
 #                    20 and 200)
+#   SKINNY=a,b       the skinny bench on those matrices (qkv, out, gate+up, down, head) with
+#                    the tuning sweep at M = 8 (CALLS=n calls per timed batch, default 200:
+#                    the kernels in steady state)
+#   NCUSKINNY=a:M,.. ncu (SpeedOfLight, occupancy, memory) of the skinny kernels on those
+#                    matrices at M rows: the CUDA-core kernel, then the launcher's own choice
 #   COMPRESS=1       the compression bench (a chunk over all layers, layer groups against
 #                    independent caches, and the decode step it is a fraction of)
 #   CHAT=1           the chat example on both shared models, warm, greedy, 256 tokens, with
@@ -66,6 +71,21 @@ fi
 if [ "${LAUNCH:-0}" = 1 ]; then
   echo "== launch path"
   SPARSEKV_BENCH_LAUNCH=1 $bin/bench_skinny --bench 2>&1 | tee -a $OUT/launch.log | grep -E "^\||^Launch|panicked|error"
+fi
+if [ -n "${SKINNY:-}" ]; then
+  echo "== skinny $SKINNY (sweep, ${CALLS:-200} calls per batch)"
+  SPARSEKV_BENCH_ONLY=$SKINNY SPARSEKV_BENCH_SWEEP=1 SPARSEKV_BENCH_CALLS=${CALLS:-200} $bin/bench_skinny --bench 2>&1 \
+    | tee -a $OUT/skinny.log | grep -E "^\||ceiling|panicked|error"
+fi
+if [ -n "${NCUSKINNY:-}" ]; then
+  for target in ${NCUSKINNY//,/ }; do
+    echo "== ncu skinny $target"
+    SPARSEKV_BENCH_PROFILE=$target ncu --clock-control none --kernel-name regex:skinny --launch-skip 2 --launch-count 8 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      $bin/bench_skinny --bench > $OUT/ncu_skinny_${target//[:+]/_}.txt 2>&1
+    grep -E "skinny|Duration|DRAM Throughput|Memory Throughput|Grid Size|Block Size|Registers Per|Achieved Occ|Theoretical Occ|Shared Memory Config|Waves Per SM" \
+      $OUT/ncu_skinny_${target//[:+]/_}.txt | head -80
+  done
 fi
 if [ "${COMPRESS:-0}" = 1 ]; then
   echo "== bench_compress"
