@@ -22,6 +22,7 @@
 use cubecl::prelude::*;
 
 use crate::error::{KernelError, Result};
+use crate::rows::stream_rows;
 use crate::upload::upload_u32;
 use crate::{FloatElement, check_type_supported};
 use sparsekv_format::{HeadDim, Sparsity, keep_count, layout::bitmap_words};
@@ -64,17 +65,13 @@ fn compress_rows_plane<F: Float>(
     #[comptime] head_dim: usize,
 ) {
     let per_lane = comptime!(head_dim / PLANE_LANES);
-    let stream = CUBE_POS_Y as usize;
-    let seqs = CUBE_COUNT_Y as usize / kv_heads as usize;
-    let seq = stream / kv_heads as usize;
-    // offsets: source start tokens, destination start tokens, counts (one per sequence each).
-    let count = offsets[2 * seqs + seq] as usize;
+    let (stream, src_start, dst_start, count) = stream_rows(offsets, kv_heads);
     let r = CUBE_POS_X as usize * PLANE_ROWS + UNIT_POS_Y as usize;
     // The whole plane takes the same branch: one row per plane.
     if r < count {
         let lane = UNIT_POS_X;
-        let src0 = stream * src_stride as usize + (offsets[seq] as usize + r) * head_dim;
-        let dst_token = offsets[seqs + seq] as usize + r;
+        let src0 = stream * src_stride as usize + (src_start + r) * head_dim;
+        let dst_token = dst_start + r;
         // Element `j * 32 + lane` of the row, for each of this lane's `j`.
         let mut xs = Array::<F>::new(per_lane);
         let mut keys = Array::<u32>::new(per_lane);
@@ -153,12 +150,7 @@ fn compress_tile<F: Float>(
     let mut keys = SharedMemory::<u32>::new(ROW_BITS);
     let mut kept = SharedMemory::<u32>::new(ROW_BITS);
 
-    let stream = CUBE_POS_Y as usize;
-    let seqs = CUBE_COUNT_Y as usize / kv_heads as usize;
-    let seq = stream / kv_heads as usize;
-    // offsets: source start tokens, destination start tokens, counts (one per sequence each).
-    let count = offsets[2 * seqs + seq] as usize;
-    let dst0 = offsets[seqs + seq] as usize;
+    let (stream, src_start, dst0, count) = stream_rows(offsets, kv_heads);
     let tile_first = (dst0 / rows) * rows + CUBE_POS_X as usize * rows;
     let unit = UNIT_POS as usize;
     let row = unit / head_dim;
@@ -169,7 +161,7 @@ fn compress_tile<F: Float>(
     let mut x = F::new(0.0);
     let mut key = 0u32;
     if valid {
-        let src_token = offsets[seq] as usize + (dst_token - dst0);
+        let src_token = src_start + (dst_token - dst0);
         x = src[stream * src_stride as usize + src_token * head_dim + elem];
         key = magnitude_key::<F>(x);
     }

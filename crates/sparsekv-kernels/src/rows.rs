@@ -12,6 +12,22 @@ use crate::{FloatElement, check_type_supported};
 /// Units per cube.
 const UNITS: usize = 256;
 
+/// Where this cube's stream (`CUBE_POS_Y`, `sequence * kv_heads + kv_head`) reads and writes,
+/// from the offsets every row kernel is given (source start rows, destination start rows and
+/// row counts, one per sequence each): `(stream, source start, destination start, count)`.
+#[cube]
+pub(crate) fn stream_rows(offsets: &Array<u32>, kv_heads: u32) -> (usize, usize, usize, usize) {
+    let stream = CUBE_POS_Y as usize;
+    let seqs = CUBE_COUNT_Y as usize / kv_heads as usize;
+    let seq = stream / kv_heads as usize;
+    (
+        stream,
+        offsets[seq] as usize,
+        offsets[seqs + seq] as usize,
+        offsets[2 * seqs + seq] as usize,
+    )
+}
+
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn copy_rows_kernel<F: Float, N: Size>(
@@ -25,17 +41,13 @@ fn copy_rows_kernel<F: Float, N: Size>(
     kv_heads: u32,
     #[comptime] row_vecs: usize,
 ) {
-    let stream = CUBE_POS_Y as usize;
-    let seqs = CUBE_COUNT_Y as usize / kv_heads as usize;
-    let seq = stream / kv_heads as usize;
+    let (stream, src_start, dst_start, count) = stream_rows(offsets, kv_heads);
     let i = ABSOLUTE_POS_X as usize;
     let row = i / row_vecs;
     let part = i % row_vecs;
-    // offsets: source start rows, destination start rows, counts (one per sequence each).
-    if row < offsets[2 * seqs + seq] as usize {
-        let s = stream * src_stride as usize + (offsets[seq] as usize + row) * row_vecs + part;
-        let d =
-            stream * dst_stride as usize + (offsets[seqs + seq] as usize + row) * row_vecs + part;
+    if row < count {
+        let s = stream * src_stride as usize + (src_start + row) * row_vecs + part;
+        let d = stream * dst_stride as usize + (dst_start + row) * row_vecs + part;
         if CUBE_POS_Z == 0 {
             dst_a[d] = src_a[s];
         } else {
