@@ -13,11 +13,11 @@ use sparsekv::format::{HeadDim, PromptShape, Sparsity, keep_count, layout};
 use sparsekv::kernels::cubecl::prelude::*;
 use sparsekv::kernels::cubecl::server::Handle;
 use sparsekv::kernels::{
-    AttentionArgs, CompressArgs, CompressTarget, DecodeKernel, DenseCacheArgs, ExpandArgs,
-    FloatElement, KernelError, RopeShape, RopeStyle, SkinnyInput, SkinnyKernel, SkinnyShape,
-    SkinnyTuning, SparseSegmentArgs, decode_attention, decode_attention_with, expand_context,
-    prefill_attention, prune_compress, rms_norm, rope_split, skinny_matmul_with, supports_type,
-    swiglu,
+    AttentionArgs, CompressArgs, CompressTarget, CopyRowsArgs, DecodeKernel, DenseCacheArgs,
+    ExpandArgs, FloatElement, KernelError, RopeShape, RopeStyle, SkinnyInput, SkinnyKernel,
+    SkinnyShape, SkinnyTuning, SparseSegmentArgs, decode_attention, decode_attention_with,
+    expand_context, prefill_attention, prune_compress, rms_norm, rope_split, skinny_matmul_with,
+    supports_type, swiglu,
 };
 
 mod common;
@@ -1188,8 +1188,11 @@ fn rms_norm_matches_reference() {
 }
 
 /// One random RoPE split (random heads, head_dim, style, tokens per sequence and start
-/// positions in the angle tables) against an f64 reference: queries `[b, n, hq, d]`, keys and
-/// values `[b, hkv, n, d]`, every element within `tol` of `1 +` its magnitude.
+/// positions in the angle tables) against an f64 reference: queries `[b, n, hq, d]`, every
+/// element within `tol` of `1 +` its magnitude; keys and values either `[b, hkv, n, d]`
+/// (every token) or, in half the cases, a random range of each sequence's tokens written at a
+/// random row of streams of a larger capacity (a cache's window), every other row left as
+/// it was (poisoned).
 fn rope_case<F: TestFloat>(
     client: &ComputeClient<Rt>,
     rng: &mut StdRng,
@@ -1222,11 +1225,37 @@ fn rope_case<F: TestFloat>(
         read::<F>(client, cos_h.clone()),
         read::<F>(client, sin_h.clone()),
     );
+    // Where each sequence's keys and values go: every token in place, or tokens
+    // `src[s] .. src[s] + count[s]` at row `dst[s]` of `capacity` rows.
+    let whole = rng.random_bool(0.5);
+    let capacity = if whole {
+        n
+    } else {
+        rng.random_range(n..=n + 6)
+    };
+    let (mut src, mut dst, mut count) = (vec![0u32; b], vec![0u32; b], vec![n as u32; b]);
+    if !whole {
+        for s in 0..b {
+            src[s] = rng.random_range(0..=n) as u32;
+            count[s] = rng.random_range(0..=n - src[s] as usize) as u32;
+            dst[s] = rng.random_range(0..=capacity - count[s] as usize) as u32;
+        }
+    }
+    let kv_rows = CopyRowsArgs {
+        sequences: b,
+        kv_heads,
+        head_dim: d,
+        src_capacity: n,
+        dst_capacity: capacity,
+        src_start: &src,
+        dst_start: &dst,
+        counts: &count,
+    };
     let poisoned = |len| upload::<F>(client, &vec![f64::NAN; len]);
     let (q_h, k_h, v_h) = (
         poisoned(b * n * q_heads * d),
-        poisoned(b * kv_heads * n * d),
-        poisoned(b * kv_heads * n * d),
+        poisoned(b * kv_heads * capacity * d),
+        poisoned(b * kv_heads * capacity * d),
     );
     let shape = RopeShape {
         sequences: b,
@@ -1236,19 +1265,35 @@ fn rope_case<F: TestFloat>(
         head_dim: d,
         positions,
     };
+    let (qh, cs_h, sn_h) = (&qkv_h, &cos_h, &sin_h);
     rope_split::<Rt, F>(
-        client, shape, style, &qkv_h, &cos_h, &sin_h, &starts, &q_h, &k_h, &v_h,
+        client,
+        shape,
+        style,
+        qh,
+        cs_h,
+        sn_h,
+        &starts,
+        &q_h,
+        [&k_h, &v_h],
+        &kv_rows,
     )
     .map_err(|e| e.to_string())?;
-    let (q, k, v) = (
+    let (q, mut k, mut v) = (
         read::<F>(client, q_h),
         read::<F>(client, k_h),
         read::<F>(client, v_h),
+    );
+    let case = format!(
+        "b {b} n {n} heads {q_heads}/{kv_heads} d {d} {style:?} starts {starts:?}, K/V tokens {src:?} x {count:?} at rows {dst:?} of {capacity}"
     );
     for s in 0..b {
         for t in 0..n {
             let row = s * n + t;
             let pos = starts[s] as usize + t;
+            // The K/V row this token writes, if it writes one.
+            let kv_row = (t >= src[s] as usize && t < (src[s] + count[s]) as usize)
+                .then(|| dst[s] as usize + t - src[s] as usize);
             for head in 0..heads {
                 for i in 0..half {
                     let (c0, c1) = match style {
@@ -1258,32 +1303,38 @@ fn rope_case<F: TestFloat>(
                     let at = (row * heads + head) * d;
                     let (x0, x1) = (qkv[at + c0], qkv[at + c1]);
                     let (cs, sn) = (cos[pos * half + i], sin[pos * half + i]);
+                    let rotated = (x0 * cs - x1 * sn, x0 * sn + x1 * cs);
                     let (want, got) = if head < q_heads {
                         let o = (row * q_heads + head) * d;
-                        (
-                            (x0 * cs - x1 * sn, x0 * sn + x1 * cs),
-                            (q[o + c0], q[o + c1]),
-                        )
-                    } else if head < q_heads + kv_heads {
-                        let o = ((s * kv_heads + head - q_heads) * n + t) * d;
-                        (
-                            (x0 * cs - x1 * sn, x0 * sn + x1 * cs),
-                            (k[o + c0], k[o + c1]),
-                        )
+                        (rotated, (q[o + c0], q[o + c1]))
                     } else {
-                        let o = ((s * kv_heads + head - q_heads - kv_heads) * n + t) * d;
-                        ((x0, x1), (v[o + c0], v[o + c1]))
+                        let Some(r) = kv_row else { continue };
+                        let (rows, kv_head, want) = if head < q_heads + kv_heads {
+                            (&mut k, head - q_heads, rotated)
+                        } else {
+                            (&mut v, head - q_heads - kv_heads, (x0, x1))
+                        };
+                        let o = ((s * kv_heads + kv_head) * capacity + r) * d;
+                        let got = (rows[o + c0], rows[o + c1]);
+                        // Checked: the poison check below must find only unwritten rows.
+                        (rows[o + c0], rows[o + c1]) = (f64::NAN, f64::NAN);
+                        (want, got)
                     };
                     for (g, w) in [(got.0, want.0), (got.1, want.1)] {
                         if !within(g, w, tol * (1.0 + w.abs())) {
                             return Err(format!(
-                                "b {b} n {n} heads {q_heads}/{kv_heads} d {d} {style:?} starts {starts:?}: sequence {s} token {t} head {head} pair {i}: {g}, reference {w}"
+                                "{case}: sequence {s} token {t} head {head} pair {i}: {g}, reference {w}"
                             ));
                         }
                     }
                 }
             }
         }
+    }
+    if let Some(i) = k.iter().chain(&v).position(|x| !x.is_nan()) {
+        return Err(format!(
+            "{case}: K/V element {i} (of both buffers) was written where no token goes"
+        ));
     }
     Ok(())
 }

@@ -27,6 +27,7 @@
 //! # Ok::<(), sparsekv_burn::KvCacheError>(())
 //! ```
 
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 use sparsekv_format::{
     CacheShape, HeadDim, KvBytes, PromptShape, SequenceOccupancy, Sparsity, ValueType, keep_count,
@@ -37,7 +38,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::backend::{
     CompressTarget, CompressedStreams, ContextLayout, DecodeShape, DenseRows, KV_VIEW_ALIGNMENT,
-    RowCopy, Segment, SparseKvBackend,
+    RopeHeads, RowCopy, Segment, SparseKvBackend,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -423,6 +424,25 @@ pub trait KvCache<B: SparseKvBackend> {
     /// `k` and `v` (`[batch, kv_heads, n, head_dim]`, padded past each count).
     fn append_ragged(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>, counts: &[usize]) -> Result<()>;
 
+    /// Appends `counts[s]` tokens to sequence `s` straight from a fused QKV projection:
+    /// `qkv` `[batch, n, (q_heads + 2 kv_heads) · head_dim]` (padded past each count), whose
+    /// queries and keys are rotated at each sequence's next positions (token `t` of sequence
+    /// `s` at `lengths()[s] + t`: the cache is the one record of positions, so RoPE never
+    /// disagrees with what attention sees). Returns the rotated queries
+    /// `[batch, n, q_heads, head_dim]`. Where the new keys and values all go to dense rows (a
+    /// decode step of [`SparseKvCache`] and [`DenseKvCache`]) the rotation writes them there
+    /// itself: one launch, no key and value tensors; otherwise (a prompt, whose older tokens
+    /// are compressed straight from its rows) it is [`SparseKvBackend::rope_split`] and then
+    /// [`Self::append_ragged`].
+    fn append_qkv(
+        &mut self,
+        qkv: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        counts: &[usize],
+    ) -> Result<Tensor<B, 4>> {
+        split_then_append(self, qkv, rope, counts)
+    }
+
     /// Attention of one query per sequence and query head, `q` `[batch, q_heads, head_dim]`,
     /// over everything cached; `q_heads` must be a multiple of `kv_heads`. Returns
     /// `[batch, q_heads, head_dim]`.
@@ -459,6 +479,106 @@ fn device_ready() -> Result<()> {
     crate::runtime::check_device_threads()
 }
 
+/// Rotary position embeddings as [`KvCache::append_qkv`] applies them: the model's angle
+/// tables and its heads.
+#[derive(Debug, Clone)]
+pub struct RopeTables<B: SparseKvBackend> {
+    /// Cosines of every position's angles, `[positions, head_dim / 2]`, the model's float type.
+    pub cos: Tensor<B, 2>,
+    /// Sines of the same angles.
+    pub sin: Tensor<B, 2>,
+    /// The heads of the fused QKV projection and how their channels pair up.
+    pub heads: RopeHeads,
+}
+
+/// A backend float tensor as a tensor of rank `D`.
+fn float<B: SparseKvBackend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// [`KvCache::append_qkv`] in two steps: the RoPE split into query, key and value tensors,
+/// then [`KvCache::append_ragged`] of the keys and values.
+fn split_then_append<B: SparseKvBackend, C: KvCache<B> + ?Sized>(
+    cache: &mut C,
+    qkv: Tensor<B, 3>,
+    rope: &RopeTables<B>,
+    counts: &[usize],
+) -> Result<Tensor<B, 4>> {
+    let starts = cache.lengths();
+    let [q, k, v] = B::rope_split(
+        qkv.into_primitive().tensor(),
+        rope.cos.clone().into_primitive().tensor(),
+        rope.sin.clone().into_primitive().tensor(),
+        &starts,
+        rope.heads,
+    )?;
+    cache.append_ragged(float(k), float(v), counts)?;
+    Ok(float(q))
+}
+
+/// Whether [`KvCache::append_qkv`] of `qkv` takes the one-launch path of a cache whose new
+/// rows go to dense rows, checked: always where `prompts` (the dense cache), else for a
+/// decode step's projection (`[batch, 1, ..]`); a sparse cache's prompt takes the two-step
+/// path, which checks it itself.
+fn one_launch_append<B: SparseKvBackend>(
+    config: &KvCacheConfig,
+    device: &B::Device,
+    (qkv, rope): (&Tensor<B, 3>, &RopeTables<B>),
+    counts: &[usize],
+    lengths: &[usize],
+    prompts: bool,
+) -> Result<bool> {
+    device_ready()?;
+    let [b, n, width] = qkv.dims();
+    if n != 1 && !prompts {
+        return Ok(false);
+    }
+    let heads = rope.heads;
+    let expected = vec![
+        config.batch,
+        n,
+        (heads.q_heads + 2 * config.kv_heads) * config.head_dim,
+    ];
+    if heads.kv_heads != config.kv_heads || vec![b, n, width] != expected {
+        return Err(KvCacheError::Shape {
+            what: "fused QKV rows (the RoPE heads' KV heads must be the cache's)",
+            expected,
+            actual: vec![b, n, width],
+        });
+    }
+    if &qkv.device() != device {
+        return Err(KvCacheError::Device("fused QKV rows"));
+    }
+    check_counts(config, counts, n, lengths)?;
+    Ok(true)
+}
+
+/// Checks that `counts` give one count per sequence of at most `rows` new rows, within each
+/// sequence's capacity.
+fn check_counts(
+    config: &KvCacheConfig,
+    counts: &[usize],
+    rows: usize,
+    lengths: &[usize],
+) -> Result<()> {
+    if counts.len() != config.batch || counts.iter().any(|&c| c > rows) {
+        return Err(KvCacheError::Invalid(format!(
+            "counts {counts:?} must give one count per sequence ({}), each at most {rows} rows",
+            config.batch
+        )));
+    }
+    for (s, (&len, &c)) in lengths.iter().zip(counts).enumerate() {
+        if len + c > config.max_seq {
+            return Err(KvCacheError::Capacity {
+                sequence: s,
+                needed: len + c,
+                max_seq: config.max_seq,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Common argument checks of `append_ragged`.
 fn check_append<B: SparseKvBackend>(
     config: &KvCacheConfig,
@@ -491,22 +611,7 @@ fn check_append<B: SparseKvBackend>(
             });
         }
     }
-    if counts.len() != config.batch || counts.iter().any(|&c| c > kd[2]) {
-        return Err(KvCacheError::Invalid(format!(
-            "counts {counts:?} must give one count per sequence ({}), each at most {} rows",
-            config.batch, kd[2]
-        )));
-    }
-    for (s, (&len, &c)) in lengths.iter().zip(counts).enumerate() {
-        if len + c > config.max_seq {
-            return Err(KvCacheError::Capacity {
-                sequence: s,
-                needed: len + c,
-                max_seq: config.max_seq,
-            });
-        }
-    }
-    Ok(())
+    check_counts(config, counts, kd[2], lengths)
 }
 
 /// Common argument checks of `attend`; returns the query heads.
@@ -1147,6 +1252,33 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
         Ok(Some(Tensor::from_primitive(TensorPrimitive::Float(out))))
     }
 
+    /// Where new rows go in the current window: `take[s]` rows of sequence `s`, from row
+    /// `from[s]` of the `rows` appended, after its dense tokens.
+    fn window_destination(&self, rows: usize, from: &[usize], take: &[usize]) -> RowCopy {
+        RowCopy {
+            sequences: self.config.batch,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.plan.head_dim,
+            src_capacity: rows,
+            dst_capacity: self.plan.window_capacity,
+            src_start: to_u32(from),
+            dst_start: to_u32(&self.state.dense),
+            counts: to_u32(take),
+        }
+    }
+
+    /// Counts `take[s]` rows just written to each sequence's window and records the state
+    /// for the cache's layer group.
+    fn count_window_rows(&mut self, take: &[usize]) -> Result<()> {
+        for (dense, n) in self.state.dense.iter_mut().zip(take) {
+            *dense += n;
+        }
+        if let Some(link) = &self.group {
+            link.record(&self.state)?;
+        }
+        Ok(())
+    }
+
     /// Compresses the oldest `counts[s]` dense tokens of each sequence and compacts the
     /// windows into the other buffer pair: through the group where there is one (one launch
     /// pair for all its layers, see [`GroupLink::compress`]), else for this layer alone.
@@ -1217,16 +1349,7 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
         }
         let take: Vec<usize> = (0..b).map(|s| counts[s] - from_rows[s]).collect();
         if take.iter().any(|&n| n > 0) {
-            let copy = RowCopy {
-                sequences: b,
-                kv_heads: h,
-                head_dim: d,
-                src_capacity: rows,
-                dst_capacity: self.plan.window_capacity,
-                src_start: to_u32(&from_rows),
-                dst_start: to_u32(&self.state.dense),
-                counts: to_u32(&take),
-            };
+            let copy = self.window_destination(rows, &from_rows, &take);
             let cur = self.state.current;
             B::kv_write_rows(
                 &[
@@ -1236,14 +1359,39 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
                 vt,
                 &copy,
             )?;
-            for (dense, n) in self.state.dense.iter_mut().zip(&take) {
-                *dense += n;
-            }
         }
-        if let Some(link) = &self.group {
-            link.record(&self.state)?;
+        self.count_window_rows(&take)
+    }
+
+    fn append_qkv(
+        &mut self,
+        qkv: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        counts: &[usize],
+    ) -> Result<Tensor<B, 4>> {
+        let lengths = self.lengths();
+        let c = &self.config;
+        if !one_launch_append(c, &self.device, (&qkv, rope), counts, &lengths, false)? {
+            return split_then_append(self, qkv, rope, counts);
         }
-        Ok(())
+        // A decode step: a full window first makes room (as `append_ragged` does), then the
+        // rotation writes each new key and value after the window's dense tokens.
+        let room = room_to_make(&self.config, &self.state.dense, counts);
+        self.compress_oldest(&room)?;
+        let copy = self.window_destination(1, &vec![0; counts.len()], counts);
+        let cur = self.state.current;
+        let q = B::rope_append(
+            qkv.into_primitive().tensor(),
+            rope.cos.clone().into_primitive().tensor(),
+            rope.sin.clone().into_primitive().tensor(),
+            &lengths,
+            rope.heads,
+            [&self.buffers.k_window[cur], &self.buffers.v_window[cur]],
+            self.config.value_type,
+            &copy,
+        )?;
+        self.count_window_rows(counts)?;
+        Ok(float(q))
     }
 
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
@@ -1391,13 +1539,11 @@ impl<B: SparseKvBackend> DenseKvCache<B> {
     pub(crate) fn buffers(&self) -> (&B::KvBuffer, &B::KvBuffer) {
         (&self.k, &self.v)
     }
-}
 
-impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
-    fn append_ragged(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>, counts: &[usize]) -> Result<()> {
-        check_append(&self.config, &self.device, &k, &v, counts, &self.lengths)?;
-        let rows = k.dims()[2];
-        let copy = RowCopy {
+    /// Where new rows go: the first `counts[s]` of the `rows` appended to sequence `s`, after
+    /// its tokens.
+    fn destination(&self, rows: usize, counts: &[usize]) -> RowCopy {
+        RowCopy {
             sequences: self.config.batch,
             kv_heads: self.config.kv_heads,
             head_dim: self.head_dim,
@@ -1406,7 +1552,21 @@ impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
             src_start: vec![0; self.config.batch],
             dst_start: to_u32(&self.lengths),
             counts: to_u32(counts),
-        };
+        }
+    }
+
+    /// Counts the rows just appended.
+    fn count_rows(&mut self, counts: &[usize]) {
+        for (len, c) in self.lengths.iter_mut().zip(counts) {
+            *len += c;
+        }
+    }
+}
+
+impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
+    fn append_ragged(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>, counts: &[usize]) -> Result<()> {
+        check_append(&self.config, &self.device, &k, &v, counts, &self.lengths)?;
+        let copy = self.destination(k.dims()[2], counts);
         let vt = self.config.value_type;
         B::kv_write_rows(
             &[
@@ -1416,10 +1576,31 @@ impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
             vt,
             &copy,
         )?;
-        for (len, c) in self.lengths.iter_mut().zip(counts) {
-            *len += c;
-        }
+        self.count_rows(counts);
         Ok(())
+    }
+
+    fn append_qkv(
+        &mut self,
+        qkv: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        counts: &[usize],
+    ) -> Result<Tensor<B, 4>> {
+        let (c, lengths) = (&self.config, &self.lengths);
+        one_launch_append(c, &self.device, (&qkv, rope), counts, lengths, true)?;
+        let copy = self.destination(qkv.dims()[1], counts);
+        let q = B::rope_append(
+            qkv.into_primitive().tensor(),
+            rope.cos.clone().into_primitive().tensor(),
+            rope.sin.clone().into_primitive().tensor(),
+            &self.lengths,
+            rope.heads,
+            [&self.k, &self.v],
+            self.config.value_type,
+            &copy,
+        )?;
+        self.count_rows(counts);
+        Ok(float(q))
     }
 
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {

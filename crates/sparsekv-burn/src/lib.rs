@@ -105,7 +105,9 @@ pub mod masked;
 pub mod runtime;
 
 pub use backend::{CubeKvBuffer, DeviceMemory, RopeHeads, SKINNY_MAX_ROWS, SparseKvBackend};
-pub use cache::{DenseKvCache, KvCache, KvCacheConfig, LayerCaches, PrefillPolicy, SparseKvCache};
+pub use cache::{
+    DenseKvCache, KvCache, KvCacheConfig, LayerCaches, PrefillPolicy, RopeTables, SparseKvCache,
+};
 pub use error::{KvCacheError, Result};
 pub use masked::{MaskedKvCache, PruneStrategy};
 pub use runtime::{check_device_threads, watch_device_threads};

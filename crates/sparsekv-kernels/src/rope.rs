@@ -1,8 +1,9 @@
 //! Rotary position embedding fused with the split of a fused QKV projection: one launch takes
 //! the projection's output `[sequences, tokens, (q_heads + 2 kv_heads) · head_dim]` and writes
 //! the rotated queries `[sequences, tokens, q_heads, head_dim]` and the rotated keys and the
-//! values in the caches' layout `[sequences, kv_heads, tokens, head_dim]`, so they go into the
-//! cache without another copy.
+//! values as rows of the caches' streams: either tensors of their own
+//! `[sequences, kv_heads, tokens, head_dim]`, or straight into a cache's dense rows at each
+//! sequence's next free row (a decode step: no copy and no launch of its own for the append).
 //!
 //! One unit per channel pair of every head of every token, computed in f32. The angles come
 //! from the model's tables (`cos`/`sin`, `[positions, head_dim / 2]`, one row per position):
@@ -13,6 +14,7 @@ use cubecl::prelude::*;
 
 use crate::compress::check_len;
 use crate::error::{KernelError, Result};
+use crate::rows::CopyRowsArgs;
 use crate::{FloatElement, check_type_supported};
 
 /// Units per cube.
@@ -60,11 +62,13 @@ fn rope_split_kernel<F: Float>(
     qkv: &Array<F>,
     cos: &Array<F>,
     sin: &Array<F>,
-    starts: &Array<u32>,
+    offsets: &Array<u32>,
     q: &mut Array<F>,
     k: &mut Array<F>,
     v: &mut Array<F>,
+    sequences: u32,
     tokens: u32,
+    kv_capacity: u32,
     pairs_total: u32,
     #[comptime] plan: RopePlan,
 ) {
@@ -88,8 +92,15 @@ fn rope_split_kernel<F: Float>(
         let x1 = f32::cast_from(qkv[base + c1]);
         let seq = row / n;
         let t = row % n;
+        // offsets: positions of the first tokens, then where the K/V rows go (source start
+        // tokens, destination start rows, counts), one per sequence each.
+        let seqs = sequences as usize;
+        let first = offsets[seqs + seq] as usize;
+        // The destination row of this token's key and value, where it writes them.
+        let kv_row = offsets[2 * seqs + seq] as usize + (t - min(t, first));
+        let writes_kv = t >= first && t < first + offsets[3 * seqs + seq] as usize;
         if head < hq + hkv {
-            let angle_row = starts[seq] as usize + t;
+            let angle_row = offsets[seq] as usize + t;
             let cs = f32::cast_from(cos[angle_row * half + i]);
             let sn = f32::cast_from(sin[angle_row * half + i]);
             let o0 = F::cast_from(x0 * cs - x1 * sn);
@@ -98,13 +109,13 @@ fn rope_split_kernel<F: Float>(
                 let out = (row * hq + head) * d;
                 q[out + c0] = o0;
                 q[out + c1] = o1;
-            } else {
-                let out = ((seq * hkv + head - hq) * n + t) * d;
+            } else if writes_kv {
+                let out = ((seq * hkv + head - hq) * kv_capacity as usize + kv_row) * d;
                 k[out + c0] = o0;
                 k[out + c1] = o1;
             }
-        } else {
-            let out = ((seq * hkv + head - hq - hkv) * n + t) * d;
+        } else if writes_kv {
+            let out = ((seq * hkv + head - hq - hkv) * kv_capacity as usize + kv_row) * d;
             v[out + c0] = F::cast_from(x0);
             v[out + c1] = F::cast_from(x1);
         }
@@ -114,7 +125,12 @@ fn rope_split_kernel<F: Float>(
 
 /// Splits `qkv` into rotated queries (`q`), rotated keys (`k`) and values (`v`), token `t` of
 /// sequence `s` at position `starts[s] + t` of the angle tables `cos`, `sin`; see the module
-/// docs for the layouts. All buffers hold `F`. Nothing is read back.
+/// docs for the layouts. `kv_rows` says where keys and values go: `k` and `v` are
+/// `sequences · kv_heads` streams of `kv_rows.dst_capacity` rows, and sequence `s` writes its
+/// tokens `kv_rows.src_start[s] ..` (`kv_rows.counts[s]` of them) at rows
+/// `kv_rows.dst_start[s] ..` of its streams (a capacity of `tokens`, starts 0 and counts
+/// `tokens` write every token into tensors of their own). Its sequences, KV heads and head_dim are the shape's, and its
+/// source capacity the shape's tokens. All buffers hold `F`. Nothing is read back.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_split<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
@@ -125,8 +141,8 @@ pub fn rope_split<R: Runtime, F: FloatElement>(
     sin: &cubecl::server::Handle,
     starts: &[u32],
     q: &cubecl::server::Handle,
-    k: &cubecl::server::Handle,
-    v: &cubecl::server::Handle,
+    [k, v]: [&cubecl::server::Handle; 2],
+    kv_rows: &CopyRowsArgs<'_>,
 ) -> Result<()> {
     check_type_supported::<R, F>(client)?;
     let RopeShape {
@@ -153,6 +169,19 @@ pub fn rope_split<R: Runtime, F: FloatElement>(
             "RoPE over {q_heads} query and {kv_heads} KV heads of {head_dim}: needs heads and an even, non-zero head_dim"
         )));
     }
+    if (
+        kv_rows.sequences,
+        kv_rows.kv_heads,
+        kv_rows.head_dim,
+        kv_rows.src_capacity,
+    ) != (sequences, kv_heads, head_dim, tokens)
+    {
+        return Err(KernelError::InvalidArguments(format!(
+            "RoPE of {sequences} sequences of {tokens} tokens, {kv_heads} KV heads of {head_dim}: the K/V rows are given for {} sequences of {} tokens, {} KV heads of {}",
+            kv_rows.sequences, kv_rows.src_capacity, kv_rows.kv_heads, kv_rows.head_dim
+        )));
+    }
+    kv_rows.validate()?;
     let rows = sequences * tokens;
     let es = F::size_bytes();
     check_len(
@@ -163,15 +192,17 @@ pub fn rope_split<R: Runtime, F: FloatElement>(
     check_len("RoPE cos", cos, positions * head_dim / 2 * es)?;
     check_len("RoPE sin", sin, positions * head_dim / 2 * es)?;
     check_len("queries", q, rows * q_heads * head_dim * es)?;
-    check_len("keys", k, rows * kv_heads * head_dim * es)?;
-    check_len("values", v, rows * kv_heads * head_dim * es)?;
+    let kv_len = sequences * kv_heads * kv_rows.dst_capacity * head_dim * es;
+    check_len("keys", k, kv_len)?;
+    check_len("values", v, kv_len)?;
     let pairs_total = rows * (q_heads + 2 * kv_heads) * head_dim / 2;
     if pairs_total == 0 {
         return Ok(());
     }
-    if pairs_total > u32::MAX as usize {
+    if pairs_total > u32::MAX as usize || kv_len / es > u32::MAX as usize {
         return Err(KernelError::InvalidArguments(format!(
-            "RoPE over {pairs_total} channel pairs: more than 32-bit indices reach"
+            "RoPE over {pairs_total} channel pairs into {} K/V elements: more than 32-bit indices reach",
+            kv_len / es
         )));
     }
     let plan = RopePlan {
@@ -180,11 +211,15 @@ pub fn rope_split<R: Runtime, F: FloatElement>(
         kv_heads,
         style,
     };
-    let starts = crate::upload::upload_u32(client, starts);
+    let offsets = crate::upload::upload_u32(
+        client,
+        &[starts, kv_rows.src_start, kv_rows.dst_start, kv_rows.counts].concat(),
+    );
     let arr = |h: &cubecl::server::Handle| unsafe {
         ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / es)
     };
-    // SAFETY: every index is below the sizes checked above (rows of the given shape).
+    // SAFETY: every index is below the sizes checked above (rows of the given shape, K/V rows
+    // within the destination's capacity).
     unsafe {
         rope_split_kernel::launch_unchecked::<F, R>(
             client,
@@ -193,11 +228,13 @@ pub fn rope_split<R: Runtime, F: FloatElement>(
             arr(qkv),
             arr(cos),
             arr(sin),
-            ArrayArg::from_raw_parts(starts.clone(), sequences),
+            ArrayArg::from_raw_parts(offsets, 4 * sequences),
             arr(q),
             arr(k),
             arr(v),
+            sequences as u32,
             tokens as u32,
+            kv_rows.dst_capacity as u32,
             pairs_total as u32,
             plan,
         );

@@ -80,6 +80,38 @@ pub struct CopyRowsArgs<'a> {
     pub counts: &'a [u32],
 }
 
+impl CopyRowsArgs<'_> {
+    /// Checks that every per-sequence list has one entry per sequence and that each
+    /// sequence's rows stay within both capacities.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let seqs = self.sequences;
+        for (name, v) in [
+            ("src_start", self.src_start),
+            ("dst_start", self.dst_start),
+            ("counts", self.counts),
+        ] {
+            if v.len() != seqs {
+                return Err(KernelError::InvalidArguments(format!(
+                    "{name} has {} entries for {seqs} sequences",
+                    v.len()
+                )));
+            }
+        }
+        for s in 0..seqs {
+            let n = self.counts[s] as usize;
+            if self.src_start[s] as usize + n > self.src_capacity
+                || self.dst_start[s] as usize + n > self.dst_capacity
+            {
+                return Err(KernelError::InvalidArguments(format!(
+                    "sequence {s}: copying {n} rows from row {} to row {} exceeds the capacities ({} and {} rows)",
+                    self.src_start[s], self.dst_start[s], self.src_capacity, self.dst_capacity
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Copies rows of `F` elements from each source to its destination (distinct buffers), the
 /// same rows for every pair (one or two pairs: the keys and the values of a cache), in one
 /// launch with one upload of the offsets. Nothing is read back.
@@ -108,30 +140,8 @@ pub fn copy_rows<R: Runtime, F: FloatElement>(
             )));
         }
     };
+    args.validate()?;
     let (seqs, d) = (args.sequences, args.head_dim);
-    for (name, v) in [
-        ("src_start", args.src_start),
-        ("dst_start", args.dst_start),
-        ("counts", args.counts),
-    ] {
-        if v.len() != seqs {
-            return Err(KernelError::InvalidArguments(format!(
-                "{name} has {} entries for {seqs} sequences",
-                v.len()
-            )));
-        }
-    }
-    for s in 0..seqs {
-        let n = args.counts[s] as usize;
-        if args.src_start[s] as usize + n > args.src_capacity
-            || args.dst_start[s] as usize + n > args.dst_capacity
-        {
-            return Err(KernelError::InvalidArguments(format!(
-                "sequence {s}: copying {n} rows from row {} to row {} exceeds the capacities ({} and {} rows)",
-                args.src_start[s], args.dst_start[s], args.src_capacity, args.dst_capacity
-            )));
-        }
-    }
     let streams = seqs * args.kv_heads;
     let es = F::size_bytes();
     for &(src, dst) in pairs {

@@ -9,7 +9,7 @@
 use sparsekv_burn::burn::tensor::activation::softmax;
 use sparsekv_burn::burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
 use sparsekv_burn::{
-    KvCache, KvCacheError, PrefillPolicy, RopeHeads, SkinnyInput, SparseKvBackend,
+    KvCache, KvCacheError, PrefillPolicy, RopeHeads, RopeTables, SkinnyInput, SparseKvBackend,
 };
 use sparsekv_format::{HeadDim, PromptShape};
 
@@ -43,9 +43,8 @@ pub struct Llama<B: SparseKvBackend> {
     final_norm: Tensor<B, 1>,
     /// `[vocab, dim]` (the embedding itself when tied).
     lm_head: Tensor<B, 2>,
-    /// `[max_seq, head_dim / 2]`.
-    rope_cos: Tensor<B, 2>,
-    rope_sin: Tensor<B, 2>,
+    /// The angle tables `[max_seq, head_dim / 2]` and the heads they rotate.
+    rope: RopeTables<B>,
     /// Query rows per block of prefill attention (`None`: the backend's prompt attention
     /// kernel where it has one, else blocks sized from [`PREFILL_SCORE_BUDGET`]).
     prefill_block: Option<usize>,
@@ -82,11 +81,8 @@ fn linear<B: SparseKvBackend>(parts: &[&[f32]], inp: usize, device: &B::Device) 
     Tensor::<B, 2>::from_data(TensorData::new(data, [out, inp]), device)
 }
 
-/// RoPE `cos` and `sin` tables, `[max_seq, head_dim / 2]`.
-fn rope_tables<B: SparseKvBackend>(
-    c: &LlamaConfig,
-    device: &B::Device,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
+/// RoPE's `cos` and `sin` tables, `[max_seq, head_dim / 2]`, and the model's heads.
+fn rope_tables<B: SparseKvBackend>(c: &LlamaConfig, device: &B::Device) -> RopeTables<B> {
     let half = c.head_dim() / 2;
     let (mut cos, mut sin) = (
         Vec::with_capacity(c.max_seq * half),
@@ -99,10 +95,15 @@ fn rope_tables<B: SparseKvBackend>(
             sin.push(angle.sin() as f32);
         }
     }
-    (
-        Tensor::from_data(TensorData::new(cos, [c.max_seq, half]), device),
-        Tensor::from_data(TensorData::new(sin, [c.max_seq, half]), device),
-    )
+    RopeTables {
+        cos: Tensor::from_data(TensorData::new(cos, [c.max_seq, half]), device),
+        sin: Tensor::from_data(TensorData::new(sin, [c.max_seq, half]), device),
+        heads: RopeHeads {
+            q_heads: c.n_heads,
+            kv_heads: c.n_kv_heads,
+            style: c.rope_style,
+        },
+    }
 }
 
 fn vector<B: SparseKvBackend>(v: &[f32], device: &B::Device) -> Tensor<B, 1> {
@@ -172,7 +173,6 @@ impl<B: SparseKvBackend> Llama<B> {
             Some(w) => linear(&[w], dim, device),
             None => embedding.clone(),
         };
-        let (rope_cos, rope_sin) = rope_tables(c, device);
         Ok(Llama {
             config: c.clone(),
             device: device.clone(),
@@ -180,8 +180,7 @@ impl<B: SparseKvBackend> Llama<B> {
             layers: weights.layers.iter().map(layer).collect(),
             final_norm: vector(&weights.final_norm, device),
             lm_head,
-            rope_cos,
-            rope_sin,
+            rope: rope_tables(c, device),
             prefill_block: None,
             prompt_rows: PROMPT_ROWS,
         })
@@ -230,7 +229,6 @@ impl<B: SparseKvBackend> Llama<B> {
                 matrix(c.vocab_size, dim),
             )
         })?;
-        let (rope_cos, rope_sin) = rope_tables(c, device);
         Ok(Llama {
             config: c.clone(),
             device: device.clone(),
@@ -238,8 +236,7 @@ impl<B: SparseKvBackend> Llama<B> {
             layers,
             final_norm,
             lm_head,
-            rope_cos,
-            rope_sin,
+            rope: rope_tables(c, device),
             prefill_block: None,
             prompt_rows: PROMPT_ROWS,
         })
@@ -515,19 +512,14 @@ impl<B: SparseKvBackend> Llama<B> {
         l: &Layer<B>,
         starts: &[usize],
     ) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
-        let c = &self.config;
         // [b, n, (heads + 2 kv_heads) * hd]
         let qkv = self.project(x, self.normed(&l.attn_norm), &l.wqkv, None)?;
         let [q, k, v] = B::rope_split(
             qkv.into_primitive().tensor(),
-            self.rope_cos.clone().into_primitive().tensor(),
-            self.rope_sin.clone().into_primitive().tensor(),
+            self.rope.cos.clone().into_primitive().tensor(),
+            self.rope.sin.clone().into_primitive().tensor(),
             starts,
-            RopeHeads {
-                q_heads: c.n_heads,
-                kv_heads: c.n_kv_heads,
-                style: c.rope_style,
-            },
+            self.rope.heads,
         )?;
         let float = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
         Ok((float(q), float(k), float(v)))
@@ -716,8 +708,9 @@ impl<B: SparseKvBackend> Llama<B> {
         let counts: Vec<usize> = active.iter().map(|&a| usize::from(a)).collect();
         let mut x = self.embed(tokens, b, 1)?;
         for (l, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            let (q, k, v) = self.qkv(x.clone(), l, &positions)?;
-            cache.append_ragged(k, v, &counts)?;
+            // [b, 1, (heads + 2 kv_heads) * hd]; keys and values go straight into the cache.
+            let qkv = self.project(x.clone(), self.normed(&l.attn_norm), &l.wqkv, None)?;
+            let q = cache.append_qkv(qkv, &self.rope, &counts)?;
             let att = cache.attend(q.reshape([b, h, hd]))?.reshape([b, 1, h * hd]);
             x = self.project(att, SkinnyInput::Plain, &l.wo, Some(x))?;
             x = self.feed_forward(x, l)?;

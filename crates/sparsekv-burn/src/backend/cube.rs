@@ -7,15 +7,15 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use sparsekv_format::{PromptShape, ValueType};
 use sparsekv_kernels::cubecl::server::Handle;
 use sparsekv_kernels::{
-    AttentionArgs, CompressArgs, CompressTarget as KernelCompressTarget, DenseCacheArgs,
-    ExpandArgs, SkinnyInput, SparseSegmentArgs,
+    AttentionArgs, CompressArgs, CompressTarget as KernelCompressTarget, CopyRowsArgs,
+    DenseCacheArgs, ExpandArgs, RopeShape, SkinnyInput, SparseSegmentArgs,
 };
 
 use super::{
     CompressTarget, CompressedStreams, ContextLayout, DecodeShape, DenseRows, DeviceMemory,
     RopeHeads, RowCopy, Segment, SparseKvBackend, check_rows, check_view, decode_output,
-    projection_plan, prompt_plan, rms_norm_plan, rope_output_dims, rope_plan, row_args,
-    skinny_plan, swiglu_plan, value_dtype,
+    projection_plan, prompt_plan, rms_norm_plan, rope_append_plan, rope_output_dims, rope_plan,
+    row_args, skinny_plan, swiglu_plan, value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -373,37 +373,66 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         heads: RopeHeads,
     ) -> Result<[FloatTensor<Self>; 3]> {
         let (value_type, shape) = rope_plan(&qkv, &cos, &sin, starts, heads)?;
-        // Checked against the tables' rows, so they fit u32.
-        let starts: Vec<u32> = starts.iter().map(|&s| s as u32).collect();
-        let qkv = burn_cubecl::kernel::into_contiguous(qkv);
-        let cos = burn_cubecl::kernel::into_contiguous(cos);
-        let sin = burn_cubecl::kernel::into_contiguous(sin);
-        let client = qkv.client.clone();
         let es = value_type.size_bytes();
-        let [q_dims, k_dims, v_dims] = rope_output_dims(&shape);
-        let alloc = |dims: &[usize]| client.empty((dims.iter().product::<usize>() * es).max(16));
-        let (q, k, v) = (alloc(&q_dims), alloc(&k_dims), alloc(&v_dims));
-        with_float!(
-            value_type,
-            E,
-            sparsekv_kernels::rope_split::<R, E>(
-                &client,
-                shape,
-                heads.style,
-                &qkv.handle,
-                &cos.handle,
-                &sin.handle,
-                &starts,
-                &q,
-                &k,
-                &v
-            )?
-        );
+        let [_, k_dims, v_dims] = rope_output_dims(&shape);
+        let alloc = |dims: &[usize]| {
+            qkv.client
+                .empty((dims.iter().product::<usize>() * es).max(16))
+        };
+        let (k, v) = (alloc(&k_dims), alloc(&v_dims));
+        // Every token's row, at its own place in tensors of `tokens` rows per stream.
+        let zeros = vec![0; shape.sequences];
+        let counts = vec![shape.tokens as u32; shape.sequences];
+        let rows = CopyRowsArgs {
+            sequences: shape.sequences,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+            src_capacity: shape.tokens,
+            dst_capacity: shape.tokens,
+            src_start: &zeros,
+            dst_start: &zeros,
+            counts: &counts,
+        };
+        let like = qkv.clone();
+        let q = rope_into(
+            qkv,
+            cos,
+            sin,
+            starts,
+            heads,
+            (value_type, shape),
+            [&k, &v],
+            &rows,
+        )?;
         Ok([
-            tensor_like(&qkv, q, q_dims, value_type),
-            tensor_like(&qkv, k, k_dims, value_type),
-            tensor_like(&qkv, v, v_dims, value_type),
+            q,
+            tensor_like(&like, k, k_dims, value_type),
+            tensor_like(&like, v, v_dims, value_type),
         ])
+    }
+
+    fn rope_append(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        starts: &[usize],
+        heads: RopeHeads,
+        [k, v]: [&Self::KvBuffer; 2],
+        value_type: ValueType,
+        copy: &RowCopy,
+    ) -> Result<FloatTensor<Self>> {
+        let shape = rope_append_plan(&qkv, &cos, &sin, starts, heads, value_type)?;
+        let (plan, rows) = ((value_type, shape), row_args(copy));
+        rope_into(
+            qkv,
+            cos,
+            sin,
+            starts,
+            heads,
+            plan,
+            [&k.handle, &v.handle],
+            &rows,
+        )
     }
 
     fn swiglu(gate_up: FloatTensor<Self>) -> Result<FloatTensor<Self>> {
@@ -513,6 +542,48 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseKvBa
         );
         Ok(tensor_like(&q, out, plan.dims, plan.value_type))
     }
+}
+
+/// The RoPE split of [`SparseKvBackend::rope_split`] and [`SparseKvBackend::rope_append`]:
+/// the queries in a new tensor, the keys and values into `k` and `v` as `rows` says; `plan`
+/// is the checked value type and shape.
+#[allow(clippy::too_many_arguments)]
+fn rope_into<R: CubeRuntime>(
+    qkv: CubeTensor<R>,
+    cos: CubeTensor<R>,
+    sin: CubeTensor<R>,
+    starts: &[usize],
+    heads: RopeHeads,
+    (value_type, shape): (ValueType, RopeShape),
+    kv: [&Handle; 2],
+    rows: &CopyRowsArgs<'_>,
+) -> Result<CubeTensor<R>> {
+    // Checked against the tables' rows, so they fit u32.
+    let starts: Vec<u32> = starts.iter().map(|&s| s as u32).collect();
+    let qkv = burn_cubecl::kernel::into_contiguous(qkv);
+    let cos = burn_cubecl::kernel::into_contiguous(cos);
+    let sin = burn_cubecl::kernel::into_contiguous(sin);
+    let client = qkv.client.clone();
+    let [q_dims, _, _] = rope_output_dims(&shape);
+    let q_bytes = q_dims.iter().product::<usize>() * value_type.size_bytes();
+    let q = client.empty(q_bytes.max(16));
+    with_float!(
+        value_type,
+        E,
+        sparsekv_kernels::rope_split::<R, E>(
+            &client,
+            shape,
+            heads.style,
+            &qkv.handle,
+            &cos.handle,
+            &sin.handle,
+            &starts,
+            &q,
+            kv,
+            rows
+        )?
+    );
+    Ok(tensor_like(&qkv, q, q_dims, value_type))
 }
 
 /// The kernel's view of dense rows `src` compressed into `dest`.

@@ -36,7 +36,8 @@ use sparsekv_kernels::{SkinnyInput, SkinnyShape};
 use super::{
     CompressTarget, CompressedStreams, ContextLayout, DecodeShape, DenseRows, DeviceMemory,
     RopeHeads, RowCopy, Segment, SparseKvBackend, check_rows, decode_output, projection_plan,
-    prompt_plan, rms_norm_plan, rope_output_dims, rope_plan, skinny_plan, swiglu_plan, value_dtype,
+    prompt_plan, rms_norm_plan, rope_append_plan, rope_output_dims, rope_plan, skinny_plan,
+    swiglu_plan, value_dtype,
 };
 use crate::error::{KvCacheError, Result};
 
@@ -585,6 +586,49 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
                 o.len()
             ))
         })
+    }
+
+    fn rope_append(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        starts: &[usize],
+        heads: RopeHeads,
+        window: [&Self::KvBuffer; 2],
+        value_type: ValueType,
+        copy: &RowCopy,
+    ) -> Result<FloatTensor<Self>> {
+        let shape = rope_append_plan(&qkv, &cos, &sin, starts, heads, value_type)?;
+        let [q_dims, _, _] = rope_output_dims(&shape);
+        let (starts, copy) = (starts.to_vec(), copy.clone());
+        let buffers = window.map(inner);
+        let client = qkv.client.clone();
+        let outputs = queue::<B, _>(
+            &client,
+            "sparsekv_rope_append",
+            vec![qkv, cos, sin],
+            &[q_dims],
+            value_type,
+            &window,
+            move |inputs, outputs, handles| {
+                let mut inputs = inner_inputs::<B>(inputs, handles).into_iter();
+                let (Some(qkv), Some(cos), Some(sin)) =
+                    (inputs.next(), inputs.next(), inputs.next())
+                else {
+                    return Err(KvCacheError::Invalid(
+                        "a queued RoPE append lost its operands".into(),
+                    ));
+                };
+                let [k, v] = &buffers;
+                let q = B::rope_append(qkv, cos, sin, &starts, heads, [k, v], value_type, &copy)?;
+                register_outputs::<B>(outputs, handles, [q]);
+                Ok(())
+            },
+        )?;
+        outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| KvCacheError::Invalid("a queued RoPE append returned no queries".into()))
     }
 
     fn swiglu(gate_up: FloatTensor<Self>) -> Result<FloatTensor<Self>> {

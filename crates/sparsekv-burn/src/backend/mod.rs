@@ -379,6 +379,25 @@ pub trait SparseKvBackend: Backend {
         heads: RopeHeads,
     ) -> Result<[FloatTensor<Self>; 3]>;
 
+    /// [`Self::rope_split`] whose keys and values go straight into a cache's dense rows instead
+    /// of tensors of their own, in the same launch (a decode step appends without a copy):
+    /// `window` holds the keys' and the values' buffer (`copy.dst_capacity` rows per stream,
+    /// of `value_type`, which `qkv` must have), and sequence `s` writes its tokens
+    /// `copy.src_start[s] ..` (`copy.counts[s]` of them; `copy.src_capacity` is the tokens of
+    /// `qkv`) at rows `copy.dst_start[s] ..` of its streams. Returns the queries
+    /// `[b, n, q_heads, head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_append(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        starts: &[usize],
+        heads: RopeHeads,
+        window: [&Self::KvBuffer; 2],
+        value_type: ValueType,
+        copy: &RowCopy,
+    ) -> Result<FloatTensor<Self>>;
+
     /// SwiGLU in one launch: `gate_up` `[.., 2 * hidden]` holds the gate then the up
     /// projection on its last axis; returns `silu(gate) · up`, `[.., hidden]`, computed in f32.
     fn swiglu(gate_up: FloatTensor<Self>) -> Result<FloatTensor<Self>>;
@@ -741,6 +760,20 @@ pub(crate) fn rope_plan<T: TensorMetadata>(
 
 /// The output shapes of [`SparseKvBackend::rope_split`]: queries `[b, n, q_heads, d]`, keys and
 /// values `[b, kv_heads, n, d]`.
+/// [`rope_plan`] for [`SparseKvBackend::rope_append`], whose `qkv` must also hold the cache's
+/// `value_type`.
+pub(crate) fn rope_append_plan<T: TensorMetadata>(
+    qkv: &T,
+    cos: &T,
+    sin: &T,
+    starts: &[usize],
+    heads: RopeHeads,
+    value_type: ValueType,
+) -> Result<RopeShape> {
+    Operand::of(qkv).expect_type("fused QKV", value_type)?;
+    Ok(rope_plan(qkv, cos, sin, starts, heads)?.1)
+}
+
 pub(crate) fn rope_output_dims(shape: &RopeShape) -> [Vec<usize>; 3] {
     let RopeShape {
         sequences: b,
