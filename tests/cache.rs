@@ -11,7 +11,8 @@ use rand::{Rng, SeedableRng};
 use sparsekv::cache::burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use sparsekv::cache::burn_cubecl::CubeBackend;
 use sparsekv::cache::{
-    DenseKvCache, KvCache, KvCacheConfig, KvCacheError, LayerCaches, SparseKvBackend, SparseKvCache,
+    DenseKvCache, KvCache, KvCacheConfig, KvCacheError, LayerCaches, RopeHeads, RopeStyle,
+    RopeTables, SparseKvBackend, SparseKvCache,
 };
 use sparsekv::format::oracle::{self, DenseBlock, HeadCache};
 use sparsekv::format::{HeadDim, Sparsity, keep_count};
@@ -471,6 +472,114 @@ fn append_both<B: SparseKvBackend>(
     let seed: u64 = rng.random();
     append(&mut StdRng::seed_from_u64(seed), sc, a, hist, counts)?;
     append(&mut StdRng::seed_from_u64(seed), sc, b, hist, counts)
+}
+
+#[test]
+fn rotating_keys_into_the_cache_matches_split_then_append() {
+    qkv_append_equals_split::<B>();
+}
+
+#[test]
+fn fused_backend_rotating_keys_into_the_cache_matches_split_then_append() {
+    qkv_append_equals_split::<Fused>();
+}
+
+fn to_f64<B: SparseKvBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    let v = t.into_data().to_vec::<f32>().expect("f32 data");
+    v.into_iter().map(f64::from).collect()
+}
+
+/// `KvCache::append_qkv` (a decode step's keys rotated straight into the dense rows, one
+/// launch; a sparse cache's prompt through the RoPE split) against the RoPE split followed by
+/// `append_ragged`, on sparse and dense caches fed the same fused QKV rows through prompts,
+/// window overflows and steps where some sequences add nothing: the same queries and the same
+/// attention output at every step.
+fn qkv_append_equals_split<B: SparseKvBackend>() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut sc = random_scenario(&mut rng);
+    sc.steps = sc.steps.min(80);
+    let (q_heads, d) = (sc.kv_heads * sc.group, sc.head_dim);
+    let (positions, half) = (400, sc.head_dim / 2);
+    let device = Default::default();
+    let table = |f: fn(f64) -> f64| {
+        let v: Vec<f32> = (0..positions * half)
+            .map(|i| f((i / half) as f64 * 10f64.powf(-((i % half) as f64) / half as f64)) as f32)
+            .collect();
+        Tensor::<B, 2>::from_data(TensorData::new(v, [positions, half]), &device)
+    };
+    let rope = RopeTables {
+        cos: table(f64::cos),
+        sin: table(f64::sin),
+        heads: RopeHeads {
+            q_heads,
+            kv_heads: sc.kv_heads,
+            style: [RopeStyle::Interleaved, RopeStyle::RotateHalf][rng.random_range(0..2)],
+        },
+    };
+    let config = KvCacheConfig::new(sc.batch, sc.kv_heads, d, positions)
+        .with_sparsity(sc.ks, sc.vs)
+        .with_window(sc.window)
+        .with_chunk(sc.chunk);
+    let sparse = || -> Box<dyn KvCache<B>> {
+        Box::new(SparseKvCache::<B>::new(&config, &device).expect("cache"))
+    };
+    let dense = || -> Box<dyn KvCache<B>> {
+        Box::new(DenseKvCache::<B>::new(&config, &device).expect("cache"))
+    };
+    let makers: [(&str, &dyn Fn() -> Box<dyn KvCache<B>>); 2] =
+        [("sparse", &sparse), ("dense", &dense)];
+    for (kind, make) in makers {
+        let (mut fused, mut split) = (make(), make());
+        for i in 0..=sc.steps {
+            let counts: Vec<usize> = if i == 0 {
+                sc.prefill.clone()
+            } else {
+                (0..sc.batch)
+                    .map(|_| usize::from(rng.random_bool(0.9)))
+                    .collect()
+            };
+            let n = counts.iter().copied().max().unwrap_or(0).max(1);
+            let width = (q_heads + 2 * sc.kv_heads) * d;
+            let qkv = Tensor::<B, 3>::from_data(
+                TensorData::new(
+                    normals(&mut rng, sc.batch * n * width),
+                    [sc.batch, n, width],
+                ),
+                &device,
+            );
+            let q_fused = fused
+                .append_qkv(qkv.clone(), &rope, &counts)
+                .expect("append_qkv");
+            let [q, k, v] = B::rope_split(
+                qkv.into_primitive().tensor(),
+                rope.cos.clone().into_primitive().tensor(),
+                rope.sin.clone().into_primitive().tensor(),
+                &split.lengths(),
+                rope.heads,
+            )
+            .expect("rope_split");
+            let float = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+            split
+                .append_ragged(float(k), float(v), &counts)
+                .expect("append_ragged");
+            let step = format!(
+                "{kind} cache, step {i} ({}), SPARSEKV_SEED={seed}",
+                describe(&sc)
+            );
+            assert_eq!(fused.lengths(), split.lengths(), "{step}");
+            let err = rel_err(&to_f64(q_fused), &to_f64(float(q)));
+            assert!(err < 1e-6, "{step}: queries differ, rel err {err:e}");
+            if fused.lengths().contains(&0) {
+                continue; // Attention needs a token in every sequence.
+            }
+            let q_seed: u64 = rng.random();
+            let (_, a) = attend(&mut StdRng::seed_from_u64(q_seed), &sc, fused.as_ref());
+            let (_, b) = attend(&mut StdRng::seed_from_u64(q_seed), &sc, split.as_ref());
+            let err = rel_err(&a.expect("attend"), &b.expect("attend"));
+            assert!(err < 1e-6, "{step}: attention differs, rel err {err:e}");
+        }
+    }
 }
 
 #[test]
