@@ -20,9 +20,13 @@
 //! - **One upload per step.** The attention lengths and the row offsets of an append are the
 //!   same for every layer of a step; the kernels keep such small arrays on the device by
 //!   content, so only the first layer of a step uploads them.
-//! - **Positions from the caches.** A token's position is the length of its sequence in the
-//!   caches ([`KvCache::lengths`]): RoPE reads it from there, never from a counter the caller
-//!   keeps beside them.
+//! - **Positions from the caches, RoPE on the way in.** A token's position is the length of
+//!   its sequence in the caches ([`KvCache::lengths`]), never a counter the caller keeps
+//!   beside them. [`KvCache::append_qkv`] takes a layer's fused QKV projection and the model's
+//!   [`RopeTables`], rotates queries and keys at those positions and, in a decode step, writes
+//!   the keys and values straight into the cache's dense rows (one launch, no key and value
+//!   tensors); it returns the queries for [`KvCache::attend`]. A model that rotates its keys
+//!   itself appends them with [`KvCache::append`].
 //!
 //! Each layer still sees a plain [`KvCache`], so a model's layer loop stays as it was:
 //!
@@ -30,23 +34,30 @@
 //! # #[cfg(feature = "wgpu")] {
 //! use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
 //! use burn::tensor::{Distribution, Tensor};
-//! use sparsekv_burn::{KvCache, KvCacheConfig, LayerCaches, SparseKvCache};
+//! use sparsekv_burn::{
+//!     KvCache, KvCacheConfig, LayerCaches, RopeHeads, RopeStyle, RopeTables, SparseKvCache,
+//! };
 //!
 //! type B = CubeBackend<WgpuRuntime, f32, i32, u32>;
 //! let device = Default::default();
-//! let (layers, batch, kv_heads, head_dim) = (4, 2, 4, 64);
+//! let (layers, batch, q_heads, kv_heads, head_dim) = (4, 2, 8, 4, 64);
 //! let config = KvCacheConfig::new(batch, kv_heads, head_dim, 4096).with_sparsity(0.7, 0.7);
 //! // Every layer's cache, checked against the device's memory before anything is allocated.
 //! let mut caches = LayerCaches::<SparseKvCache<B>>::sparse(layers, &config, &device)?;
+//! // The model's RoPE: cos and sin of every position's angles, [positions, head_dim / 2].
+//! let rope = RopeTables {
+//!     cos: Tensor::<B, 2>::ones([4096, head_dim / 2], &device),
+//!     sin: Tensor::<B, 2>::zeros([4096, head_dim / 2], &device),
+//!     heads: RopeHeads { q_heads, kv_heads, style: RopeStyle::RotateHalf },
+//! };
+//! let width = (q_heads + 2 * kv_heads) * head_dim;
 //! for _step in 0..100 {
-//!     // One decode step: each layer appends its new keys and values, then attends.
+//!     // One decode step: each layer puts its new token's keys and values in (rotated at the
+//!     // position the cache holds), then attends with the rotated queries.
 //!     for cache in caches.layers_mut() {
-//!         let _position = cache.lengths()[0]; // where RoPE puts this step's token
-//!         let k = Tensor::<B, 4>::random([batch, kv_heads, 1, head_dim], Distribution::Default, &device);
-//!         let v = Tensor::<B, 4>::random([batch, kv_heads, 1, head_dim], Distribution::Default, &device);
-//!         cache.append(k, v)?;
-//!         let q = Tensor::<B, 3>::random([batch, 2 * kv_heads, head_dim], Distribution::Default, &device);
-//!         let _out: Tensor<B, 3> = cache.attend(q)?;
+//!         let qkv = Tensor::<B, 3>::random([batch, 1, width], Distribution::Default, &device);
+//!         let q = cache.append_qkv(qkv, &rope, &[1, 1])?; // [batch, 1, q_heads, head_dim]
+//!         let _out: Tensor<B, 3> = cache.attend(q.reshape([batch, q_heads, head_dim]))?;
 //!     }
 //! }
 //! println!("{:.1}% of dense", 100.0 * caches.memory::<B>().fraction_of_dense());
@@ -66,11 +77,11 @@
 //! [`SparseKvBackend::rope_split`] (RoPE fused with the split of a fused QKV projection into
 //! queries and cache-layout keys and values, the angles read from the model's tables at each
 //! sequence's position) and [`SparseKvBackend::swiglu`]. `sparsekv_llama`'s model is written
-//! with them: a decode step's layer is seven launches where the projections run on CUDA cores
-//! (QKV with its norm, RoPE and split, the cache's row write, attention, the output
-//! projection, gate+up with its norm, the down projection with SwiGLU), plus a merge where
-//! attention splits its rows; on matrix units (CUDA, 8 sequences and more) the norms and
-//! SwiGLU keep launches of their own.
+//! with them: a decode step's layer is six launches where the projections run on CUDA cores
+//! (QKV with its norm, RoPE with the cache's row write ([`SparseKvBackend::rope_append`]),
+//! attention, the output projection, gate+up with its norm, the down projection with SwiGLU),
+//! plus a merge where attention splits its rows; on matrix units (CUDA, 8 sequences and more)
+//! the norms and SwiGLU keep launches of their own.
 //!
 //! # Which backend type
 //!
