@@ -1045,7 +1045,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         keep_k,
         keep_v,
         sparse,
-        walk_down: std::env::var("SPARSEKV_TC_WALK").is_ok_and(|w| w == "down"),
     };
     let use_tc = match kernel {
         DecodeKernel::Simt => false,

@@ -65,9 +65,6 @@ pub(super) struct TilePlan {
     pub keep_v: usize,
     /// Whether a compressed segment is read.
     pub sparse: bool,
-    /// Experiment: whether the expansion walks each row's bits from the highest channel down
-    /// (one `FLO` per kept value) instead of from the lowest up (`BREV` and `FLO`).
-    pub walk_down: bool,
 }
 
 impl TilePlan {
@@ -310,11 +307,9 @@ fn expand_row<F: Float, E: Size>(
     bits0: usize,
     vals: &SharedMemory<F>,
     slot0: usize,
-    keep: usize,
     dense: &mut SharedMemory<F>,
     row0: usize,
     #[comptime] head_dim: usize,
-    #[comptime] walk_down: bool,
 ) {
     let chunks = comptime!(head_dim / CHUNK);
     {
@@ -328,23 +323,7 @@ fn expand_row<F: Float, E: Size>(
         }
     }
     let mut slot = slot0;
-    if comptime!(head_dim >= 32 && walk_down) {
-        // From the highest channel down: the row's last kept value is at `slot0 + keep - 1`
-        // (every row keeps exactly `keep`), and the highest set bit is one `FLO`.
-        let words = comptime!(head_dim / 32);
-        slot = slot0 + keep;
-        #[unroll]
-        for wr in 0..words {
-            let wi = comptime!(words - 1 - wr);
-            let mut word = bits[bits0 + r * words + wi];
-            while word != 0u32 {
-                let top = 31u32 - word.leading_zeros();
-                word ^= 1u32 << top;
-                slot -= 1;
-                dense[row0 + wi * 32 + top as usize] = vals[slot];
-            }
-        }
-    } else if comptime!(head_dim >= 32) {
+    if comptime!(head_dim >= 32) {
         let words = comptime!(head_dim / 32);
         #[unroll]
         for wi in 0..words {
@@ -665,11 +644,9 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
                     words0 + kind * tile_words,
                     &vals_s,
                     slot0,
-                    select(kind == 0, comptime!(plan.keep_k), comptime!(plan.keep_v)),
                     &mut dense_s,
                     dense0 + kind * TILE * row + r_own * row,
                     d,
-                    plan.walk_down,
                 );
             }
             sync_plane();
