@@ -521,15 +521,14 @@ fn qkv_append_equals_split<B: SparseKvBackend>() {
         .with_sparsity(sc.ks, sc.vs)
         .with_window(sc.window)
         .with_chunk(sc.chunk);
-    let sparse = || -> Box<dyn KvCache<B>> {
-        Box::new(SparseKvCache::<B>::new(&config, &device).expect("cache"))
-    };
-    let dense = || -> Box<dyn KvCache<B>> {
-        Box::new(DenseKvCache::<B>::new(&config, &device).expect("cache"))
-    };
-    let makers: [(&str, &dyn Fn() -> Box<dyn KvCache<B>>); 2] =
-        [("sparse", &sparse), ("dense", &dense)];
-    for (kind, make) in makers {
+    for kind in ["sparse", "dense"] {
+        let make = || -> Box<dyn KvCache<B>> {
+            if kind == "sparse" {
+                Box::new(SparseKvCache::<B>::new(&config, &device).expect("cache"))
+            } else {
+                Box::new(DenseKvCache::<B>::new(&config, &device).expect("cache"))
+            }
+        };
         let (mut fused, mut split) = (make(), make());
         for i in 0..=sc.steps {
             let counts: Vec<usize> = if i == 0 {

@@ -516,6 +516,30 @@ fn split_then_append<B: SparseKvBackend, C: KvCache<B> + ?Sized>(
     Ok(float(q))
 }
 
+/// [`SparseKvBackend::rope_append`] of a cache's new rows: queries and keys of `qkv` rotated
+/// at `starts`, keys and values written into `rows` (the cache's key and value buffers) as
+/// `copy` says; returns the queries.
+fn rope_into_rows<B: SparseKvBackend>(
+    qkv: Tensor<B, 3>,
+    rope: &RopeTables<B>,
+    starts: &[usize],
+    rows: [&B::KvBuffer; 2],
+    value_type: ValueType,
+    copy: &RowCopy,
+) -> Result<Tensor<B, 4>> {
+    let q = B::rope_append(
+        qkv.into_primitive().tensor(),
+        rope.cos.clone().into_primitive().tensor(),
+        rope.sin.clone().into_primitive().tensor(),
+        starts,
+        rope.heads,
+        rows,
+        value_type,
+        copy,
+    )?;
+    Ok(float(q))
+}
+
 /// Whether [`KvCache::append_qkv`] of `qkv` takes the one-launch path of a cache whose new
 /// rows go to dense rows, checked: always where `prompts` (the dense cache), else for a
 /// decode step's projection (`[batch, 1, ..]`); a sparse cache's prompt takes the two-step
@@ -1380,18 +1404,10 @@ impl<B: SparseKvBackend> KvCache<B> for SparseKvCache<B> {
         self.compress_oldest(&room)?;
         let copy = self.window_destination(1, &vec![0; counts.len()], counts);
         let cur = self.state.current;
-        let q = B::rope_append(
-            qkv.into_primitive().tensor(),
-            rope.cos.clone().into_primitive().tensor(),
-            rope.sin.clone().into_primitive().tensor(),
-            &lengths,
-            rope.heads,
-            [&self.buffers.k_window[cur], &self.buffers.v_window[cur]],
-            self.config.value_type,
-            &copy,
-        )?;
+        let window = [&self.buffers.k_window[cur], &self.buffers.v_window[cur]];
+        let q = rope_into_rows(qkv, rope, &lengths, window, self.config.value_type, &copy)?;
         self.count_window_rows(counts)?;
-        Ok(float(q))
+        Ok(q)
     }
 
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
@@ -1589,18 +1605,10 @@ impl<B: SparseKvBackend> KvCache<B> for DenseKvCache<B> {
         let (c, lengths) = (&self.config, &self.lengths);
         one_launch_append(c, &self.device, (&qkv, rope), counts, lengths, true)?;
         let copy = self.destination(qkv.dims()[1], counts);
-        let q = B::rope_append(
-            qkv.into_primitive().tensor(),
-            rope.cos.clone().into_primitive().tensor(),
-            rope.sin.clone().into_primitive().tensor(),
-            &self.lengths,
-            rope.heads,
-            [&self.k, &self.v],
-            self.config.value_type,
-            &copy,
-        )?;
+        let vt = self.config.value_type;
+        let q = rope_into_rows(qkv, rope, &self.lengths, [&self.k, &self.v], vt, &copy)?;
         self.count_rows(counts);
-        Ok(float(q))
+        Ok(q)
     }
 
     fn attend(&self, q: Tensor<B, 3>) -> Result<Tensor<B, 3>> {

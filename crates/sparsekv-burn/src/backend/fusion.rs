@@ -221,6 +221,17 @@ fn inner_inputs<B: FusionBackend>(inputs: &[TensorIr], handles: &mut Handles<B>)
         .collect()
 }
 
+/// A queued RoPE operation's operands on the inner backend: the fused QKV rows and the two
+/// angle tables.
+fn rope_inputs<B: FusionBackend>(
+    inputs: &[TensorIr],
+    handles: &mut Handles<B>,
+) -> Result<[Inner<B>; 3]> {
+    inner_inputs::<B>(inputs, handles)
+        .try_into()
+        .map_err(|_| KvCacheError::Invalid("a queued RoPE operation lost its operands".into()))
+}
+
 /// The inner backend's `a · wᵀ (+ residual)` of activations `x` (`a` as the input says): its
 /// skinny or its prompt matmul.
 type Projection<B> =
@@ -567,14 +578,7 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             value_type,
             &[],
             move |inputs, outputs, handles| {
-                let mut inputs = inner_inputs::<B>(inputs, handles).into_iter();
-                let (Some(qkv), Some(cos), Some(sin)) =
-                    (inputs.next(), inputs.next(), inputs.next())
-                else {
-                    return Err(KvCacheError::Invalid(
-                        "a queued RoPE split lost its operands".into(),
-                    ));
-                };
+                let [qkv, cos, sin] = rope_inputs::<B>(inputs, handles)?;
                 let out = B::rope_split(qkv, cos, sin, &starts, heads)?;
                 register_outputs::<B>(outputs, handles, out);
                 Ok(())
@@ -611,14 +615,7 @@ impl<B: FusionBackend + SparseKvBackend> SparseKvBackend for Fusion<B> {
             value_type,
             &window,
             move |inputs, outputs, handles| {
-                let mut inputs = inner_inputs::<B>(inputs, handles).into_iter();
-                let (Some(qkv), Some(cos), Some(sin)) =
-                    (inputs.next(), inputs.next(), inputs.next())
-                else {
-                    return Err(KvCacheError::Invalid(
-                        "a queued RoPE append lost its operands".into(),
-                    ));
-                };
+                let [qkv, cos, sin] = rope_inputs::<B>(inputs, handles)?;
                 let [k, v] = &buffers;
                 let q = B::rope_append(qkv, cos, sin, &starts, heads, [k, v], value_type, &copy)?;
                 register_outputs::<B>(outputs, handles, [q]);
