@@ -27,6 +27,12 @@
 #                    alternating a chat_before binary staged beside chat (an A/B on one host)
 #   TESTS=1          the CUDA tests (TESTLIST=a,b,.. picks binaries and filters, default
 #                    cache, kernels attention, kernels compress, model, the other kernels)
+#   VULKAN=BxT[,..]  the wgpu attention bench (staged by `scripts/gpu.sh --vulkan`) on the
+#                    NVIDIA Vulkan driver at those shapes. Needs the Vulkan loader and glvnd,
+#                    carried as .gl/*.deb (the device README's recipe: libvulkan1 libegl1
+#                    libglvnd0 libopengl0 libgl1 libglx0 libgles2; the NVIDIA ICD's library is
+#                    libGLX_nvidia.so.0, which needs glvnd: with libvulkan1 alone wgpu finds no
+#                    adapter)
 #   NCU=1            ncu of one tensor-core split launch of the attention bench at B = 8,
 #                    T = 32K (SKIP launches skipped first: 320 lands in the s = 0.7 row),
 #                    with source counters, exported as prof.ncu-rep and sass.csv
@@ -121,6 +127,13 @@ if [ "${TESTS:-0}" = 1 ]; then
     echo "== $t $*"
     $bin/$t "$@" 2>&1 | tee -a $OUT/tests.log | grep -E "^test result|FAILED|panicked|failed" | head -20
   done
+fi
+if [ -n "${VULKAN:-}" ]; then
+  echo "== vulkan attention $VULKAN"
+  for f in "$here"/../.gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+  gunzip -c "$here/wgpu/bench_attention.gz" > $bin/wgpu_bench_attention && chmod +x $bin/wgpu_bench_attention
+  VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json SPARSEKV_BENCH_ONLY=$VULKAN \
+    $bin/wgpu_bench_attention --bench 2>&1 | tee -a $OUT/vulkan.log | grep -E "^\||ceiling|panicked|rror"
 fi
 if [ "${NCU:-0}" = 1 ]; then
   echo "== ncu"
