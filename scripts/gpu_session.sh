@@ -88,8 +88,9 @@ if [ -n "${NCUSKINNY:-}" ]; then
     echo "== ncu skinny $target"
     SPARSEKV_BENCH_PROFILE=$target ncu --clock-control none --kernel-name regex:skinny --launch-skip 2 --launch-count 8 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SourceCounters --import-source no \
       $bin/bench_skinny --bench > $OUT/ncu_skinny_${target//[:+]/_}.txt 2>&1
-    grep -E "skinny|Duration|DRAM Throughput|Memory Throughput|Grid Size|Block Size|Registers Per|Achieved Occ|Theoretical Occ|Shared Memory Config|Waves Per SM" \
+    grep -E "skinny|Duration|DRAM Throughput|Memory Throughput|Grid Size|Block Size|Registers Per|Achieved Occ|Theoretical Occ|Shared Memory Config|Waves Per SM|Warp Cycles Per Issued|Stall" \
       $OUT/ncu_skinny_${target//[:+]/_}.txt | head -80
   done
 fi
