@@ -95,10 +95,10 @@ fn rope_split_kernel<F: Float>(
         // offsets: positions of the first tokens, then where the K/V rows go (source start
         // tokens, destination start rows, counts), one per sequence each.
         let seqs = sequences as usize;
-        let first = offsets[seqs + seq] as usize;
-        // The destination row of this token's key and value, where it writes them.
-        let kv_row = offsets[2 * seqs + seq] as usize + (t - min(t, first));
-        let writes_kv = t >= first && t < first + offsets[3 * seqs + seq] as usize;
+        let kv_first = offsets[seqs + seq] as usize;
+        // Whether this token's key and value are written, and to which row of its streams.
+        let writes_kv = t >= kv_first && t < kv_first + offsets[3 * seqs + seq] as usize;
+        let kv_row = offsets[2 * seqs + seq] as usize + (t - min(t, kv_first));
         if head < hq + hkv {
             let angle_row = offsets[seq] as usize + t;
             let cs = f32::cast_from(cos[angle_row * half + i]);
@@ -129,8 +129,9 @@ fn rope_split_kernel<F: Float>(
 /// `sequences · kv_heads` streams of `kv_rows.dst_capacity` rows, and sequence `s` writes its
 /// tokens `kv_rows.src_start[s] ..` (`kv_rows.counts[s]` of them) at rows
 /// `kv_rows.dst_start[s] ..` of its streams (a capacity of `tokens`, starts 0 and counts
-/// `tokens` write every token into tensors of their own). Its sequences, KV heads and head_dim are the shape's, and its
-/// source capacity the shape's tokens. All buffers hold `F`. Nothing is read back.
+/// `tokens` write every token into tensors of their own). Its sequences, KV heads and
+/// head_dim are the shape's, and its source capacity the shape's tokens. All buffers hold
+/// `F`. Nothing is read back.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_split<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
