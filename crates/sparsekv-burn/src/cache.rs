@@ -430,9 +430,10 @@ pub trait KvCache<B: SparseKvBackend> {
     /// `s` at `lengths()[s] + t`: the cache is the one record of positions, so RoPE never
     /// disagrees with what attention sees). Returns the rotated queries
     /// `[batch, n, q_heads, head_dim]`. Where the new keys and values all go to dense rows (a
-    /// decode step of [`SparseKvCache`] and [`DenseKvCache`]) the rotation writes them there
-    /// itself: one launch, no key and value tensors; otherwise (a prompt, whose older tokens
-    /// are compressed straight from its rows) it is [`SparseKvBackend::rope_split`] and then
+    /// decode step of [`SparseKvCache`], any append of [`DenseKvCache`]) the rotation writes
+    /// them there itself: one launch, no key and value tensors; otherwise (a sparse cache's
+    /// prompt, whose older tokens are compressed straight from its rows, or a cache without
+    /// its own implementation) it is [`SparseKvBackend::rope_split`] and then
     /// [`Self::append_ragged`].
     fn append_qkv(
         &mut self,
