@@ -19,7 +19,9 @@
 //! `SPARSEKV_BENCH_QUICK=1` runs only B = 1 at 1K and 4K (for software adapters);
 //! `SPARSEKV_BENCH_ONLY=8x16384,8x32768x256` only those shapes (`BxT` at head_dim 128, or
 //! `BxTxD`), without criterion (for profilers and short runs); `SPARSEKV_BENCH_KERNEL=simt` or
-//! `=tensor-core` runs every row on that split kernel instead of the default (`Auto`).
+//! `=tensor-core` runs every row on that split kernel instead of the default (`Auto`);
+//! `SPARSEKV_BENCH_WINDOW=96` gives the sparse rows that many dense window tokens instead of 32
+//! (a decode step's window holds 32 to 96 tokens with the cache's default chunk of 64).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -44,10 +46,19 @@ const KV_HEADS: usize = 8;
 /// The head dimension of the main sweep; `EXTRA_HEAD_DIMS` get one row each at B = 8, T = 32K.
 const HEAD_DIM: usize = 128;
 const EXTRA_HEAD_DIMS: [usize; 2] = [64, 256];
+/// Dense window tokens of the sparse rows unless `SPARSEKV_BENCH_WINDOW` says otherwise.
 const WINDOW: usize = 32;
 const SPARSITIES: [f64; 2] = [0.5, 0.7];
 /// Bytes of KV the rotated copies of a small cache add up to, at least.
 const ROTATION_BYTES: usize = 256 << 20;
+
+/// Dense window tokens of the sparse rows (`SPARSEKV_BENCH_WINDOW`, else [`WINDOW`]).
+fn window() -> usize {
+    std::env::var("SPARSEKV_BENCH_WINDOW")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(WINDOW)
+}
 
 /// One cache: dense K/V of all tokens, and for each sparsity the same rows compressed (all
 /// but the window) plus the window.
@@ -71,7 +82,7 @@ impl Shape {
         self.batch * KV_HEADS
     }
     fn compressed_tokens(&self) -> usize {
-        self.tokens - WINDOW
+        self.tokens - window()
     }
     /// Tokens per compressed stream.
     fn capacity(&self) -> usize {
@@ -92,7 +103,7 @@ impl Shape {
             Some(s) => {
                 let comp = self.compressed_tokens();
                 2 * (layout::bitmap_words(comp, hd) * 4 + comp * keep_count(s, hd) * elem)
-                    + 2 * WINDOW * self.head_dim * elem
+                    + 2 * window() * self.head_dim * elem
             }
             None => 2 * self.tokens * self.head_dim * elem,
         };
@@ -104,8 +115,8 @@ impl Shape {
         let streams = self.streams();
         let dense_k = random_handle::<F>(client, streams * self.tokens * self.head_dim, seed);
         let dense_v = random_handle::<F>(client, streams * self.tokens * self.head_dim, seed + 1);
-        let win_k = random_handle::<F>(client, streams * WINDOW * self.head_dim, seed + 2);
-        let win_v = random_handle::<F>(client, streams * WINDOW * self.head_dim, seed + 3);
+        let win_k = random_handle::<F>(client, streams * window() * self.head_dim, seed + 2);
+        let win_v = random_handle::<F>(client, streams * window() * self.head_dim, seed + 3);
         let zeros = vec![0u32; self.batch];
         let counts = vec![self.compressed_tokens() as u32; self.batch];
         let compressed = SPARSITIES
@@ -177,7 +188,7 @@ impl Shape {
                     v_sparsity: sparsity,
                 };
                 let comp = vec![self.compressed_tokens() as u32; b];
-                let win = vec![WINDOW as u32; b];
+                let win = vec![window() as u32; b];
                 let args = AttentionArgs {
                     batch: b,
                     q_heads: Q_HEADS,
@@ -190,7 +201,7 @@ impl Shape {
                 let window = DenseCacheArgs {
                     k: &set.win_k,
                     v: &set.win_v,
-                    stride: WINDOW * self.head_dim,
+                    stride: window() * self.head_dim,
                 };
                 decode_attention_with::<Rt, F>(
                     client,
