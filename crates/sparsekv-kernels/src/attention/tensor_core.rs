@@ -65,6 +65,10 @@ pub(super) struct TilePlan {
     pub keep_v: usize,
     /// Whether a compressed segment is read.
     pub sparse: bool,
+    /// Experiment (`SPARSEKV_TC_WINDOW=borrow`, off by default): whether the sparse kernel
+    /// stages window rows in batches in the compressed tiles' chunk registers
+    /// ([`window_batch`]) instead of one chunk per round trip.
+    pub window_borrow: bool,
 }
 
 impl TilePlan {
@@ -351,16 +355,40 @@ fn expand_row<F: Float, E: Size>(
 /// loads of a batch are issued before any store, so a tile costs one or two memory round trips
 /// instead of one per chunk (dense B = 8, T = 32K: 383 -> 316 us).
 const DENSE_BATCH: usize = 8;
-/// The same in the sparse kernel, where only window tiles have dense rows: a large batch's
-/// registers would be allocated for the whole kernel (16 chunks took a third of its occupancy:
-/// sparse B = 8, T = 32K 365 -> 504 us).
-const WINDOW_BATCH: usize = 1;
+
+/// Chunks of dense rows a lane stages per batch in its own registers: [`DENSE_BATCH`] (at
+/// most a tile's chunks per lane) in the dense kernel, one in the sparse kernel, where only
+/// window tiles have dense rows and a batch's registers would be allocated for the whole
+/// kernel (16 chunks took a third of its occupancy: sparse B = 8, T = 32K 365 -> 504 us).
+fn dense_batch(plan: &TilePlan) -> usize {
+    if plan.sparse {
+        1
+    } else {
+        DENSE_BATCH.min(TILE * plan.head_dim / CHUNK / 32)
+    }
+}
+
+/// Chunks of dense rows each lane stages per batch (K and V each) in the sparse kernel with
+/// [`TilePlan::window_borrow`]: the batch borrows the compressed tiles' chunk registers, which
+/// hold nothing while a tile with dense rows is staged (no compressed tile follows it in its
+/// split, so none is being prefetched): the largest divisor of a tile's chunks per lane that
+/// fits half of them (K and V).
+fn window_batch(plan: &TilePlan) -> usize {
+    let slots = TILE * plan.head_dim / CHUNK / 32;
+    let room = (chunk_slots(plan) / 2).max(1);
+    (1..=room.min(slots))
+        .rev()
+        .find(|b| slots.is_multiple_of(*b))
+        .unwrap_or(1)
+}
 
 /// Step 1 for the dense rows `[nc, n)` of a tile (the window, or every row in the dense
 /// kernel): their K and V rows from `k_win`/`v_win` (tile row `r` is window row
 /// `first + r - skip`, at element `win0 + (first + r - skip) * d`) into
 /// the plane's dense tiles at `dense[dense0..]`, and zeros for the rows `[n, TILE)` past the
-/// split's end. Rows below `nc` (compressed, expanded later) are left alone.
+/// split's end. Rows below `nc` (compressed, expanded later) are left alone. The loads of a
+/// batch of `batch` chunks of K and of V per lane go into `regs` (K at `[0, batch)`, V at
+/// `[batch, 2 batch)`) before any store.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_dense_rows<F: Float, N: Size>(
@@ -374,6 +402,8 @@ fn stage_dense_rows<F: Float, N: Size>(
     nc: usize,
     n: usize,
     lane: usize,
+    regs: &mut Array<Vector<u32, N>>,
+    #[comptime] batch: usize,
     #[comptime] plan: TilePlan,
 ) {
     let size!(E) = CHUNK;
@@ -382,18 +412,11 @@ fn stage_dense_rows<F: Float, N: Size>(
     let row_chunks = comptime!(plan.head_dim / CHUNK);
     // Chunk slots per lane for a whole tile (one kind), in batches.
     let slots = comptime!(TILE * plan.head_dim / CHUNK / 32);
-    let batch = comptime!(slots.min(if plan.sparse {
-        WINDOW_BATCH
-    } else {
-        DENSE_BATCH
-    }));
     let v_tile = comptime!(TILE * plan.row() / CHUNK);
     let mut tiles = dense
         .slice_mut(dense0, dense0 + comptime!(2 * TILE * plan.row()))
         .into_vectorized()
         .with_vector_size::<E>();
-    let mut ks = Array::<Vector<u32, N>>::new(batch);
-    let mut vs = Array::<Vector<u32, N>>::new(batch);
     #[unroll]
     for b0 in 0..comptime!(slots / batch) {
         #[unroll]
@@ -407,8 +430,8 @@ fn stage_dense_rows<F: Float, N: Size>(
                 kx = k_win[src];
                 vx = v_win[src];
             }
-            ks[u] = kx;
-            vs[u] = vx;
+            regs[u] = kx;
+            regs[batch + u] = vx;
         }
         #[unroll]
         for u in 0..batch {
@@ -416,8 +439,8 @@ fn stage_dense_rows<F: Float, N: Size>(
             let r = i / row_chunks;
             if r >= nc {
                 let at = r * (row / CHUNK) + i % row_chunks;
-                tiles[at] = Vector::<F, E>::reinterpret(ks[u]);
-                tiles[at + v_tile] = Vector::<F, E>::reinterpret(vs[u]);
+                tiles[at] = Vector::<F, E>::reinterpret(regs[u]);
+                tiles[at + v_tile] = Vector::<F, E>::reinterpret(regs[batch + u]);
             }
         }
     }
@@ -542,6 +565,13 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
     // Chunk sources of a tile (K bitmap, V bitmap, K values, V values) and its loaded chunks.
     let mut srcs = Array::<usize>::new(4usize);
     let mut chunks = Array::<Vector<u32, N>>::new(comptime!(chunk_slots(&plan)));
+    // Registers for batches of dense rows (unused where the sparse kernel borrows `chunks`).
+    let mut dense_regs =
+        Array::<Vector<u32, N>>::new(comptime!(if plan.sparse && plan.window_borrow {
+            1
+        } else {
+            2 * dense_batch(&plan)
+        }));
     let mut t0 = s0 + plane * TILE;
     if sparse && t0 < min(s1, tc) {
         let first_nc = min(min(TILE, s1 - t0), tc - t0);
@@ -617,19 +647,40 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
             let win0 = stream * win_stride as usize;
             let first = t0 - min(tc, t0);
             let skip = tc - min(tc, t0);
-            stage_dense_rows::<F, N>(
-                k_win,
-                v_win,
-                win0,
-                first,
-                skip,
-                &mut dense_s,
-                dense0,
-                nc,
-                n,
-                lane,
-                plan,
-            );
+            if comptime!(plan.sparse && plan.window_borrow) {
+                // The compressed chunk registers are free here (see `window_batch`).
+                stage_dense_rows::<F, N>(
+                    k_win,
+                    v_win,
+                    win0,
+                    first,
+                    skip,
+                    &mut dense_s,
+                    dense0,
+                    nc,
+                    n,
+                    lane,
+                    &mut chunks,
+                    comptime!(window_batch(&plan)),
+                    plan,
+                );
+            } else {
+                stage_dense_rows::<F, N>(
+                    k_win,
+                    v_win,
+                    win0,
+                    first,
+                    skip,
+                    &mut dense_s,
+                    dense0,
+                    nc,
+                    n,
+                    lane,
+                    &mut dense_regs,
+                    comptime!(dense_batch(&plan)),
+                    plan,
+                );
+            }
         }
         sync_plane();
 
