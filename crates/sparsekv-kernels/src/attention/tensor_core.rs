@@ -368,8 +368,14 @@ fn dense_batch(plan: &TilePlan) -> usize {
     }
 }
 
-/// Chunks of dense rows each lane stages per batch (K and V each) in the sparse kernel with
-/// [`TilePlan::window_borrow`]: the batch borrows the compressed tiles' chunk registers, which
+/// Whether the sparse kernel stages its window rows in the compressed chunk registers: asked
+/// for ([`TilePlan::window_borrow`]) and at least two of them (one chunk of K and one of V).
+fn borrows_chunks(plan: &TilePlan) -> bool {
+    plan.sparse && plan.window_borrow && chunk_slots(plan) >= 2
+}
+
+/// Chunks of dense rows each lane stages per batch (K and V each) in the sparse kernel where
+/// it [`borrows_chunks`]: the batch borrows the compressed tiles' chunk registers, which
 /// hold nothing while a tile with dense rows is staged (no compressed tile follows it in its
 /// split, so none is being prefetched): the largest divisor of a tile's chunks per lane that
 /// fits half of them (K and V).
@@ -566,12 +572,11 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
     let mut srcs = Array::<usize>::new(4usize);
     let mut chunks = Array::<Vector<u32, N>>::new(comptime!(chunk_slots(&plan)));
     // Registers for batches of dense rows (unused where the sparse kernel borrows `chunks`).
-    let mut dense_regs =
-        Array::<Vector<u32, N>>::new(comptime!(if plan.sparse && plan.window_borrow {
-            1
-        } else {
-            2 * dense_batch(&plan)
-        }));
+    let mut dense_regs = Array::<Vector<u32, N>>::new(comptime!(if borrows_chunks(&plan) {
+        1
+    } else {
+        2 * dense_batch(&plan)
+    }));
     let mut t0 = s0 + plane * TILE;
     if sparse && t0 < min(s1, tc) {
         let first_nc = min(min(TILE, s1 - t0), tc - t0);
@@ -647,7 +652,7 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
             let win0 = stream * win_stride as usize;
             let first = t0 - min(tc, t0);
             let skip = tc - min(tc, t0);
-            if comptime!(plan.sparse && plan.window_borrow) {
+            if comptime!(borrows_chunks(&plan)) {
                 // The compressed chunk registers are free here (see `window_batch`).
                 stage_dense_rows::<F, N>(
                     k_win,
@@ -851,5 +856,44 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
         let at = ((row0 + head) * splits + split) * 2;
         part_ml[at] = m_all;
         part_ml[at + 1] = l_all;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The batches of dense rows divide a tile's chunks per lane, and a borrowed batch (K and
+    /// V) fits the compressed chunk registers it borrows, at every head_dim and kept count the
+    /// tensor-core kernel takes: an index past either would be a register the kernel does not
+    /// have.
+    #[test]
+    fn staging_batches_fit_their_registers() {
+        for head_dim in [16, 32, 64, 128, 256] {
+            let slots = TILE * head_dim / CHUNK / 32;
+            for keep in 1..=head_dim {
+                for sparse in [false, true] {
+                    let plan = TilePlan {
+                        head_dim,
+                        group: 4,
+                        keep_k: if sparse { keep } else { 0 },
+                        keep_v: if sparse { keep } else { 0 },
+                        sparse,
+                        window_borrow: sparse,
+                    };
+                    let (own, borrowed) = (dense_batch(&plan), window_batch(&plan));
+                    assert!(own >= 1 && slots.is_multiple_of(own), "{plan:?}");
+                    if borrows_chunks(&plan) {
+                        assert!(
+                            borrowed >= 1
+                                && slots.is_multiple_of(borrowed)
+                                && 2 * borrowed <= chunk_slots(&plan),
+                            "{plan:?}: batch {borrowed} of {} chunk registers",
+                            chunk_slots(&plan)
+                        );
+                    }
+                }
+            }
+        }
     }
 }
