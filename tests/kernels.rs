@@ -1273,14 +1273,13 @@ fn rope_case<F: TestFloat>(
         head_dim: d,
         positions,
     };
-    let (qh, cs_h, sn_h) = (&qkv_h, &cos_h, &sin_h);
     rope_split::<Rt, F>(
         client,
         shape,
         style,
-        qh,
-        cs_h,
-        sn_h,
+        &qkv_h,
+        &cos_h,
+        &sin_h,
         &starts,
         &q_h,
         [&k_h, &v_h],

@@ -1224,7 +1224,7 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
             &self.window_rows(),
             shape,
         )?;
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+        Ok(float(out))
     }
 
     /// [`KvCache::attend_newest`] through the prompt attention kernel, where it applies: every
@@ -1274,7 +1274,7 @@ impl<B: SparseKvBackend> SparseKvCache<B> {
         let [k, v] =
             B::kv_expand_context(&self.device, &self.segment(), &self.window_rows(), &layout)?;
         let out = B::prompt_attention(q.clone().into_primitive().tensor(), k, v)?;
-        Ok(Some(Tensor::from_primitive(TensorPrimitive::Float(out))))
+        Ok(Some(float(out)))
     }
 
     /// Where new rows go in the current window: `take[s]` rows of sequence `s`, from row
@@ -1511,7 +1511,7 @@ impl<B: SparseKvBackend> DenseKvCache<B> {
             capacity: self.capacity,
         };
         let out = B::kv_decode_attention(q.into_primitive().tensor(), None, &dense, shape)?;
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+        Ok(float(out))
     }
 
     /// Allocates a cache for `config` on `device` (window, chunk and sparsities are ignored);
