@@ -1045,7 +1045,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         keep_k,
         keep_v,
         sparse,
-        window_borrow: std::env::var("SPARSEKV_TC_WINDOW").is_ok_and(|w| w == "borrow"),
     };
     let use_tc = match kernel {
         DecodeKernel::Simt => false,

@@ -65,10 +65,6 @@ pub(super) struct TilePlan {
     pub keep_v: usize,
     /// Whether a compressed segment is read.
     pub sparse: bool,
-    /// Experiment (`SPARSEKV_TC_WINDOW=borrow`, off by default): whether the sparse kernel
-    /// stages window rows in batches in the compressed tiles' chunk registers
-    /// ([`window_batch`]) instead of one chunk per round trip.
-    pub window_borrow: bool,
 }
 
 impl TilePlan {
@@ -355,46 +351,16 @@ fn expand_row<F: Float, E: Size>(
 /// loads of a batch are issued before any store, so a tile costs one or two memory round trips
 /// instead of one per chunk (dense B = 8, T = 32K: 383 -> 316 us).
 const DENSE_BATCH: usize = 8;
-
-/// Chunks of dense rows a lane stages per batch in its own registers: [`DENSE_BATCH`] (at
-/// most a tile's chunks per lane) in the dense kernel, one in the sparse kernel, where only
-/// window tiles have dense rows and a batch's registers would be allocated for the whole
-/// kernel (16 chunks took a third of its occupancy: sparse B = 8, T = 32K 365 -> 504 us).
-fn dense_batch(plan: &TilePlan) -> usize {
-    if plan.sparse {
-        1
-    } else {
-        DENSE_BATCH.min(TILE * plan.head_dim / CHUNK / 32)
-    }
-}
-
-/// Whether the sparse kernel stages its window rows in the compressed chunk registers: asked
-/// for ([`TilePlan::window_borrow`]) and at least two of them (one chunk of K and one of V).
-fn borrows_chunks(plan: &TilePlan) -> bool {
-    plan.sparse && plan.window_borrow && chunk_slots(plan) >= 2
-}
-
-/// Chunks of dense rows each lane stages per batch (K and V each) in the sparse kernel where
-/// it [`borrows_chunks`]: the batch borrows the compressed tiles' chunk registers, which
-/// hold nothing while a tile with dense rows is staged (no compressed tile follows it in its
-/// split, so none is being prefetched): the largest divisor of a tile's chunks per lane that
-/// fits half of them (K and V).
-fn window_batch(plan: &TilePlan) -> usize {
-    let slots = TILE * plan.head_dim / CHUNK / 32;
-    let room = (chunk_slots(plan) / 2).max(1);
-    (1..=room.min(slots))
-        .rev()
-        .find(|b| slots.is_multiple_of(*b))
-        .unwrap_or(1)
-}
+/// The same in the sparse kernel, where only window tiles have dense rows: a large batch's
+/// registers would be allocated for the whole kernel (16 chunks took a third of its occupancy:
+/// sparse B = 8, T = 32K 365 -> 504 us).
+const WINDOW_BATCH: usize = 1;
 
 /// Step 1 for the dense rows `[nc, n)` of a tile (the window, or every row in the dense
 /// kernel): their K and V rows from `k_win`/`v_win` (tile row `r` is window row
 /// `first + r - skip`, at element `win0 + (first + r - skip) * d`) into
 /// the plane's dense tiles at `dense[dense0..]`, and zeros for the rows `[n, TILE)` past the
-/// split's end. Rows below `nc` (compressed, expanded later) are left alone. The loads of a
-/// batch of `batch` chunks of K and of V per lane go into `regs` (K at `[0, batch)`, V at
-/// `[batch, 2 batch)`) before any store.
+/// split's end. Rows below `nc` (compressed, expanded later) are left alone.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_dense_rows<F: Float, N: Size>(
@@ -408,8 +374,6 @@ fn stage_dense_rows<F: Float, N: Size>(
     nc: usize,
     n: usize,
     lane: usize,
-    regs: &mut Array<Vector<u32, N>>,
-    #[comptime] batch: usize,
     #[comptime] plan: TilePlan,
 ) {
     let size!(E) = CHUNK;
@@ -418,11 +382,18 @@ fn stage_dense_rows<F: Float, N: Size>(
     let row_chunks = comptime!(plan.head_dim / CHUNK);
     // Chunk slots per lane for a whole tile (one kind), in batches.
     let slots = comptime!(TILE * plan.head_dim / CHUNK / 32);
+    let batch = comptime!(slots.min(if plan.sparse {
+        WINDOW_BATCH
+    } else {
+        DENSE_BATCH
+    }));
     let v_tile = comptime!(TILE * plan.row() / CHUNK);
     let mut tiles = dense
         .slice_mut(dense0, dense0 + comptime!(2 * TILE * plan.row()))
         .into_vectorized()
         .with_vector_size::<E>();
+    let mut ks = Array::<Vector<u32, N>>::new(batch);
+    let mut vs = Array::<Vector<u32, N>>::new(batch);
     #[unroll]
     for b0 in 0..comptime!(slots / batch) {
         #[unroll]
@@ -436,8 +407,8 @@ fn stage_dense_rows<F: Float, N: Size>(
                 kx = k_win[src];
                 vx = v_win[src];
             }
-            regs[u] = kx;
-            regs[batch + u] = vx;
+            ks[u] = kx;
+            vs[u] = vx;
         }
         #[unroll]
         for u in 0..batch {
@@ -445,8 +416,8 @@ fn stage_dense_rows<F: Float, N: Size>(
             let r = i / row_chunks;
             if r >= nc {
                 let at = r * (row / CHUNK) + i % row_chunks;
-                tiles[at] = Vector::<F, E>::reinterpret(regs[u]);
-                tiles[at + v_tile] = Vector::<F, E>::reinterpret(regs[batch + u]);
+                tiles[at] = Vector::<F, E>::reinterpret(ks[u]);
+                tiles[at + v_tile] = Vector::<F, E>::reinterpret(vs[u]);
             }
         }
     }
@@ -571,12 +542,6 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
     // Chunk sources of a tile (K bitmap, V bitmap, K values, V values) and its loaded chunks.
     let mut srcs = Array::<usize>::new(4usize);
     let mut chunks = Array::<Vector<u32, N>>::new(comptime!(chunk_slots(&plan)));
-    // Registers for batches of dense rows (unused where the sparse kernel borrows `chunks`).
-    let mut dense_regs = Array::<Vector<u32, N>>::new(comptime!(if borrows_chunks(&plan) {
-        1
-    } else {
-        2 * dense_batch(&plan)
-    }));
     let mut t0 = s0 + plane * TILE;
     if sparse && t0 < min(s1, tc) {
         let first_nc = min(min(TILE, s1 - t0), tc - t0);
@@ -652,40 +617,19 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
             let win0 = stream * win_stride as usize;
             let first = t0 - min(tc, t0);
             let skip = tc - min(tc, t0);
-            if comptime!(borrows_chunks(&plan)) {
-                // The compressed chunk registers are free here (see `window_batch`).
-                stage_dense_rows::<F, N>(
-                    k_win,
-                    v_win,
-                    win0,
-                    first,
-                    skip,
-                    &mut dense_s,
-                    dense0,
-                    nc,
-                    n,
-                    lane,
-                    &mut chunks,
-                    comptime!(window_batch(&plan)),
-                    plan,
-                );
-            } else {
-                stage_dense_rows::<F, N>(
-                    k_win,
-                    v_win,
-                    win0,
-                    first,
-                    skip,
-                    &mut dense_s,
-                    dense0,
-                    nc,
-                    n,
-                    lane,
-                    &mut dense_regs,
-                    comptime!(dense_batch(&plan)),
-                    plan,
-                );
-            }
+            stage_dense_rows::<F, N>(
+                k_win,
+                v_win,
+                win0,
+                first,
+                skip,
+                &mut dense_s,
+                dense0,
+                nc,
+                n,
+                lane,
+                plan,
+            );
         }
         sync_plane();
 
@@ -856,44 +800,5 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
         let at = ((row0 + head) * splits + split) * 2;
         part_ml[at] = m_all;
         part_ml[at + 1] = l_all;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The batches of dense rows divide a tile's chunks per lane, and a borrowed batch (K and
-    /// V) fits the compressed chunk registers it borrows, at every head_dim and kept count the
-    /// tensor-core kernel takes: an index past either would be a register the kernel does not
-    /// have.
-    #[test]
-    fn staging_batches_fit_their_registers() {
-        for head_dim in [16, 32, 64, 128, 256] {
-            let slots = TILE * head_dim / CHUNK / 32;
-            for keep in 1..=head_dim {
-                for sparse in [false, true] {
-                    let plan = TilePlan {
-                        head_dim,
-                        group: 4,
-                        keep_k: if sparse { keep } else { 0 },
-                        keep_v: if sparse { keep } else { 0 },
-                        sparse,
-                        window_borrow: sparse,
-                    };
-                    let (own, borrowed) = (dense_batch(&plan), window_batch(&plan));
-                    assert!(own >= 1 && slots.is_multiple_of(own), "{plan:?}");
-                    if borrows_chunks(&plan) {
-                        assert!(
-                            borrowed >= 1
-                                && slots.is_multiple_of(borrowed)
-                                && 2 * borrowed <= chunk_slots(&plan),
-                            "{plan:?}: batch {borrowed} of {} chunk registers",
-                            chunk_slots(&plan)
-                        );
-                    }
-                }
-            }
-        }
     }
 }
