@@ -12,6 +12,9 @@
 //! 4 warm-up steps. `SPARSEKV_BENCH_QUICK=1`: 2 layers, B = 2, T = 1K;
 //! `SPARSEKV_BENCH_ONLY=8x16384,1x4096`: only those `BxT` shapes.
 //!
+//! `SPARSEKV_BENCH_PROFILE=sparse` (or `dense`) runs four steps through that cache only,
+//! untimed, for a profiler (see `profile_steps`).
+//!
 //! `SPARSEKV_BENCH_PREFILL=1x32768` (any `BxT` list) replaces the decode rows by prefill rows:
 //! one exact prefill of `T` tokens per sequence into sparse caches at s = 0.7 (bare backend),
 //! timed after a warm-up prefill of the same shape (kernels compile at their first launch), with
@@ -540,6 +543,10 @@ fn rows<B: SparseKvBackend>(c: &mut Criterion, label: &str, setup: &Setup, table
     let device = Default::default();
     let config = llama3_8b_shape(layers, max_t + SLACK);
     let model = Llama::<B>::random(&config, &device).expect("model");
+    if let Ok(kind) = std::env::var("SPARSEKV_BENCH_PROFILE") {
+        profile_steps(&model, layers, shapes, &kind);
+        return;
+    }
     for &(batch, tokens) in shapes {
         let max_seq = tokens + SLACK;
         let dense = filled_caches(batch, layers, tokens, max_seq, 0.0, |n, cfg| {
@@ -594,6 +601,41 @@ fn rows<B: SparseKvBackend>(c: &mut Criterion, label: &str, setup: &Setup, table
         }
         eprintln!("done {label} B={batch} T={tokens}");
         println!("{}", table.lines().last().unwrap_or_default());
+    }
+}
+
+/// `SPARSEKV_BENCH_PROFILE=dense` or `=sparse`: three decode steps through caches of that kind
+/// at each shape (after one step in which the kernels compile), no timing, nothing else: for
+/// a profiler that lists each launch (`ncu --metrics gpu__time_duration.sum`), to see where a
+/// step's time goes kernel by kernel.
+fn profile_steps<B: SparseKvBackend>(
+    model: &Llama<B>,
+    layers: usize,
+    shapes: &[(usize, usize)],
+    kind: &str,
+) {
+    let device = Default::default();
+    for &(batch, tokens) in shapes {
+        let max_seq = tokens + SLACK;
+        match kind {
+            "dense" => {
+                let mut caches = filled_caches(batch, layers, tokens, max_seq, 0.0, |n, cfg| {
+                    LayerCaches::<DenseKvCache<B>>::dense(n, cfg, &device)
+                        .expect("caches")
+                        .into_layers()
+                });
+                decode_step_times(model, &mut caches, 4);
+            }
+            "sparse" => {
+                let mut caches = filled_caches(batch, layers, tokens, max_seq, 0.7, |n, cfg| {
+                    LayerCaches::<SparseKvCache<B>>::sparse(n, cfg, &device)
+                        .expect("caches")
+                        .into_layers()
+                });
+                decode_step_times(model, &mut caches, 4);
+            }
+            other => panic!("SPARSEKV_BENCH_PROFILE: unknown cache {other:?} (dense, sparse)"),
+        }
     }
 }
 

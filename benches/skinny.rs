@@ -11,7 +11,7 @@
 //! rows.
 //!
 //! `SPARSEKV_BENCH_QUICK=1`: small shapes (software adapters). `SPARSEKV_BENCH_ONLY=out,qkv`:
-//! only those matrices. `SPARSEKV_BENCH_SWEEP=1` adds, at M = 8, f16, a sweep of tunings
+//! only those matrices. `SPARSEKV_BENCH_SWEEP=1` adds, at M = 1 and 8, f16, a sweep of tunings
 //! (kernel, rows per plane, planes per cube, unroll) of every shape. `SPARSEKV_BENCH_LAUNCH=1`
 //! measures the launch path instead (see `launch_probe`), `SPARSEKV_BENCH_PROFILE=out` launches
 //! a few calls for a profiler (see `profile_calls`).
@@ -200,9 +200,11 @@ fn sweep_type<F: FloatElement>(
                     })
                 });
                 group.finish();
-                if sweep {
-                    sweep_tunings::<F>(client, &w, shape, name, ceiling, table);
-                }
+            }
+            if sweep && (m == 1 || m == 8) && F::name() == "f16" {
+                sweep_tunings::<F>(client, &w, shape, name, ceiling, table);
+            }
+            if m == 8 && F::name() == "f16" {
                 drop(w);
                 let t = time_burn_matmul(m, n, k);
                 table.push_str(&row(
@@ -252,10 +254,21 @@ fn sweep_tunings<F: FloatElement>(
             });
         }
     }
+    for planes in [4, 8, 16] {
+        for unroll in [2, 4, 8] {
+            tunings.push(SkinnyTuning {
+                kernel: SkinnyKernel::Fragments,
+                rows_per_plane: 1,
+                planes,
+                unroll,
+            });
+        }
+    }
     let SkinnyShape { m, n, k } = shape;
     for tuning in tunings {
         let how = match tuning.kernel {
             SkinnyKernel::TensorCore => format!("tc p{} u{}", tuning.planes, tuning.unroll),
+            SkinnyKernel::Fragments => format!("frag p{} u{}", tuning.planes, tuning.unroll),
             _ => format!(
                 "simt r{} p{} u{}",
                 tuning.rows_per_plane, tuning.planes, tuning.unroll
@@ -287,9 +300,9 @@ fn sweep_tunings<F: FloatElement>(
 }
 
 /// `SPARSEKV_BENCH_PROFILE=NAME[:M]` (a matrix of `SHAPES`, M = 8 unless given; `1`: the down
-/// projection): five calls each of the CUDA-core kernel and of the kernel the launcher chooses
-/// on its own (the tensor-core one where it applies), f16, nothing else (for `ncu
-/// --kernel-name regex:skinny`).
+/// projection): five calls each of the CUDA-core kernel, of the kernel the launcher chooses
+/// on its own (the tensor-core one where it applies) and of the fragment kernel (8 planes,
+/// unroll 4), f16, nothing else (for `ncu --kernel-name regex:skinny`).
 fn profile_calls(client: &ComputeClient<Rt>, target: &str) {
     let (name, m) = target.split_once(':').unwrap_or((target, "8"));
     let m: usize = m
@@ -308,7 +321,13 @@ fn profile_calls(client: &ComputeClient<Rt>, target: &str) {
         planes: 2,
         unroll: 2,
     };
-    for tuning in [Some(simt), None] {
+    let fragments = SkinnyTuning {
+        kernel: SkinnyKernel::Fragments,
+        rows_per_plane: 1,
+        planes: 8,
+        unroll: 4,
+    };
+    for tuning in [Some(simt), None, Some(fragments)] {
         for i in 0..5 {
             launch::<half::f16>(client, &w, shape, tuning, i);
         }

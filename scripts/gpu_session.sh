@@ -18,7 +18,11 @@
 #                    the tuning sweep at M = 8 (CALLS=n calls per timed batch, default 200:
 #                    the kernels in steady state)
 #   NCUSKINNY=a:M,.. ncu (SpeedOfLight, occupancy, memory) of the skinny kernels on those
-#                    matrices at M rows: the CUDA-core kernel, then the launcher's own choice
+#                    matrices at M rows: the CUDA-core kernel, then the launcher's own choice,
+#                    then the fragment kernel, five launches each (NSKIP/NCOUNT pick them:
+#                    default 2 and 8)
+#   NCUSTEP=BxT      ncu's duration of every launch of four decode steps (bench_decode's
+#                    SPARSEKV_BENCH_PROFILE) through dense caches, then sparse ones, as CSV
 #   COMPRESS=1       the compression bench (a chunk over all layers, layer groups against
 #                    independent caches, and the decode step it is a fraction of)
 #   CHAT=1           the chat example on both shared models, warm, greedy, 256 tokens, with
@@ -86,12 +90,21 @@ fi
 if [ -n "${NCUSKINNY:-}" ]; then
   for target in ${NCUSKINNY//,/ }; do
     echo "== ncu skinny $target"
-    SPARSEKV_BENCH_PROFILE=$target ncu --clock-control none --kernel-name regex:skinny --launch-skip 2 --launch-count 8 \
+    SPARSEKV_BENCH_PROFILE=$target ncu --clock-control none --kernel-name regex:skinny --launch-skip ${NSKIP:-2} --launch-count ${NCOUNT:-8} \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SourceCounters --import-source no \
       $bin/bench_skinny --bench > $OUT/ncu_skinny_${target//[:+]/_}.txt 2>&1
     grep -E "skinny|Duration|DRAM Throughput|Memory Throughput|Grid Size|Block Size|Registers Per|Achieved Occ|Theoretical Occ|Shared Memory Config|Waves Per SM|Warp Cycles Per Issued|Stall" \
       $OUT/ncu_skinny_${target//[:+]/_}.txt | head -80
+  done
+fi
+if [ -n "${NCUSTEP:-}" ]; then
+  for cache in dense sparse; do
+    echo "== ncu decode step $NCUSTEP $cache"
+    SPARSEKV_BENCH_ONLY=$NCUSTEP SPARSEKV_BENCH_BACKENDS=bare SPARSEKV_BENCH_PROFILE=$cache \
+      ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+      $bin/bench_decode --bench > $OUT/ncu_step_$cache.csv 2> $OUT/ncu_step_$cache.err
+    tail -2 $OUT/ncu_step_$cache.err; wc -l $OUT/ncu_step_$cache.csv
   done
 fi
 if [ "${COMPRESS:-0}" = 1 ]; then

@@ -992,25 +992,32 @@ fn skinny_case<F: TestFloat>(
 ) -> Result<(), String> {
     let m = [1, 2, 3, 4, 5, 8, 9, 16, 20][rng.random_range(0..9)];
     let n = rng.random_range(1..=300usize);
-    let k: usize = [1, 3, 8, 12, 64, 136, 208, 1000, 4096][rng.random_range(0..9)];
+    let k: usize = [1, 3, 8, 12, 64, 96, 136, 208, 352, 1000, 4096][rng.random_range(0..11)];
     let kernel = [
         SkinnyKernel::Auto,
         SkinnyKernel::Simt,
         SkinnyKernel::TensorCore,
-    ][rng.random_range(0..3)];
+        SkinnyKernel::Fragments,
+    ][rng.random_range(0..4)];
     let tuning = if rng.random_bool(0.5) {
+        let unrolls: &[usize] = if kernel == SkinnyKernel::Fragments {
+            &[1, 2, 4, 8]
+        } else {
+            &[1, 2, 4]
+        };
         Some(SkinnyTuning {
             kernel,
             rows_per_plane: [1, 2, 4, 8][rng.random_range(0..4)],
             planes: rng.random_range(1..=8),
-            unroll: [1, 2, 4][rng.random_range(0..3)],
+            unroll: unrolls[rng.random_range(0..unrolls.len())],
         })
     } else {
         None
     };
-    // Where the tensor-core kernel cannot run, asking for it must be a typed error.
-    let tensor_cores_fit =
-        cfg!(feature = "cuda") && F::name() != "f32" && m >= 8 && n >= 32 && k.is_multiple_of(16);
+    // Where a matrix-unit kernel cannot run, asking for it must be a typed error.
+    let matrix_units = cfg!(feature = "cuda") && F::name() != "f32";
+    let tensor_cores_fit = matrix_units && m >= 8 && n >= 32 && k.is_multiple_of(16);
+    let fragments_fit = matrix_units && n >= 16 && k.is_multiple_of(32);
     let prologue = rng.random_range(0..3);
     let x: Vec<f64> = match prologue {
         // RMSNorm: rows of different scales, some all zero.
@@ -1090,6 +1097,13 @@ fn skinny_case<F: TestFloat>(
             if tuning.is_some_and(|t| t.kernel == SkinnyKernel::TensorCore)
                 && !tensor_cores_fit
                 && e.contains("tensor-core skinny matmul needs") =>
+        {
+            return Ok(());
+        }
+        Err(KernelError::InvalidArguments(e))
+            if tuning.is_some_and(|t| t.kernel == SkinnyKernel::Fragments)
+                && !fragments_fit
+                && e.contains("fragment skinny matmul needs") =>
         {
             return Ok(());
         }

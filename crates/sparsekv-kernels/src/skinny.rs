@@ -25,6 +25,7 @@
 //! loads): with 8 rows the multiply-adds and conversions of the plain kernel need more
 //! registers and issue slots than streaming leaves.
 
+use cubecl::prelude::cmma::MmaDefinition;
 use cubecl::prelude::*;
 
 use crate::compress::check_len;
@@ -50,6 +51,10 @@ const DEFAULT_MMA_PLANES: usize = 16;
 const DEFAULT_MMA_UNROLL: usize = 4;
 const LONG_K: usize = 8192;
 const LONG_K_MMA_PLANES: usize = 32;
+/// Planes per cube and 32-column blocks per load batch of the fragment kernel unless tuned
+/// otherwise.
+const DEFAULT_FRAGMENT_PLANES: usize = 8;
+const DEFAULT_FRAGMENT_UNROLL: usize = 4;
 /// Steps along `K` whose weight loads are issued together unless tuned otherwise.
 const DEFAULT_UNROLL: usize = 2;
 /// Units per simulated plane on devices without plane operations (the reduction tree's width).
@@ -66,6 +71,10 @@ pub enum SkinnyKernel {
     /// 8x32x16 matrix-unit products (CUDA, f16 or bf16, at least 8 activation rows, at least
     /// 32 output features, `K` a multiple of 16); anything else is an error.
     TensorCore,
+    /// 16x8x16 matrix-unit products with the weights as the 16-row operand, loaded straight
+    /// into registers (CUDA, f16 or bf16, any number of activation rows, at least 16 output
+    /// features, `K` a multiple of 32); anything else is an error. `unroll` may be 8 here.
+    Fragments,
 }
 
 /// Tuning knobs of [`skinny_matmul_with`]; [`skinny_matmul`] chooses them from the shape and
@@ -591,6 +600,156 @@ fn skinny_mma_kernel<F: Float, N: Size>(
     }
 }
 
+/// Output features (the A operand's rows), activation rows (B's columns) and `K` of one
+/// matrix-unit product of the fragment kernel.
+const FRAG_N: usize = 16;
+const FRAG_M: usize = 8;
+const FRAG_K: usize = 16;
+/// Columns of `K` one lane's 16-byte loads cover across the 4 lanes of a weight row: a block.
+const FRAG_BLOCK: usize = 32;
+
+/// Static launch parameters of the fragment kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FragmentPlan {
+    /// Planes per cube; they split `K` block by block and sum through shared memory.
+    planes: usize,
+    /// Consecutive 32-column blocks a plane loads before it multiplies (16-byte loads per lane
+    /// and row in flight).
+    unroll: usize,
+    /// Whether the output adds a residual.
+    residual: bool,
+}
+
+/// The fragment kernel: each cube computes 16 output features by 8 activation rows with
+/// `16x8x16` products whose operands come straight from global memory into registers: the
+/// weights are the A operand (16 features), the activations B (8 rows), so no product is
+/// wasted at `M = 8` and nothing goes through shared memory until the planes' sums.
+///
+/// `K` is taken in any order the two operands agree on: in each 32-column block, lane `c` of
+/// an A-fragment row loads the 8 columns `8c ..` as one 16-byte vector (so the 4 lanes of a
+/// row read its 64 bytes together), and gives its first two pairs to one 16-wide product, the
+/// other two to the next; its activation row loads the same columns and gives them to B the
+/// same way. Each plane takes `unroll` consecutive blocks at a time, every load issued before
+/// the products, planes interleaved so that a cube reads long runs of its 16 rows at once.
+/// The last cube along the features is moved back to end at `n` (it recomputes a few outputs
+/// of its neighbour); activation rows past `m` are clamped to the last one and not written.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn skinny_fragment_kernel<F: Float, N: Size>(
+    x: &Array<Vector<u32, N>>,
+    w: &Array<Vector<u32, N>>,
+    residual: &Array<F>,
+    out: &mut Array<F>,
+    m: u32,
+    features: u32,
+    k_vecs: u32,
+    #[comptime] plan: FragmentPlan,
+) {
+    let size!(P) = 2usize;
+    let (planes, unroll) = comptime!((plan.planes, plan.unroll));
+    let tile_out = comptime!(FRAG_N * FRAG_M);
+    let mut sums = SharedMemory::<f32>::new(comptime!(plan.planes * FRAG_N * FRAG_M));
+    let (m, n, k_vecs) = (m as usize, features as usize, k_vecs as usize);
+    let plane = UNIT_POS as usize / 32;
+    let lane = UNIT_POS as usize % 32;
+    // Fragment coordinates: A rows g and g + 8 (features), B column g (activation row); the
+    // lane's pair within each 8-element group.
+    let g = lane / 4;
+    let c = lane % 4;
+    let n0 = min(CUBE_POS_X as usize * FRAG_N, n - FRAG_N);
+    let m0 = CUBE_POS_Y as usize * FRAG_M;
+    let rows = (
+        (n0 + g) * k_vecs + c,
+        (n0 + g + 8) * k_vecs + c,
+        min(m0 + g, m - 1) * k_vecs + c,
+    );
+    let mut acc = Array::<Vector<f32, P>>::new(2usize);
+    acc[0] = Vector::<f32, P>::zeroed();
+    acc[1] = Vector::<f32, P>::zeroed();
+
+    // Rounds of `planes * unroll` blocks, then the blocks left, one per plane at a time.
+    let vecs_per_block = comptime!(FRAG_BLOCK / 8);
+    let blocks = k_vecs / vecs_per_block;
+    let round = comptime!(plan.planes * plan.unroll);
+    let whole = blocks - blocks % round;
+    let mut block = plane * unroll;
+    while block < whole {
+        multiply_blocks::<F, N, P>(x, w, rows, block * vecs_per_block, &mut acc, unroll);
+        block += round;
+    }
+    block = whole + plane;
+    while block < blocks {
+        multiply_blocks::<F, N, P>(x, w, rows, block * vecs_per_block, &mut acc, 1usize);
+        block += planes;
+    }
+
+    // C: features g and g + 8, activation rows 2c and 2c + 1.
+    let at = plane * tile_out;
+    #[unroll]
+    for half in 0..2usize {
+        #[unroll]
+        for e in 0..2usize {
+            sums[at + (2 * c + e) * FRAG_N + g + 8 * half] = acc[half][e];
+        }
+    }
+    sync_cube();
+    let i = UNIT_POS as usize;
+    if i < tile_out {
+        let mut total = 0.0f32;
+        #[unroll]
+        for p in 0..planes {
+            total += sums[p * tile_out + i];
+        }
+        let row = m0 + i / FRAG_N;
+        if row < m {
+            let at = row * n + n0 + i % FRAG_N;
+            out[at] = F::cast_from(with_residual(total, residual, at, plan.residual));
+        }
+    }
+}
+
+/// Adds the products of `count` consecutive 32-column blocks from vector `v0` of the rows
+/// (two weight rows and an activation row, see [`skinny_fragment_kernel`]) to `acc`: every
+/// load first, then two 16-wide products per block.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn multiply_blocks<F: Float, N: Size, P: Size>(
+    x: &Array<Vector<u32, N>>,
+    w: &Array<Vector<u32, N>>,
+    rows: (usize, usize, usize),
+    v0: usize,
+    acc: &mut Array<Vector<f32, P>>,
+    #[comptime] count: usize,
+) {
+    let def = MmaDefinition::<F, F, f32>::new(FRAG_N, FRAG_M, FRAG_K);
+    let vecs_per_block = comptime!(FRAG_BLOCK / 8);
+    let mut wa = Array::<Vector<u32, N>>::new(count);
+    let mut wb = Array::<Vector<u32, N>>::new(count);
+    let mut xv = Array::<Vector<u32, N>>::new(count);
+    #[unroll]
+    for u in 0..count {
+        let v = v0 + u * vecs_per_block;
+        wa[u] = w[rows.0 + v];
+        wb[u] = w[rows.1 + v];
+        xv[u] = x[rows.2 + v];
+    }
+    #[unroll]
+    for u in 0..count {
+        #[unroll]
+        for h in 0..2usize {
+            let mut a = Array::<Vector<F, P>>::new(4usize);
+            a[0] = Vector::<F, P>::reinterpret(wa[u][2 * h]);
+            a[1] = Vector::<F, P>::reinterpret(wb[u][2 * h]);
+            a[2] = Vector::<F, P>::reinterpret(wa[u][2 * h + 1]);
+            a[3] = Vector::<F, P>::reinterpret(wb[u][2 * h + 1]);
+            let mut b = Array::<Vector<F, P>>::new(2usize);
+            b[0] = Vector::<F, P>::reinterpret(xv[u][2 * h]);
+            b[1] = Vector::<F, P>::reinterpret(xv[u][2 * h + 1]);
+            def.execute_inplace(&a, &b, acc);
+        }
+    }
+}
+
 /// Loads this lane's share of the 32 weight rows from `n0`, columns `k0 .. k0 + 16 * unroll`:
 /// vector `i * 32 + lane` of the group, so 8 consecutive lanes read one row's 128 bytes.
 #[cube]
@@ -712,10 +871,11 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
     if let Some(t) = tuning
         && (!matches!(t.rows_per_plane, 1 | 2 | 4 | 8)
             || !(1..=32).contains(&t.planes)
-            || !matches!(t.unroll, 1 | 2 | 4))
+            || !(matches!(t.unroll, 1 | 2 | 4)
+                || (t.unroll == 8 && t.kernel == SkinnyKernel::Fragments)))
     {
         return Err(KernelError::InvalidArguments(format!(
-            "skinny matmul tuning {t:?}: rows_per_plane must be 1, 2, 4 or 8, planes 1..=32 and unroll 1, 2 or 4"
+            "skinny matmul tuning {t:?}: rows_per_plane must be 1, 2, 4 or 8, planes 1..=32 and unroll 1, 2 or 4 (8 too for the fragment kernel)"
         )));
     }
     let es = F::size_bytes();
@@ -750,7 +910,20 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
     };
     let hw = &client.properties().hardware;
     let cube_limit = hw.max_cube_count;
-    let kernel = tuning.map(|t| t.kernel).unwrap_or_default();
+    // Experiment (to be decided by the next measurement): `SPARSEKV_SKINNY_AUTO=fragments`
+    // makes the automatic choice the fragment kernel wherever it applies.
+    let kernel = match tuning.map(|t| t.kernel).unwrap_or_default() {
+        SkinnyKernel::Auto
+            if std::env::var("SPARSEKV_SKINNY_AUTO").is_ok_and(|v| v == "fragments")
+                && R::name(client) == "cuda"
+                && n >= FRAG_N
+                && k.is_multiple_of(FRAG_BLOCK)
+                && has_mma::<R, F>(client, MmaApi::Registers, (FRAG_N, FRAG_M, FRAG_K)) =>
+        {
+            SkinnyKernel::Fragments
+        }
+        other => other,
+    };
     let mma_fits = R::name(client) == "cuda"
         && m >= MMA_M
         && n >= MMA_N
@@ -801,23 +974,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
             }
             let (cubes_n, cubes_m) = (n.div_ceil(MMA_N), m.div_ceil(MMA_M));
             check_cube_count(cubes_n, cubes_m, cube_limit)?;
-            // The matrix units read their activations straight from global memory, so a
-            // prologue runs first, in a launch of its own, into a scratch buffer (computing it
-            // into shared memory inside this kernel came with a slower decode step at B = 8:
-            // docs/PERF-NOTES.md).
-            let x = match input {
-                SkinnyInput::Plain => x.clone(),
-                SkinnyInput::RmsNorm { weight, eps } => {
-                    let a = client.empty(m * k * es);
-                    crate::norm::rms_norm::<R, F>(client, m, k, eps, x, weight, &a)?;
-                    a
-                }
-                SkinnyInput::SwiGlu => {
-                    let a = client.empty(m * k * es);
-                    crate::activation::swiglu::<R, F>(client, m, k, x, &a)?;
-                    a
-                }
-            };
+            let x = activations_for_matrix_units::<R, F>(client, input, m, k, x)?;
             let arr = |h: &cubecl::server::Handle| unsafe {
                 ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / es)
             };
@@ -838,6 +995,58 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     m as u32,
                     n as u32,
                     k as u32,
+                    plan,
+                );
+            }
+            return Ok(());
+        }
+        SkinnyKernel::Fragments => {
+            let fits = R::name(client) == "cuda"
+                && n >= FRAG_N
+                && k.is_multiple_of(FRAG_BLOCK)
+                && hw.max_units_per_cube >= 32
+                && has_mma::<R, F>(client, MmaApi::Registers, (FRAG_N, FRAG_M, FRAG_K));
+            if !fits {
+                return Err(KernelError::InvalidArguments(format!(
+                    "the fragment skinny matmul needs CUDA with 16x8x16 {} matrix units, at least {FRAG_N} output features and K a multiple of {FRAG_BLOCK} (got {} {}, n {n}, k {k})",
+                    F::name(),
+                    R::name(client),
+                    F::name()
+                )));
+            }
+            let max_planes = (hw.max_units_per_cube as usize / 32).max(1);
+            let plan = FragmentPlan {
+                planes: tuning
+                    .map_or(DEFAULT_FRAGMENT_PLANES, |t| t.planes)
+                    .min(max_planes),
+                unroll: tuning.map_or(DEFAULT_FRAGMENT_UNROLL, |t| t.unroll),
+                residual: residual.is_some(),
+            };
+            let (cubes_n, cubes_m) = (n.div_ceil(FRAG_N), m.div_ceil(FRAG_M));
+            check_cube_count(cubes_n, cubes_m, cube_limit)?;
+            let x = activations_for_matrix_units::<R, F>(client, input, m, k, x)?;
+            let vecs = |h: &cubecl::server::Handle| unsafe {
+                ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / 16)
+            };
+            // SAFETY: every load is inside `[m, k]` / `[n, k]` (the last cube along the
+            // features is moved back to end at `n`, activation rows are clamped below `m`,
+            // `k` is a whole number of blocks), within the checked sizes.
+            unsafe {
+                skinny_fragment_kernel::launch_unchecked::<F, R>(
+                    client,
+                    CubeCount::Static(cubes_n as u32, cubes_m as u32, 1),
+                    CubeDim::new_1d((32 * plan.planes) as u32),
+                    4,
+                    vecs(&x),
+                    vecs(w),
+                    ArrayArg::from_raw_parts(
+                        residual_h.clone(),
+                        residual_h.size_in_used() as usize / es,
+                    ),
+                    ArrayArg::from_raw_parts(out.clone(), m * n),
+                    m as u32,
+                    n as u32,
+                    (k / 8) as u32,
                     plan,
                 );
             }
@@ -918,6 +1127,32 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
         );
     }
     Ok(())
+}
+
+/// The activations the matrix-unit kernels read (straight from global memory): `x` itself, or
+/// the prologue's result computed by its own launch into a scratch buffer (computing it
+/// inside the kernel came with a slower decode step at B = 8: docs/PERF-NOTES.md).
+fn activations_for_matrix_units<R: Runtime, F: FloatElement>(
+    client: &ComputeClient<R>,
+    input: SkinnyInput<&cubecl::server::Handle>,
+    m: usize,
+    k: usize,
+    x: &cubecl::server::Handle,
+) -> Result<cubecl::server::Handle> {
+    let es = F::size_bytes();
+    Ok(match input {
+        SkinnyInput::Plain => x.clone(),
+        SkinnyInput::RmsNorm { weight, eps } => {
+            let a = client.empty(m * k * es);
+            crate::norm::rms_norm::<R, F>(client, m, k, eps, x, weight, &a)?;
+            a
+        }
+        SkinnyInput::SwiGlu => {
+            let a = client.empty(m * k * es);
+            crate::activation::swiglu::<R, F>(client, m, k, x, &a)?;
+            a
+        }
+    })
 }
 
 /// A typed error if a grid of `x` by `y` cubes passes the device's limits.
