@@ -20,6 +20,8 @@ pub type Rt = sparsekv::kernels::cubecl::wgpu::WgpuRuntime;
 pub fn backend_name() -> &'static str {
     if cfg!(feature = "cuda") {
         "CUDA"
+    } else if cfg!(feature = "vulkan") {
+        "wgpu (SPIR-V on Vulkan)"
     } else {
         "wgpu"
     }
