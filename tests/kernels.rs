@@ -984,22 +984,35 @@ fn within(got: f64, reference: f64, bound: f64) -> bool {
 /// rows; random or automatic tuning; plain activations, an RMSNorm prologue over rows of
 /// random scales, zero rows among them, or a SwiGLU prologue) against an f64 reference,
 /// element by element: each output within `tol` of `Σ |a w|` of its reference, `a` the
-/// activations after the prologue.
+/// activations after the prologue. `forced`: the case asks for that matrix-unit kernel
+/// with explicit tuning and a shape it takes where it runs (CUDA, 16-bit types; elsewhere the
+/// typed error is checked), so that those kernels are covered every run.
 fn skinny_case<F: TestFloat>(
     client: &ComputeClient<Rt>,
     rng: &mut StdRng,
     tol: f64,
+    forced: Option<SkinnyKernel>,
 ) -> Result<(), String> {
     let m = [1, 2, 3, 4, 5, 8, 9, 16, 20][rng.random_range(0..9)];
-    let n = rng.random_range(1..=300usize);
-    let k: usize = [1, 3, 8, 12, 64, 96, 136, 208, 352, 1000, 4096][rng.random_range(0..11)];
-    let kernel = [
-        SkinnyKernel::Auto,
-        SkinnyKernel::Simt,
-        SkinnyKernel::TensorCore,
-        SkinnyKernel::Fragments,
-    ][rng.random_range(0..4)];
-    let tuning = if rng.random_bool(0.5) {
+    let (n, k): (usize, usize) = match forced {
+        Some(_) => (
+            rng.random_range(32..=300),
+            [32, 64, 96, 352, 4096][rng.random_range(0..5)],
+        ),
+        None => (
+            rng.random_range(1..=300),
+            [1, 3, 8, 12, 64, 96, 136, 208, 352, 1000, 4096][rng.random_range(0..11)],
+        ),
+    };
+    let kernel = forced.unwrap_or(
+        [
+            SkinnyKernel::Auto,
+            SkinnyKernel::Simt,
+            SkinnyKernel::TensorCore,
+            SkinnyKernel::Fragments,
+        ][rng.random_range(0..4)],
+    );
+    let tuning = if forced.is_some() || rng.random_bool(0.5) {
         let unrolls: &[usize] = if kernel == SkinnyKernel::Fragments {
             &[1, 2, 4, 8]
         } else {
@@ -1138,14 +1151,22 @@ fn skinny_case<F: TestFloat>(
 #[test]
 fn skinny_matmul_matches_reference() {
     run_cases::<f32>("skinny matmul", case_count(20), |c, r| {
-        skinny_case::<f32>(c, r, 1e-5)
+        skinny_case::<f32>(c, r, 1e-5, None)
     });
     run_cases::<half::f16>("skinny matmul", case_count(20), |c, r| {
-        skinny_case::<half::f16>(c, r, 2e-3)
+        skinny_case::<half::f16>(c, r, 2e-3, None)
     });
     run_cases::<half::bf16>("skinny matmul", case_count(10), |c, r| {
-        skinny_case::<half::bf16>(c, r, 1e-2)
+        skinny_case::<half::bf16>(c, r, 1e-2, None)
     });
+    for kernel in [SkinnyKernel::TensorCore, SkinnyKernel::Fragments] {
+        run_cases::<half::f16>("skinny matmul on matrix units", case_count(8), |c, r| {
+            skinny_case::<half::f16>(c, r, 2e-3, Some(kernel))
+        });
+        run_cases::<half::bf16>("skinny matmul on matrix units", case_count(4), |c, r| {
+            skinny_case::<half::bf16>(c, r, 1e-2, Some(kernel))
+        });
+    }
 }
 
 /// One random RMSNorm (rows of random lengths, some all zero, some scaled far past where x²
