@@ -652,8 +652,9 @@ fn skinny_fragment_kernel<F: Float, N: Size>(
     let (m, n, k_vecs) = (m as usize, features as usize, k_vecs as usize);
     let plane = UNIT_POS as usize / 32;
     let lane = UNIT_POS as usize % 32;
-    // Fragment coordinates: A rows g and g + 8 (features), B column g (activation row); the
-    // lane's pair within each 8-element group.
+    // Fragment coordinates: A rows g and g + 8 (features), B column g (activation row); c,
+    // which of a row's four lanes this is (columns 8c .. 8c + 8 of each block, pairs 2c and
+    // 2c + 8 of each product's K).
     let g = lane / 4;
     let c = lane % 4;
     let n0 = min(CUBE_POS_X as usize * FRAG_N, n - FRAG_N);
