@@ -81,7 +81,8 @@ const MIN_TILE: usize = 8;
 /// How the value staging turns a 32-bit word of packed values into values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Unpack {
-    /// One f32 per word, or two 16-bit values by a bit cast of the word to a 2-vector (CUDA).
+    /// One f32 per word, or two 16-bit values by a bit cast of the word to a 2-vector (CUDA,
+    /// SPIR-V).
     Bitcast,
     /// Two f16 decoded with integer operations: WGSL's `bitcast` cannot turn a `u32` into a
     /// `vec2<f16>` in naga, the shader compiler of wgpu.
@@ -1070,8 +1071,9 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             .features()
             .plane
             .contains(cubecl::features::Plane::Ops);
-        // 16-bit values are unpacked by a bit cast on CUDA, with integer operations elsewhere.
-        let unpack = if es == 4 || R::name(client) == "cuda" {
+        // 16-bit values are unpacked by a bit cast on CUDA and through CubeCL's SPIR-V
+        // compiler (feature `vulkan`), with integer operations through WGSL.
+        let unpack = if es == 4 || R::name(client) == "cuda" || compiles_to_spirv(client) {
             Unpack::Bitcast
         } else if F::name() == "bf16" {
             Unpack::Bf16Bits
@@ -1249,6 +1251,19 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
 }
 
 /// Why the tensor-core kernel cannot run this call on `client`, or `None` when it can.
+/// Whether `client`'s kernels go through CubeCL's SPIR-V compiler (a Vulkan adapter with the
+/// `vulkan` feature). The runtime's name says `wgpu<spirv>` for every Vulkan adapter once the
+/// feature is on, but an adapter without the features that compiler needs (the Vulkan memory
+/// model, buffer device addresses, SPIR-V 1.3) still gets WGSL; only the SPIR-V set-up marks
+/// plane synchronisation as supported on Vulkan, so that tells them apart.
+fn compiles_to_spirv<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    R::name(client) == "wgpu<spirv>"
+        && client
+            .features()
+            .plane
+            .contains(cubecl::features::Plane::Sync)
+}
+
 fn tensor_core_unsupported<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
     plan: &TilePlan,
