@@ -758,8 +758,6 @@ pub(crate) fn rope_plan<T: TensorMetadata>(
     Ok((value_type, shape))
 }
 
-/// The output shapes of [`SparseKvBackend::rope_split`]: queries `[b, n, q_heads, d]`, keys and
-/// values `[b, kv_heads, n, d]`.
 /// [`rope_plan`] for [`SparseKvBackend::rope_append`], whose `qkv` must also hold the cache's
 /// `value_type`.
 pub(crate) fn rope_append_plan<T: TensorMetadata>(
@@ -774,6 +772,8 @@ pub(crate) fn rope_append_plan<T: TensorMetadata>(
     Ok(rope_plan(qkv, cos, sin, starts, heads)?.1)
 }
 
+/// The output shapes of [`SparseKvBackend::rope_split`]: queries `[b, n, q_heads, d]`, keys and
+/// values `[b, kv_heads, n, d]`.
 pub(crate) fn rope_output_dims(shape: &RopeShape) -> [Vec<usize>; 3] {
     let RopeShape {
         sequences: b,
