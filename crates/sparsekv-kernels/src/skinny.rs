@@ -911,15 +911,17 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
     };
     let hw = &client.properties().hardware;
     let cube_limit = hw.max_cube_count;
+    let fragments_fit = R::name(client) == "cuda"
+        && n >= FRAG_N
+        && k.is_multiple_of(FRAG_BLOCK)
+        && hw.max_units_per_cube >= 32
+        && has_mma::<R, F>(client, MmaApi::Registers, (FRAG_N, FRAG_M, FRAG_K));
     // Experiment (to be decided by the next measurement): `SPARSEKV_SKINNY_AUTO=fragments`
     // makes the automatic choice the fragment kernel wherever it applies.
     let kernel = match tuning.map(|t| t.kernel).unwrap_or_default() {
         SkinnyKernel::Auto
-            if std::env::var("SPARSEKV_SKINNY_AUTO").is_ok_and(|v| v == "fragments")
-                && R::name(client) == "cuda"
-                && n >= FRAG_N
-                && k.is_multiple_of(FRAG_BLOCK)
-                && has_mma::<R, F>(client, MmaApi::Registers, (FRAG_N, FRAG_M, FRAG_K)) =>
+            if fragments_fit
+                && std::env::var("SPARSEKV_SKINNY_AUTO").is_ok_and(|v| v == "fragments") =>
         {
             SkinnyKernel::Fragments
         }
@@ -1002,12 +1004,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
             return Ok(());
         }
         SkinnyKernel::Fragments => {
-            let fits = R::name(client) == "cuda"
-                && n >= FRAG_N
-                && k.is_multiple_of(FRAG_BLOCK)
-                && hw.max_units_per_cube >= 32
-                && has_mma::<R, F>(client, MmaApi::Registers, (FRAG_N, FRAG_M, FRAG_K));
-            if !fits {
+            if !fragments_fit {
                 return Err(KernelError::InvalidArguments(format!(
                     "the fragment skinny matmul needs CUDA with 16x8x16 {} matrix units, at least {FRAG_N} output features and K a multiple of {FRAG_BLOCK} (got {} {}, n {n}, k {k})",
                     F::name(),
