@@ -492,6 +492,13 @@ pub struct RopeTables<B: SparseKvBackend> {
     pub heads: RopeHeads,
 }
 
+impl<B: SparseKvBackend> RopeTables<B> {
+    /// The `cos` and `sin` tables as the backend's float tensors.
+    fn primitives(&self) -> [FloatTensor<B>; 2] {
+        [&self.cos, &self.sin].map(|t| t.clone().into_primitive().tensor())
+    }
+}
+
 /// A backend float tensor as a tensor of rank `D`.
 fn float<B: SparseKvBackend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
@@ -506,13 +513,8 @@ fn split_then_append<B: SparseKvBackend, C: KvCache<B> + ?Sized>(
     counts: &[usize],
 ) -> Result<Tensor<B, 4>> {
     let starts = cache.lengths();
-    let [q, k, v] = B::rope_split(
-        qkv.into_primitive().tensor(),
-        rope.cos.clone().into_primitive().tensor(),
-        rope.sin.clone().into_primitive().tensor(),
-        &starts,
-        rope.heads,
-    )?;
+    let [cos, sin] = rope.primitives();
+    let [q, k, v] = B::rope_split(qkv.into_primitive().tensor(), cos, sin, &starts, rope.heads)?;
     cache.append_ragged(float(k), float(v), counts)?;
     Ok(float(q))
 }
@@ -528,10 +530,11 @@ fn rope_into_rows<B: SparseKvBackend>(
     value_type: ValueType,
     copy: &RowCopy,
 ) -> Result<Tensor<B, 4>> {
+    let [cos, sin] = rope.primitives();
     let q = B::rope_append(
         qkv.into_primitive().tensor(),
-        rope.cos.clone().into_primitive().tensor(),
-        rope.sin.clone().into_primitive().tensor(),
+        cos,
+        sin,
         starts,
         rope.heads,
         rows,
