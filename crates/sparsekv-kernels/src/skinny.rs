@@ -694,8 +694,10 @@ fn skinny_fragment_kernel<F: Float, N: Size>(
         }
     }
     sync_cube();
-    let i = UNIT_POS as usize;
-    if i < tile_out {
+    // A cube of fewer than four planes has fewer units than the tile has outputs: each unit
+    // sums every `CUBE_DIM`-th output.
+    let mut i = UNIT_POS as usize;
+    while i < tile_out {
         let mut total = 0.0f32;
         #[unroll]
         for p in 0..planes {
@@ -706,6 +708,7 @@ fn skinny_fragment_kernel<F: Float, N: Size>(
             let at = row * n + n0 + i % FRAG_N;
             out[at] = F::cast_from(with_residual(total, residual, at, plan.residual));
         }
+        i += CUBE_DIM as usize;
     }
 }
 
@@ -917,14 +920,14 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
         && hw.max_units_per_cube >= 32
         && has_mma::<R, F>(client, MmaApi::Registers, (FRAG_N, FRAG_M, FRAG_K));
     // Experiment (to be decided by the next measurement): `SPARSEKV_SKINNY_AUTO=fragments`
-    // makes the automatic choice the fragment kernel wherever it applies.
+    // makes the automatic choice the fragment kernel from 8 activation rows on wherever it
+    // applies, `=fragments-short` only for rows shorter than `LONG_K` (the H200 measured it
+    // faster than the `cmma` kernel there at M = 8, slower on the down projection).
+    let fragments_asked = m >= FRAG_M
+        && std::env::var("SPARSEKV_SKINNY_AUTO")
+            .is_ok_and(|v| v == "fragments" || (v == "fragments-short" && k < LONG_K));
     let kernel = match tuning.map(|t| t.kernel).unwrap_or_default() {
-        SkinnyKernel::Auto
-            if fragments_fit
-                && std::env::var("SPARSEKV_SKINNY_AUTO").is_ok_and(|v| v == "fragments") =>
-        {
-            SkinnyKernel::Fragments
-        }
+        SkinnyKernel::Auto if fragments_fit && fragments_asked => SkinnyKernel::Fragments,
         other => other,
     };
     let mma_fits = R::name(client) == "cuda"
