@@ -254,8 +254,12 @@ fn sweep_tunings<F: FloatElement>(
             });
         }
     }
-    for planes in [4, 8, 16] {
+    // 32 planes (1024 units: at most 64 registers a unit) only with the smaller batches.
+    for planes in [4, 8, 16, 32] {
         for unroll in [2, 4, 8] {
+            if planes == 32 && unroll == 8 {
+                continue;
+            }
             tunings.push(SkinnyTuning {
                 kernel: SkinnyKernel::Fragments,
                 rows_per_plane: 1,
