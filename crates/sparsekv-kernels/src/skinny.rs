@@ -618,6 +618,9 @@ struct FragmentPlan {
     unroll: usize,
     /// Whether the output adds a residual.
     residual: bool,
+    /// Whether a plane loads its next round of blocks before multiplying the current one
+    /// (experiment: `SPARSEKV_SKINNY_PREFETCH=1`, twice the load registers).
+    prefetch: bool,
 }
 
 /// The fragment kernel: each cube computes 16 output features by 8 activation rows with
@@ -674,9 +677,32 @@ fn skinny_fragment_kernel<F: Float, N: Size>(
     let round = comptime!(plan.planes * plan.unroll);
     let whole = blocks - blocks % round;
     let mut block = plane * unroll;
-    while block < whole {
-        multiply_blocks::<F, N, P>(x, w, rows, block * vecs_per_block, &mut acc, unroll);
-        block += round;
+    if comptime!(plan.prefetch) {
+        // The next round's loads are issued before this round's products, so a plane has
+        // two rounds in flight instead of one.
+        let staged_len = comptime!(3 * plan.unroll);
+        let mut current = Array::<Vector<u32, N>>::new(staged_len);
+        let mut next = Array::<Vector<u32, N>>::new(staged_len);
+        if block < whole {
+            load_blocks::<N>(x, w, rows, block * vecs_per_block, &mut current, unroll);
+        }
+        while block < whole {
+            let following = block + round;
+            if following < whole {
+                load_blocks::<N>(x, w, rows, following * vecs_per_block, &mut next, unroll);
+            }
+            multiply_staged::<F, N, P>(&current, &mut acc, unroll);
+            #[unroll]
+            for i in 0..staged_len {
+                current[i] = next[i];
+            }
+            block = following;
+        }
+    } else {
+        while block < whole {
+            multiply_blocks::<F, N, P>(x, w, rows, block * vecs_per_block, &mut acc, unroll);
+            block += round;
+        }
     }
     block = whole + plane;
     while block < blocks {
@@ -716,7 +742,6 @@ fn skinny_fragment_kernel<F: Float, N: Size>(
 /// (two weight rows and an activation row, see [`skinny_fragment_kernel`]) to `acc`: every
 /// load first, then two 16-wide products per block.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 fn multiply_blocks<F: Float, N: Size, P: Size>(
     x: &Array<Vector<u32, N>>,
     w: &Array<Vector<u32, N>>,
@@ -725,30 +750,53 @@ fn multiply_blocks<F: Float, N: Size, P: Size>(
     acc: &mut Array<Vector<f32, P>>,
     #[comptime] count: usize,
 ) {
-    let def = MmaDefinition::<F, F, f32>::new(FRAG_N, FRAG_M, FRAG_K);
+    let mut staged = Array::<Vector<u32, N>>::new(comptime!(3 * count));
+    load_blocks::<N>(x, w, rows, v0, &mut staged, count);
+    multiply_staged::<F, N, P>(&staged, acc, count);
+}
+
+/// Issues the loads of `count` consecutive 32-column blocks from vector `v0` of the rows into
+/// `staged`: the first weight row's vectors, then the second's, then the activation row's.
+#[cube]
+fn load_blocks<N: Size>(
+    x: &Array<Vector<u32, N>>,
+    w: &Array<Vector<u32, N>>,
+    rows: (usize, usize, usize),
+    v0: usize,
+    staged: &mut Array<Vector<u32, N>>,
+    #[comptime] count: usize,
+) {
     let vecs_per_block = comptime!(FRAG_BLOCK / 8);
-    let mut wa = Array::<Vector<u32, N>>::new(count);
-    let mut wb = Array::<Vector<u32, N>>::new(count);
-    let mut xv = Array::<Vector<u32, N>>::new(count);
     #[unroll]
     for u in 0..count {
         let v = v0 + u * vecs_per_block;
-        wa[u] = w[rows.0 + v];
-        wb[u] = w[rows.1 + v];
-        xv[u] = x[rows.2 + v];
+        staged[u] = w[rows.0 + v];
+        staged[count + u] = w[rows.1 + v];
+        staged[2 * count + u] = x[rows.2 + v];
     }
+}
+
+/// Two 16-wide products per block of `staged` (as [`load_blocks`] fills it), added to `acc`.
+#[cube]
+fn multiply_staged<F: Float, N: Size, P: Size>(
+    staged: &Array<Vector<u32, N>>,
+    acc: &mut Array<Vector<f32, P>>,
+    #[comptime] count: usize,
+) {
+    let def = MmaDefinition::<F, F, f32>::new(FRAG_N, FRAG_M, FRAG_K);
     #[unroll]
     for u in 0..count {
+        let (wa, wb, xv) = (staged[u], staged[count + u], staged[2 * count + u]);
         #[unroll]
         for h in 0..2usize {
             let mut a = Array::<Vector<F, P>>::new(4usize);
-            a[0] = Vector::<F, P>::reinterpret(wa[u][2 * h]);
-            a[1] = Vector::<F, P>::reinterpret(wb[u][2 * h]);
-            a[2] = Vector::<F, P>::reinterpret(wa[u][2 * h + 1]);
-            a[3] = Vector::<F, P>::reinterpret(wb[u][2 * h + 1]);
+            a[0] = Vector::<F, P>::reinterpret(wa[2 * h]);
+            a[1] = Vector::<F, P>::reinterpret(wb[2 * h]);
+            a[2] = Vector::<F, P>::reinterpret(wa[2 * h + 1]);
+            a[3] = Vector::<F, P>::reinterpret(wb[2 * h + 1]);
             let mut b = Array::<Vector<F, P>>::new(2usize);
-            b[0] = Vector::<F, P>::reinterpret(xv[u][2 * h]);
-            b[1] = Vector::<F, P>::reinterpret(xv[u][2 * h + 1]);
+            b[0] = Vector::<F, P>::reinterpret(xv[2 * h]);
+            b[1] = Vector::<F, P>::reinterpret(xv[2 * h + 1]);
             def.execute_inplace(&a, &b, acc);
         }
     }
@@ -1022,6 +1070,8 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     .min(max_planes),
                 unroll: tuning.map_or(DEFAULT_FRAGMENT_UNROLL, |t| t.unroll),
                 residual: residual.is_some(),
+                // Experiment, to be decided by the next measurement.
+                prefetch: std::env::var("SPARSEKV_SKINNY_PREFETCH").is_ok_and(|v| v == "1"),
             };
             let (cubes_n, cubes_m) = (n.div_ceil(FRAG_N), m.div_ceil(FRAG_M));
             check_cube_count(cubes_n, cubes_m, cube_limit)?;
