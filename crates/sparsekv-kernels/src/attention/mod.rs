@@ -1250,7 +1250,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     Ok(())
 }
 
-/// Why the tensor-core kernel cannot run this call on `client`, or `None` when it can.
 /// Whether `client`'s kernels go through CubeCL's SPIR-V compiler (a Vulkan adapter with the
 /// `vulkan` feature). The runtime's name says `wgpu<spirv>` for every Vulkan adapter once the
 /// feature is on, but an adapter without the features that compiler needs (the Vulkan memory
@@ -1264,6 +1263,7 @@ fn compiles_to_spirv<R: Runtime>(client: &ComputeClient<R>) -> bool {
             .contains(cubecl::features::Plane::Sync)
 }
 
+/// Why the tensor-core kernel cannot run this call on `client`, or `None` when it can.
 fn tensor_core_unsupported<R: Runtime, F: FloatElement>(
     client: &ComputeClient<R>,
     plan: &TilePlan,
