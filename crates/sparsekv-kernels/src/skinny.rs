@@ -972,8 +972,11 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
     // applies, `=fragments-short` only for rows shorter than `LONG_K` (the H200 measured it
     // faster than the `cmma` kernel there at M = 8, slower on the down projection).
     let fragments_asked = m >= FRAG_M
-        && std::env::var("SPARSEKV_SKINNY_AUTO")
-            .is_ok_and(|v| v == "fragments" || (v == "fragments-short" && k < LONG_K));
+        && match experiments().auto.as_deref() {
+            Some("fragments") => true,
+            Some("fragments-short") => k < LONG_K,
+            _ => false,
+        };
     let kernel = match tuning.map(|t| t.kernel).unwrap_or_default() {
         SkinnyKernel::Auto if fragments_fit && fragments_asked => SkinnyKernel::Fragments,
         other => other,
@@ -1070,8 +1073,7 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                     .min(max_planes),
                 unroll: tuning.map_or(DEFAULT_FRAGMENT_UNROLL, |t| t.unroll),
                 residual: residual.is_some(),
-                // Experiment, to be decided by the next measurement.
-                prefetch: std::env::var("SPARSEKV_SKINNY_PREFETCH").is_ok_and(|v| v == "1"),
+                prefetch: experiments().prefetch,
             };
             let (cubes_n, cubes_m) = (n.div_ceil(FRAG_N), m.div_ceil(FRAG_M));
             check_cube_count(cubes_n, cubes_m, cube_limit)?;
@@ -1203,6 +1205,24 @@ fn activations_for_matrix_units<R: Runtime, F: FloatElement>(
             crate::activation::swiglu::<R, F>(client, m, k, x, &a)?;
             a
         }
+    })
+}
+
+/// The skinny-matmul experiments still to be decided by a measurement, set in the environment
+/// of the process: `SPARSEKV_SKINNY_AUTO` (`fragments` or `fragments-short`: what the
+/// automatic choice takes) and `SPARSEKV_SKINNY_PREFETCH=1` (the fragment kernel's prefetch).
+struct Experiments {
+    auto: Option<String>,
+    prefetch: bool,
+}
+
+/// [`Experiments`], read once: a decode step launches several skinny matmuls per layer, and
+/// none of them should read the environment.
+fn experiments() -> &'static Experiments {
+    static SETTINGS: std::sync::OnceLock<Experiments> = std::sync::OnceLock::new();
+    SETTINGS.get_or_init(|| Experiments {
+        auto: std::env::var("SPARSEKV_SKINNY_AUTO").ok(),
+        prefetch: std::env::var("SPARSEKV_SKINNY_PREFETCH").is_ok_and(|v| v == "1"),
     })
 }
 
