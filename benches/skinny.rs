@@ -10,6 +10,10 @@
 //! time and its fraction of the read-only ceiling. Criterion (`iter_custom`) runs the M = 8, f16
 //! rows.
 //!
+//! Before the products, f16: the read-only reduction of `common` on each matrix's bytes
+//! (rotated copies, the best of a few grid sizes), the most a launch streaming that many bytes
+//! reaches.
+//!
 //! `SPARSEKV_BENCH_QUICK=1`: small shapes (software adapters). `SPARSEKV_BENCH_ONLY=out,qkv`:
 //! only those matrices. `SPARSEKV_BENCH_SWEEP=1` adds, at M = 1 and 8, f16, a sweep of tunings
 //! (kernel, rows per plane, planes per cube, unroll) of every shape. `SPARSEKV_BENCH_LAUNCH=1`
@@ -24,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     ModelBackend, Rt, backend_name, median_call_times, median_call_times_in_batches, quick,
-    random_handle, read_bandwidth, sync,
+    random_handle, read_bandwidth, read_bandwidth_at_size, sync,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use sparsekv::kernels::cubecl;
@@ -169,6 +173,21 @@ fn sweep_type<F: FloatElement>(
     };
     let shapes: Vec<_> = all.iter().filter(|s| wanted(s.0)).copied().collect();
     let sweep = std::env::var_os("SPARSEKV_BENCH_SWEEP").is_some();
+    if F::name() == "f16" {
+        // What a kernel that only reads reaches on each matrix's bytes (rotated copies, as
+        // the weights are): the most a skinny matmul of that shape can reach per launch.
+        for &(name, n, k) in &shapes {
+            let bytes = n * k * F::size_bytes();
+            let copies = ROTATION_BYTES.div_ceil(bytes).clamp(1, 16);
+            let bw = read_bandwidth_at_size(client, bytes, copies);
+            table.push_str(&format!(
+                "| {name} | - | {n} | {k} | read-only reduction, same bytes | {:.1} | - | {:.0} | {:.1}% |\n",
+                bytes as f64 / bw * 1e6,
+                bw / 1e9,
+                100.0 * bw / ceiling
+            ));
+        }
+    }
     for &m in &[1usize, 8, 32] {
         for &(name, n, k) in &shapes {
             let w = weights::<F>(client, m, n, k);

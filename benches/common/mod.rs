@@ -234,6 +234,35 @@ pub fn read_bandwidth(client: &ComputeClient<Rt>, bytes: usize) -> f64 {
     (n * 4) as f64 / t.as_secs_f64()
 }
 
+/// Read-only bandwidth at the size of one operand: the best, over a few grid sizes, of the
+/// reduction of [`read_bandwidth`] reading one `bytes`-byte buffer per call from `copies`
+/// rotated buffers (so that L2 does not hold them between calls), in bytes per second. What a
+/// kernel that only streams `bytes` bytes reaches per launch, ramp and tail included: the
+/// reference for a small matrix's fraction of the large-buffer ceiling.
+pub fn read_bandwidth_at_size(client: &ComputeClient<Rt>, bytes: usize, copies: usize) -> f64 {
+    let n = bytes / 16 * 4;
+    let bufs: Vec<Handle> = (0..copies.max(1))
+        .map(|i| random_handle::<f32>(client, n, 300 + i as u32))
+        .collect();
+    let mut best = 0.0f64;
+    for grid in [528u32, 1056, 2112, 4096] {
+        let sums = client.empty((grid * UNITS) as usize * 4);
+        let t = median_call_time(client, |i| unsafe {
+            read_sum_kernel::launch::<Rt>(
+                client,
+                CubeCount::Static(grid, 1, 1),
+                CubeDim::new_1d(UNITS),
+                4,
+                ArrayArg::from_raw_parts(bufs[i % bufs.len()].clone(), n / 4),
+                ArrayArg::from_raw_parts(sums.clone(), (grid * UNITS) as usize),
+                (n / 4) as u32,
+            );
+        });
+        best = best.max((n * 4) as f64 / t.as_secs_f64());
+    }
+    best
+}
+
 /// The Burn backend of the model benches: f16 on the selected runtime, bare (kernels launched
 /// at once).
 #[cfg(feature = "cuda")]
