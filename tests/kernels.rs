@@ -1021,7 +1021,12 @@ fn skinny_case<F: TestFloat>(
         Some(SkinnyTuning {
             kernel,
             rows_per_plane: [1, 2, 4, 8][rng.random_range(0..4)],
-            planes: rng.random_range(1..=8),
+            // The fragment kernel also with the large cubes that turn its prefetch off.
+            planes: if kernel == SkinnyKernel::Fragments && rng.random_bool(0.3) {
+                [16, 32][rng.random_range(0..2)]
+            } else {
+                rng.random_range(1..=8)
+            },
             unroll: unrolls[rng.random_range(0..unrolls.len())],
         })
     } else {

@@ -20,10 +20,12 @@
 //! More than `MAX_ROWS_M` activation rows are handled in chunks along the grid's second axis:
 //! each chunk streams the weights again (from L2 when they fit).
 //!
-//! On CUDA, from 8 activation rows on, the products run on matrix units instead
-//! (`skinny_mma_kernel`, 8x32x16 tiles, weights staged through shared memory with coalesced
-//! loads): with 8 rows the multiply-adds and conversions of the plain kernel need more
-//! registers and issue slots than streaming leaves.
+//! On CUDA, from 8 activation rows on, the products run on matrix units instead: with 8 rows
+//! the multiply-adds and conversions of the plain kernel need more registers and issue slots
+//! than streaming leaves. The fragment kernel (`skinny_fragment_kernel`: 16x8x16 products whose
+//! operands are loaded straight into registers, two rounds of loads in flight per plane) where
+//! `K` is a multiple of 32, else `skinny_mma_kernel` (8x32x16 tiles, weights staged through
+//! shared memory with coalesced loads).
 
 use cubecl::prelude::cmma::MmaDefinition;
 use cubecl::prelude::*;
@@ -55,6 +57,11 @@ const LONG_K_MMA_PLANES: usize = 32;
 /// otherwise.
 const DEFAULT_FRAGMENT_PLANES: usize = 8;
 const DEFAULT_FRAGMENT_UNROLL: usize = 4;
+/// The fragment kernel keeps two rounds of loads in flight (prefetch) up to these planes per
+/// cube and blocks per round: the second round's registers (`3 * unroll` vectors of 16 bytes
+/// a lane) must fit beside the first, and a cube of 32 planes has at most 64 registers a unit.
+const PREFETCH_MAX_PLANES: usize = 16;
+const PREFETCH_MAX_UNROLL: usize = 4;
 /// Steps along `K` whose weight loads are issued together unless tuned otherwise.
 const DEFAULT_UNROLL: usize = 2;
 /// Units per simulated plane on devices without plane operations (the reduction tree's width).
@@ -63,7 +70,8 @@ const FALLBACK_LANES: usize = 32;
 /// Which kernel a skinny matmul runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum SkinnyKernel {
-    /// Matrix units where they apply (see [`SkinnyKernel::TensorCore`]), else CUDA cores.
+    /// Matrix units from 8 activation rows on where they apply ([`SkinnyKernel::Fragments`],
+    /// else [`SkinnyKernel::TensorCore`]), else CUDA cores.
     #[default]
     Auto,
     /// Plain multiply-adds (every runtime, type and shape).
@@ -618,8 +626,8 @@ struct FragmentPlan {
     unroll: usize,
     /// Whether the output adds a residual.
     residual: bool,
-    /// Whether a plane loads its next round of blocks before multiplying the current one
-    /// (experiment: `SPARSEKV_SKINNY_PREFETCH=1`, twice the load registers).
+    /// Whether a plane loads its next round of blocks before multiplying the current one (two
+    /// rounds in flight, twice the load registers).
     prefetch: bool,
 }
 
@@ -633,7 +641,9 @@ struct FragmentPlan {
 /// row read its 64 bytes together), and gives its first two pairs to one 16-wide product, the
 /// other two to the next; its activation row loads the same columns and gives them to B the
 /// same way. Each plane takes `unroll` consecutive blocks at a time, every load issued before
-/// the products, planes interleaved so that a cube reads long runs of its 16 rows at once.
+/// the products, planes interleaved so that a cube reads long runs of its 16 rows at once; with
+/// `prefetch` the loads of a plane's next round are issued before this round's products, so
+/// two rounds are in flight (the H200 measured 20-25% less time at M = 8 with it).
 /// The last cube along the features is moved back to end at `n` (it recomputes a few outputs
 /// of its neighbour); activation rows past `m` are clamped to the last one and not written.
 #[cube(launch_unchecked)]
@@ -967,18 +977,12 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
         && k.is_multiple_of(FRAG_BLOCK)
         && hw.max_units_per_cube >= 32
         && has_mma::<R, F>(client, MmaApi::Registers, (FRAG_N, FRAG_M, FRAG_K));
-    // Experiment (to be decided by the next measurement): `SPARSEKV_SKINNY_AUTO=fragments`
-    // makes the automatic choice the fragment kernel from 8 activation rows on wherever it
-    // applies, `=fragments-short` only for rows shorter than `LONG_K` (the H200 measured it
-    // faster than the `cmma` kernel there at M = 8, slower on the down projection).
-    let fragments_asked = m >= FRAG_M
-        && match experiments().auto.as_deref() {
-            Some("fragments") => true,
-            Some("fragments-short") => k < LONG_K,
-            _ => false,
-        };
+    // From 8 activation rows on, the fragment kernel wherever it applies: with its prefetch it
+    // beat the `cmma` kernel on every Llama-3-8B projection at M = 8 on the H200 (18.0 against
+    // 25.9 us on QKV, 12.7 / 16.8 on the output, 60.7 / 79.1 on gate+up, 32.3 / 43.2 on down:
+    // BENCHMARKS.md).
     let kernel = match tuning.map(|t| t.kernel).unwrap_or_default() {
-        SkinnyKernel::Auto if fragments_fit && fragments_asked => SkinnyKernel::Fragments,
+        SkinnyKernel::Auto if fragments_fit && m >= FRAG_M => SkinnyKernel::Fragments,
         other => other,
     };
     let mma_fits = R::name(client) == "cuda"
@@ -1067,13 +1071,15 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
                 )));
             }
             let max_planes = (hw.max_units_per_cube as usize / 32).max(1);
+            let planes = tuning
+                .map_or(DEFAULT_FRAGMENT_PLANES, |t| t.planes)
+                .min(max_planes);
+            let unroll = tuning.map_or(DEFAULT_FRAGMENT_UNROLL, |t| t.unroll);
             let plan = FragmentPlan {
-                planes: tuning
-                    .map_or(DEFAULT_FRAGMENT_PLANES, |t| t.planes)
-                    .min(max_planes),
-                unroll: tuning.map_or(DEFAULT_FRAGMENT_UNROLL, |t| t.unroll),
+                planes,
+                unroll,
                 residual: residual.is_some(),
-                prefetch: experiments().prefetch,
+                prefetch: planes <= PREFETCH_MAX_PLANES && unroll <= PREFETCH_MAX_UNROLL,
             };
             let (cubes_n, cubes_m) = (n.div_ceil(FRAG_N), m.div_ceil(FRAG_M));
             check_cube_count(cubes_n, cubes_m, cube_limit)?;
@@ -1205,24 +1211,6 @@ fn activations_for_matrix_units<R: Runtime, F: FloatElement>(
             crate::activation::swiglu::<R, F>(client, m, k, x, &a)?;
             a
         }
-    })
-}
-
-/// The skinny-matmul experiments still to be decided by a measurement, set in the environment
-/// of the process: `SPARSEKV_SKINNY_AUTO` (`fragments` or `fragments-short`: what the
-/// automatic choice takes) and `SPARSEKV_SKINNY_PREFETCH=1` (the fragment kernel's prefetch).
-struct Experiments {
-    auto: Option<String>,
-    prefetch: bool,
-}
-
-/// [`Experiments`], read once: a decode step launches several skinny matmuls per layer, and
-/// none of them should read the environment.
-fn experiments() -> &'static Experiments {
-    static SETTINGS: std::sync::OnceLock<Experiments> = std::sync::OnceLock::new();
-    SETTINGS.get_or_init(|| Experiments {
-        auto: std::env::var("SPARSEKV_SKINNY_AUTO").ok(),
-        prefetch: std::env::var("SPARSEKV_SKINNY_PREFETCH").is_ok_and(|v| v == "1"),
     })
 }
 
