@@ -11,12 +11,13 @@
 //! rows.
 //!
 //! Before the products, f16: the read-only reduction of `common` on each matrix's bytes
-//! (rotated copies, the best of a few grid sizes), the most a launch streaming that many bytes
+//! (rotated copies, the best of a few grid sizes and load batches), the most a launch streaming that many bytes
 //! reaches.
 //!
 //! `SPARSEKV_BENCH_QUICK=1`: small shapes (software adapters). `SPARSEKV_BENCH_ONLY=out,qkv`:
 //! only those matrices. `SPARSEKV_BENCH_SWEEP=1` adds, at M = 1 and 8, f16, a sweep of tunings
-//! (kernel, rows per plane, planes per cube, unroll) of every shape. `SPARSEKV_BENCH_LAUNCH=1`
+//! (kernel, rows per plane, planes per cube, unroll) of every shape; `=fragments` sweeps the
+//! fragment kernel only. `SPARSEKV_BENCH_LAUNCH=1`
 //! measures the launch path instead (see `launch_probe`), `SPARSEKV_BENCH_PROFILE=out` launches
 //! a few calls for a profiler (see `profile_calls`).
 
@@ -251,6 +252,7 @@ fn sweep_tunings<F: FloatElement>(
     table: &mut String,
 ) {
     let mut tunings = Vec::new();
+    let only_fragments = std::env::var("SPARSEKV_BENCH_SWEEP").is_ok_and(|v| v == "fragments");
     for rows_per_plane in [2, 4] {
         for planes in [2, 4] {
             for unroll in [1, 2, 4] {
@@ -272,6 +274,9 @@ fn sweep_tunings<F: FloatElement>(
                 unroll,
             });
         }
+    }
+    if only_fragments {
+        tunings.clear();
     }
     // 32 planes (1024 units: at most 64 registers a unit) only with the smaller batches.
     for planes in [4, 8, 16, 32] {

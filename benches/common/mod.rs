@@ -90,6 +90,41 @@ fn read_sum_kernel<N: Size>(src: &Array<Vector<f32, N>>, sums: &mut Array<f32>, 
     sums[ABSOLUTE_POS] = total;
 }
 
+/// [`read_sum_kernel`] with each unit's next `batch` loads issued before any is added (the
+/// last ones clamped to the buffer and not counted): more bytes in flight per unit, for
+/// buffers that a grid covers in one or two passes.
+#[cube(launch)]
+fn read_sum_batched_kernel<N: Size>(
+    src: &Array<Vector<f32, N>>,
+    sums: &mut Array<f32>,
+    vectors: u32,
+    #[comptime] batch: usize,
+) {
+    let n = vectors as usize;
+    let stride = CUBE_COUNT * CUBE_DIM as usize;
+    let mut acc = Vector::<f32, N>::empty().fill(0.0);
+    let zero = Vector::<f32, N>::empty().fill(0.0);
+    let mut base = ABSOLUTE_POS;
+    while base < n {
+        let mut staged = Array::<Vector<f32, N>>::new(batch);
+        #[unroll]
+        for u in 0..batch {
+            staged[u] = src[min(base + u * stride, n - 1)];
+        }
+        #[unroll]
+        for u in 0..batch {
+            acc += select(base + u * stride < n, staged[u], zero);
+        }
+        base += batch * stride;
+    }
+    let mut total = 0.0f32;
+    #[unroll]
+    for e in 0..acc.size() {
+        total += acc[e];
+    }
+    sums[ABSOLUTE_POS] = total;
+}
+
 /// A device buffer of `n` random `F` in [-1, 1), filled on the device.
 pub fn random_handle<F: FloatElement>(client: &ComputeClient<Rt>, n: usize, seed: u32) -> Handle {
     let handle = client.empty(n * F::size_bytes());
@@ -234,8 +269,9 @@ pub fn read_bandwidth(client: &ComputeClient<Rt>, bytes: usize) -> f64 {
     (n * 4) as f64 / t.as_secs_f64()
 }
 
-/// Read-only bandwidth at the size of one operand: the best, over a few grid sizes, of the
-/// reduction of [`read_bandwidth`] reading one `bytes`-byte buffer per call from `copies`
+/// Read-only bandwidth at the size of one operand: the best, over a few grid sizes and with
+/// each unit's loads batched by 4 and 8 (one pass of the grid), of the reduction of
+/// [`read_bandwidth`] reading one `bytes`-byte buffer per call from `copies`
 /// rotated buffers (so that L2 does not hold them between calls), in bytes per second. What a
 /// kernel that only streams `bytes` bytes reaches per launch, ramp and tail included: the
 /// reference for a small matrix's fraction of the large-buffer ceiling.
@@ -245,20 +281,38 @@ pub fn read_bandwidth_at_size(client: &ComputeClient<Rt>, bytes: usize, copies: 
         .map(|i| random_handle::<f32>(client, n, 300 + i as u32))
         .collect();
     let mut best = 0.0f64;
-    for grid in [528u32, 1056, 2112, 4096] {
+    let mut measure = |grid: u32, batch: usize| {
         let sums = client.empty((grid * UNITS) as usize * 4);
         let t = median_call_time(client, |i| unsafe {
-            read_sum_kernel::launch::<Rt>(
-                client,
-                CubeCount::Static(grid, 1, 1),
-                CubeDim::new_1d(UNITS),
-                4,
+            let (src, sums_arg) = (
                 ArrayArg::from_raw_parts(bufs[i % bufs.len()].clone(), n / 4),
                 ArrayArg::from_raw_parts(sums.clone(), (grid * UNITS) as usize),
-                (n / 4) as u32,
             );
+            let (count, dim) = (CubeCount::Static(grid, 1, 1), CubeDim::new_1d(UNITS));
+            if batch == 1 {
+                read_sum_kernel::launch::<Rt>(client, count, dim, 4, src, sums_arg, (n / 4) as u32);
+            } else {
+                read_sum_batched_kernel::launch::<Rt>(
+                    client,
+                    count,
+                    dim,
+                    4,
+                    src,
+                    sums_arg,
+                    (n / 4) as u32,
+                    batch,
+                );
+            }
         });
         best = best.max((n * 4) as f64 / t.as_secs_f64());
+    };
+    for grid in [528u32, 1056, 2112, 4096] {
+        measure(grid, 1);
+    }
+    // Every unit's loads in one batch: one pass of the grid over the buffer.
+    for batch in [4usize, 8] {
+        let grid = (n / 4).div_ceil(batch * UNITS as usize).clamp(1, 65_535) as u32;
+        measure(grid, batch);
     }
     best
 }
