@@ -993,7 +993,7 @@ fn skinny_case<F: TestFloat>(
     tol: f64,
     forced: Option<SkinnyKernel>,
 ) -> Result<(), String> {
-    let m = [1, 2, 3, 4, 5, 8, 9, 16, 20][rng.random_range(0..9)];
+    let m = [1, 2, 3, 4, 5, 8, 9, 16, 20, 40, 64][rng.random_range(0..11)];
     let (n, k): (usize, usize) = match forced {
         Some(_) => (
             rng.random_range(32..=300),

@@ -58,10 +58,13 @@ const LONG_K_MMA_PLANES: usize = 32;
 const DEFAULT_FRAGMENT_PLANES: usize = 8;
 const DEFAULT_FRAGMENT_UNROLL: usize = 4;
 /// The fragment kernel keeps two rounds of loads in flight (prefetch) up to these planes per
-/// cube and blocks per round: the second round's registers (`3 * unroll` vectors of 16 bytes
-/// a lane) must fit beside the first, and a cube of 32 planes has at most 64 registers a unit.
+/// cube and 16-byte vectors per lane and round (`(2 + chunks) * unroll`: two weight rows and
+/// each group's activation row per block): the second round's registers must fit beside the
+/// first, and a cube of 32 planes has at most 64 registers a unit.
 const PREFETCH_MAX_PLANES: usize = 16;
-const PREFETCH_MAX_UNROLL: usize = 4;
+const PREFETCH_MAX_STAGED: usize = 12;
+/// Groups of 8 activation rows one cube of the fragment kernel multiplies at most.
+const MAX_FRAGMENT_CHUNKS: usize = 4;
 /// Steps along `K` whose weight loads are issued together unless tuned otherwise.
 const DEFAULT_UNROLL: usize = 2;
 /// Units per simulated plane on devices without plane operations (the reduction tree's width).
@@ -624,6 +627,10 @@ struct FragmentPlan {
     /// Consecutive 32-column blocks a plane loads before it multiplies (16-byte loads per lane
     /// and row in flight).
     unroll: usize,
+    /// Groups of 8 activation rows one cube multiplies (1..=`MAX_FRAGMENT_CHUNKS`): each
+    /// weight fragment loaded is used by every group, so the weights are streamed once for up
+    /// to `8 * chunks` rows.
+    chunks: usize,
     /// Whether the output adds a residual.
     residual: bool,
     /// Whether a plane loads its next round of blocks before multiplying the current one (two
@@ -644,6 +651,8 @@ struct FragmentPlan {
 /// the products, planes interleaved so that a cube reads long runs of its 16 rows at once; with
 /// `prefetch` the loads of a plane's next round are issued before this round's products, so
 /// two rounds are in flight (the H200 measured 20-25% less time at M = 8 with it).
+/// A cube multiplies `chunks` groups of 8 activation rows, each group with its own B operand
+/// and accumulators, all with the same A (weight) fragments.
 /// The last cube along the features is moved back to end at `n` (it recomputes a few outputs
 /// of its neighbour); activation rows past `m` are clamped to the last one and not written.
 #[cube(launch_unchecked)]
@@ -659,9 +668,11 @@ fn skinny_fragment_kernel<F: Float, N: Size>(
     #[comptime] plan: FragmentPlan,
 ) {
     let size!(P) = 2usize;
-    let (planes, unroll) = comptime!((plan.planes, plan.unroll));
+    let (planes, unroll, chunks) = comptime!((plan.planes, plan.unroll, plan.chunks));
+    // Outputs of one group of 8 activation rows, and of the cube.
     let tile_out = comptime!(FRAG_N * FRAG_M);
-    let mut sums = SharedMemory::<f32>::new(comptime!(plan.planes * FRAG_N * FRAG_M));
+    let cube_out = comptime!(FRAG_N * FRAG_M * plan.chunks);
+    let mut sums = SharedMemory::<f32>::new(comptime!(plan.planes * FRAG_N * FRAG_M * plan.chunks));
     let (m, n, k_vecs) = (m as usize, features as usize, k_vecs as usize);
     let plane = UNIT_POS as usize / 32;
     let lane = UNIT_POS as usize % 32;
@@ -671,15 +682,18 @@ fn skinny_fragment_kernel<F: Float, N: Size>(
     let g = lane / 4;
     let c = lane % 4;
     let n0 = min(CUBE_POS_X as usize * FRAG_N, n - FRAG_N);
-    let m0 = CUBE_POS_Y as usize * FRAG_M;
-    let rows = (
-        (n0 + g) * k_vecs + c,
-        (n0 + g + 8) * k_vecs + c,
-        min(m0 + g, m - 1) * k_vecs + c,
-    );
-    let mut acc = Array::<Vector<f32, P>>::new(2usize);
-    acc[0] = Vector::<f32, P>::zeroed();
-    acc[1] = Vector::<f32, P>::zeroed();
+    let m0 = CUBE_POS_Y as usize * FRAG_M * chunks;
+    let w_rows = ((n0 + g) * k_vecs + c, (n0 + g + 8) * k_vecs + c);
+    let mut x_rows = Array::<usize>::new(chunks);
+    #[unroll]
+    for ch in 0..chunks {
+        x_rows[ch] = min(m0 + ch * FRAG_M + g, m - 1) * k_vecs + c;
+    }
+    let mut acc = Array::<Vector<f32, P>>::new(comptime!(2 * plan.chunks));
+    #[unroll]
+    for i in 0..2 * chunks {
+        acc[i] = Vector::<f32, P>::zeroed();
+    }
 
     // Rounds of `planes * unroll` blocks, then the blocks left, one per plane at a time.
     let vecs_per_block = comptime!(FRAG_BLOCK / 8);
@@ -690,18 +704,36 @@ fn skinny_fragment_kernel<F: Float, N: Size>(
     if comptime!(plan.prefetch) {
         // The next round's loads are issued before this round's products, so a plane has
         // two rounds in flight instead of one.
-        let staged_len = comptime!(3 * plan.unroll);
+        let staged_len = comptime!((2 + plan.chunks) * plan.unroll);
         let mut current = Array::<Vector<u32, N>>::new(staged_len);
         let mut next = Array::<Vector<u32, N>>::new(staged_len);
         if block < whole {
-            load_blocks::<N>(x, w, rows, block * vecs_per_block, &mut current, unroll);
+            load_blocks::<N>(
+                x,
+                w,
+                w_rows,
+                &x_rows,
+                block * vecs_per_block,
+                &mut current,
+                unroll,
+                chunks,
+            );
         }
         while block < whole {
             let following = block + round;
             if following < whole {
-                load_blocks::<N>(x, w, rows, following * vecs_per_block, &mut next, unroll);
+                load_blocks::<N>(
+                    x,
+                    w,
+                    w_rows,
+                    &x_rows,
+                    following * vecs_per_block,
+                    &mut next,
+                    unroll,
+                    chunks,
+                );
             }
-            multiply_staged::<F, N, P>(&current, &mut acc, unroll);
+            multiply_staged::<F, N, P>(&current, &mut acc, unroll, chunks);
             #[unroll]
             for i in 0..staged_len {
                 current[i] = next[i];
@@ -710,34 +742,55 @@ fn skinny_fragment_kernel<F: Float, N: Size>(
         }
     } else {
         while block < whole {
-            multiply_blocks::<F, N, P>(x, w, rows, block * vecs_per_block, &mut acc, unroll);
+            multiply_blocks::<F, N, P>(
+                x,
+                w,
+                w_rows,
+                &x_rows,
+                block * vecs_per_block,
+                &mut acc,
+                unroll,
+                chunks,
+            );
             block += round;
         }
     }
     block = whole + plane;
     while block < blocks {
-        multiply_blocks::<F, N, P>(x, w, rows, block * vecs_per_block, &mut acc, 1usize);
+        multiply_blocks::<F, N, P>(
+            x,
+            w,
+            w_rows,
+            &x_rows,
+            block * vecs_per_block,
+            &mut acc,
+            1usize,
+            chunks,
+        );
         block += planes;
     }
 
-    // C: features g and g + 8, activation rows 2c and 2c + 1.
-    let at = plane * tile_out;
+    // C of group ch: features g and g + 8, activation rows 8 ch + 2c and 8 ch + 2c + 1.
+    let at = plane * cube_out;
     #[unroll]
-    for half in 0..2usize {
+    for ch in 0..chunks {
         #[unroll]
-        for e in 0..2usize {
-            sums[at + (2 * c + e) * FRAG_N + g + 8 * half] = acc[half][e];
+        for half in 0..2usize {
+            #[unroll]
+            for e in 0..2usize {
+                sums[at + ch * tile_out + (2 * c + e) * FRAG_N + g + 8 * half] =
+                    acc[2 * ch + half][e];
+            }
         }
     }
     sync_cube();
-    // A cube of fewer than four planes has fewer units than the tile has outputs: each unit
-    // sums every `CUBE_DIM`-th output.
+    // A cube may have fewer units than outputs: each unit sums every `CUBE_DIM`-th output.
     let mut i = UNIT_POS as usize;
-    while i < tile_out {
+    while i < cube_out {
         let mut total = 0.0f32;
         #[unroll]
         for p in 0..planes {
-            total += sums[p * tile_out + i];
+            total += sums[p * cube_out + i];
         }
         let row = m0 + i / FRAG_N;
         if row < m {
@@ -749,54 +802,65 @@ fn skinny_fragment_kernel<F: Float, N: Size>(
 }
 
 /// Adds the products of `count` consecutive 32-column blocks from vector `v0` of the rows
-/// (two weight rows and an activation row, see [`skinny_fragment_kernel`]) to `acc`: every
-/// load first, then two 16-wide products per block.
+/// (two weight rows and `chunks` activation rows, see [`skinny_fragment_kernel`]) to `acc`:
+/// every load first, then two 16-wide products per block and group of activation rows.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn multiply_blocks<F: Float, N: Size, P: Size>(
     x: &Array<Vector<u32, N>>,
     w: &Array<Vector<u32, N>>,
-    rows: (usize, usize, usize),
+    w_rows: (usize, usize),
+    x_rows: &Array<usize>,
     v0: usize,
     acc: &mut Array<Vector<f32, P>>,
     #[comptime] count: usize,
+    #[comptime] chunks: usize,
 ) {
-    let mut staged = Array::<Vector<u32, N>>::new(comptime!(3 * count));
-    load_blocks::<N>(x, w, rows, v0, &mut staged, count);
-    multiply_staged::<F, N, P>(&staged, acc, count);
+    let mut staged = Array::<Vector<u32, N>>::new(comptime!((2 + chunks) * count));
+    load_blocks::<N>(x, w, w_rows, x_rows, v0, &mut staged, count, chunks);
+    multiply_staged::<F, N, P>(&staged, acc, count, chunks);
 }
 
 /// Issues the loads of `count` consecutive 32-column blocks from vector `v0` of the rows into
-/// `staged`: the first weight row's vectors, then the second's, then the activation row's.
+/// `staged`: the first weight row's vectors, then the second's, then each activation row's.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn load_blocks<N: Size>(
     x: &Array<Vector<u32, N>>,
     w: &Array<Vector<u32, N>>,
-    rows: (usize, usize, usize),
+    w_rows: (usize, usize),
+    x_rows: &Array<usize>,
     v0: usize,
     staged: &mut Array<Vector<u32, N>>,
     #[comptime] count: usize,
+    #[comptime] chunks: usize,
 ) {
     let vecs_per_block = comptime!(FRAG_BLOCK / 8);
     #[unroll]
     for u in 0..count {
         let v = v0 + u * vecs_per_block;
-        staged[u] = w[rows.0 + v];
-        staged[count + u] = w[rows.1 + v];
-        staged[2 * count + u] = x[rows.2 + v];
+        staged[u] = w[w_rows.0 + v];
+        staged[count + u] = w[w_rows.1 + v];
+        #[unroll]
+        for ch in 0..chunks {
+            staged[(2 + ch) * count + u] = x[x_rows[ch] + v];
+        }
     }
 }
 
-/// Two 16-wide products per block of `staged` (as [`load_blocks`] fills it), added to `acc`.
+/// Two 16-wide products per block of `staged` (as [`load_blocks`] fills it) and group of
+/// activation rows, added to that group's accumulators in `acc`.
 #[cube]
 fn multiply_staged<F: Float, N: Size, P: Size>(
     staged: &Array<Vector<u32, N>>,
     acc: &mut Array<Vector<f32, P>>,
     #[comptime] count: usize,
+    #[comptime] chunks: usize,
 ) {
     let def = MmaDefinition::<F, F, f32>::new(FRAG_N, FRAG_M, FRAG_K);
     #[unroll]
     for u in 0..count {
-        let (wa, wb, xv) = (staged[u], staged[count + u], staged[2 * count + u]);
+        let (wa, wb) = (staged[u], staged[count + u]);
         #[unroll]
         for h in 0..2usize {
             let mut a = Array::<Vector<F, P>>::new(4usize);
@@ -804,10 +868,19 @@ fn multiply_staged<F: Float, N: Size, P: Size>(
             a[1] = Vector::<F, P>::reinterpret(wb[2 * h]);
             a[2] = Vector::<F, P>::reinterpret(wa[2 * h + 1]);
             a[3] = Vector::<F, P>::reinterpret(wb[2 * h + 1]);
-            let mut b = Array::<Vector<F, P>>::new(2usize);
-            b[0] = Vector::<F, P>::reinterpret(xv[2 * h]);
-            b[1] = Vector::<F, P>::reinterpret(xv[2 * h + 1]);
-            def.execute_inplace(&a, &b, acc);
+            #[unroll]
+            for ch in 0..chunks {
+                let xv = staged[(2 + ch) * count + u];
+                let mut b = Array::<Vector<F, P>>::new(2usize);
+                b[0] = Vector::<F, P>::reinterpret(xv[2 * h]);
+                b[1] = Vector::<F, P>::reinterpret(xv[2 * h + 1]);
+                let mut c_frag = Array::<Vector<f32, P>>::new(2usize);
+                c_frag[0] = acc[2 * ch];
+                c_frag[1] = acc[2 * ch + 1];
+                def.execute_inplace(&a, &b, &mut c_frag);
+                acc[2 * ch] = c_frag[0];
+                acc[2 * ch + 1] = c_frag[1];
+            }
         }
     }
 }
@@ -1074,14 +1147,32 @@ pub fn skinny_matmul_with<R: Runtime, F: FloatElement>(
             let planes = tuning
                 .map_or(DEFAULT_FRAGMENT_PLANES, |t| t.planes)
                 .min(max_planes);
-            let unroll = tuning.map_or(DEFAULT_FRAGMENT_UNROLL, |t| t.unroll);
+            // As many groups of 8 rows per cube as the rows need, the cap and the planes' sums
+            // in shared memory allow.
+            let sums_per_chunk = planes * FRAG_N * FRAG_M * 4;
+            let chunks = m
+                .div_ceil(FRAG_M)
+                .min(MAX_FRAGMENT_CHUNKS)
+                .min((hw.max_shared_memory_size / sums_per_chunk).max(1));
+            // Each group's activation vectors take registers beside the weights': fewer
+            // blocks per round with more groups, so that the prefetch still fits.
+            let unroll = tuning.map_or(
+                if chunks == 1 {
+                    DEFAULT_FRAGMENT_UNROLL
+                } else {
+                    DEFAULT_FRAGMENT_UNROLL / 2
+                },
+                |t| t.unroll,
+            );
             let plan = FragmentPlan {
                 planes,
                 unroll,
+                chunks,
                 residual: residual.is_some(),
-                prefetch: planes <= PREFETCH_MAX_PLANES && unroll <= PREFETCH_MAX_UNROLL,
+                prefetch: planes <= PREFETCH_MAX_PLANES
+                    && (2 + chunks) * unroll <= PREFETCH_MAX_STAGED,
             };
-            let (cubes_n, cubes_m) = (n.div_ceil(FRAG_N), m.div_ceil(FRAG_M));
+            let (cubes_n, cubes_m) = (n.div_ceil(FRAG_N), m.div_ceil(FRAG_M * chunks));
             check_cube_count(cubes_n, cubes_m, cube_limit)?;
             let x = activations_for_matrix_units::<R, F>(client, input, m, k, x)?;
             let vecs = |h: &cubecl::server::Handle| unsafe {
