@@ -1138,6 +1138,10 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         None
     } else {
         let vec = vector_size(es, hw.max_vector_size, d, &[window.stride]);
+        // Experiment (one measurement, then to go): `SPARSEKV_SIMT_VEC=4` caps the CUDA-core
+        // kernel's vectors at 4 elements on CUDA, as wgpu's are, to tell whether the loads'
+        // width explains why the same kernel is 2.6x slower on Vulkan.
+        let vec = simt_vec_cap().map_or(vec, |cap| vec.min(cap));
         let use_plane = client
             .features()
             .plane
@@ -1323,6 +1327,17 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         );
     }
     Ok(())
+}
+
+/// `SPARSEKV_SIMT_VEC`, read once (an experiment; see its use).
+fn simt_vec_cap() -> Option<usize> {
+    static CAP: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::env::var("SPARSEKV_SIMT_VEC")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v: &usize| v.is_power_of_two())
+    })
 }
 
 /// Whether `client`'s kernels go through CubeCL's SPIR-V compiler (a Vulkan adapter with the
