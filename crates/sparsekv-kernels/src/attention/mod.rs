@@ -1141,7 +1141,9 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         // Experiment (one measurement, then to go): `SPARSEKV_SIMT_VEC=4` caps the CUDA-core
         // kernel's vectors at 4 elements on CUDA, as wgpu's are, to tell whether the loads'
         // width explains why the same kernel is 2.6x slower on Vulkan.
-        let vec = simt_vec_cap().map_or(vec, |cap| vec.min(cap));
+        let vec = experiment_usize("SPARSEKV_SIMT_VEC")
+            .filter(|cap| cap.is_power_of_two())
+            .map_or(vec, |cap| vec.min(cap));
         let use_plane = client
             .features()
             .plane
@@ -1184,7 +1186,8 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     // (bound by its expansion) and rows of head_dim 64 (too little in flight per tile) keep
     // the full count.
     let target = if simt_plan.is_none() && !sparse && d >= 128 {
-        DENSE_TC_CUBES
+        // Experiment (one sweep on the H200, then to go): `SPARSEKV_DENSE_CUBES=n`.
+        experiment_usize("SPARSEKV_DENSE_CUBES").unwrap_or(DENSE_TC_CUBES)
     } else {
         TARGET_CUBES
     };
@@ -1329,15 +1332,23 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     Ok(())
 }
 
-/// `SPARSEKV_SIMT_VEC`, read once (an experiment; see its use).
-fn simt_vec_cap() -> Option<usize> {
-    static CAP: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *CAP.get_or_init(|| {
-        std::env::var("SPARSEKV_SIMT_VEC")
+/// The experiments' settings (`SPARSEKV_SIMT_VEC`, `SPARSEKV_DENSE_CUBES`; see their uses),
+/// read from the environment once per process.
+fn experiment_usize(name: &str) -> Option<usize> {
+    static SETTINGS: std::sync::OnceLock<[Option<usize>; 2]> = std::sync::OnceLock::new();
+    let read = |n: &str| {
+        std::env::var(n)
             .ok()
             .and_then(|v| v.parse().ok())
-            .filter(|&v: &usize| v.is_power_of_two())
-    })
+            .filter(|&v: &usize| v > 0)
+    };
+    let settings =
+        SETTINGS.get_or_init(|| [read("SPARSEKV_SIMT_VEC"), read("SPARSEKV_DENSE_CUBES")]);
+    match name {
+        "SPARSEKV_SIMT_VEC" => settings[0],
+        "SPARSEKV_DENSE_CUBES" => settings[1],
+        _ => None,
+    }
 }
 
 /// Whether `client`'s kernels go through CubeCL's SPIR-V compiler (a Vulkan adapter with the
