@@ -18,7 +18,8 @@
 //!    where it does not (lavapipe), chosen at compile time; the first lane writes the output.
 //!
 //! More than `MAX_ROWS_M` activation rows are handled in chunks along the grid's second axis:
-//! each chunk streams the weights again (from L2 when they fit).
+//! each chunk streams the weights again (from L2 when they fit). (The fragment kernel below
+//! takes up to 32 rows per cube and streams the weights once for them.)
 //!
 //! On CUDA, from 8 activation rows on, the products run on matrix units instead: with 8 rows
 //! the multiply-adds and conversions of the plain kernel need more registers and issue slots
