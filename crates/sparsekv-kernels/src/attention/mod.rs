@@ -1138,12 +1138,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         None
     } else {
         let vec = vector_size(es, hw.max_vector_size, d, &[window.stride]);
-        // Experiment (one measurement, then to go): `SPARSEKV_SIMT_VEC=4` caps the CUDA-core
-        // kernel's vectors at 4 elements on CUDA, as wgpu's are, to tell whether the loads'
-        // width explains why the same kernel is 2.6x slower on Vulkan.
-        let vec = experiment_usize("SPARSEKV_SIMT_VEC")
-            .filter(|cap| cap.is_power_of_two())
-            .map_or(vec, |cap| vec.min(cap));
         let use_plane = client
             .features()
             .plane
@@ -1182,12 +1176,13 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     // its partial output), so fewer, longer splits leave more of the call to streaming (B = 8,
     // T = 16K on the H100: 230 us with 4096 cubes, 213 with 2048). One wave of resident
     // cubes was faster still in one call (200 us) and much slower in another (325 us: the
-    // residency it assumes is not guaranteed), so several waves it stays. The sparse kernel
+    // residency it assumes is not guaranteed), so several waves it stays; a later sweep with
+    // the dealt-out merge (H100, 16K) kept 2048 (196 us; 1188 cubes 219, 2640 208, 1584 and
+    // 3168 288-309: counts that leave the last wave nearly empty or full pay for it). The sparse kernel
     // (bound by its expansion) and rows of head_dim 64 (too little in flight per tile) keep
     // the full count.
     let target = if simt_plan.is_none() && !sparse && d >= 128 {
-        // Experiment (one sweep on the H200, then to go): `SPARSEKV_DENSE_CUBES=n`.
-        experiment_usize("SPARSEKV_DENSE_CUBES").unwrap_or(DENSE_TC_CUBES)
+        DENSE_TC_CUBES
     } else {
         TARGET_CUBES
     };
@@ -1330,25 +1325,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         );
     }
     Ok(())
-}
-
-/// The experiments' settings (`SPARSEKV_SIMT_VEC`, `SPARSEKV_DENSE_CUBES`; see their uses),
-/// read from the environment once per process.
-fn experiment_usize(name: &str) -> Option<usize> {
-    static SETTINGS: std::sync::OnceLock<[Option<usize>; 2]> = std::sync::OnceLock::new();
-    let read = |n: &str| {
-        std::env::var(n)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&v: &usize| v > 0)
-    };
-    let settings =
-        SETTINGS.get_or_init(|| [read("SPARSEKV_SIMT_VEC"), read("SPARSEKV_DENSE_CUBES")]);
-    match name {
-        "SPARSEKV_SIMT_VEC" => settings[0],
-        "SPARSEKV_DENSE_CUBES" => settings[1],
-        _ => None,
-    }
 }
 
 /// Whether `client`'s kernels go through CubeCL's SPIR-V compiler (a Vulkan adapter with the
