@@ -1178,9 +1178,8 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     // cubes was faster still in one call (200 us) and much slower in another (325 us: the
     // residency it assumes is not guaranteed), so several waves it stays; a later sweep with
     // the dealt-out merge (H100, 16K) kept 2048 (196 us; 1188 cubes 219, 2640 208, 1584 and
-    // 3168 288-309, not explained yet). The sparse kernel
-    // (bound by its expansion) and rows of head_dim 64 (too little in flight per tile) keep
-    // the full count.
+    // 3168 288-309, not explained yet). The sparse kernel (bound by its expansion) and rows
+    // of head_dim 64 (too little in flight per tile) keep the full count.
     let target = if simt_plan.is_none() && !sparse && d >= 128 {
         DENSE_TC_CUBES
     } else {
