@@ -1138,14 +1138,10 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         None
     } else {
         let vec = vector_size(es, hw.max_vector_size, d, &[window.stride]);
-        // Experiment (one measurement, then to go): `SPARSEKV_SIMT_NO_PLANE=1` takes the
-        // shared-memory reductions on CUDA too, to tell whether their barriers are what makes
-        // this kernel 2.6x slower on Vulkan.
         let use_plane = client
             .features()
             .plane
-            .contains(cubecl::features::Plane::Ops)
-            && !no_plane_experiment();
+            .contains(cubecl::features::Plane::Ops);
         // 16-bit values are unpacked by a bit cast on CUDA and through CubeCL's SPIR-V
         // compiler (feature `vulkan`), with integer operations through WGSL.
         let unpack = if es == 4 || R::name(client) == "cuda" || compiles_to_spirv(client) {
@@ -1328,12 +1324,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         );
     }
     Ok(())
-}
-
-/// `SPARSEKV_SIMT_NO_PLANE=1`, read once (an experiment; see its use).
-fn no_plane_experiment() -> bool {
-    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SET.get_or_init(|| std::env::var("SPARSEKV_SIMT_NO_PLANE").is_ok_and(|v| v == "1"))
 }
 
 /// Whether `client`'s kernels go through CubeCL's SPIR-V compiler (a Vulkan adapter with the
