@@ -11,15 +11,15 @@
 //! rows.
 //!
 //! Before the products, f16: the read-only reduction of `common` on each matrix's bytes
-//! (rotated copies, the best of a few grid sizes and load batches), the most a launch streaming that many bytes
-//! reaches.
+//! (rotated copies, the best of a few grid sizes and load batches), the most a launch
+//! streaming that many bytes reaches.
 //!
 //! `SPARSEKV_BENCH_QUICK=1`: small shapes (software adapters). `SPARSEKV_BENCH_ONLY=out,qkv`:
 //! only those matrices. `SPARSEKV_BENCH_SWEEP=1` adds, at M = 1 and 8, f16, a sweep of tunings
 //! (kernel, rows per plane, planes per cube, unroll) of every shape; `=fragments` sweeps the
-//! fragment kernel only. `SPARSEKV_BENCH_LAUNCH=1`
-//! measures the launch path instead (see `launch_probe`), `SPARSEKV_BENCH_PROFILE=out` launches
-//! a few calls for a profiler (see `profile_calls`).
+//! fragment kernel only. `SPARSEKV_BENCH_LAUNCH=1` measures the launch path instead (see
+//! `launch_probe`), `SPARSEKV_BENCH_PROFILE=out` launches a few calls for a profiler (see
+//! `profile_calls`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
