@@ -329,7 +329,7 @@ fn sweep_tunings<F: FloatElement>(
 
 /// `SPARSEKV_BENCH_PROFILE=NAME[:M]` (a matrix of `SHAPES`, M = 8 unless given; `1`: the down
 /// projection): five calls each of the CUDA-core kernel, of the kernel the launcher chooses
-/// on its own (the tensor-core one where it applies) and of the fragment kernel (8 planes,
+/// on its own (the fragment kernel from 8 rows on) and of the `cmma` kernel (16 planes,
 /// unroll 4), f16, nothing else (for `ncu --kernel-name regex:skinny`).
 fn profile_calls(client: &ComputeClient<Rt>, target: &str) {
     let (name, m) = target.split_once(':').unwrap_or((target, "8"));
@@ -349,13 +349,13 @@ fn profile_calls(client: &ComputeClient<Rt>, target: &str) {
         planes: 2,
         unroll: 2,
     };
-    let fragments = SkinnyTuning {
-        kernel: SkinnyKernel::Fragments,
+    let cmma = SkinnyTuning {
+        kernel: SkinnyKernel::TensorCore,
         rows_per_plane: 1,
-        planes: 8,
+        planes: 16,
         unroll: 4,
     };
-    for tuning in [Some(simt), None, Some(fragments)] {
+    for tuning in [Some(simt), None, Some(cmma)] {
         for i in 0..5 {
             launch::<half::f16>(client, &w, shape, tuning, i);
         }

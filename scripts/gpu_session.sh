@@ -18,9 +18,9 @@
 #                    the tuning sweep at M = 8 (CALLS=n calls per timed batch, default 200:
 #                    the kernels in steady state)
 #   NCUSKINNY=a:M,.. ncu (SpeedOfLight, occupancy, memory) of the skinny kernels on those
-#                    matrices at M rows: the CUDA-core kernel, then the launcher's own choice,
-#                    then the fragment kernel, five launches each (NSKIP/NCOUNT pick them:
-#                    default 2 and 8)
+#                    matrices at M rows: the CUDA-core kernel, then the launcher's own choice
+#                    (the fragment kernel from 8 rows on), then the cmma kernel, five launches
+#                    each (NSKIP/NCOUNT pick them: default 2 and 8)
 #   NCUSTEP=BxT      ncu's duration of every launch of four decode steps (bench_decode's
 #                    SPARSEKV_BENCH_PROFILE) through dense caches, then sparse ones, as CSV
 #   COMPRESS=1       the compression bench (a chunk over all layers, layer groups against
