@@ -5,7 +5,9 @@
 #
 #   scripts/gpu.sh [--vulkan] [--only NAME[,NAME...]] [tests] [benches] [examples]
 #       what to stage (default: all three); --vulkan also stages the wgpu builds of the
-#       selected tests and benches (for Vulkan on the GPU); --only keeps just the named test
+#       selected tests and benches (for Vulkan on the GPU), both through WGSL (the default
+#       features) and through CubeCL's SPIR-V compiler (feature `vulkan`, names ending in
+#       `_spirv`); --only keeps just the named test
 #       and bench targets (e.g. --only kernels,attention) to save build time and transfer.
 #       Each binary links the whole stack (about 30 MB stripped, 10 MB gzipped): stage only
 #       what one run needs when the copy to the GPU machine is limited.
@@ -44,19 +46,21 @@ targets() {
 }
 rm -rf "$stage/cuda" "$stage/wgpu" && mkdir -p "$stage/cuda" "$stage/wgpu"
 
-# Stages one executable as $stage/$out/$name.gz (stripped).
+# Stages one executable as $stage/$out/$name.gz (stripped); SUFFIX is appended to the name.
 stage_exe() {
-  local exe=$1 out=$2 name=$3
+  local exe=$1 out=$2 name=$3${SUFFIX:-}
   cp "$exe" "$stage/$out/$name" && strip "$stage/$out/$name" && gzip -f "$stage/$out/$name"
   echo "staged $stage/$out/$name.gz"
 }
 
-# Builds with `cargo <subcommand> --no-run` and stages the test or bench executables.
+# Builds with `cargo <subcommand> --no-run` and stages the test or bench executables
+# (BUILD_DIR: another target directory, for other features).
 build() {
   local out=$1 prefix=$2; shift 2
   local release=--release dir=target/gpu-$out
   [ "$1" = bench ] && release=  # cargo bench always builds optimised
   [ "$out" = wgpu ] && dir=target  # the default features are wgpu's: share the usual builds
+  dir=${BUILD_DIR:-$dir}
   CARGO_TARGET_DIR=$dir cargo "$@" $release --no-run --message-format=json \
     | python3 -c 'import json,sys
 for line in sys.stdin:
@@ -85,6 +89,9 @@ fi
 if [ $vulkan = 1 ]; then
   want tests && [ -n "$tests" ] && build wgpu "" test $tests
   want benches && [ -n "$benches" ] && build wgpu bench_ bench $benches
+  spirv=(--features vulkan)
+  want tests && [ -n "$tests" ] && BUILD_DIR=target/vulkan SUFFIX=_spirv build wgpu "" test "${spirv[@]}" $tests
+  want benches && [ -n "$benches" ] && BUILD_DIR=target/vulkan SUFFIX=_spirv build wgpu bench_ bench "${spirv[@]}" $benches
 fi
 mkdir -p "$stage/scripts" && cp scripts/sdpa_baseline.py scripts/decode_baseline.py "$stage/scripts/"
 cp scripts/gpu_session.sh "$stage/session.sh"

@@ -4,7 +4,9 @@
 # variable is set, in this order, and everything it prints is also kept under $OUT:
 #   DEC=BxT[,..]     the decode bench on both backends (BACKENDS=bare|fused for one), then
 #                    the PyTorch decode-step peer at the same shapes
-#   ATT=BxT[,..]     the attention bench at those shapes, then cuDNN SDPA at each
+#   ATT=BxT[,..]     the attention bench at those shapes (CALLS=n back-to-back calls per
+#                    timed batch, default 200: short calls in steady state), then cuDNN SDPA
+#                    at each
 #   PREFILL=BxT[,..] the exact-prefill rows of the decode bench with nvidia-smi sampling the
 #                    memory, then the PyTorch prefill peer
 #   STREAM=BxT[,..]  the long-context showcase of the decode bench (CHUNK=n prompt tokens per
@@ -31,8 +33,9 @@
 #                    alternating a chat_before binary staged beside chat (an A/B on one host)
 #   TESTS=1          the CUDA tests (TESTLIST=a,b,.. picks binaries and filters, default
 #                    cache, kernels attention, kernels compress, model, the other kernels)
-#   VULKAN=BxT[,..]  the wgpu attention bench (staged by `scripts/gpu.sh --vulkan`) on the
-#                    NVIDIA Vulkan driver at those shapes. Needs the Vulkan loader and glvnd,
+#   VULKAN=BxT[,..]  the wgpu attention benches (staged by `scripts/gpu.sh --vulkan`: WGSL and
+#                    SPIR-V) on the NVIDIA Vulkan driver at those shapes, then the same
+#                    CUDA-core kernel on CUDA. Needs the Vulkan loader and glvnd,
 #                    carried as .gl/*.deb (the device README's recipe: libvulkan1 libegl1
 #                    libglvnd0 libopengl0 libgl1 libglx0 libgles2; the NVIDIA ICD's library is
 #                    libGLX_nvidia.so.0, which needs glvnd: with libvulkan1 alone wgpu finds no
@@ -55,7 +58,7 @@ if [ -n "${DEC:-}" ]; then
 fi
 if [ -n "${ATT:-}" ]; then
   echo "== bench_attention $ATT"
-  SPARSEKV_BENCH_ONLY=$ATT $bin/bench_attention --bench 2>&1 | tee -a $OUT/attention.log | grep -E "^\||ceiling"
+  SPARSEKV_BENCH_CALLS=${CALLS:-200} SPARSEKV_BENCH_ONLY=$ATT $bin/bench_attention --bench 2>&1 | tee -a $OUT/attention.log | grep -E "^\||ceiling"
   for bt in ${ATT//,/ }; do python3 "$here/scripts/sdpa_baseline.py" --batch ${bt%x*} --tokens ${bt#*x} 2>&1 | tee -a $OUT/attention.log | tail -3; done
 fi
 if [ -n "${PREFILL:-}" ]; then
@@ -145,9 +148,18 @@ fi
 if [ -n "${VULKAN:-}" ]; then
   echo "== vulkan attention $VULKAN"
   for f in "$here"/../.gl/*.deb; do dpkg -x "$f" /; done; ldconfig
-  gunzip -c "$here/wgpu/bench_attention.gz" > $bin/wgpu_bench_attention && chmod +x $bin/wgpu_bench_attention
-  VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json SPARSEKV_BENCH_ONLY=$VULKAN \
-    $bin/wgpu_bench_attention --bench 2>&1 | tee -a $OUT/vulkan.log | grep -E "^\||ceiling|panicked|rror"
+  # Through WGSL, then through CubeCL's SPIR-V compiler, then the same CUDA-core kernel on
+  # CUDA (the kernel Vulkan runs), all at the same shapes.
+  for b in bench_attention bench_attention_spirv; do
+    [ -e "$here/wgpu/$b.gz" ] || continue
+    echo "-- $b"
+    gunzip -c "$here/wgpu/$b.gz" > $bin/wgpu_$b && chmod +x $bin/wgpu_$b
+    VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json SPARSEKV_BENCH_ONLY=$VULKAN \
+      $bin/wgpu_$b --bench 2>&1 | tee -a $OUT/vulkan.log | grep -E "^\||ceiling|panicked|rror"
+  done
+  echo "-- the CUDA-core kernel on CUDA"
+  SPARSEKV_BENCH_KERNEL=simt SPARSEKV_BENCH_ONLY=$VULKAN $bin/bench_attention --bench 2>&1 \
+    | tee -a $OUT/vulkan.log | grep -E "^\| (dense|sparse)|panicked"
 fi
 if [ "${NCU:-0}" = 1 ]; then
   echo "== ncu"
