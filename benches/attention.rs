@@ -30,7 +30,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Rt, backend_name, calls_per_batch, copy_bandwidth, median_call_times_in_batches, quick,
+    Rt, backend_name, calls_per_batch_or, copy_bandwidth, median_call_times_in_batches, quick,
     random_handle, read_bandwidth, sync,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -47,18 +47,11 @@ const KV_HEADS: usize = 8;
 /// The head dimension of the main sweep; `EXTRA_HEAD_DIMS` get one row each at B = 8, T = 32K.
 const HEAD_DIM: usize = 128;
 const EXTRA_HEAD_DIMS: [usize; 2] = [64, 256];
-/// Back-to-back calls per timed batch of the table: `SPARSEKV_BENCH_CALLS`, else 200 (quick
-/// runs: the common default). A call at B = 1 lasts 15-30 us and CubeCL 0.10 hands launches to
-/// its device thread 32 at a time, so a batch of 20 is issued before the device starts and
-/// times issuing and running one after the other; 200 times them overlapped, as a decode loop
-/// runs them.
-fn calls_per_timed_batch() -> usize {
-    if quick() || std::env::var_os("SPARSEKV_BENCH_CALLS").is_some() {
-        calls_per_batch()
-    } else {
-        200
-    }
-}
+/// Back-to-back calls per timed batch of the table unless `SPARSEKV_BENCH_CALLS` says
+/// otherwise. A call at B = 1 lasts 15-30 us and CubeCL 0.10 hands launches to its device
+/// thread 32 at a time, so a batch of 20 is issued before the device starts and times issuing
+/// and running one after the other; 200 times them overlapped, as a decode loop runs them.
+const CALLS_PER_BATCH: usize = 200;
 
 /// Dense window tokens of the sparse rows unless `SPARSEKV_BENCH_WINDOW` says otherwise.
 const WINDOW: usize = 32;
@@ -367,10 +360,11 @@ fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
         }
         let mut dense_time = None;
         for which in kernels {
-            let t = median_call_times_in_batches(client, calls_per_timed_batch(), |i| {
-                shape.run::<F>(client, &sets[i % sets.len()], &q, &out, which)
-            })
-            .0;
+            let t =
+                median_call_times_in_batches(client, calls_per_batch_or(CALLS_PER_BATCH), |i| {
+                    shape.run::<F>(client, &sets[i % sets.len()], &q, &out, which)
+                })
+                .0;
             let dense = *dense_time.get_or_insert(t);
             let bytes = shape.bytes(
                 which.map(|i| Sparsity::new(SPARSITIES[i]).expect("valid")),

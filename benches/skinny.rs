@@ -253,30 +253,29 @@ fn sweep_tunings<F: FloatElement>(
 ) {
     let mut tunings = Vec::new();
     let only_fragments = std::env::var("SPARSEKV_BENCH_SWEEP").is_ok_and(|v| v == "fragments");
-    for rows_per_plane in [2, 4] {
-        for planes in [2, 4] {
+    if !only_fragments {
+        for rows_per_plane in [2, 4] {
+            for planes in [2, 4] {
+                for unroll in [1, 2, 4] {
+                    tunings.push(SkinnyTuning {
+                        kernel: SkinnyKernel::Simt,
+                        rows_per_plane,
+                        planes,
+                        unroll,
+                    });
+                }
+            }
+        }
+        for planes in [4, 8, 16, 32] {
             for unroll in [1, 2, 4] {
                 tunings.push(SkinnyTuning {
-                    kernel: SkinnyKernel::Simt,
-                    rows_per_plane,
+                    kernel: SkinnyKernel::TensorCore,
+                    rows_per_plane: 1,
                     planes,
                     unroll,
                 });
             }
         }
-    }
-    for planes in [4, 8, 16, 32] {
-        for unroll in [1, 2, 4] {
-            tunings.push(SkinnyTuning {
-                kernel: SkinnyKernel::TensorCore,
-                rows_per_plane: 1,
-                planes,
-                unroll,
-            });
-        }
-    }
-    if only_fragments {
-        tunings.clear();
     }
     // 32 planes (1024 units: at most 64 registers a unit) only with the smaller batches.
     for planes in [4, 8, 16, 32] {

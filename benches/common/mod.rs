@@ -179,11 +179,16 @@ pub fn median_call_times(
 /// of fewer launches than that is issued by the caller before the device starts any of it:
 /// larger batches measure the steady state where issuing and running overlap.
 pub fn calls_per_batch() -> usize {
+    calls_per_batch_or(20)
+}
+
+/// [`calls_per_batch`] with another default than 20 for a bench whose calls are short.
+pub fn calls_per_batch_or(default: usize) -> usize {
     std::env::var("SPARSEKV_BENCH_CALLS")
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|&n: &usize| n > 0)
-        .unwrap_or(if quick() { 2 } else { 20 })
+        .unwrap_or(if quick() { 2 } else { default })
 }
 
 /// [`median_call_times`] with `calls` calls per batch.
