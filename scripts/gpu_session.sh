@@ -40,6 +40,8 @@
 #                    libglvnd0 libopengl0 libgl1 libglx0 libgles2; the NVIDIA ICD's library is
 #                    libGLX_nvidia.so.0, which needs glvnd: with libvulkan1 alone wgpu finds no
 #                    adapter)
+#   NCUATT=BxT[,..]  ncu's duration, grid and DRAM throughput of the dense row's split and
+#                    merge launches of the attention bench at those shapes (CSV)
 #   NCU=1            ncu of one tensor-core split launch of the attention bench at B = 8,
 #                    T = 32K (SKIP launches skipped first: 320 lands in the s = 0.7 row),
 #                    with source counters, exported as prof.ncu-rep and sass.csv
@@ -154,12 +156,28 @@ if [ -n "${VULKAN:-}" ]; then
     [ -e "$here/wgpu/$b.gz" ] || continue
     echo "-- $b"
     gunzip -c "$here/wgpu/$b.gz" > $bin/wgpu_$b && chmod +x $bin/wgpu_$b
-    VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json SPARSEKV_BENCH_ONLY=$VULKAN \
-      $bin/wgpu_$b --bench 2>&1 | tee -a $OUT/vulkan.log | grep -E "^\||ceiling|panicked|rror"
+    for plane in on off; do
+      echo "-- $b, plane reductions $plane (SPARSEKV_SIMT_PLANE experiment)"
+      VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json SPARSEKV_BENCH_ONLY=$VULKAN SPARSEKV_SIMT_PLANE=$plane \
+        $bin/wgpu_$b --bench 2>&1 | tee -a $OUT/vulkan.log | grep -E "^\||ceiling|panicked|rror|simt plan"
+    done
   done
-  echo "-- the CUDA-core kernel on CUDA"
-  SPARSEKV_BENCH_KERNEL=simt SPARSEKV_BENCH_ONLY=$VULKAN $bin/bench_attention --bench 2>&1 \
-    | tee -a $OUT/vulkan.log | grep -E "^\| (dense|sparse)|panicked"
+  for plane in on off; do
+    echo "-- the CUDA-core kernel on CUDA, plane reductions $plane"
+    SPARSEKV_SIMT_PLANE=$plane SPARSEKV_BENCH_KERNEL=simt SPARSEKV_BENCH_ONLY=$VULKAN $bin/bench_attention --bench 2>&1 \
+      | tee -a $OUT/vulkan.log | grep -E "^\| (dense|sparse)|panicked|simt plan"
+  done
+fi
+if [ -n "${NCUATT:-}" ]; then
+  # Durations of the split and merge launches of the dense row (the first row of each shape:
+  # 10 warm-up calls skipped, then 4 calls = 8 launches), one shape at a time.
+  for bt in ${NCUATT//,/ }; do
+    echo "== ncu attention launches $bt (dense row)"
+    SPARSEKV_BENCH_ONLY=$bt SPARSEKV_BENCH_CALLS=4 ncu --clock-control none --kernel-name regex:"decode_(split|merge)" \
+      --launch-skip 20 --launch-count 8 --metrics gpu__time_duration.sum,launch__grid_size,sm__warps_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+      --csv --print-units base $bin/bench_attention --bench > $OUT/ncu_att_$bt.csv 2> $OUT/ncu_att_$bt.err
+    tail -1 $OUT/ncu_att_$bt.err; grep -E "gpu__time_duration|launch__grid_size|dram__throughput" $OUT/ncu_att_$bt.csv | awk -F'","' '{print $5, $(NF-2), $NF}' | cut -c1-150
+  done
 fi
 if [ "${NCU:-0}" = 1 ]; then
   echo "== ncu"

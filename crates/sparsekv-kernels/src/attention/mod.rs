@@ -1117,6 +1117,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         keep_k,
         keep_v,
         sparse,
+        query_loop: std::env::var("SPARSEKV_TC_QUERY").as_deref() == Ok("loop"),
     };
     let use_tc = match kernel {
         DecodeKernel::Simt => false,
@@ -1138,10 +1139,14 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         None
     } else {
         let vec = vector_size(es, hw.max_vector_size, d, &[window.stride]);
+        // EXPERIMENT (Vulkan's gap): SPARSEKV_SIMT_PLANE=off reduces through shared memory
+        // even where the device has plane operations; set to anything, it prints the plan once.
+        let plane_env = std::env::var("SPARSEKV_SIMT_PLANE").ok();
         let use_plane = client
             .features()
             .plane
-            .contains(cubecl::features::Plane::Ops);
+            .contains(cubecl::features::Plane::Ops)
+            && plane_env.as_deref() != Some("off");
         // 16-bit values are unpacked by a bit cast on CUDA and through CubeCL's SPIR-V
         // compiler (feature `vulkan`), with integer operations through WGSL.
         let unpack = if es == 4 || R::name(client) == "cuda" || compiles_to_spirv(client) {
@@ -1165,6 +1170,19 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             hw.max_units_per_cube as usize,
         )?)
     };
+    if let (Some(plan), Ok(_)) = (&simt_plan, std::env::var("SPARSEKV_SIMT_PLANE")) {
+        static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!(
+                "simt plan on {}: {plan:?}; shared {} of {} bytes, {} units of {}",
+                R::name(client),
+                plan.shared_bytes(),
+                hw.max_shared_memory_size,
+                plan.units,
+                hw.max_units_per_cube
+            );
+        }
+    }
     // Tokens a cube walks per step: split lengths are whole multiples of it.
     let tile = simt_plan.map_or(tensor_core::PLANES * tensor_core::TILE, |p| p.tile);
     let max_total = (0..batch)

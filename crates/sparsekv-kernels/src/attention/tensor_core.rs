@@ -65,6 +65,8 @@ pub(super) struct TilePlan {
     pub keep_v: usize,
     /// Whether a compressed segment is read.
     pub sparse: bool,
+    /// EXPERIMENT: stage the queries with the former loop (`SPARSEKV_TC_QUERY=loop`).
+    pub query_loop: bool,
 }
 
 impl TilePlan {
@@ -423,6 +425,41 @@ fn stage_dense_rows<F: Float, N: Size>(
     }
 }
 
+/// Stages the group's queries (rows `row0..row0 + group` of `q`) into `q_s` as [`HEADS`] rows
+/// of `row` elements, heads past the group zero. Every unit issues all its loads before it
+/// stores any: one memory round trip per cube instead of one per loop trip (a `while` loop
+/// over the elements waited for each load before the next, several round trips of a cube's
+/// fixed cost).
+#[cube]
+fn stage_queries<F: Float>(
+    q: &Array<F>,
+    row0: usize,
+    q_s: &mut SharedMemory<F>,
+    group: usize,
+    #[comptime] plan: TilePlan,
+) {
+    let d = comptime!(plan.head_dim);
+    let row = comptime!(plan.row());
+    // HEADS * d is a multiple of UNITS: d is a multiple of 16.
+    let per_unit = comptime!(HEADS * plan.head_dim / UNITS);
+    let mut staged = Array::<F>::new(per_unit);
+    #[unroll]
+    for u in 0..per_unit {
+        let i = UNIT_POS as usize + u * UNITS;
+        let head = i / d;
+        let mut x = F::new(0.0);
+        if head < group {
+            x = q[(row0 + head) * d + i % d];
+        }
+        staged[u] = x;
+    }
+    #[unroll]
+    for u in 0..per_unit {
+        let i = UNIT_POS as usize + u * UNITS;
+        q_s[(i / d) * row + i % d] = staged[u];
+    }
+}
+
 /// The tensor-core split kernel (module docs). Arguments as the CUDA-core split kernel's,
 /// except that every buffer but the queries and lengths is read as 16-byte chunks of `u32`
 /// (`N` = 4) and the queries as scalars.
@@ -504,16 +541,21 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
     // zero): the B operand of the scores, read per 16-channel step with `ldmatrix` (kept in
     // shared memory rather than in 2 d / 16 registers per lane).
     let row0 = b * q_heads as usize + h * group;
-    let mut i = UNIT_POS as usize;
-    while i < HEADS * d {
-        let head = i / d;
-        let ch = i % d;
-        let mut x = F::new(0.0);
-        if head < group {
-            x = q[(row0 + head) * d + ch];
+    if comptime!(plan.query_loop) {
+        // EXPERIMENT (SPARSEKV_TC_QUERY=loop): the former staging loop.
+        let mut i = UNIT_POS as usize;
+        while i < HEADS * d {
+            let head = i / d;
+            let ch = i % d;
+            let mut x = F::new(0.0);
+            if head < group {
+                x = q[(row0 + head) * d + ch];
+            }
+            q_s[head * row + ch] = x;
+            i += UNITS;
         }
-        q_s[head * row + ch] = x;
-        i += UNITS;
+    } else {
+        stage_queries::<F>(q, row0, &mut q_s, group, plan);
     }
     sync_cube();
 
