@@ -72,6 +72,8 @@ const MAX_SPLITS: usize = 64;
 const MIN_TILES_PER_SPLIT: usize = 2;
 /// Loads each unit issues before it stores any of them, when staging a tile.
 const STAGE_UNROLL: usize = 4;
+/// Dense value rows a unit of the CUDA-core kernel loads together (see its value step).
+const VALUE_BATCH: usize = 4;
 /// The largest tile, in tokens; smaller when shared memory does not allow it.
 const MAX_TILE: usize = 128;
 /// The smallest tile: a whole bitmap word at every head_dim, and enough for lavapipe's
@@ -122,6 +124,8 @@ struct SplitPlan {
     sparse: bool,
     /// Whether plane operations are used.
     use_plane: bool,
+    /// Tokens per unit whose dense value rows are loaded together in the value step.
+    value_batch: usize,
     /// Whether the call has one split per row, so the split kernel normalises its result and
     /// writes the output itself (no partials, no merge launch: short contexts, where a
     /// decode step's attention is two launches of almost no work).
@@ -185,6 +189,12 @@ impl SplitPlan {
             unpack,
             sparse,
             use_plane,
+            // EXPERIMENT: SPARSEKV_SIMT_VBATCH=n (1: one row at a time, as before).
+            value_batch: std::env::var("SPARSEKV_SIMT_VBATCH")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n: &usize| n > 0)
+                .unwrap_or(VALUE_BATCH),
             direct: false,
         };
         // Dense key rows take the most shared memory: about 16 KB of them per tile.
@@ -744,24 +754,41 @@ fn decode_split_kernel<F: Float, N: Size>(
                 acc[g * vec + c] *= alpha[g];
             }
         }
+        // Tokens r, r + lanes, .. in batches of `value_batch`: the batch's dense rows are all
+        // loaded before any is used, so that many loads are in flight even where the
+        // compiler does not pipeline the loop by itself.
+        let batch = comptime!(plan.value_batch);
         let mut r = lane;
         while r < n {
-            let mut p = Array::<f32>::new(group);
+            let mut rows = Array::<Vector<F, N>>::new(batch);
             #[unroll]
-            for v in 0..ngv {
-                let pv = p_s[r * ngv + v];
-                #[unroll]
-                for e in 0..gv {
-                    p[v * gv + e] = pv[e];
+            for u in 0..batch {
+                let ru = r + u * lanes;
+                if ru < n && !(sparse && ru < nc) {
+                    rows[u] = v_win[win0 + (t0 + ru - tc) * vpr + c0 / vec];
                 }
             }
-            if sparse && r < nc {
-                sparse_values::<F>(r, c0, &vb_s, &vv_s, &pre_s, &p, &mut acc, plan);
-            } else {
-                let vector = win0 + (t0 + r - tc) * vpr + c0 / vec;
-                dense_values::<F, N>(v_win[vector], &p, &mut acc, plan);
+            #[unroll]
+            for u in 0..batch {
+                let ru = r + u * lanes;
+                if ru < n {
+                    let mut p = Array::<f32>::new(group);
+                    #[unroll]
+                    for v in 0..ngv {
+                        let pv = p_s[ru * ngv + v];
+                        #[unroll]
+                        for e in 0..gv {
+                            p[v * gv + e] = pv[e];
+                        }
+                    }
+                    if sparse && ru < nc {
+                        sparse_values::<F>(ru, c0, &vb_s, &vv_s, &pre_s, &p, &mut acc, plan);
+                    } else {
+                        dense_values::<F, N>(rows[u], &p, &mut acc, plan);
+                    }
+                }
             }
-            r += lanes;
+            r += batch * lanes;
         }
         // Nobody may stage the next tile before every unit is done with this one.
         sync_cube();
@@ -1118,6 +1145,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         keep_v,
         sparse,
         query_loop: std::env::var("SPARSEKV_TC_QUERY").as_deref() == Ok("loop"),
+        workers: false,
     };
     let use_tc = match kernel {
         DecodeKernel::Simt => false,
@@ -1203,6 +1231,28 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     } else {
         TARGET_CUBES
     };
+    // EXPERIMENT: SPARSEKV_TC_ITEMS=n overrides the target count of work items (cubes);
+    // SPARSEKV_TC_WORKERS=n runs the tensor-core kernel as n workers claiming items.
+    let env_count = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+    };
+    let target = if simt_plan.is_none() {
+        env_count("SPARSEKV_TC_ITEMS").unwrap_or(target)
+    } else {
+        target
+    };
+    let workers = if simt_plan.is_none() {
+        env_count("SPARSEKV_TC_WORKERS")
+    } else {
+        None
+    };
+    let tc_plan = TilePlan {
+        workers: workers.is_some(),
+        ..tc_plan
+    };
     let wanted_splits = target.div_ceil(batch * kv_heads).clamp(1, MAX_SPLITS);
     let split_tokens = max_total
         .div_ceil(wanted_splits)
@@ -1265,6 +1315,17 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / bytes)
     };
     let count = CubeCount::Static(splits as u32, kv_heads as u32, batch as u32);
+    let items = (batch * kv_heads * splits) as u32;
+    let (tc_count, work) = match workers {
+        Some(n) => (
+            CubeCount::Static((n as u32).min(items), 1, 1),
+            client.create_from_slice(u32::as_bytes(&[0u32, 0])),
+        ),
+        None => (
+            CubeCount::Static(items, 1, 1),
+            crate::upload::placeholder(client, 3),
+        ),
+    };
     let scale = 1.0 / (d as f32).sqrt();
     // SAFETY: every index the kernels compute stays inside the buffers whose sizes were
     // checked above: tokens below each sequence's lengths, which fit the stream capacities,
@@ -1275,7 +1336,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         match simt_plan {
             None => tensor_core::decode_split_tc_kernel::launch_unchecked::<F, R>(
                 client,
-                count,
+                tc_count,
                 CubeDim::new_1d(tensor_core::UNITS as u32),
                 4,
                 arr(q, es),
@@ -1288,6 +1349,10 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                 arr(&lens, 4),
                 arr(&part_o, 4),
                 arr(&part_ml, 4),
+                arr(&work, 4),
+                batch as u32,
+                kv_heads as u32,
+                splits as u32,
                 bits_stride as u32,
                 kvs as u32,
                 vvs as u32,
