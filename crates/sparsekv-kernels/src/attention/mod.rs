@@ -72,8 +72,9 @@ const MAX_SPLITS: usize = 64;
 const MIN_TILES_PER_SPLIT: usize = 2;
 /// Loads each unit issues before it stores any of them, when staging a tile.
 const STAGE_UNROLL: usize = 4;
-/// Dense value rows a unit of the CUDA-core kernel loads together (see its value step).
-const VALUE_BATCH: usize = 4;
+/// Bytes of dense rows a unit of the CUDA-core kernel loads together, in the key staging and
+/// in the value step: 4 vectors of 16 bytes (CUDA), 8 of 8 bytes (wgpu's widest f16 vectors).
+const IN_FLIGHT_BYTES: usize = 64;
 /// The largest tile, in tokens; smaller when shared memory does not allow it.
 const MAX_TILE: usize = 128;
 /// The smallest tile: a whole bitmap word at every head_dim, and enough for lavapipe's
@@ -124,7 +125,8 @@ struct SplitPlan {
     sparse: bool,
     /// Whether plane operations are used.
     use_plane: bool,
-    /// Tokens per unit whose dense value rows are loaded together in the value step.
+    /// Dense row vectors a unit loads together: tokens of the value step, and (at least
+    /// [`STAGE_UNROLL`]) the unroll of the dense key staging ([`IN_FLIGHT_BYTES`] per unit).
     value_batch: usize,
     /// Whether the call has one split per row, so the split kernel normalises its result and
     /// writes the output itself (no partials, no merge launch: short contexts, where a
@@ -189,12 +191,13 @@ impl SplitPlan {
             unpack,
             sparse,
             use_plane,
-            // EXPERIMENT: SPARSEKV_SIMT_VBATCH=n (1: one row at a time, as before).
+            // EXPERIMENT: SPARSEKV_SIMT_VBATCH=n (1: one row at a time in the value step and
+            // STAGE_UNROLL rows in the key staging, as before).
             value_batch: std::env::var("SPARSEKV_SIMT_VBATCH")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .filter(|&n: &usize| n > 0)
-                .unwrap_or(VALUE_BATCH),
+                .unwrap_or((IN_FLIGHT_BYTES / (vec * elem)).max(1)),
             direct: false,
         };
         // Dense key rows take the most shared memory: about 16 KB of them per tile.
@@ -218,7 +221,7 @@ impl SplitPlan {
 /// Copies `count` consecutive items from `src[src0..]` into shared memory, as rows of `row`
 /// items placed `stride` apart (`stride >= row`; equal for a plain copy). Every unit of the
 /// cube takes part, consecutive units reading consecutive items (coalesced); each unit issues
-/// `STAGE_UNROLL` loads before it stores them, so that many loads are in flight.
+/// `unroll` loads before it stores them, so that many loads are in flight.
 #[cube]
 fn stage_rows<T: CubePrimitive>(
     src: &Array<T>,
@@ -228,19 +231,20 @@ fn stage_rows<T: CubePrimitive>(
     #[comptime] row: usize,
     #[comptime] stride: usize,
     #[comptime] units: usize,
+    #[comptime] unroll: usize,
 ) {
     let mut i = UNIT_POS as usize;
     while i < count {
-        let mut staged = Array::<T>::new(STAGE_UNROLL);
+        let mut staged = Array::<T>::new(unroll);
         #[unroll]
-        for u in 0..STAGE_UNROLL {
+        for u in 0..unroll {
             let j = i + u * units;
             if j < count {
                 staged[u] = src[src0 + j];
             }
         }
         #[unroll]
-        for u in 0..STAGE_UNROLL {
+        for u in 0..unroll {
             let j = i + u * units;
             if j < count {
                 if comptime!(row == stride) {
@@ -250,7 +254,7 @@ fn stage_rows<T: CubePrimitive>(
                 }
             }
         }
-        i += STAGE_UNROLL * units;
+        i += unroll * units;
     }
 }
 
@@ -345,8 +349,8 @@ fn stage_compressed<F: Float>(
     let d = comptime!(plan.head_dim);
     let w0 = stream * bits_stride as usize + t0 * d / 32;
     let nw = (nc * d).div_ceil(32);
-    stage_rows::<u32>(k_bits, w0, nw, kb_s, 1usize, 1usize, units);
-    stage_rows::<u32>(v_bits, w0, nw, vb_s, 1usize, 1usize, units);
+    stage_rows::<u32>(k_bits, w0, nw, kb_s, 1usize, 1usize, units, STAGE_UNROLL);
+    stage_rows::<u32>(v_bits, w0, nw, vb_s, 1usize, 1usize, units, STAGE_UNROLL);
     let (kk, vk, elem) = comptime!((plan.keep_k, plan.keep_v, plan.elem));
     let per_word = comptime!(4 / plan.elem);
     // Padded rows are whole words; otherwise the values are copied as they are.
@@ -690,7 +694,16 @@ fn decode_split_kernel<F: Float, N: Size>(
             }
         } else {
             let r0 = win0 + t0 * vpr;
-            stage_rows::<Vector<F, N>>(k_win, r0, n * vpr, &mut rows_s, vpr, row_stride, units);
+            stage_rows::<Vector<F, N>>(
+                k_win,
+                r0,
+                n * vpr,
+                &mut rows_s,
+                vpr,
+                row_stride,
+                units,
+                comptime!(plan.value_batch.max(STAGE_UNROLL)),
+            );
         }
         sync_cube();
 
