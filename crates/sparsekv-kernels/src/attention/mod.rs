@@ -94,6 +94,27 @@ enum Unpack {
     Bf16Bits,
 }
 
+/// EXPERIMENT switches of the CUDA-core kernel for the Vulkan A/B of the next device call
+/// (PERF-NOTES, 2026-12-07), read once per process; to be removed once measured.
+/// `SPARSEKV_SIMT_VBATCH=n`: dense row vectors a unit loads together (1: the former value
+/// loop). `SPARSEKV_SIMT_PLANE=off`: reductions through shared memory even where the device
+/// has plane operations; set to any value, the first plan is printed.
+struct SimtExperiment {
+    value_batch: Option<usize>,
+    plane: Option<String>,
+}
+
+fn simt_experiment() -> &'static SimtExperiment {
+    static SWITCHES: std::sync::OnceLock<SimtExperiment> = std::sync::OnceLock::new();
+    SWITCHES.get_or_init(|| SimtExperiment {
+        value_batch: std::env::var("SPARSEKV_SIMT_VBATCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0),
+        plane: std::env::var("SPARSEKV_SIMT_PLANE").ok(),
+    })
+}
+
 /// Static launch parameters of the split kernel, chosen on the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct SplitPlan {
@@ -191,12 +212,8 @@ impl SplitPlan {
             unpack,
             sparse,
             use_plane,
-            // EXPERIMENT: SPARSEKV_SIMT_VBATCH=n (1: one row at a time in the value step and
-            // STAGE_UNROLL rows in the key staging, as before).
-            value_batch: std::env::var("SPARSEKV_SIMT_VBATCH")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&n: &usize| n > 0)
+            value_batch: simt_experiment()
+                .value_batch
                 .unwrap_or((IN_FLIGHT_BYTES / (vec * elem)).max(1)),
             direct: false,
         };
@@ -1157,8 +1174,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         keep_k,
         keep_v,
         sparse,
-        query_loop: std::env::var("SPARSEKV_TC_QUERY").as_deref() == Ok("loop"),
-        workers: false,
     };
     let use_tc = match kernel {
         DecodeKernel::Simt => false,
@@ -1180,14 +1195,11 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         None
     } else {
         let vec = vector_size(es, hw.max_vector_size, d, &[window.stride]);
-        // EXPERIMENT (Vulkan's gap): SPARSEKV_SIMT_PLANE=off reduces through shared memory
-        // even where the device has plane operations; set to anything, it prints the plan once.
-        let plane_env = std::env::var("SPARSEKV_SIMT_PLANE").ok();
         let use_plane = client
             .features()
             .plane
             .contains(cubecl::features::Plane::Ops)
-            && plane_env.as_deref() != Some("off");
+            && simt_experiment().plane.as_deref() != Some("off");
         // 16-bit values are unpacked by a bit cast on CUDA and through CubeCL's SPIR-V
         // compiler (feature `vulkan`), with integer operations through WGSL.
         let unpack = if es == 4 || R::name(client) == "cuda" || compiles_to_spirv(client) {
@@ -1211,7 +1223,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             hw.max_units_per_cube as usize,
         )?)
     };
-    if let (Some(plan), Ok(_)) = (&simt_plan, std::env::var("SPARSEKV_SIMT_PLANE")) {
+    if let (Some(plan), Some(_)) = (&simt_plan, &simt_experiment().plane) {
         static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         if !REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
             eprintln!(
@@ -1243,28 +1255,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         DENSE_TC_CUBES
     } else {
         TARGET_CUBES
-    };
-    // EXPERIMENT: SPARSEKV_TC_ITEMS=n overrides the target count of work items (cubes);
-    // SPARSEKV_TC_WORKERS=n runs the tensor-core kernel as n workers claiming items.
-    let env_count = |name: &str| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-    };
-    let target = if simt_plan.is_none() {
-        env_count("SPARSEKV_TC_ITEMS").unwrap_or(target)
-    } else {
-        target
-    };
-    let workers = if simt_plan.is_none() {
-        env_count("SPARSEKV_TC_WORKERS")
-    } else {
-        None
-    };
-    let tc_plan = TilePlan {
-        workers: workers.is_some(),
-        ..tc_plan
     };
     let wanted_splits = target.div_ceil(batch * kv_heads).clamp(1, MAX_SPLITS);
     let split_tokens = max_total
@@ -1328,17 +1318,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         ArrayArg::from_raw_parts(h.clone(), h.size_in_used() as usize / bytes)
     };
     let count = CubeCount::Static(splits as u32, kv_heads as u32, batch as u32);
-    let items = (batch * kv_heads * splits) as u32;
-    let (tc_count, work) = match workers {
-        Some(n) => (
-            CubeCount::Static((n as u32).min(items), 1, 1),
-            client.create_from_slice(u32::as_bytes(&[0u32, 0])),
-        ),
-        None => (
-            CubeCount::Static(items, 1, 1),
-            crate::upload::placeholder(client, 3),
-        ),
-    };
     let scale = 1.0 / (d as f32).sqrt();
     // SAFETY: every index the kernels compute stays inside the buffers whose sizes were
     // checked above: tokens below each sequence's lengths, which fit the stream capacities,
@@ -1349,7 +1328,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         match simt_plan {
             None => tensor_core::decode_split_tc_kernel::launch_unchecked::<F, R>(
                 client,
-                tc_count,
+                count,
                 CubeDim::new_1d(tensor_core::UNITS as u32),
                 4,
                 arr(q, es),
@@ -1362,10 +1341,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                 arr(&lens, 4),
                 arr(&part_o, 4),
                 arr(&part_ml, 4),
-                arr(&work, 4),
-                batch as u32,
-                kv_heads as u32,
-                splits as u32,
                 bits_stride as u32,
                 kvs as u32,
                 vvs as u32,

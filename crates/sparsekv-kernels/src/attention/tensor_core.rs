@@ -65,11 +65,6 @@ pub(super) struct TilePlan {
     pub keep_v: usize,
     /// Whether a compressed segment is read.
     pub sparse: bool,
-    /// EXPERIMENT: stage the queries with the former loop (`SPARSEKV_TC_QUERY=loop`).
-    pub query_loop: bool,
-    /// EXPERIMENT: a grid of workers claiming work items from a counter
-    /// (`SPARSEKV_TC_WORKERS=n`) instead of one cube per item.
-    pub workers: bool,
 }
 
 impl TilePlan {
@@ -428,41 +423,6 @@ fn stage_dense_rows<F: Float, N: Size>(
     }
 }
 
-/// Stages the group's queries (rows `row0..row0 + group` of `q`) into `q_s` as [`HEADS`] rows
-/// of `row` elements, heads past the group zero. Every unit issues all its loads before it
-/// stores any: one memory round trip per cube instead of one per loop trip (a `while` loop
-/// over the elements waited for each load before the next, several round trips of a cube's
-/// fixed cost).
-#[cube]
-fn stage_queries<F: Float>(
-    q: &Array<F>,
-    row0: usize,
-    q_s: &mut SharedMemory<F>,
-    group: usize,
-    #[comptime] plan: TilePlan,
-) {
-    let d = comptime!(plan.head_dim);
-    let row = comptime!(plan.row());
-    // HEADS * d is a multiple of UNITS: d is a multiple of 16.
-    let per_unit = comptime!(HEADS * plan.head_dim / UNITS);
-    let mut staged = Array::<F>::new(per_unit);
-    #[unroll]
-    for u in 0..per_unit {
-        let i = UNIT_POS as usize + u * UNITS;
-        let head = i / d;
-        let mut x = F::new(0.0);
-        if head < group {
-            x = q[(row0 + head) * d + i % d];
-        }
-        staged[u] = x;
-    }
-    #[unroll]
-    for u in 0..per_unit {
-        let i = UNIT_POS as usize + u * UNITS;
-        q_s[(i / d) * row + i % d] = staged[u];
-    }
-}
-
 /// The tensor-core split kernel (module docs). Arguments as the CUDA-core split kernel's,
 /// except that every buffer but the queries and lengths is read as 16-byte chunks of `u32`
 /// (`N` = 4) and the queries as scalars.
@@ -479,10 +439,6 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
     lens: &Array<u32>,
     part_o: &mut Array<f32>,
     part_ml: &mut Array<f32>,
-    work: &mut Array<Atomic<u32>>,
-    batch: u32,
-    kv_heads: u32,
-    splits: u32,
     bits_stride: u32,
     k_vals_stride: u32,
     v_vals_stride: u32,
@@ -525,97 +481,120 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
     let mut o_s = SharedMemory::<f32>::new(comptime!(PLANES * plan.group * plan.head_dim));
     let mut ml_s = SharedMemory::<f32>::new(comptime!(PLANES * plan.group * 2));
 
-    let mut item_s = SharedMemory::<u32>::new(1usize);
-    let items = batch * kv_heads * splits;
-    // The cube's work item (sequence, KV head, split; split fastest): its own position, or
-    // with `plan.workers` the next unclaimed item of the call's counter, until none is left.
-    let mut item = CUBE_POS as u32;
-    loop {
-        if comptime!(plan.workers) {
-            if UNIT_POS == 0 {
-                item_s[0] = work[0].fetch_add(1u32);
-            }
-            sync_cube();
-            item = item_s[0];
-            // Uniform over the cube (read after the barrier; rewritten only after the body's
-            // first barrier).
-            if item >= items {
-                break;
-            }
+    let b = CUBE_POS_Z as usize;
+    let h = CUBE_POS_Y as usize;
+    let split = CUBE_POS_X as usize;
+    let kv_heads = CUBE_COUNT_Y as usize;
+    let splits = CUBE_COUNT_X as usize;
+    // lens: the compressed lengths of the rows, their window lengths, their sequences.
+    let stream = lens[2 * CUBE_COUNT_Z as usize + b] as usize * kv_heads + h;
+    let plane = UNIT_POS as usize / 32;
+    let lane = UNIT_POS as usize % 32;
+    // mma fragment coordinates.
+    let g = lane / 4;
+    let c = lane % 4;
+    let tc = lens[b] as usize;
+    let total = tc + lens[CUBE_COUNT_Z as usize + b] as usize;
+    let s0 = split * split_tokens as usize;
+    let s1 = min(s0 + split_tokens as usize, total);
+
+    let def = MmaDefinition::<F, F, f32>::new(16usize, HEADS, 16usize);
+
+    // The queries of the group, [head][channel] rows of `row` elements (heads past the group
+    // zero): the B operand of the scores, read per 16-channel step with `ldmatrix` (kept in
+    // shared memory rather than in 2 d / 16 registers per lane).
+    let row0 = b * q_heads as usize + h * group;
+    let mut i = UNIT_POS as usize;
+    while i < HEADS * d {
+        let head = i / d;
+        let ch = i % d;
+        let mut x = F::new(0.0);
+        if head < group {
+            x = q[(row0 + head) * d + ch];
         }
-        let split = (item % splits) as usize;
-        let h = ((item / splits) % kv_heads) as usize;
-        let b = (item / (splits * kv_heads)) as usize;
-        let kv_heads = kv_heads as usize;
-        let splits = splits as usize;
-        // lens: the compressed lengths of the rows, their window lengths, their sequences.
-        let stream = lens[2 * batch as usize + b] as usize * kv_heads + h;
-        let plane = UNIT_POS as usize / 32;
-        let lane = UNIT_POS as usize % 32;
-        // mma fragment coordinates.
-        let g = lane / 4;
-        let c = lane % 4;
-        let tc = lens[b] as usize;
-        let total = tc + lens[batch as usize + b] as usize;
-        let s0 = split * split_tokens as usize;
-        let s1 = min(s0 + split_tokens as usize, total);
+        q_s[head * row + ch] = x;
+        i += UNITS;
+    }
+    sync_cube();
 
-        let def = MmaDefinition::<F, F, f32>::new(16usize, HEADS, 16usize);
+    // Output accumulators: per 16-channel step, rows (channels) g and g+8 at heads 2c, 2c+1.
+    let mut o = Array::<Vector<f32, P>>::new(comptime!(2 * steps));
+    #[unroll]
+    for i in 0..comptime!(2 * steps) {
+        o[i] = Vector::<f32, P>::zeroed();
+    }
+    let mut m_run = Array::<f32>::new(2usize);
+    let mut l_run = Array::<f32>::new(2usize);
+    #[unroll]
+    for e in 0..2usize {
+        m_run[e] = f32::new(-3.0e38);
+        l_run[e] = 0.0;
+    }
 
-        // The queries of the group, [head][channel] rows of `row` elements (heads past the group
-        // zero): the B operand of the scores, read per 16-channel step with `ldmatrix` (kept in
-        // shared memory rather than in 2 d / 16 registers per lane).
-        let row0 = b * q_heads as usize + h * group;
-        if comptime!(plan.query_loop) {
-            // EXPERIMENT (SPARSEKV_TC_QUERY=loop): the former staging loop.
-            let mut i = UNIT_POS as usize;
-            while i < HEADS * d {
-                let head = i / d;
-                let ch = i % d;
-                let mut x = F::new(0.0);
-                if head < group {
-                    x = q[(row0 + head) * d + ch];
-                }
-                q_s[head * row + ch] = x;
-                i += UNITS;
-            }
-        } else {
-            stage_queries::<F>(q, row0, &mut q_s, group, plan);
+    let dense0 = plane * dense_len;
+    let words0 = plane * words_len;
+    let vals0 = plane * vals_len;
+    let p0 = plane * HEADS * TILE;
+    // This lane's row in the expansion step: keys for lanes 0..16, values for 16..32.
+    let kind = lane / TILE;
+    let r_own = lane % TILE;
+
+    // Chunk sources of a tile (K bitmap, V bitmap, K values, V values) and its loaded chunks.
+    let mut srcs = Array::<usize>::new(4usize);
+    let mut chunks = Array::<Vector<u32, N>>::new(comptime!(chunk_slots(&plan)));
+    let mut t0 = s0 + plane * TILE;
+    if sparse && t0 < min(s1, tc) {
+        let first_nc = min(min(TILE, s1 - t0), tc - t0);
+        tile_sources(
+            &mut srcs,
+            stream,
+            t0,
+            bits_stride,
+            k_vals_stride,
+            v_vals_stride,
+            plan,
+        );
+        load_compressed::<N>(
+            k_bits,
+            v_bits,
+            k_vals,
+            v_vals,
+            &mut chunks,
+            &srcs,
+            first_nc,
+            lane,
+            plan,
+        );
+    }
+    while t0 < s1 {
+        let n = min(TILE, s1 - t0);
+        // Compressed rows of this tile: [0, nc).
+        let mut nc = 0usize;
+        if sparse && t0 < tc {
+            nc = min(n, tc - t0);
         }
-        sync_cube();
 
-        // Output accumulators: per 16-channel step, rows (channels) g and g+8 at heads 2c, 2c+1.
-        let mut o = Array::<Vector<f32, P>>::new(comptime!(2 * steps));
-        #[unroll]
-        for i in 0..comptime!(2 * steps) {
-            o[i] = Vector::<f32, P>::zeroed();
+        // Step 1: stage. The compressed chunks of this tile were loaded during the previous
+        // one (or before the loop); the next tile's are loaded once these are stored.
+        if sparse && nc > 0 {
+            store_compressed::<F, N>(
+                &chunks,
+                &mut bits_s,
+                words0,
+                &mut vals_s,
+                vals0,
+                nc,
+                lane,
+                plan,
+            );
         }
-        let mut m_run = Array::<f32>::new(2usize);
-        let mut l_run = Array::<f32>::new(2usize);
-        #[unroll]
-        for e in 0..2usize {
-            m_run[e] = f32::new(-3.0e38);
-            l_run[e] = 0.0;
-        }
-
-        let dense0 = plane * dense_len;
-        let words0 = plane * words_len;
-        let vals0 = plane * vals_len;
-        let p0 = plane * HEADS * TILE;
-        // This lane's row in the expansion step: keys for lanes 0..16, values for 16..32.
-        let kind = lane / TILE;
-        let r_own = lane % TILE;
-
-        // Chunk sources of a tile (K bitmap, V bitmap, K values, V values) and its loaded chunks.
-        let mut srcs = Array::<usize>::new(4usize);
-        let mut chunks = Array::<Vector<u32, N>>::new(comptime!(chunk_slots(&plan)));
-        let mut t0 = s0 + plane * TILE;
-        if sparse && t0 < min(s1, tc) {
-            let first_nc = min(min(TILE, s1 - t0), tc - t0);
+        let next = t0 + comptime!(PLANES * TILE);
+        if sparse && next < min(s1, tc) {
+            let next_nc = min(min(TILE, s1 - next), tc - next);
             tile_sources(
                 &mut srcs,
                 stream,
-                t0,
+                next,
                 bits_stride,
                 k_vals_stride,
                 v_vals_stride,
@@ -628,261 +607,198 @@ pub(super) fn decode_split_tc_kernel<F: Float, N: Size>(
                 v_vals,
                 &mut chunks,
                 &srcs,
-                first_nc,
+                next_nc,
                 lane,
                 plan,
             );
         }
-        while t0 < s1 {
-            let n = min(TILE, s1 - t0);
-            // Compressed rows of this tile: [0, nc).
-            let mut nc = 0usize;
-            if sparse && t0 < tc {
-                nc = min(n, tc - t0);
-            }
+        if nc < TILE {
+            // Window row of tile row r: t0 + r - tc (r >= nc, so never negative).
+            let win0 = stream * win_stride as usize;
+            let first = t0 - min(tc, t0);
+            let skip = tc - min(tc, t0);
+            stage_dense_rows::<F, N>(
+                k_win,
+                v_win,
+                win0,
+                first,
+                skip,
+                &mut dense_s,
+                dense0,
+                nc,
+                n,
+                lane,
+                plan,
+            );
+        }
+        sync_plane();
 
-            // Step 1: stage. The compressed chunks of this tile were loaded during the previous
-            // one (or before the loop); the next tile's are loaded once these are stored.
-            if sparse && nc > 0 {
-                store_compressed::<F, N>(
-                    &chunks,
-                    &mut bits_s,
-                    words0,
-                    &mut vals_s,
-                    vals0,
-                    nc,
-                    lane,
-                    plan,
-                );
-            }
-            let next = t0 + comptime!(PLANES * TILE);
-            if sparse && next < min(s1, tc) {
-                let next_nc = min(min(TILE, s1 - next), tc - next);
-                tile_sources(
-                    &mut srcs,
-                    stream,
-                    next,
-                    bits_stride,
-                    k_vals_stride,
-                    v_vals_stride,
-                    plan,
-                );
-                load_compressed::<N>(
-                    k_bits,
-                    v_bits,
-                    k_vals,
-                    v_vals,
-                    &mut chunks,
-                    &srcs,
-                    next_nc,
-                    lane,
-                    plan,
-                );
-            }
-            if nc < TILE {
-                // Window row of tile row r: t0 + r - tc (r >= nc, so never negative).
-                let win0 = stream * win_stride as usize;
-                let first = t0 - min(tc, t0);
-                let skip = tc - min(tc, t0);
-                stage_dense_rows::<F, N>(
-                    k_win,
-                    v_win,
-                    win0,
-                    first,
-                    skip,
+        // Step 2: expand the compressed rows.
+        if sparse && nc > 0 {
+            if r_own < nc {
+                let stride = select(kind == 0, k_row, v_row);
+                let slot0 = vals0 + kind * k_tile + r_own * stride;
+                expand_row::<F, E>(
+                    r_own,
+                    &bits_s,
+                    words0 + kind * tile_words,
+                    &vals_s,
+                    slot0,
                     &mut dense_s,
-                    dense0,
-                    nc,
-                    n,
-                    lane,
-                    plan,
+                    dense0 + kind * TILE * row + r_own * row,
+                    d,
                 );
             }
             sync_plane();
-
-            // Step 2: expand the compressed rows.
-            if sparse && nc > 0 {
-                if r_own < nc {
-                    let stride = select(kind == 0, k_row, v_row);
-                    let slot0 = vals0 + kind * k_tile + r_own * stride;
-                    expand_row::<F, E>(
-                        r_own,
-                        &bits_s,
-                        words0 + kind * tile_words,
-                        &vals_s,
-                        slot0,
-                        &mut dense_s,
-                        dense0 + kind * TILE * row + r_own * row,
-                        d,
-                    );
-                }
-                sync_plane();
-            }
-
-            // Step 3: scores S^T (16 tokens x 8 heads) = K Q^T.
-            let mut s = Array::<Vector<f32, P>>::new(2usize);
-            s[0] = Vector::<f32, P>::zeroed();
-            s[1] = Vector::<f32, P>::zeroed();
-            #[unroll]
-            for ks in 0..steps {
-                // Lane l gives row l % 16 (token), channels 16ks + 8 (l / 16).
-                let at = dense0 + (lane % 16) * row + ks * 16 + (lane / 16) * 8;
-                let a = def.load_matrix::<F, P>(
-                    &dense_s.slice(at, at + CHUNK),
-                    MatrixIdent::A,
-                    4usize,
-                    false,
-                );
-                // Lanes 0..8 give head l of channels 16ks.., lanes 8..16 of 16ks + 8.. (the
-                // others repeat them: every lane must give a valid address).
-                let qa = ((lane % 8) * row) + ks * 16 + ((lane / 8) % 2) * 8;
-                let bq = def.load_matrix::<F, P>(
-                    &q_s.slice(qa, qa + CHUNK),
-                    MatrixIdent::B,
-                    2usize,
-                    false,
-                );
-                def.execute_inplace(&a, &bq, &mut s);
-            }
-
-            // Step 4a: online softmax for heads 2c, 2c+1 over tokens g, g+8.
-            #[unroll]
-            for e in 0..2usize {
-                let x0 = select(g < n, s[0][e] * scale, f32::new(-3.0e38));
-                let x1 = select(g + 8 < n, s[1][e] * scale, f32::new(-3.0e38));
-                let mut mx = max(x0, x1);
-                mx = max(mx, plane_shuffle_xor(mx, 4u32));
-                mx = max(mx, plane_shuffle_xor(mx, 8u32));
-                mx = max(mx, plane_shuffle_xor(mx, 16u32));
-                let m_new = max(m_run[e], mx);
-                let alpha = Exp::exp(m_run[e] - m_new);
-                let pa = Exp::exp(x0 - m_new);
-                let pb = Exp::exp(x1 - m_new);
-                l_run[e] = l_run[e] * alpha + pa + pb;
-                m_run[e] = m_new;
-                #[unroll]
-                for i in 0..comptime!(2 * steps) {
-                    let mut v = o[i];
-                    v[e] *= alpha;
-                    o[i] = v;
-                }
-                let head = 2 * c + e;
-                p_s[p0 + head * TILE + g] = F::cast_from(pa);
-                p_s[p0 + head * TILE + g + 8] = F::cast_from(pb);
-            }
-            sync_plane();
-            // P^T as the B operand: tokens 2c, 2c+1 and 2c+8, 2c+9 of head g.
-            let mut pf = Array::<Vector<F, P>>::new(2usize);
-            #[unroll]
-            for half in 0..2usize {
-                let at = p0 + g * TILE + half * 8 + 2 * c;
-                let mut v = Vector::<F, P>::empty();
-                v[0] = p_s[at];
-                v[1] = p_s[at + 1];
-                pf[half] = v;
-            }
-
-            // Step 4b: O^T (d x 8 heads) += V^T P^T. ldmatrix.trans: lane l gives token
-            // l % 8 + 8 (l / 16), channels 16mt + 8 ((l / 8) % 2).
-            let vt = dense0 + comptime!(TILE * plan.row());
-            #[unroll]
-            for mt in 0..steps {
-                let at = vt + (lane % 8 + 8 * (lane / 16)) * row + mt * 16 + ((lane / 8) % 2) * 8;
-                let a = def.load_matrix::<F, P>(
-                    &dense_s.slice(at, at + CHUNK),
-                    MatrixIdent::A,
-                    4usize,
-                    true,
-                );
-                let mut acc = Array::<Vector<f32, P>>::new(2usize);
-                acc[0] = o[2 * mt];
-                acc[1] = o[2 * mt + 1];
-                def.execute_inplace(&a, &pf, &mut acc);
-                o[2 * mt] = acc[0];
-                o[2 * mt + 1] = acc[1];
-            }
-            // The next tile's staging overwrites what this one read.
-            sync_plane();
-            t0 += comptime!(PLANES * TILE);
         }
 
-        // Merge the planes: sums over the lanes of a head (tokens g), then over planes through
-        // shared memory.
+        // Step 3: scores S^T (16 tokens x 8 heads) = K Q^T.
+        let mut s = Array::<Vector<f32, P>>::new(2usize);
+        s[0] = Vector::<f32, P>::zeroed();
+        s[1] = Vector::<f32, P>::zeroed();
+        #[unroll]
+        for ks in 0..steps {
+            // Lane l gives row l % 16 (token), channels 16ks + 8 (l / 16).
+            let at = dense0 + (lane % 16) * row + ks * 16 + (lane / 16) * 8;
+            let a = def.load_matrix::<F, P>(
+                &dense_s.slice(at, at + CHUNK),
+                MatrixIdent::A,
+                4usize,
+                false,
+            );
+            // Lanes 0..8 give head l of channels 16ks.., lanes 8..16 of 16ks + 8.. (the
+            // others repeat them: every lane must give a valid address).
+            let qa = ((lane % 8) * row) + ks * 16 + ((lane / 8) % 2) * 8;
+            let bq =
+                def.load_matrix::<F, P>(&q_s.slice(qa, qa + CHUNK), MatrixIdent::B, 2usize, false);
+            def.execute_inplace(&a, &bq, &mut s);
+        }
+
+        // Step 4a: online softmax for heads 2c, 2c+1 over tokens g, g+8.
         #[unroll]
         for e in 0..2usize {
-            let mut l = l_run[e];
-            l += plane_shuffle_xor(l, 4u32);
-            l += plane_shuffle_xor(l, 8u32);
-            l += plane_shuffle_xor(l, 16u32);
-            let head = 2 * c + e;
-            if g == 0 && head < group {
-                ml_s[(plane * group + head) * 2] = m_run[e];
-                ml_s[(plane * group + head) * 2 + 1] = l;
-            }
-        }
-        sync_cube();
-        #[unroll]
-        for e in 0..2usize {
-            let head = 2 * c + e;
-            if head < group {
-                let mut m_all = f32::new(-3.0e38);
-                #[unroll]
-                for p in 0..PLANES {
-                    m_all = max(m_all, ml_s[(p * group + head) * 2]);
-                }
-                let factor = Exp::exp(m_run[e] - m_all);
-                #[unroll]
-                for mt in 0..steps {
-                    #[unroll]
-                    for half in 0..2usize {
-                        let ch = mt * 16 + g + 8 * half;
-                        let v = o[2 * mt + half];
-                        o_s[(plane * group + head) * d + ch] = v[e] * factor;
-                    }
-                }
-            }
-        }
-        sync_cube();
-        let mut i = UNIT_POS as usize;
-        while i < group * d {
-            let head = i / d;
-            let ch = i % d;
-            let mut sum = 0.0f32;
+            let x0 = select(g < n, s[0][e] * scale, f32::new(-3.0e38));
+            let x1 = select(g + 8 < n, s[1][e] * scale, f32::new(-3.0e38));
+            let mut mx = max(x0, x1);
+            mx = max(mx, plane_shuffle_xor(mx, 4u32));
+            mx = max(mx, plane_shuffle_xor(mx, 8u32));
+            mx = max(mx, plane_shuffle_xor(mx, 16u32));
+            let m_new = max(m_run[e], mx);
+            let alpha = Exp::exp(m_run[e] - m_new);
+            let pa = Exp::exp(x0 - m_new);
+            let pb = Exp::exp(x1 - m_new);
+            l_run[e] = l_run[e] * alpha + pa + pb;
+            m_run[e] = m_new;
             #[unroll]
-            for p in 0..PLANES {
-                sum += o_s[(p * group + head) * d + ch];
+            for i in 0..comptime!(2 * steps) {
+                let mut v = o[i];
+                v[e] *= alpha;
+                o[i] = v;
             }
-            part_o[((row0 + head) * splits + split) * d + ch] = sum;
-            i += UNITS;
+            let head = 2 * c + e;
+            p_s[p0 + head * TILE + g] = F::cast_from(pa);
+            p_s[p0 + head * TILE + g + 8] = F::cast_from(pb);
         }
-        if UNIT_POS < group as u32 {
-            let head = UNIT_POS as usize;
+        sync_plane();
+        // P^T as the B operand: tokens 2c, 2c+1 and 2c+8, 2c+9 of head g.
+        let mut pf = Array::<Vector<F, P>>::new(2usize);
+        #[unroll]
+        for half in 0..2usize {
+            let at = p0 + g * TILE + half * 8 + 2 * c;
+            let mut v = Vector::<F, P>::empty();
+            v[0] = p_s[at];
+            v[1] = p_s[at + 1];
+            pf[half] = v;
+        }
+
+        // Step 4b: O^T (d x 8 heads) += V^T P^T. ldmatrix.trans: lane l gives token
+        // l % 8 + 8 (l / 16), channels 16mt + 8 ((l / 8) % 2).
+        let vt = dense0 + comptime!(TILE * plan.row());
+        #[unroll]
+        for mt in 0..steps {
+            let at = vt + (lane % 8 + 8 * (lane / 16)) * row + mt * 16 + ((lane / 8) % 2) * 8;
+            let a = def.load_matrix::<F, P>(
+                &dense_s.slice(at, at + CHUNK),
+                MatrixIdent::A,
+                4usize,
+                true,
+            );
+            let mut acc = Array::<Vector<f32, P>>::new(2usize);
+            acc[0] = o[2 * mt];
+            acc[1] = o[2 * mt + 1];
+            def.execute_inplace(&a, &pf, &mut acc);
+            o[2 * mt] = acc[0];
+            o[2 * mt + 1] = acc[1];
+        }
+        // The next tile's staging overwrites what this one read.
+        sync_plane();
+        t0 += comptime!(PLANES * TILE);
+    }
+
+    // Merge the planes: sums over the lanes of a head (tokens g), then over planes through
+    // shared memory.
+    #[unroll]
+    for e in 0..2usize {
+        let mut l = l_run[e];
+        l += plane_shuffle_xor(l, 4u32);
+        l += plane_shuffle_xor(l, 8u32);
+        l += plane_shuffle_xor(l, 16u32);
+        let head = 2 * c + e;
+        if g == 0 && head < group {
+            ml_s[(plane * group + head) * 2] = m_run[e];
+            ml_s[(plane * group + head) * 2 + 1] = l;
+        }
+    }
+    sync_cube();
+    #[unroll]
+    for e in 0..2usize {
+        let head = 2 * c + e;
+        if head < group {
             let mut m_all = f32::new(-3.0e38);
             #[unroll]
             for p in 0..PLANES {
                 m_all = max(m_all, ml_s[(p * group + head) * 2]);
             }
-            let mut l_all = 0.0f32;
+            let factor = Exp::exp(m_run[e] - m_all);
             #[unroll]
-            for p in 0..PLANES {
-                let at = (p * group + head) * 2;
-                l_all += ml_s[at + 1] * Exp::exp(ml_s[at] - m_all);
+            for mt in 0..steps {
+                #[unroll]
+                for half in 0..2usize {
+                    let ch = mt * 16 + g + 8 * half;
+                    let v = o[2 * mt + half];
+                    o_s[(plane * group + head) * d + ch] = v[e] * factor;
+                }
             }
-            let at = ((row0 + head) * splits + split) * 2;
-            part_ml[at] = m_all;
-            part_ml[at + 1] = l_all;
-        }
-        if comptime!(!plan.workers) {
-            break;
         }
     }
-    // The last worker to run out of items resets the counters for the next call (every
-    // worker's last claim precedes its count here: the claim's value decided the break).
-    if comptime!(plan.workers) && UNIT_POS == 0 {
-        let done = work[1].fetch_add(1u32);
-        if done == CUBE_COUNT as u32 - 1 {
-            work[0].store(0u32);
-            work[1].store(0u32);
+    sync_cube();
+    let mut i = UNIT_POS as usize;
+    while i < group * d {
+        let head = i / d;
+        let ch = i % d;
+        let mut sum = 0.0f32;
+        #[unroll]
+        for p in 0..PLANES {
+            sum += o_s[(p * group + head) * d + ch];
         }
+        part_o[((row0 + head) * splits + split) * d + ch] = sum;
+        i += UNITS;
+    }
+    if UNIT_POS < group as u32 {
+        let head = UNIT_POS as usize;
+        let mut m_all = f32::new(-3.0e38);
+        #[unroll]
+        for p in 0..PLANES {
+            m_all = max(m_all, ml_s[(p * group + head) * 2]);
+        }
+        let mut l_all = 0.0f32;
+        #[unroll]
+        for p in 0..PLANES {
+            let at = (p * group + head) * 2;
+            l_all += ml_s[at + 1] * Exp::exp(ml_s[at] - m_all);
+        }
+        let at = ((row0 + head) * splits + split) * 2;
+        part_ml[at] = m_all;
+        part_ml[at + 1] = l_all;
     }
 }
