@@ -35,7 +35,8 @@
 #                    cache, kernels attention, kernels compress, model, the other kernels)
 #   VULKAN=BxT[,..]  the wgpu attention benches (staged by `scripts/gpu.sh --vulkan`: WGSL and
 #                    SPIR-V) on the NVIDIA Vulkan driver at those shapes, then the same
-#                    CUDA-core kernel on CUDA. Needs the Vulkan loader and glvnd,
+#                    CUDA-core kernel on CUDA, each with its plane reductions on and off
+#                    (the SPARSEKV_SIMT_PLANE experiment, which also prints the plan). Needs the Vulkan loader and glvnd,
 #                    carried as .gl/*.deb (the device README's recipe: libvulkan1 libegl1
 #                    libglvnd0 libopengl0 libgl1 libglx0 libgles2; the NVIDIA ICD's library is
 #                    libGLX_nvidia.so.0, which needs glvnd: with libvulkan1 alone wgpu finds no
