@@ -72,9 +72,13 @@ const MAX_SPLITS: usize = 64;
 const MIN_TILES_PER_SPLIT: usize = 2;
 /// Loads each unit issues before it stores any of them, when staging a tile.
 const STAGE_UNROLL: usize = 4;
-/// Bytes of dense rows a unit of the CUDA-core kernel loads together, in the key staging and
-/// in the value step: 4 vectors of 16 bytes (CUDA), 8 of 8 bytes (wgpu's widest f16 vectors).
+/// Bytes a unit of the CUDA-core kernel loads together: dense rows in the key staging and in
+/// the value step (4 vectors of 16 bytes on CUDA, 8 of 8 bytes, wgpu's widest f16 vectors),
+/// and compressed words in the staging of a tile (16 words).
 const IN_FLIGHT_BYTES: usize = 64;
+/// The most row vectors a unit loads together (narrow vectors of small head dimensions would
+/// otherwise unroll the value step many times over).
+const MAX_VALUE_BATCH: usize = 8;
 /// The largest tile, in tokens; smaller when shared memory does not allow it.
 const MAX_TILE: usize = 128;
 /// The smallest tile: a whole bitmap word at every head_dim, and enough for lavapipe's
@@ -149,6 +153,9 @@ struct SplitPlan {
     /// Dense row vectors a unit loads together: tokens of the value step, and (at least
     /// [`STAGE_UNROLL`]) the unroll of the dense key staging ([`IN_FLIGHT_BYTES`] per unit).
     value_batch: usize,
+    /// Words of compressed data (bitmaps, packed values) a unit loads together when staging
+    /// a tile: the same bytes as `value_batch` row vectors, at least [`STAGE_UNROLL`].
+    word_unroll: usize,
     /// Whether the call has one split per row, so the split kernel normalises its result and
     /// writes the output itself (no partials, no merge launch: short contexts, where a
     /// decode step's attention is two launches of almost no work).
@@ -195,6 +202,9 @@ impl SplitPlan {
     ) -> Result<Self> {
         let words = (head_dim / 32).max(1);
         let row_units = head_dim / vec;
+        let value_batch = simt_experiment()
+            .value_batch
+            .unwrap_or((IN_FLIGHT_BYTES / (vec * elem)).clamp(1, MAX_VALUE_BATCH));
         let plan = |tile: usize| SplitPlan {
             head_dim,
             group,
@@ -212,9 +222,8 @@ impl SplitPlan {
             unpack,
             sparse,
             use_plane,
-            value_batch: simt_experiment()
-                .value_batch
-                .unwrap_or((IN_FLIGHT_BYTES / (vec * elem)).max(1)),
+            value_batch,
+            word_unroll: (value_batch * vec * elem / 4).max(STAGE_UNROLL),
             direct: false,
         };
         // Dense key rows take the most shared memory: about 16 KB of them per tile.
@@ -290,21 +299,22 @@ fn stage_values<F: Float>(
     #[comptime] elem: usize,
     #[comptime] unpack: Unpack,
     #[comptime] units: usize,
+    #[comptime] unroll: usize,
 ) {
     let per_word = comptime!(4 / elem);
     let size!(P) = per_word;
     let mut i = UNIT_POS as usize;
     while i < words {
-        let mut staged = Array::<u32>::new(STAGE_UNROLL);
+        let mut staged = Array::<u32>::new(unroll);
         #[unroll]
-        for u in 0..STAGE_UNROLL {
+        for u in 0..unroll {
             let j = i + u * units;
             if j < words {
                 staged[u] = src[src0 + j];
             }
         }
         #[unroll]
-        for u in 0..STAGE_UNROLL {
+        for u in 0..unroll {
             let j = i + u * units;
             if j < words {
                 let at = if comptime!(row_words > 0) {
@@ -336,7 +346,7 @@ fn stage_values<F: Float>(
                 }
             }
         }
-        i += STAGE_UNROLL * units;
+        i += unroll * units;
     }
 }
 
@@ -366,8 +376,9 @@ fn stage_compressed<F: Float>(
     let d = comptime!(plan.head_dim);
     let w0 = stream * bits_stride as usize + t0 * d / 32;
     let nw = (nc * d).div_ceil(32);
-    stage_rows::<u32>(k_bits, w0, nw, kb_s, 1usize, 1usize, units, STAGE_UNROLL);
-    stage_rows::<u32>(v_bits, w0, nw, vb_s, 1usize, 1usize, units, STAGE_UNROLL);
+    let unroll = comptime!(plan.word_unroll);
+    stage_rows::<u32>(k_bits, w0, nw, kb_s, 1usize, 1usize, units, unroll);
+    stage_rows::<u32>(v_bits, w0, nw, vb_s, 1usize, 1usize, units, unroll);
     let (kk, vk, elem) = comptime!((plan.keep_k, plan.keep_v, plan.elem));
     let per_word = comptime!(4 / plan.elem);
     // Padded rows are whole words; otherwise the values are copied as they are.
@@ -389,8 +400,28 @@ fn stage_compressed<F: Float>(
     let kw = (nc * kk).div_ceil(per_word);
     let vw = (nc * vk).div_ceil(per_word);
     let unpack = comptime!(plan.unpack);
-    stage_values::<F>(k_vals, k0, kw, kv_s, k_row_words, elem, unpack, units);
-    stage_values::<F>(v_vals, v0, vw, vv_s, v_row_words, elem, unpack, units);
+    stage_values::<F>(
+        k_vals,
+        k0,
+        kw,
+        kv_s,
+        k_row_words,
+        elem,
+        unpack,
+        units,
+        unroll,
+    );
+    stage_values::<F>(
+        v_vals,
+        v0,
+        vw,
+        vv_s,
+        v_row_words,
+        elem,
+        unpack,
+        units,
+        unroll,
+    );
 }
 
 /// The f32 value of the IEEE half-precision bits `h` (low 16 bits), exactly: normal numbers
