@@ -70,7 +70,7 @@ const MAX_SPLITS: usize = 64;
 /// Fewest tiles in a split, so per-split work (query load, final reductions, the merge) stays
 /// small against the tiles.
 const MIN_TILES_PER_SPLIT: usize = 2;
-/// Loads each unit issues before it stores any of them, when staging a tile.
+/// Fewest loads each unit issues before it stores any of them, when staging a tile.
 const STAGE_UNROLL: usize = 4;
 /// Bytes a unit of the CUDA-core kernel loads together: dense rows in the key staging and in
 /// the value step (4 vectors of 16 bytes on CUDA, 8 of 8 bytes, wgpu's widest f16 vectors),
@@ -101,7 +101,7 @@ enum Unpack {
 /// EXPERIMENT switches of the CUDA-core kernel for the Vulkan A/B of the next device call
 /// (PERF-NOTES, 2026-12-07), read once per process; to be removed once measured.
 /// `SPARSEKV_SIMT_VBATCH=n`: dense row vectors a unit loads together (1: the former value
-/// loop). `SPARSEKV_SIMT_PLANE=off`: reductions through shared memory even where the device
+/// loop and stagings, 4 loads per unit). `SPARSEKV_SIMT_PLANE=off`: reductions through shared memory even where the device
 /// has plane operations; set to any value, the first plan is printed.
 struct SimtExperiment {
     value_batch: Option<usize>,
