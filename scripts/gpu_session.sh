@@ -36,7 +36,8 @@
 #   VULKAN=BxT[,..]  the wgpu attention benches (staged by `scripts/gpu.sh --vulkan`: WGSL and
 #                    SPIR-V) on the NVIDIA Vulkan driver at those shapes, then the same
 #                    CUDA-core kernel on CUDA, each with its plane reductions on and off
-#                    (the SPARSEKV_SIMT_PLANE experiment, which also prints the plan). Needs the Vulkan loader and glvnd,
+#                    (the SPARSEKV_SIMT_PLANE experiment, which also prints the plan).
+#                    Needs the Vulkan loader and glvnd,
 #                    carried as .gl/*.deb (the device README's recipe: libvulkan1 libegl1
 #                    libglvnd0 libopengl0 libgl1 libglx0 libgles2; the NVIDIA ICD's library is
 #                    libGLX_nvidia.so.0, which needs glvnd: with libvulkan1 alone wgpu finds no
@@ -155,7 +156,6 @@ if [ -n "${VULKAN:-}" ]; then
   # CUDA (the kernel Vulkan runs), all at the same shapes.
   for b in bench_attention bench_attention_spirv; do
     [ -e "$here/wgpu/$b.gz" ] || continue
-    echo "-- $b"
     gunzip -c "$here/wgpu/$b.gz" > $bin/wgpu_$b && chmod +x $bin/wgpu_$b
     for plane in on off; do
       echo "-- $b, plane reductions $plane (SPARSEKV_SIMT_PLANE experiment)"

@@ -101,8 +101,9 @@ enum Unpack {
 /// EXPERIMENT switches of the CUDA-core kernel for the Vulkan A/B of the next device call
 /// (PERF-NOTES, 2026-12-07), read once per process; to be removed once measured.
 /// `SPARSEKV_SIMT_VBATCH=n`: dense row vectors a unit loads together (1: the former value
-/// loop and stagings, 4 loads per unit). `SPARSEKV_SIMT_PLANE=off`: reductions through shared memory even where the device
-/// has plane operations; set to any value, the first plan is printed.
+/// loop and stagings, 4 loads per unit). `SPARSEKV_SIMT_PLANE=off`: reductions through shared
+/// memory even where the device has plane operations; set to any value, the first plan is
+/// printed.
 struct SimtExperiment {
     value_batch: Option<usize>,
     plane: Option<String>,
@@ -150,12 +151,9 @@ struct SplitPlan {
     sparse: bool,
     /// Whether plane operations are used.
     use_plane: bool,
-    /// Dense row vectors a unit loads together: tokens of the value step, and (at least
-    /// [`STAGE_UNROLL`]) the unroll of the dense key staging ([`IN_FLIGHT_BYTES`] per unit).
+    /// Dense row vectors a unit loads together in the value step ([`IN_FLIGHT_BYTES`] per
+    /// unit); the stagings follow it ([`SplitPlan::row_unroll`], [`SplitPlan::word_unroll`]).
     value_batch: usize,
-    /// Words of compressed data (bitmaps, packed values) a unit loads together when staging
-    /// a tile: the same bytes as `value_batch` row vectors, at least [`STAGE_UNROLL`].
-    word_unroll: usize,
     /// Whether the call has one split per row, so the split kernel normalises its result and
     /// writes the output itself (no partials, no merge launch: short contexts, where a
     /// decode step's attention is two launches of almost no work).
@@ -172,6 +170,18 @@ impl SplitPlan {
         } else {
             keep
         }
+    }
+
+    /// Dense row vectors a unit loads together when staging key rows: `value_batch`, at
+    /// least [`STAGE_UNROLL`].
+    fn row_unroll(&self) -> usize {
+        self.value_batch.max(STAGE_UNROLL)
+    }
+
+    /// Words of compressed data (bitmaps, packed values) a unit loads together when staging
+    /// a tile: the bytes of `value_batch` row vectors, at least [`STAGE_UNROLL`] words.
+    fn word_unroll(&self) -> usize {
+        (self.value_batch * self.vec * self.elem / 4).max(STAGE_UNROLL)
     }
 
     /// Shared memory a split cube uses, in bytes (mirrors the kernel's allocations).
@@ -223,7 +233,6 @@ impl SplitPlan {
             sparse,
             use_plane,
             value_batch,
-            word_unroll: (value_batch * vec * elem / 4).max(STAGE_UNROLL),
             direct: false,
         };
         // Dense key rows take the most shared memory: about 16 KB of them per tile.
@@ -376,7 +385,7 @@ fn stage_compressed<F: Float>(
     let d = comptime!(plan.head_dim);
     let w0 = stream * bits_stride as usize + t0 * d / 32;
     let nw = (nc * d).div_ceil(32);
-    let unroll = comptime!(plan.word_unroll);
+    let unroll = comptime!(plan.word_unroll());
     stage_rows::<u32>(k_bits, w0, nw, kb_s, 1usize, 1usize, units, unroll);
     stage_rows::<u32>(v_bits, w0, nw, vb_s, 1usize, 1usize, units, unroll);
     let (kk, vk, elem) = comptime!((plan.keep_k, plan.keep_v, plan.elem));
@@ -750,7 +759,7 @@ fn decode_split_kernel<F: Float, N: Size>(
                 vpr,
                 row_stride,
                 units,
-                comptime!(plan.value_batch.max(STAGE_UNROLL)),
+                comptime!(plan.row_unroll()),
             );
         }
         sync_cube();
