@@ -34,10 +34,11 @@
 #   TESTS=1          the CUDA tests (TESTLIST=a,b,.. picks binaries and filters, default
 #                    cache, kernels attention, kernels compress, model, the other kernels)
 #   VULKAN=BxT[,..]  the wgpu attention benches (staged by `scripts/gpu.sh --vulkan`: WGSL and
-#                    SPIR-V) on the NVIDIA Vulkan driver at those shapes, then the same
-#                    CUDA-core kernel on CUDA, each with its plane reductions on and off
-#                    (the SPARSEKV_SIMT_PLANE experiment, which also prints the plan).
-#                    Needs the Vulkan loader and glvnd,
+#                    SPIR-V) on the NVIDIA Vulkan driver at those shapes, each with the
+#                    driver's robust buffer access on (wgpu's default) and off (the layer
+#                    scripts/vk_no_robustness.c, staged in .gpu/vk), the plan printed; then
+#                    the same CUDA-core kernel on CUDA with its plane reductions on and off
+#                    (the SPARSEKV_SIMT_PLANE experiment). Needs the Vulkan loader and glvnd,
 #                    carried as .gl/*.deb (the device README's recipe: libvulkan1 libegl1
 #                    libglvnd0 libopengl0 libgl1 libglx0 libgles2; the NVIDIA ICD's library is
 #                    libGLX_nvidia.so.0, which needs glvnd: with libvulkan1 alone wgpu finds no
@@ -152,15 +153,20 @@ fi
 if [ -n "${VULKAN:-}" ]; then
   echo "== vulkan attention $VULKAN"
   for f in "$here"/../.gl/*.deb; do dpkg -x "$f" /; done; ldconfig
-  # Through WGSL, then through CubeCL's SPIR-V compiler, then the same CUDA-core kernel on
-  # CUDA (the kernel Vulkan runs), all at the same shapes.
+  # Through WGSL, then through CubeCL's SPIR-V compiler, each with the driver's robust
+  # buffer access as wgpu enables it and then turned off by the layer staged in .gpu/vk; then
+  # the same CUDA-core kernel on CUDA (the kernel Vulkan runs), all at the same shapes.
+  icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
   for b in bench_attention bench_attention_spirv; do
     [ -e "$here/wgpu/$b.gz" ] || continue
     gunzip -c "$here/wgpu/$b.gz" > $bin/wgpu_$b && chmod +x $bin/wgpu_$b
-    for plane in on off; do
-      echo "-- $b, plane reductions $plane (SPARSEKV_SIMT_PLANE experiment)"
-      VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json SPARSEKV_BENCH_ONLY=$VULKAN SPARSEKV_SIMT_PLANE=$plane \
-        $bin/wgpu_$b --bench 2>&1 | tee -a $OUT/vulkan.log | grep -E "^\||ceiling|panicked|rror|simt plan"
+    for robust in on off; do
+      layer=()
+      [ $robust = off ] && layer=(VK_LAYER_PATH="$here/vk" VK_INSTANCE_LAYERS=VK_LAYER_SPARSEKV_no_robustness)
+      [ $robust = off ] && [ ! -e "$here/vk/libsparsekv_no_robustness.so" ] && continue
+      echo "-- $b, robust buffer access $robust"
+      env "${layer[@]}" VK_DRIVER_FILES=$icd SPARSEKV_BENCH_ONLY=$VULKAN SPARSEKV_SIMT_PLANE=on \
+        $bin/wgpu_$b --bench 2>&1 | tee -a $OUT/vulkan.log | grep -E "^\||ceiling|panicked|rror|simt plan|LAYER"
     done
   done
   for plane in on off; do

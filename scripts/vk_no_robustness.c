@@ -1,0 +1,141 @@
+// A Vulkan layer for one experiment: does the driver's robust buffer access cost the wgpu
+// attention kernels their speed on NVIDIA? (docs/PERF-NOTES.md, "Vulkan and robust buffer
+// access".) wgpu-hal enables `robustBufferAccess` (and `robustBufferAccess2` where
+// VK_EXT_robustness2 exists) whenever the device supports it, and cubecl-wgpu enables every
+// supported core feature, so neither can be asked to leave it off. This layer reports both
+// features as unsupported and strips them from vkCreateDevice, so the same binary runs with
+// and without them. CubeCL's kernels check their own bounds where they need to (its checked
+// launches; ours are launched unchecked after the host validated every bound), so nothing
+// relies on the driver's checks.
+//
+// Build (scripts/gpu_session.sh's NOROBUST part carries the result):
+//   gcc -O2 -shared -fPIC -o libsparsekv_no_robustness.so scripts/vk_no_robustness.c
+// Use: VK_LAYER_PATH=<dir with the .so and the JSON manifest>
+//      VK_INSTANCE_LAYERS=VK_LAYER_SPARSEKV_no_robustness <program>
+#include <stdio.h>
+#include <string.h>
+#include <vulkan/vk_layer.h>
+#include <vulkan/vulkan.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+// One instance and one device per process is all the benches create.
+static PFN_vkGetInstanceProcAddr next_instance_proc;
+static PFN_vkGetDeviceProcAddr next_device_proc;
+static PFN_vkGetPhysicalDeviceFeatures next_features;
+static PFN_vkGetPhysicalDeviceFeatures2 next_features2;
+static int reported;
+
+static void report(const char *what) {
+    if (!reported) {
+        reported = 1;
+        fprintf(stderr, "VK_LAYER_SPARSEKV_no_robustness: %s\n", what);
+    }
+}
+
+// Clears the robustness features of a pNext chain (features queries and device creation use
+// the same structures).
+static void clear_chain(void *chain) {
+    for (VkBaseOutStructure *s = chain; s; s = s->pNext) {
+        switch (s->sType) {
+        case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2:
+            ((VkPhysicalDeviceFeatures2 *)s)->features.robustBufferAccess = VK_FALSE;
+            break;
+        case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_ROBUSTNESS_2_FEATURES_EXT:
+            ((VkPhysicalDeviceRobustness2FeaturesEXT *)s)->robustBufferAccess2 = VK_FALSE;
+            break;
+        default:
+            break;
+        }
+    }
+}
+
+static VKAPI_ATTR void VKAPI_CALL features(VkPhysicalDevice gpu, VkPhysicalDeviceFeatures *out) {
+    next_features(gpu, out);
+    out->robustBufferAccess = VK_FALSE;
+}
+
+static VKAPI_ATTR void VKAPI_CALL features2(VkPhysicalDevice gpu, VkPhysicalDeviceFeatures2 *out) {
+    next_features2(gpu, out);
+    clear_chain(out);
+}
+
+static VKAPI_ATTR void VKAPI_CALL features2_khr(VkPhysicalDevice gpu, VkPhysicalDeviceFeatures2 *out) {
+    features2(gpu, out);
+}
+
+static VKAPI_ATTR VkResult VKAPI_CALL create_instance(const VkInstanceCreateInfo *info,
+                                                     const VkAllocationCallbacks *alloc,
+                                                     VkInstance *instance) {
+    VkLayerInstanceCreateInfo *link = (VkLayerInstanceCreateInfo *)info->pNext;
+    while (link && !(link->sType == VK_STRUCTURE_TYPE_LOADER_INSTANCE_CREATE_INFO &&
+                     link->function == VK_LAYER_LINK_INFO))
+        link = (VkLayerInstanceCreateInfo *)link->pNext;
+    if (!link)
+        return VK_ERROR_INITIALIZATION_FAILED;
+    next_instance_proc = link->u.pLayerInfo->pfnNextGetInstanceProcAddr;
+    link->u.pLayerInfo = link->u.pLayerInfo->pNext;
+    PFN_vkCreateInstance next = (PFN_vkCreateInstance)next_instance_proc(NULL, "vkCreateInstance");
+    VkResult result = next(info, alloc, instance);
+    // Resolved now, for this instance: asked later (or for the KHR alias), the next layer can
+    // hand back the loader's trampoline, which would call this layer again.
+    if (result == VK_SUCCESS) {
+        next_features = (PFN_vkGetPhysicalDeviceFeatures)next_instance_proc(*instance, "vkGetPhysicalDeviceFeatures");
+        next_features2 = (PFN_vkGetPhysicalDeviceFeatures2)next_instance_proc(*instance, "vkGetPhysicalDeviceFeatures2");
+    }
+    return result;
+}
+
+static VKAPI_ATTR VkResult VKAPI_CALL create_device(VkPhysicalDevice gpu, const VkDeviceCreateInfo *info,
+                                                   const VkAllocationCallbacks *alloc, VkDevice *device) {
+    VkLayerDeviceCreateInfo *link = (VkLayerDeviceCreateInfo *)info->pNext;
+    while (link && !(link->sType == VK_STRUCTURE_TYPE_LOADER_DEVICE_CREATE_INFO &&
+                     link->function == VK_LAYER_LINK_INFO))
+        link = (VkLayerDeviceCreateInfo *)link->pNext;
+    if (!link)
+        return VK_ERROR_INITIALIZATION_FAILED;
+    PFN_vkGetInstanceProcAddr gipa = link->u.pLayerInfo->pfnNextGetInstanceProcAddr;
+    next_device_proc = link->u.pLayerInfo->pfnNextGetDeviceProcAddr;
+    link->u.pLayerInfo = link->u.pLayerInfo->pNext;
+    if (info->pEnabledFeatures)
+        ((VkPhysicalDeviceFeatures *)info->pEnabledFeatures)->robustBufferAccess = VK_FALSE;
+    clear_chain((void *)info->pNext);
+    report("robustBufferAccess and robustBufferAccess2 off for this device");
+    PFN_vkCreateDevice next = (PFN_vkCreateDevice)gipa(VK_NULL_HANDLE, "vkCreateDevice");
+    return next(gpu, info, alloc, device);
+}
+
+// The layer's own lookups are static functions: an exported symbol's address taken inside the
+// library could resolve to the loader's function of the same name, and the chain would call
+// itself.
+static VKAPI_ATTR PFN_vkVoidFunction VKAPI_CALL device_proc(VkDevice device, const char *name) {
+    if (!strcmp(name, "vkGetDeviceProcAddr"))
+        return (PFN_vkVoidFunction)device_proc;
+    return next_device_proc(device, name);
+}
+
+static VKAPI_ATTR PFN_vkVoidFunction VKAPI_CALL instance_proc(VkInstance instance, const char *name) {
+    if (!strcmp(name, "vkGetInstanceProcAddr"))
+        return (PFN_vkVoidFunction)instance_proc;
+    if (!strcmp(name, "vkCreateInstance"))
+        return (PFN_vkVoidFunction)create_instance;
+    if (!strcmp(name, "vkCreateDevice"))
+        return (PFN_vkVoidFunction)create_device;
+    if (!strcmp(name, "vkGetDeviceProcAddr"))
+        return (PFN_vkVoidFunction)device_proc;
+    if (!strcmp(name, "vkGetPhysicalDeviceFeatures"))
+        return (PFN_vkVoidFunction)features;
+    if (!strcmp(name, "vkGetPhysicalDeviceFeatures2"))
+        return (PFN_vkVoidFunction)features2;
+    if (!strcmp(name, "vkGetPhysicalDeviceFeatures2KHR"))
+        return (PFN_vkVoidFunction)features2_khr;
+    return next_instance_proc(instance, name);
+}
+
+EXPORT VKAPI_ATTR PFN_vkVoidFunction VKAPI_CALL vkGetDeviceProcAddr(VkDevice device, const char *name) {
+    return device_proc(device, name);
+}
+
+EXPORT VKAPI_ATTR PFN_vkVoidFunction VKAPI_CALL vkGetInstanceProcAddr(VkInstance instance, const char *name) {
+    return instance_proc(instance, name);
+}
