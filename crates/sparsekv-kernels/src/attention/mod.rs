@@ -98,26 +98,15 @@ enum Unpack {
     Bf16Bits,
 }
 
-/// EXPERIMENT switches of the CUDA-core kernel for the Vulkan A/B of the next device call
+/// EXPERIMENT switch of the CUDA-core kernel for the Vulkan A/B of the next device call
 /// (PERF-NOTES, 2026-12-07), read once per process; to be removed once measured.
-/// `SPARSEKV_SIMT_VBATCH=n`: dense row vectors a unit loads together (1: the former value
-/// loop and stagings, 4 loads per unit). `SPARSEKV_SIMT_PLANE=off`: reductions through shared
-/// memory even where the device has plane operations; set to any value, the first plan is
-/// printed.
-struct SimtExperiment {
-    value_batch: Option<usize>,
-    plane: Option<String>,
-}
-
-fn simt_experiment() -> &'static SimtExperiment {
-    static SWITCHES: std::sync::OnceLock<SimtExperiment> = std::sync::OnceLock::new();
-    SWITCHES.get_or_init(|| SimtExperiment {
-        value_batch: std::env::var("SPARSEKV_SIMT_VBATCH")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n: &usize| n > 0),
-        plane: std::env::var("SPARSEKV_SIMT_PLANE").ok(),
-    })
+/// `SPARSEKV_SIMT_PLANE=off`: reductions through shared memory even where the device has plane
+/// operations; set to any value, the first plan is printed.
+fn simt_plane_switch() -> Option<&'static str> {
+    static SWITCH: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    SWITCH
+        .get_or_init(|| std::env::var("SPARSEKV_SIMT_PLANE").ok())
+        .as_deref()
 }
 
 /// Static launch parameters of the split kernel, chosen on the host.
@@ -212,9 +201,7 @@ impl SplitPlan {
     ) -> Result<Self> {
         let words = (head_dim / 32).max(1);
         let row_units = head_dim / vec;
-        let value_batch = simt_experiment()
-            .value_batch
-            .unwrap_or((IN_FLIGHT_BYTES / (vec * elem)).clamp(1, MAX_VALUE_BATCH));
+        let value_batch = (IN_FLIGHT_BYTES / (vec * elem)).clamp(1, MAX_VALUE_BATCH);
         let plan = |tile: usize| SplitPlan {
             head_dim,
             group,
@@ -1239,7 +1226,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             .features()
             .plane
             .contains(cubecl::features::Plane::Ops)
-            && simt_experiment().plane.as_deref() != Some("off");
+            && simt_plane_switch() != Some("off");
         // 16-bit values are unpacked by a bit cast on CUDA and through CubeCL's SPIR-V
         // compiler (feature `vulkan`), with integer operations through WGSL.
         let unpack = if es == 4 || R::name(client) == "cuda" || compiles_to_spirv(client) {
@@ -1263,7 +1250,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             hw.max_units_per_cube as usize,
         )?)
     };
-    if let (Some(plan), Some(_)) = (&simt_plan, &simt_experiment().plane) {
+    if let (Some(plan), Some(_)) = (&simt_plan, simt_plane_switch()) {
         static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         if !REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
             eprintln!(
