@@ -24,30 +24,22 @@ static PFN_vkGetInstanceProcAddr next_instance_proc;
 static PFN_vkGetDeviceProcAddr next_device_proc;
 static PFN_vkGetPhysicalDeviceFeatures next_features;
 static PFN_vkGetPhysicalDeviceFeatures2 next_features2;
-static int reported;
-
-static void report(const char *what) {
-    if (!reported) {
-        reported = 1;
-        fprintf(stderr, "VK_LAYER_SPARSEKV_no_robustness: %s\n", what);
-    }
-}
-
 // Clears the robustness features of a pNext chain (features queries and device creation use
-// the same structures).
-static void clear_chain(void *chain) {
+// the same structures); returns how many were on.
+static int clear_chain(void *chain) {
+    int cleared = 0;
     for (VkBaseOutStructure *s = chain; s; s = s->pNext) {
-        switch (s->sType) {
-        case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2:
-            ((VkPhysicalDeviceFeatures2 *)s)->features.robustBufferAccess = VK_FALSE;
-            break;
-        case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_ROBUSTNESS_2_FEATURES_EXT:
-            ((VkPhysicalDeviceRobustness2FeaturesEXT *)s)->robustBufferAccess2 = VK_FALSE;
-            break;
-        default:
-            break;
+        VkBool32 *flag = NULL;
+        if (s->sType == VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2)
+            flag = &((VkPhysicalDeviceFeatures2 *)s)->features.robustBufferAccess;
+        else if (s->sType == VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_ROBUSTNESS_2_FEATURES_EXT)
+            flag = &((VkPhysicalDeviceRobustness2FeaturesEXT *)s)->robustBufferAccess2;
+        if (flag) {
+            cleared += *flag == VK_TRUE;
+            *flag = VK_FALSE;
         }
     }
+    return cleared;
 }
 
 static VKAPI_ATTR void VKAPI_CALL features(VkPhysicalDevice gpu, VkPhysicalDeviceFeatures *out) {
@@ -56,8 +48,14 @@ static VKAPI_ATTR void VKAPI_CALL features(VkPhysicalDevice gpu, VkPhysicalDevic
 }
 
 static VKAPI_ATTR void VKAPI_CALL features2(VkPhysicalDevice gpu, VkPhysicalDeviceFeatures2 *out) {
+    static int logged;
     next_features2(gpu, out);
-    clear_chain(out);
+    int hidden = clear_chain(out);
+    if (!logged && hidden) {
+        logged = 1;
+        fprintf(stderr, "VK_LAYER_SPARSEKV_no_robustness: %d robustness features the driver supports "
+                        "reported as unsupported\n", hidden);
+    }
 }
 
 static VKAPI_ATTR void VKAPI_CALL features2_khr(VkPhysicalDevice gpu, VkPhysicalDeviceFeatures2 *out) {
@@ -97,10 +95,16 @@ static VKAPI_ATTR VkResult VKAPI_CALL create_device(VkPhysicalDevice gpu, const 
     PFN_vkGetInstanceProcAddr gipa = link->u.pLayerInfo->pfnNextGetInstanceProcAddr;
     next_device_proc = link->u.pLayerInfo->pfnNextGetDeviceProcAddr;
     link->u.pLayerInfo = link->u.pLayerInfo->pNext;
-    if (info->pEnabledFeatures)
-        ((VkPhysicalDeviceFeatures *)info->pEnabledFeatures)->robustBufferAccess = VK_FALSE;
-    clear_chain((void *)info->pNext);
-    report("robustBufferAccess and robustBufferAccess2 off for this device");
+    // The features were reported unsupported, so a request for them here is a caller's own.
+    int requested = 0;
+    if (info->pEnabledFeatures) {
+        VkPhysicalDeviceFeatures *core = (VkPhysicalDeviceFeatures *)info->pEnabledFeatures;
+        requested += core->robustBufferAccess == VK_TRUE;
+        core->robustBufferAccess = VK_FALSE;
+    }
+    requested += clear_chain((void *)info->pNext);
+    fprintf(stderr, "VK_LAYER_SPARSEKV_no_robustness: device created without robust buffer access "
+                    "(%d requests for it removed)\n", requested);
     PFN_vkCreateDevice next = (PFN_vkCreateDevice)gipa(VK_NULL_HANDLE, "vkCreateDevice");
     return next(gpu, info, alloc, device);
 }
@@ -114,21 +118,26 @@ static VKAPI_ATTR PFN_vkVoidFunction VKAPI_CALL device_proc(VkDevice device, con
     return next_device_proc(device, name);
 }
 
+static VKAPI_ATTR PFN_vkVoidFunction VKAPI_CALL instance_proc(VkInstance instance, const char *name);
+
+// The instance-level functions this layer answers itself; the rest go to the next layer.
+static const struct {
+    const char *name;
+    PFN_vkVoidFunction function;
+} intercepted[] = {
+    {"vkGetInstanceProcAddr", (PFN_vkVoidFunction)instance_proc},
+    {"vkGetDeviceProcAddr", (PFN_vkVoidFunction)device_proc},
+    {"vkCreateInstance", (PFN_vkVoidFunction)create_instance},
+    {"vkCreateDevice", (PFN_vkVoidFunction)create_device},
+    {"vkGetPhysicalDeviceFeatures", (PFN_vkVoidFunction)features},
+    {"vkGetPhysicalDeviceFeatures2", (PFN_vkVoidFunction)features2},
+    {"vkGetPhysicalDeviceFeatures2KHR", (PFN_vkVoidFunction)features2_khr},
+};
+
 static VKAPI_ATTR PFN_vkVoidFunction VKAPI_CALL instance_proc(VkInstance instance, const char *name) {
-    if (!strcmp(name, "vkGetInstanceProcAddr"))
-        return (PFN_vkVoidFunction)instance_proc;
-    if (!strcmp(name, "vkCreateInstance"))
-        return (PFN_vkVoidFunction)create_instance;
-    if (!strcmp(name, "vkCreateDevice"))
-        return (PFN_vkVoidFunction)create_device;
-    if (!strcmp(name, "vkGetDeviceProcAddr"))
-        return (PFN_vkVoidFunction)device_proc;
-    if (!strcmp(name, "vkGetPhysicalDeviceFeatures"))
-        return (PFN_vkVoidFunction)features;
-    if (!strcmp(name, "vkGetPhysicalDeviceFeatures2"))
-        return (PFN_vkVoidFunction)features2;
-    if (!strcmp(name, "vkGetPhysicalDeviceFeatures2KHR"))
-        return (PFN_vkVoidFunction)features2_khr;
+    for (size_t i = 0; i < sizeof intercepted / sizeof intercepted[0]; i++)
+        if (!strcmp(name, intercepted[i].name))
+            return intercepted[i].function;
     return next_instance_proc(instance, name);
 }
 
