@@ -35,8 +35,9 @@
 #                    cache, kernels attention, kernels compress, model, the other kernels)
 #   VULKAN=BxT[,..]  the wgpu attention benches (staged by `scripts/gpu.sh --vulkan`: WGSL and
 #                    SPIR-V) on the NVIDIA Vulkan driver at those shapes, each with the
-#                    driver's robust buffer access on (wgpu's default) and off (the layer
-#                    scripts/vk_no_robustness.c, staged in .gpu/vk), the plan printed; then
+#                    driver's robust buffer access on (wgpu's default), off through the layer
+#                    scripts/vk_no_robustness.c (staged in .gpu/vk) and, SPIR-V build, off
+#                    through sparsekv's own Vulkan device; the plan printed; then
 #                    the same CUDA-core kernel on CUDA with its plane reductions on and off
 #                    (the SPARSEKV_SIMT_PLANE experiment). Needs the Vulkan loader and glvnd,
 #                    carried as .gl/*.deb (the device README's recipe: libvulkan1 libegl1
@@ -160,13 +161,19 @@ if [ -n "${VULKAN:-}" ]; then
   for b in bench_attention bench_attention_spirv; do
     [ -e "$here/wgpu/$b.gz" ] || continue
     gunzip -c "$here/wgpu/$b.gz" > $bin/wgpu_$b && chmod +x $bin/wgpu_$b
-    for robust in on off; do
-      layer=()
-      [ $robust = off ] && layer=(VK_LAYER_PATH="$here/vk" VK_INSTANCE_LAYERS=VK_LAYER_SPARSEKV_no_robustness)
-      [ $robust = off ] && [ ! -e "$here/vk/libsparsekv_no_robustness.so" ] && continue
-      echo "-- $b, robust buffer access $robust"
-      env "${layer[@]}" VK_DRIVER_FILES=$icd SPARSEKV_BENCH_ONLY=$VULKAN SPARSEKV_SIMT_PLANE=on \
-        $bin/wgpu_$b --bench 2>&1 | tee -a $OUT/vulkan.log | grep -E "^\||ceiling|panicked|rror|simt plan|LAYER"
+    # robust buffer access on (wgpu's default), off through the layer, and (SPIR-V build) off
+    # through sparsekv's own device (SPARSEKV_VULKAN_ROBUSTNESS=off, checked by the layer in
+    # its log-only mode)
+    for robust in on layer device; do
+      how=()
+      layer=(VK_LAYER_PATH="$here/vk" VK_INSTANCE_LAYERS=VK_LAYER_SPARSEKV_no_robustness)
+      [ $robust = layer ] && how=("${layer[@]}")
+      [ $robust = device ] && how=("${layer[@]}" SPARSEKV_LAYER_LOG_ONLY=1 SPARSEKV_VULKAN_ROBUSTNESS=off)
+      [ $robust != on ] && [ ! -e "$here/vk/libsparsekv_no_robustness.so" ] && continue
+      [ $robust = device ] && [ $b != bench_attention_spirv ] && continue
+      echo "-- $b, robust buffer access: $robust"
+      env "${how[@]}" VK_DRIVER_FILES=$icd SPARSEKV_BENCH_ONLY=$VULKAN SPARSEKV_SIMT_PLANE=on \
+        $bin/wgpu_$b --bench 2>&1 | tee -a $OUT/vulkan.log | grep -E "^\||ceiling|panicked|rror|simt plan|LAYER|Vulkan device"
     done
   done
   for plane in on off; do

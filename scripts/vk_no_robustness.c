@@ -13,6 +13,7 @@
 // Use: VK_LAYER_PATH=<dir with the .so and the JSON manifest>
 //      VK_INSTANCE_LAYERS=VK_LAYER_SPARSEKV_no_robustness <program>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <vulkan/vk_layer.h>
 #include <vulkan/vulkan.h>
@@ -22,11 +23,16 @@
 // One instance and one device per process is all the benches create.
 static PFN_vkGetInstanceProcAddr next_instance_proc;
 static PFN_vkGetDeviceProcAddr next_device_proc;
+// With SPARSEKV_LAYER_LOG_ONLY set the layer changes nothing and only says, at vkCreateDevice,
+// how many robustness features the application asked for (to check a device made elsewhere,
+// such as sparsekv's own Vulkan device, which should ask for none).
+static int log_only(void) { return getenv("SPARSEKV_LAYER_LOG_ONLY") != NULL; }
+
 static PFN_vkGetPhysicalDeviceFeatures next_features;
 static PFN_vkGetPhysicalDeviceFeatures2 next_features2;
 // Clears the robustness features of a pNext chain (features queries and device creation use
 // the same structures); returns how many were on.
-static int clear_chain(void *chain) {
+static int clear_chain(void *chain, int clear) {
     int cleared = 0;
     for (VkBaseOutStructure *s = chain; s; s = s->pNext) {
         VkBool32 *flag = NULL;
@@ -36,7 +42,8 @@ static int clear_chain(void *chain) {
             flag = &((VkPhysicalDeviceRobustness2FeaturesEXT *)s)->robustBufferAccess2;
         if (flag) {
             cleared += *flag == VK_TRUE;
-            *flag = VK_FALSE;
+            if (clear)
+                *flag = VK_FALSE;
         }
     }
     return cleared;
@@ -44,13 +51,16 @@ static int clear_chain(void *chain) {
 
 static VKAPI_ATTR void VKAPI_CALL features(VkPhysicalDevice gpu, VkPhysicalDeviceFeatures *out) {
     next_features(gpu, out);
-    out->robustBufferAccess = VK_FALSE;
+    if (!log_only())
+        out->robustBufferAccess = VK_FALSE;
 }
 
 static VKAPI_ATTR void VKAPI_CALL features2(VkPhysicalDevice gpu, VkPhysicalDeviceFeatures2 *out) {
     static int logged;
     next_features2(gpu, out);
-    int hidden = clear_chain(out);
+    if (log_only())
+        return;
+    int hidden = clear_chain(out, 1);
     if (!logged && hidden) {
         logged = 1;
         fprintf(stderr, "VK_LAYER_SPARSEKV_no_robustness: %d robustness features the driver supports "
@@ -96,15 +106,21 @@ static VKAPI_ATTR VkResult VKAPI_CALL create_device(VkPhysicalDevice gpu, const 
     next_device_proc = link->u.pLayerInfo->pfnNextGetDeviceProcAddr;
     link->u.pLayerInfo = link->u.pLayerInfo->pNext;
     // The features were reported unsupported, so a request for them here is a caller's own.
-    int requested = 0;
+    int clear = !log_only(), in_core = 0;
     if (info->pEnabledFeatures) {
         VkPhysicalDeviceFeatures *core = (VkPhysicalDeviceFeatures *)info->pEnabledFeatures;
-        requested += core->robustBufferAccess == VK_TRUE;
-        core->robustBufferAccess = VK_FALSE;
+        in_core = core->robustBufferAccess == VK_TRUE;
+        if (clear)
+            core->robustBufferAccess = VK_FALSE;
     }
-    requested += clear_chain((void *)info->pNext);
-    fprintf(stderr, "VK_LAYER_SPARSEKV_no_robustness: device created without robust buffer access "
-                    "(%d requests for it removed)\n", requested);
+    int in_chain = clear_chain((void *)info->pNext, clear), requested = in_core + in_chain;
+    if (clear)
+        fprintf(stderr, "VK_LAYER_SPARSEKV_no_robustness: device created without robust buffer access "
+                        "(%d requests for it removed)\n", requested);
+    else
+        fprintf(stderr, "VK_LAYER_SPARSEKV_no_robustness (log only): the device asks for %d "
+                        "robustness features (%d in pEnabledFeatures, %d in the pNext chain)\n",
+                requested, in_core, in_chain);
     PFN_vkCreateDevice next = (PFN_vkCreateDevice)gipa(VK_NULL_HANDLE, "vkCreateDevice");
     return next(gpu, info, alloc, device);
 }
