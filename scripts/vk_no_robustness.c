@@ -1,15 +1,18 @@
 // A Vulkan layer for one experiment: does the driver's robust buffer access cost the wgpu
-// attention kernels their speed on NVIDIA? (docs/PERF-NOTES.md, "Vulkan and robust buffer
-// access".) wgpu-hal enables `robustBufferAccess` (and `robustBufferAccess2` where
+// attention kernels their speed on NVIDIA? (docs/PERF-NOTES.md, "the 2026-12-07 predictions
+// measured".) wgpu-hal enables `robustBufferAccess` (and `robustBufferAccess2` where
 // VK_EXT_robustness2 exists) whenever the device supports it, and cubecl-wgpu enables every
 // supported core feature, so neither can be asked to leave it off. This layer reports both
 // features as unsupported and strips them from vkCreateDevice, so the same binary runs with
 // and without them. CubeCL's kernels check their own bounds where they need to (its checked
 // launches; ours are launched unchecked after the host validated every bound), so nothing
-// relies on the driver's checks.
+// relies on the driver's checks. With SPARSEKV_LAYER_LOG_ONLY set it changes nothing and
+// reports what vkCreateDevice is asked for (to check sparsekv's own Vulkan device, which
+// leaves both off by itself).
 //
-// Build (scripts/gpu_session.sh's NOROBUST part carries the result):
-//   gcc -O2 -shared -fPIC -o libsparsekv_no_robustness.so scripts/vk_no_robustness.c
+// Build (`scripts/gpu.sh --vulkan` does, into .gpu/vk, with the JSON manifest; the session
+// script's VULKAN part uses it):
+//   gcc -O2 -shared -fPIC -fvisibility=hidden -o libsparsekv_no_robustness.so scripts/vk_no_robustness.c
 // Use: VK_LAYER_PATH=<dir with the .so and the JSON manifest>
 //      VK_INSTANCE_LAYERS=VK_LAYER_SPARSEKV_no_robustness <program>
 #include <stdio.h>
