@@ -30,8 +30,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Rt, backend_name, bench_device, calls_per_batch_or, copy_bandwidth,
-    median_call_times_in_batches, quick, random_handle, read_bandwidth, sync,
+    Rt, backend_name, calls_per_batch_or, copy_bandwidth, median_call_times_in_batches, quick,
+    random_handle, read_bandwidth, sync,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use sparsekv::format::{HeadDim, Sparsity, keep_count, layout};
@@ -390,7 +390,7 @@ fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
 }
 
 fn attention(c: &mut Criterion) {
-    let client = Rt::client(&bench_device());
+    let client = Rt::client(&Default::default());
     if supports_type::<Rt, half::f16>(&client) {
         bench_typed::<half::f16>(c, &client);
     } else {

@@ -9,7 +9,7 @@
 #       features) and through CubeCL's SPIR-V compiler (feature `vulkan`, names ending in
 #       `_spirv`); --only keeps just the named test
 #       and bench targets (e.g. --only kernels,attention) to save build time and transfer.
-#       --vulkan also builds scripts/vk_no_robustness.c into .gpu/vk (gcc, libvulkan-dev).
+#       --vulkan also builds scripts/vk_pipeline_stats.c into .gpu/vk (gcc, libvulkan-dev).
 #       Each binary links the whole stack (about 30 MB stripped, 10 MB gzipped): stage only
 #       what one run needs when the copy to the GPU machine is limited.
 #
@@ -93,20 +93,21 @@ if [ $vulkan = 1 ]; then
   spirv=(--features vulkan)
   want tests && [ -n "$tests" ] && BUILD_DIR=target/vulkan SUFFIX=_spirv build wgpu "" test "${spirv[@]}" $tests
   want benches && [ -n "$benches" ] && BUILD_DIR=target/vulkan SUFFIX=_spirv build wgpu bench_ bench "${spirv[@]}" $benches
-  # The Vulkan layer that turns the driver's robust buffer access off (the session script's
-  # VULKAN part runs each build with and without it); needs gcc and libvulkan-dev's headers.
+  # The Vulkan layer that prints the driver's statistics of each compute pipeline (registers
+  # and the like; the session script's VULKAN part runs the SPIR-V build with it); needs gcc
+  # and libvulkan-dev's headers.
   mkdir -p "$stage/vk"
-  gcc -O2 -Wall -shared -fPIC -fvisibility=hidden -o "$stage/vk/libsparsekv_no_robustness.so" scripts/vk_no_robustness.c
-  cat > "$stage/vk/VK_LAYER_SPARSEKV_no_robustness.json" <<'JSON'
+  gcc -O2 -Wall -shared -fPIC -fvisibility=hidden -o "$stage/vk/libsparsekv_pipeline_stats.so" scripts/vk_pipeline_stats.c
+  cat > "$stage/vk/VK_LAYER_SPARSEKV_pipeline_stats.json" <<'JSON'
 {
   "file_format_version": "1.1.2",
   "layer": {
-    "name": "VK_LAYER_SPARSEKV_no_robustness",
+    "name": "VK_LAYER_SPARSEKV_pipeline_stats",
     "type": "GLOBAL",
-    "library_path": "./libsparsekv_no_robustness.so",
+    "library_path": "./libsparsekv_pipeline_stats.so",
     "api_version": "1.3.239",
     "implementation_version": "1",
-    "description": "sparsekv experiment: robust buffer access reported unsupported and left off"
+    "description": "sparsekv diagnostics: the driver's statistics of each compute pipeline"
   }
 }
 JSON

@@ -34,12 +34,15 @@
 #   TESTS=1          the CUDA tests (TESTLIST=a,b,.. picks binaries and filters, default
 #                    cache, kernels attention, kernels compress, model, the other kernels)
 #   VULKAN=BxT[,..]  the wgpu attention benches (staged by `scripts/gpu.sh --vulkan`: WGSL and
-#                    SPIR-V) on the NVIDIA Vulkan driver at those shapes, each with the
-#                    driver's robust buffer access on (wgpu's default), off through the layer
-#                    scripts/vk_no_robustness.c (staged in .gpu/vk) and, SPIR-V build, off
-#                    through sparsekv's own Vulkan device; the plan printed; then
-#                    the same CUDA-core kernel on CUDA with its plane reductions on and off
-#                    (the SPARSEKV_SIMT_PLANE experiment). Needs the Vulkan loader and glvnd,
+#                    SPIR-V) on the NVIDIA Vulkan driver at those shapes, each with the layer
+#                    scripts/vk_pipeline_stats.c (staged in .gpu/vk) printing the driver's
+#                    statistics of every compute pipeline (its internal representations, if
+#                    any, written under $OUT/vk_ir); then the same CUDA-core kernel on CUDA,
+#                    and ncu's launch statistics and occupancy of its split launch there; with
+#                    VKTESTS=1 first the wgpu attention tests (both builds) on that driver;
+#                    VKSWEEP="BATCH=4 TILE=32" also runs the SPIR-V bench with each of the
+#                    CUDA-core plan's experiment switches (SPARSEKV_SIMT_BATCH=4, ...).
+#                    Needs the Vulkan loader and glvnd,
 #                    carried as .gl/*.deb (the device README's recipe: libvulkan1 libegl1
 #                    libglvnd0 libopengl0 libgl1 libglx0 libgles2; the NVIDIA ICD's library is
 #                    libGLX_nvidia.so.0, which needs glvnd: with libvulkan1 alone wgpu finds no
@@ -154,33 +157,43 @@ fi
 if [ -n "${VULKAN:-}" ]; then
   echo "== vulkan attention $VULKAN"
   for f in "$here"/../.gl/*.deb; do dpkg -x "$f" /; done; ldconfig
-  # Through WGSL, then through CubeCL's SPIR-V compiler, each with the driver's robust
-  # buffer access as wgpu enables it and then turned off by the layer staged in .gpu/vk; then
+  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  if [ "${VKTESTS:-0}" = 1 ]; then
+    for t in kernels kernels_spirv; do
+      [ -e "$here/wgpu/$t.gz" ] || continue
+      gunzip -c "$here/wgpu/$t.gz" > $bin/wgpu_$t && chmod +x $bin/wgpu_$t
+      echo "-- $t attention (Vulkan)"
+      $bin/wgpu_$t attention 2>&1 | tee -a $OUT/vulkan_tests.log | grep -E "^test result|FAILED|panicked|failed" | head -20
+    done
+  fi
+  # Through WGSL, then through CubeCL's SPIR-V compiler, each with the statistics layer; then
   # the same CUDA-core kernel on CUDA (the kernel Vulkan runs), all at the same shapes.
-  icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  mkdir -p $OUT/vk_ir
+  stats=(VK_LAYER_PATH="$here/vk" VK_INSTANCE_LAYERS=VK_LAYER_SPARSEKV_pipeline_stats SPARSEKV_LAYER_IR_DIR=$OUT/vk_ir)
+  [ -e "$here/vk/libsparsekv_pipeline_stats.so" ] || stats=()
   for b in bench_attention bench_attention_spirv; do
     [ -e "$here/wgpu/$b.gz" ] || continue
     gunzip -c "$here/wgpu/$b.gz" > $bin/wgpu_$b && chmod +x $bin/wgpu_$b
-    # robust buffer access on (wgpu's default), off through the layer, and (SPIR-V build) off
-    # through sparsekv's own device (SPARSEKV_VULKAN_ROBUSTNESS=off, checked by the layer in
-    # its log-only mode)
-    for robust in on layer device; do
-      how=()
-      layer=(VK_LAYER_PATH="$here/vk" VK_INSTANCE_LAYERS=VK_LAYER_SPARSEKV_no_robustness)
-      [ $robust = layer ] && how=("${layer[@]}")
-      [ $robust = device ] && how=("${layer[@]}" SPARSEKV_LAYER_LOG_ONLY=1 SPARSEKV_VULKAN_ROBUSTNESS=off)
-      [ $robust != on ] && [ ! -e "$here/vk/libsparsekv_no_robustness.so" ] && continue
-      [ $robust = device ] && [ $b != bench_attention_spirv ] && continue
-      echo "-- $b, robust buffer access: $robust"
-      env "${how[@]}" VK_DRIVER_FILES=$icd SPARSEKV_BENCH_ONLY=$VULKAN SPARSEKV_SIMT_PLANE=on \
-        $bin/wgpu_$b --bench 2>&1 | tee -a $OUT/vulkan.log | grep -E "^\||ceiling|panicked|rror|simt plan|LAYER|Vulkan device"
-    done
+    echo "-- $b"
+    env "${stats[@]}" SPARSEKV_BENCH_ONLY=$VULKAN $bin/wgpu_$b --bench 2>&1 | tee -a $OUT/vulkan.log \
+      | grep -E "^\||ceiling|panicked|rror|LAYER.*(decode|capturing|has no|missing)" | cut -c1-600
   done
-  for plane in on off; do
-    echo "-- the CUDA-core kernel on CUDA, plane reductions $plane"
-    SPARSEKV_SIMT_PLANE=$plane SPARSEKV_BENCH_KERNEL=simt SPARSEKV_BENCH_ONLY=$VULKAN $bin/bench_attention --bench 2>&1 \
-      | tee -a $OUT/vulkan.log | grep -E "^\| (dense|sparse)|panicked|simt plan"
+  # The plan sweep of the CUDA-core kernel's experiment switches on the SPIR-V build
+  # (VKSWEEP="BATCH=4 TILE=32": SPARSEKV_SIMT_BATCH=4, then SPARSEKV_SIMT_TILE=32).
+  for v in ${VKSWEEP:-}; do
+    [ -x $bin/wgpu_bench_attention_spirv ] || break
+    echo "-- bench_attention_spirv, SPARSEKV_SIMT_$v"
+    env "${stats[@]}" "SPARSEKV_SIMT_$v" SPARSEKV_BENCH_ONLY=$VULKAN $bin/wgpu_bench_attention_spirv --bench 2>&1 \
+      | tee -a $OUT/vulkan.log | grep -E "^\||panicked|rror|LAYER.*decode" | cut -c1-600
   done
+  echo "-- the CUDA-core kernel on CUDA"
+  SPARSEKV_BENCH_KERNEL=simt SPARSEKV_BENCH_ONLY=$VULKAN $bin/bench_attention --bench 2>&1 \
+    | tee -a $OUT/vulkan.log | grep -E "^\| (dense|sparse)|panicked"
+  echo "-- ncu of its dense split launch"
+  SPARSEKV_BENCH_KERNEL=simt SPARSEKV_BENCH_ONLY=${VULKAN%%,*} SPARSEKV_BENCH_CALLS=4 ncu --clock-control none \
+    --kernel-name regex:decode_split_kernel --launch-skip 10 --launch-count 1 --section LaunchStats --section Occupancy \
+    $bin/bench_attention --bench > $OUT/ncu_simt.txt 2>&1
+  grep -E "decode_split|Registers|Shared Memory|Block Limit|Occupancy|Waves" $OUT/ncu_simt.txt | head -20
 fi
 if [ -n "${NCUATT:-}" ]; then
   # Durations of the split and merge launches of the dense row (the first row of each shape:

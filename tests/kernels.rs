@@ -538,27 +538,6 @@ fn simt_attention_matches_oracle_f16() {
     attention_cases::<half::f16>(dense, false, DecodeKernel::Simt);
 }
 
-/// The Vulkan device without the driver's robust buffer access (feature `vulkan`) runs the
-/// attention kernels as the default device does: dense and sparse cases against the oracle.
-#[cfg(feature = "vulkan")]
-#[test]
-fn attention_on_the_vulkan_device_without_robustness_matches_oracle() {
-    let device = sparsekv::kernels::vulkan_device_without_robustness().expect("a Vulkan adapter");
-    let client = Rt::client(&device);
-    let seed = seed();
-    let mut rng = StdRng::seed_from_u64(seed);
-    for (i, sparse) in [false, true, false, true].into_iter().enumerate() {
-        let c = random_attention_case(&mut rng, sparse);
-        let err = attention_case::<f32>(&client, &mut rng, &c, sparse, DecodeKernel::Auto)
-            .unwrap_or_else(|e| panic!("case {i}, SPARSEKV_SEED={seed}: {e}"));
-        assert!(
-            err < <f32 as TestFloat>::ATTENTION_TOL,
-            "case {i}, SPARSEKV_SEED={seed}: rel err {err:e}: {}",
-            c.describe()
-        );
-    }
-}
-
 #[test]
 fn dense_attention_matches_oracle_f32() {
     attention_cases::<f32>(25, false, DecodeKernel::Auto);

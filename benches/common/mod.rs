@@ -16,18 +16,6 @@ pub type Rt = sparsekv::kernels::cubecl::cuda::CudaRuntime;
 #[cfg(not(feature = "cuda"))]
 pub type Rt = sparsekv::kernels::cubecl::wgpu::WgpuRuntime;
 
-/// The device the benches run on: the runtime's default, or with the `vulkan` feature and
-/// `SPARSEKV_VULKAN_ROBUSTNESS=off` the Vulkan device without the driver's robust buffer
-/// access (`sparsekv::kernels::vulkan_device_without_robustness`).
-pub fn bench_device() -> <Rt as Runtime>::Device {
-    #[cfg(feature = "vulkan")]
-    if std::env::var("SPARSEKV_VULKAN_ROBUSTNESS").as_deref() == Ok("off") {
-        println!("Vulkan device without robust buffer access");
-        return sparsekv::kernels::vulkan_device_without_robustness().unwrap();
-    }
-    Default::default()
-}
-
 /// The backend's name, for the tables.
 pub fn backend_name() -> &'static str {
     if cfg!(feature = "cuda") {

@@ -8,9 +8,7 @@
 //! product of a decode step's projections (which can apply an RMSNorm or SwiGLU to its
 //! activations as it reads them: [`SkinnyInput`]); [`rms_norm`], RMSNorm in one launch;
 //! [`rope_split`], rotary embedding fused with the split of a fused QKV projection; and
-//! [`swiglu`], the feed-forward gate in one launch. With the `vulkan` feature,
-//! `vulkan_device_without_robustness` makes a wgpu device on Vulkan without the driver's
-//! robust buffer access (module `vulkan_device`).
+//! [`swiglu`], the feed-forward gate in one launch.
 pub mod activation;
 pub mod attention;
 pub mod compress;
@@ -22,8 +20,6 @@ pub mod rope;
 pub mod rows;
 pub mod skinny;
 mod upload;
-#[cfg(feature = "vulkan")]
-pub mod vulkan_device;
 
 pub use activation::swiglu;
 pub use attention::{
@@ -39,8 +35,6 @@ pub use rows::{CopyRowsArgs, copy_rows};
 pub use skinny::{
     SkinnyInput, SkinnyKernel, SkinnyShape, SkinnyTuning, skinny_matmul, skinny_matmul_with,
 };
-#[cfg(feature = "vulkan")]
-pub use vulkan_device::vulkan_device_without_robustness;
 
 /// The CubeCL version the kernels are built with, for callers that create clients.
 pub use cubecl;
