@@ -98,15 +98,13 @@ enum Unpack {
     Bf16Bits,
 }
 
-/// EXPERIMENT switch of the CUDA-core kernel for the Vulkan A/B of the next device call
-/// (PERF-NOTES, 2026-12-07), read once per process; to be removed once measured.
-/// `SPARSEKV_SIMT_PLANE=off`: reductions through shared memory even where the device has plane
-/// operations; set to any value, the first plan is printed.
-fn simt_plane_switch() -> Option<&'static str> {
-    static SWITCH: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    SWITCH
-        .get_or_init(|| std::env::var("SPARSEKV_SIMT_PLANE").ok())
-        .as_deref()
+/// EXPERIMENT switches of the CUDA-core kernel's plan, for the Vulkan sweep of the next device
+/// call (PERF-NOTES, "Vulkan: robust buffer access is not the gap"); to be removed once
+/// measured. `SPARSEKV_SIMT_BATCH=n`: row vectors a unit loads together in the value step
+/// (1..=8); `SPARSEKV_SIMT_TILE=n`: tokens per tile (8..=128, powers of two). Unset, the plan
+/// is the measured default.
+fn simt_experiment(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.parse().ok()
 }
 
 /// Static launch parameters of the split kernel, chosen on the host.
@@ -201,7 +199,9 @@ impl SplitPlan {
     ) -> Result<Self> {
         let words = (head_dim / 32).max(1);
         let row_units = head_dim / vec;
-        let value_batch = (IN_FLIGHT_BYTES / (vec * elem)).clamp(1, MAX_VALUE_BATCH);
+        let value_batch = simt_experiment("SPARSEKV_SIMT_BATCH")
+            .unwrap_or(IN_FLIGHT_BYTES / (vec * elem))
+            .clamp(1, MAX_VALUE_BATCH);
         let plan = |tile: usize| SplitPlan {
             head_dim,
             group,
@@ -224,6 +224,7 @@ impl SplitPlan {
         };
         // Dense key rows take the most shared memory: about 16 KB of them per tile.
         let rows = if sparse { MAX_TILE } else { 8192 / head_dim };
+        let rows = simt_experiment("SPARSEKV_SIMT_TILE").unwrap_or(rows);
         let mut tile = rows.clamp(MIN_TILE, MAX_TILE).min(max_units);
         while tile > MIN_TILE && plan(tile).shared_bytes() > limit {
             tile /= 2;
@@ -1225,8 +1226,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         let use_plane = client
             .features()
             .plane
-            .contains(cubecl::features::Plane::Ops)
-            && simt_plane_switch() != Some("off");
+            .contains(cubecl::features::Plane::Ops);
         // 16-bit values are unpacked by a bit cast on CUDA and through CubeCL's SPIR-V
         // compiler (feature `vulkan`), with integer operations through WGSL.
         let unpack = if es == 4 || R::name(client) == "cuda" || compiles_to_spirv(client) {
@@ -1250,19 +1250,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             hw.max_units_per_cube as usize,
         )?)
     };
-    if let (Some(plan), Some(_)) = (&simt_plan, simt_plane_switch()) {
-        static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        if !REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            eprintln!(
-                "simt plan on {}: {plan:?}; shared {} of {} bytes, {} units of {}",
-                R::name(client),
-                plan.shared_bytes(),
-                hw.max_shared_memory_size,
-                plan.units,
-                hw.max_units_per_cube
-            );
-        }
-    }
     // Tokens a cube walks per step: split lengths are whole multiples of it.
     let tile = simt_plan.map_or(tensor_core::PLANES * tensor_core::TILE, |p| p.tile);
     let max_total = (0..batch)
