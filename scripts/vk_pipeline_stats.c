@@ -27,6 +27,7 @@
 
 // One instance and one device per process is all the benches create.
 static PFN_vkGetInstanceProcAddr next_instance_proc;
+static VkInstance the_instance;
 static PFN_vkGetDeviceProcAddr next_device_proc;
 static PFN_vkCreateComputePipelines next_create_pipelines;
 static PFN_vkCreateShaderModule next_create_module;
@@ -55,13 +56,18 @@ static VKAPI_ATTR VkResult VKAPI_CALL create_instance(const VkInstanceCreateInfo
     next_instance_proc = link->u.pLayerInfo->pfnNextGetInstanceProcAddr;
     link->u.pLayerInfo = link->u.pLayerInfo->pNext;
     PFN_vkCreateInstance next = (PFN_vkCreateInstance)next_instance_proc(NULL, "vkCreateInstance");
-    return next(info, alloc, instance);
+    VkResult result = next(info, alloc, instance);
+    if (result == VK_SUCCESS)
+        the_instance = *instance;
+    return result;
 }
 
 // Whether the physical device offers the extension.
-static int has_extension(PFN_vkGetInstanceProcAddr gipa, VkPhysicalDevice gpu) {
+static int has_extension(VkPhysicalDevice gpu) {
+    // An instance-level function: looked up for the instance (a null one answers only the
+    // global functions).
     PFN_vkEnumerateDeviceExtensionProperties list =
-        (PFN_vkEnumerateDeviceExtensionProperties)gipa(VK_NULL_HANDLE, "vkEnumerateDeviceExtensionProperties");
+        (PFN_vkEnumerateDeviceExtensionProperties)next_instance_proc(the_instance, "vkEnumerateDeviceExtensionProperties");
     uint32_t count = 0;
     if (!list || list(gpu, NULL, &count, NULL) != VK_SUCCESS)
         return 0;
@@ -86,7 +92,7 @@ static VKAPI_ATTR VkResult VKAPI_CALL create_device(VkPhysicalDevice gpu, const 
     next_device_proc = link->u.pLayerInfo->pfnNextGetDeviceProcAddr;
     link->u.pLayerInfo = link->u.pLayerInfo->pNext;
     PFN_vkCreateDevice next = (PFN_vkCreateDevice)gipa(VK_NULL_HANDLE, "vkCreateDevice");
-    if (!has_extension(gipa, gpu)) {
+    if (!has_extension(gpu)) {
         fprintf(stderr, TAG ": the device has no " EXTENSION "; no statistics\n");
         return next(gpu, info, alloc, device);
     }
