@@ -39,9 +39,7 @@
 #                    statistics of every compute pipeline (its internal representations, if
 #                    any, written under $OUT/vk_ir); then the same CUDA-core kernel on CUDA,
 #                    and ncu's launch statistics and occupancy of its split launch there; with
-#                    VKTESTS=1 first the wgpu attention tests (both builds) on that driver;
-#                    VKSWEEP="BATCH=4 TILE=32" also runs the SPIR-V bench with each of the
-#                    CUDA-core plan's experiment switches (SPARSEKV_SIMT_BATCH=4, ...).
+#                    VKTESTS=1 first the wgpu attention tests (both builds) on that driver.
 #                    Needs the Vulkan loader and glvnd,
 #                    carried as .gl/*.deb (the device README's recipe: libvulkan1 libegl1
 #                    libglvnd0 libopengl0 libgl1 libglx0 libgles2; the NVIDIA ICD's library is
@@ -177,14 +175,6 @@ if [ -n "${VULKAN:-}" ]; then
     echo "-- $b"
     env "${stats[@]}" SPARSEKV_BENCH_ONLY=$VULKAN $bin/wgpu_$b --bench 2>&1 | tee -a $OUT/vulkan.log \
       | grep -E "^\||ceiling|panicked|rror|LAYER.*(decode|capturing|has no|missing)" | cut -c1-600
-  done
-  # The plan sweep of the CUDA-core kernel's experiment switches on the SPIR-V build
-  # (VKSWEEP="BATCH=4 TILE=32": SPARSEKV_SIMT_BATCH=4, then SPARSEKV_SIMT_TILE=32).
-  for v in ${VKSWEEP:-}; do
-    [ -x $bin/wgpu_bench_attention_spirv ] || break
-    echo "-- bench_attention_spirv, SPARSEKV_SIMT_$v"
-    env "${stats[@]}" "SPARSEKV_SIMT_$v" SPARSEKV_BENCH_ONLY=$VULKAN $bin/wgpu_bench_attention_spirv --bench 2>&1 \
-      | tee -a $OUT/vulkan.log | grep -E "^\||panicked|rror|LAYER.*decode" | cut -c1-600
   done
   echo "-- the CUDA-core kernel on CUDA"
   SPARSEKV_BENCH_KERNEL=simt SPARSEKV_BENCH_ONLY=$VULKAN $bin/bench_attention --bench 2>&1 \

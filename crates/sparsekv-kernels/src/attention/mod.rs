@@ -72,13 +72,23 @@ const MAX_SPLITS: usize = 64;
 const MIN_TILES_PER_SPLIT: usize = 2;
 /// Fewest loads each unit issues before it stores any of them, when staging a tile.
 const STAGE_UNROLL: usize = 4;
-/// Bytes a unit of the CUDA-core kernel loads together: dense rows in the key staging and in
-/// the value step (4 vectors of 16 bytes on CUDA, 8 of 8 bytes, wgpu's widest f16 vectors),
-/// and compressed words in the staging of a tile (16 words).
+/// Bytes a unit of the CUDA-core kernel loads together on CUDA: dense rows in the key staging
+/// and in the value step (4 vectors of 16 bytes), and compressed words in the staging of a
+/// tile (16 words).
 const IN_FLIGHT_BYTES: usize = 64;
-/// The most row vectors a unit loads together (narrow vectors of small head dimensions would
-/// otherwise unroll the value step many times over).
+/// The most row vectors a unit loads together on CUDA (narrow vectors of small head
+/// dimensions would otherwise unroll the value step many times over).
 const MAX_VALUE_BATCH: usize = 8;
+/// Tokens per tile where the shader compiler does not keep the loads of successive loop trips
+/// in flight by itself (every runtime but CUDA; measured on NVIDIA's Vulkan driver, where a
+/// unit's loads are only in flight together when the code issues them together): a tile small
+/// enough that one unit loads all of its value rows at once (a 16-token tile is one row per
+/// token lane at head_dim 128).
+const UNPIPELINED_TILE: usize = 16;
+/// Row vectors a unit loads together there: a whole 16-token tile of dense rows; 8 where the
+/// rows are compressed, whose decode needs the registers (16 took 255 a unit, against 207).
+const UNPIPELINED_BATCH_DENSE: usize = 16;
+const UNPIPELINED_BATCH_SPARSE: usize = 8;
 /// The largest tile, in tokens; smaller when shared memory does not allow it.
 const MAX_TILE: usize = 128;
 /// The smallest tile: a whole bitmap word at every head_dim, and enough for lavapipe's
@@ -96,15 +106,6 @@ enum Unpack {
     F16Bits,
     /// Two bf16, each the high half of an f32.
     Bf16Bits,
-}
-
-/// EXPERIMENT switches of the CUDA-core kernel's plan, for the Vulkan sweep of the next device
-/// call (PERF-NOTES, "Vulkan: robust buffer access is not the gap"); to be removed once
-/// measured. `SPARSEKV_SIMT_BATCH=n`: row vectors a unit loads together in the value step
-/// (1..=8); `SPARSEKV_SIMT_TILE=n`: tokens per tile (8..=128, powers of two). Unset, the plan
-/// is the measured default.
-fn simt_experiment(name: &str) -> Option<usize> {
-    std::env::var(name).ok()?.parse().ok()
 }
 
 /// Static launch parameters of the split kernel, chosen on the host.
@@ -139,7 +140,7 @@ struct SplitPlan {
     /// Whether plane operations are used.
     use_plane: bool,
     /// Dense row vectors a unit loads together in the value step ([`IN_FLIGHT_BYTES`] per
-    /// unit); the stagings follow it ([`SplitPlan::row_unroll`], [`SplitPlan::word_unroll`]).
+    /// unit on CUDA, a whole tile's elsewhere); the stagings follow it ([`SplitPlan::row_unroll`], [`SplitPlan::word_unroll`]).
     value_batch: usize,
     /// Whether the call has one split per row, so the split kernel normalises its result and
     /// writes the output itself (no partials, no merge launch: short contexts, where a
@@ -194,14 +195,17 @@ impl SplitPlan {
         vec: usize,
         sparse: bool,
         use_plane: bool,
+        pipelined_loads: bool,
         limit: usize,
         max_units: usize,
     ) -> Result<Self> {
         let words = (head_dim / 32).max(1);
         let row_units = head_dim / vec;
-        let value_batch = simt_experiment("SPARSEKV_SIMT_BATCH")
-            .unwrap_or(IN_FLIGHT_BYTES / (vec * elem))
-            .clamp(1, MAX_VALUE_BATCH);
+        let value_batch = match (pipelined_loads, sparse) {
+            (true, _) => (IN_FLIGHT_BYTES / (vec * elem)).clamp(1, MAX_VALUE_BATCH),
+            (false, true) => UNPIPELINED_BATCH_SPARSE,
+            (false, false) => UNPIPELINED_BATCH_DENSE,
+        };
         let plan = |tile: usize| SplitPlan {
             head_dim,
             group,
@@ -223,8 +227,13 @@ impl SplitPlan {
             direct: false,
         };
         // Dense key rows take the most shared memory: about 16 KB of them per tile.
-        let rows = if sparse { MAX_TILE } else { 8192 / head_dim };
-        let rows = simt_experiment("SPARSEKV_SIMT_TILE").unwrap_or(rows);
+        let rows = if !pipelined_loads {
+            UNPIPELINED_TILE
+        } else if sparse {
+            MAX_TILE
+        } else {
+            8192 / head_dim
+        };
         let mut tile = rows.clamp(MIN_TILE, MAX_TILE).min(max_units);
         while tile > MIN_TILE && plan(tile).shared_bytes() > limit {
             tile /= 2;
@@ -1229,7 +1238,8 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             .contains(cubecl::features::Plane::Ops);
         // 16-bit values are unpacked by a bit cast on CUDA and through CubeCL's SPIR-V
         // compiler (feature `vulkan`), with integer operations through WGSL.
-        let unpack = if es == 4 || R::name(client) == "cuda" || compiles_to_spirv(client) {
+        let is_cuda = R::name(client) == "cuda";
+        let unpack = if es == 4 || is_cuda || compiles_to_spirv(client) {
             Unpack::Bitcast
         } else if F::name() == "bf16" {
             Unpack::Bf16Bits
@@ -1246,6 +1256,9 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             vec,
             sparse,
             use_plane,
+            // NVRTC keeps the value step's loads of several trips in flight; the Vulkan
+            // compilers measured do not (PERF-NOTES).
+            is_cuda,
             hw.max_shared_memory_size,
             hw.max_units_per_cube as usize,
         )?)
