@@ -142,12 +142,6 @@ struct SplitPlan {
     /// Dense row vectors a unit loads together in the value step ([`IN_FLIGHT_BYTES`] per
     /// unit on CUDA, a whole tile's elsewhere); the stagings follow it ([`SplitPlan::row_unroll`], [`SplitPlan::word_unroll`]).
     value_batch: usize,
-    /// Whether each unit issues its loads for the next steps as soon as a tile's key rows are
-    /// staged: the tile's value rows and the next tile's key rows, in flight while the
-    /// scores and the softmax state are computed (the dense kernel where the compiler does
-    /// not keep loads of successive steps in flight by itself, and one round of loads per
-    /// unit covers a tile's rows).
-    prefetch: bool,
     /// Whether the call has one split per row, so the split kernel normalises its result and
     /// writes the output itself (no partials, no merge launch: short contexts, where a
     /// decode step's attention is two launches of almost no work).
@@ -230,7 +224,6 @@ impl SplitPlan {
             sparse,
             use_plane,
             value_batch,
-            prefetch: false,
             direct: false,
         };
         // Dense key rows take the most shared memory: about 16 KB of them per tile.
@@ -245,12 +238,7 @@ impl SplitPlan {
         while tile > MIN_TILE && plan(tile).shared_bytes() > limit {
             tile /= 2;
         }
-        let mut chosen = plan(tile);
-        let lanes = chosen.units / row_units;
-        chosen.prefetch = !pipelined_loads
-            && !sparse
-            && value_batch * lanes >= tile
-            && chosen.row_unroll() * chosen.units >= tile * row_units;
+        let chosen = plan(tile);
         let need = chosen.shared_bytes();
         if need > limit || chosen.units > max_units {
             return Err(KernelError::InvalidArguments(format!(
@@ -280,57 +268,25 @@ fn stage_rows<T: CubePrimitive>(
     let mut i = UNIT_POS as usize;
     while i < count {
         let mut staged = Array::<T>::new(unroll);
-        load_round::<T>(src, src0, i, count, &mut staged, units, unroll);
-        store_round::<T>(&staged, i, count, dst, row, stride, units, unroll);
-        i += unroll * units;
-    }
-}
-
-/// One round of [`stage_rows`]' loads: items `first`, `first + units`, .. (`unroll` of them,
-/// those below `count`) of `src[src0..]` into `staged`.
-#[cube]
-fn load_round<T: CubePrimitive>(
-    src: &Array<T>,
-    src0: usize,
-    first: usize,
-    count: usize,
-    staged: &mut Array<T>,
-    #[comptime] units: usize,
-    #[comptime] unroll: usize,
-) {
-    #[unroll]
-    for u in 0..unroll {
-        let j = first + u * units;
-        if j < count {
-            staged[u] = src[src0 + j];
-        }
-    }
-}
-
-/// One round of [`stage_rows`]' stores: the items [`load_round`] loaded from `first` on, into
-/// their rows in shared memory.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn store_round<T: CubePrimitive>(
-    staged: &Array<T>,
-    first: usize,
-    count: usize,
-    dst: &mut SharedMemory<T>,
-    #[comptime] row: usize,
-    #[comptime] stride: usize,
-    #[comptime] units: usize,
-    #[comptime] unroll: usize,
-) {
-    #[unroll]
-    for u in 0..unroll {
-        let j = first + u * units;
-        if j < count {
-            if comptime!(row == stride) {
-                dst[j] = staged[u];
-            } else {
-                dst[(j / row) * stride + j % row] = staged[u];
+        #[unroll]
+        for u in 0..unroll {
+            let j = i + u * units;
+            if j < count {
+                staged[u] = src[src0 + j];
             }
         }
+        #[unroll]
+        for u in 0..unroll {
+            let j = i + u * units;
+            if j < count {
+                if comptime!(row == stride) {
+                    dst[j] = staged[u];
+                } else {
+                    dst[(j / row) * stride + j % row] = staged[u];
+                }
+            }
+        }
+        i += unroll * units;
     }
 }
 
@@ -638,35 +594,6 @@ fn dense_values<F: Float, N: Size>(
     }
 }
 
-/// Step 4's loads: the dense value rows of tokens `r`, `r + lanes`, .. (`value_batch` of
-/// them, those below `n` that are not compressed: at or past `nc`) of the tile at `t0`,
-/// channels `c0 ..` of each, into `rows`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn load_value_rows<F: Float, N: Size>(
-    v_win: &Array<Vector<F, N>>,
-    win0: usize,
-    t0: usize,
-    tc: usize,
-    r: usize,
-    n: usize,
-    nc: usize,
-    c0: usize,
-    rows: &mut Array<Vector<F, N>>,
-    #[comptime] plan: SplitPlan,
-) {
-    let (vec, batch, sparse) = comptime!((plan.vec, plan.value_batch, plan.sparse));
-    let vpr = comptime!(plan.head_dim / plan.vec);
-    let lanes = comptime!(plan.units / (plan.head_dim / plan.vec));
-    #[unroll]
-    for u in 0..batch {
-        let ru = r + u * lanes;
-        if ru < n && !(sparse && ru < nc) {
-            rows[u] = v_win[win0 + (t0 + ru - tc) * vpr + c0 / vec];
-        }
-    }
-}
-
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn decode_split_kernel<F: Float, N: Size>(
@@ -790,24 +717,6 @@ fn decode_split_kernel<F: Float, N: Size>(
     }
     let lane = tid / vpr;
     let c0 = (tid % vpr) * vec;
-    let (prefetch, batch, row_unroll) =
-        comptime!((plan.prefetch, plan.value_batch, plan.row_unroll()));
-    // With `prefetch`: the unit's share of the next tile's key rows, and of this tile's value
-    // rows (tokens lane, lane + lanes, ..), loaded a step ahead of their use.
-    let mut keys = Array::<Vector<F, N>>::new(row_unroll);
-    let mut rows = Array::<Vector<F, N>>::new(batch);
-    if prefetch && s0 < s1 {
-        let n = min(tile, s1 - s0);
-        load_round::<Vector<F, N>>(
-            k_win,
-            win0 + s0 * vpr,
-            tid,
-            n * vpr,
-            &mut keys,
-            units,
-            row_unroll,
-        );
-    }
     sync_cube();
 
     let mut t0 = s0;
@@ -837,17 +746,6 @@ fn decode_split_kernel<F: Float, N: Size>(
                     units,
                 );
             }
-        } else if prefetch {
-            store_round::<Vector<F, N>>(
-                &keys,
-                tid,
-                n * vpr,
-                &mut rows_s,
-                vpr,
-                row_stride,
-                units,
-                row_unroll,
-            );
         } else {
             let r0 = win0 + t0 * vpr;
             stage_rows::<Vector<F, N>>(
@@ -858,27 +756,10 @@ fn decode_split_kernel<F: Float, N: Size>(
                 vpr,
                 row_stride,
                 units,
-                row_unroll,
+                comptime!(plan.row_unroll()),
             );
         }
         sync_cube();
-        if prefetch {
-            // In flight through steps 2 and 3: this tile's value rows, the next tile's keys.
-            load_value_rows::<F, N>(v_win, win0, t0, tc, lane, n, nc, c0, &mut rows, plan);
-            let t1 = t0 + tile;
-            if t1 < s1 {
-                let n1 = min(tile, s1 - t1);
-                load_round::<Vector<F, N>>(
-                    k_win,
-                    win0 + t1 * vpr,
-                    tid,
-                    n1 * vpr,
-                    &mut keys,
-                    units,
-                    row_unroll,
-                );
-            }
-        }
 
         // Step 2: scores, one unit per token, for the whole group.
         let mut sc = Array::<f32>::new(group);
@@ -942,12 +823,17 @@ fn decode_split_kernel<F: Float, N: Size>(
         }
         // Tokens r, r + lanes, .. in batches of `value_batch`: the batch's dense rows are all
         // loaded before any is used, so that many loads are in flight even where the
-        // compiler does not pipeline the loop by itself (with `prefetch`, one batch covers
-        // the tile and was loaded after step 1).
+        // compiler does not pipeline the loop by itself.
+        let batch = comptime!(plan.value_batch);
         let mut r = lane;
         while r < n {
-            if !prefetch {
-                load_value_rows::<F, N>(v_win, win0, t0, tc, r, n, nc, c0, &mut rows, plan);
+            let mut rows = Array::<Vector<F, N>>::new(batch);
+            #[unroll]
+            for u in 0..batch {
+                let ru = r + u * lanes;
+                if ru < n && !(sparse && ru < nc) {
+                    rows[u] = v_win[win0 + (t0 + ru - tc) * vpr + c0 / vec];
+                }
             }
             #[unroll]
             for u in 0..batch {
@@ -1596,46 +1482,4 @@ fn tensor_core_unsupported<R: Runtime, F: FloatElement>(
         ));
     }
     None
-}
-
-#[cfg(test)]
-#[allow(clippy::expect_used)]
-mod tests {
-    use super::{SplitPlan, Unpack};
-
-    /// A plan as the launcher makes it for `head_dim`, 16-bit values, 4-element vectors.
-    fn plan(head_dim: usize, sparse: bool, pipelined_loads: bool) -> SplitPlan {
-        let keep = if sparse { head_dim * 3 / 10 } else { 0 };
-        SplitPlan::new(
-            head_dim,
-            4,
-            keep,
-            keep,
-            2,
-            Unpack::Bitcast,
-            4,
-            sparse,
-            true,
-            pipelined_loads,
-            48 * 1024,
-            1024,
-        )
-        .expect("a plan within the limits")
-    }
-
-    /// Where loads are not pipelined by the compiler, the dense kernel loads a tile's rows a
-    /// step ahead at every head dimension (so the kernel tests on lavapipe exercise it), and
-    /// one round of loads per unit covers the tile, as the kernel assumes.
-    #[test]
-    fn prefetch_applies_to_the_dense_kernel_without_pipelined_loads() {
-        for head_dim in [64, 128, 256] {
-            let p = plan(head_dim, false, false);
-            let row_units = head_dim / p.vec;
-            assert!(p.prefetch, "head_dim {head_dim}: {p:?}");
-            assert!(p.value_batch * (p.units / row_units) >= p.tile, "{p:?}");
-            assert!(p.row_unroll() * p.units >= p.tile * row_units, "{p:?}");
-            assert!(!plan(head_dim, true, false).prefetch);
-            assert!(!plan(head_dim, false, true).prefetch);
-        }
-    }
 }
