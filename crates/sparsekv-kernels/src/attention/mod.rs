@@ -85,9 +85,10 @@ const MAX_VALUE_BATCH: usize = 8;
 /// enough that one unit loads all of its value rows at once (a 16-token tile is one row per
 /// token lane at head_dim 128).
 const UNPIPELINED_TILE: usize = 16;
-/// Row vectors a unit loads together there: a whole 16-token tile of dense rows; 8 where the
-/// rows are compressed, whose decode needs the registers (16 took 255 a unit, against 207).
+/// Row vectors a unit loads together there: a whole 16-token tile of dense rows.
 const UNPIPELINED_BATCH_DENSE: usize = 16;
+/// The same for the kernel that reads compressed rows, whose decode needs the registers
+/// (batches of 16 took 255 registers a unit on NVIDIA's Vulkan driver, against 207 with 8).
 const UNPIPELINED_BATCH_SPARSE: usize = 8;
 /// The largest tile, in tokens; smaller when shared memory does not allow it.
 const MAX_TILE: usize = 128;
@@ -140,7 +141,8 @@ struct SplitPlan {
     /// Whether plane operations are used.
     use_plane: bool,
     /// Dense row vectors a unit loads together in the value step ([`IN_FLIGHT_BYTES`] per
-    /// unit on CUDA, a whole tile's elsewhere); the stagings follow it ([`SplitPlan::row_unroll`], [`SplitPlan::word_unroll`]).
+    /// unit on CUDA, a whole tile's elsewhere); the stagings follow it
+    /// ([`SplitPlan::row_unroll`], [`SplitPlan::word_unroll`]).
     value_batch: usize,
     /// Whether the call has one split per row, so the split kernel normalises its result and
     /// writes the output itself (no partials, no merge launch: short contexts, where a
