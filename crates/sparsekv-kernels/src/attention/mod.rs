@@ -203,10 +203,15 @@ impl SplitPlan {
     ) -> Result<Self> {
         let words = (head_dim / 32).max(1);
         let row_units = head_dim / vec;
-        let value_batch = match (pipelined_loads, sparse) {
-            (true, _) => (IN_FLIGHT_BYTES / (vec * elem)).clamp(1, MAX_VALUE_BATCH),
-            (false, true) => UNPIPELINED_BATCH_SPARSE,
-            (false, false) => UNPIPELINED_BATCH_DENSE,
+        // The tile to start from (halved below while shared memory does not allow it) and the
+        // row vectors a unit loads together.
+        let pipelined_batch = (IN_FLIGHT_BYTES / (vec * elem)).clamp(1, MAX_VALUE_BATCH);
+        let (rows, value_batch) = match (pipelined_loads, sparse) {
+            (true, true) => (MAX_TILE, pipelined_batch),
+            // Dense key rows take the most shared memory: about 16 KB of them per tile.
+            (true, false) => (8192 / head_dim, pipelined_batch),
+            (false, true) => (UNPIPELINED_TILE, UNPIPELINED_BATCH_SPARSE),
+            (false, false) => (UNPIPELINED_TILE, UNPIPELINED_BATCH_DENSE),
         };
         let plan = |tile: usize| SplitPlan {
             head_dim,
@@ -227,14 +232,6 @@ impl SplitPlan {
             use_plane,
             value_batch,
             direct: false,
-        };
-        // Dense key rows take the most shared memory: about 16 KB of them per tile.
-        let rows = if !pipelined_loads {
-            UNPIPELINED_TILE
-        } else if sparse {
-            MAX_TILE
-        } else {
-            8192 / head_dim
         };
         let mut tile = rows.clamp(MIN_TILE, MAX_TILE).min(max_units);
         while tile > MIN_TILE && plan(tile).shared_bytes() > limit {
