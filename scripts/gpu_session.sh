@@ -36,13 +36,12 @@
 #   VULKAN=BxT[,..]  the wgpu attention benches (staged by `scripts/gpu.sh --vulkan`: WGSL and
 #                    SPIR-V) on the NVIDIA Vulkan driver at those shapes, each with the layer
 #                    scripts/vk_pipeline_stats.c (staged in .gpu/vk) printing the driver's
-#                    statistics of every compute pipeline (its internal representations, if
-#                    any, written under $OUT/vk_ir); then the same CUDA-core kernel on CUDA,
-#                    and ncu's launch statistics and occupancy of its split launch there; with
-#                    VKTESTS=1 first the wgpu attention tests (both builds) on that driver.
-#                    Needs the Vulkan loader and glvnd,
-#                    carried as .gl/*.deb (the device README's recipe: libvulkan1 libegl1
-#                    libglvnd0 libopengl0 libgl1 libglx0 libgles2; the NVIDIA ICD's library is
+#                    statistics of every compute pipeline (registers, shared memory); then
+#                    the same CUDA-core kernel on CUDA, and ncu's launch statistics and
+#                    occupancy of its split launch there; with VKTESTS=1 first the wgpu
+#                    attention tests (both builds) on that driver. Needs the Vulkan loader
+#                    and glvnd, carried as .gl/*.deb (the device README's recipe: libvulkan1
+#                    libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2; the NVIDIA ICD's library is
 #                    libGLX_nvidia.so.0, which needs glvnd: with libvulkan1 alone wgpu finds no
 #                    adapter)
 #   NCUATT=BxT[,..]  ncu's duration, grid and DRAM throughput of the dense row's split and
@@ -166,8 +165,7 @@ if [ -n "${VULKAN:-}" ]; then
   fi
   # Through WGSL, then through CubeCL's SPIR-V compiler, each with the statistics layer; then
   # the same CUDA-core kernel on CUDA (the kernel Vulkan runs), all at the same shapes.
-  mkdir -p $OUT/vk_ir
-  stats=(VK_LAYER_PATH="$here/vk" VK_INSTANCE_LAYERS=VK_LAYER_SPARSEKV_pipeline_stats SPARSEKV_LAYER_IR_DIR=$OUT/vk_ir)
+  stats=(VK_LAYER_PATH="$here/vk" VK_INSTANCE_LAYERS=VK_LAYER_SPARSEKV_pipeline_stats)
   [ -e "$here/vk/libsparsekv_pipeline_stats.so" ] || stats=()
   for b in bench_attention bench_attention_spirv; do
     [ -e "$here/wgpu/$b.gz" ] || continue

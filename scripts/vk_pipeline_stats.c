@@ -1,14 +1,14 @@
 // A Vulkan layer that prints what the driver's compiler made of each compute pipeline: the
 // statistics of VK_KHR_pipeline_executable_properties (on NVIDIA: registers, code size, ...).
-// Why: the attention kernel that Vulkan runs reads a third as fast there as the same source
-// does on CUDA (docs/PERF-NOTES.md, "Vulkan: robust buffer access is not the gap"), ncu does
-// not profile Vulkan, and the device machine has no Vulkan profiler; the register count the
-// driver chose (and with it how many cubes an SM keeps resident) is the next suspect, and
-// this is how to read it. wgpu and CubeCL cannot be asked for it, so the layer enables the
+// Why: ncu does not profile Vulkan and the device machine has no Vulkan profiler, yet the
+// registers and shared memory the driver gives a kernel decide how many cubes an SM keeps
+// resident (docs/PERF-NOTES.md, "Vulkan: robust buffer access is not the gap", uses it to
+// compare the attention kernel's registers on Vulkan and CUDA and across a sweep of its
+// plan). wgpu and CubeCL cannot be asked for it, so the layer enables the
 // extension at vkCreateDevice, asks every vkCreateComputePipelines for its statistics, and
 // prints one line per pipeline executable: the entry point (CubeCL's SPIR-V names it after
-// the kernel), the shader's size, and every statistic. With SPARSEKV_LAYER_IR_DIR set it also
-// writes the driver's textual internal representations there, one file each.
+// the kernel), the shader's size, and every statistic. (NVIDIA's driver reports registers,
+// binary size, stack, local and shared memory, and offers no internal representation.)
 //
 // Build (`scripts/gpu.sh --vulkan` does, into .gpu/vk, with the JSON manifest; the session
 // script's VULKAN part uses it):
@@ -33,7 +33,6 @@ static PFN_vkCreateComputePipelines next_create_pipelines;
 static PFN_vkCreateShaderModule next_create_module;
 static PFN_vkGetPipelineExecutablePropertiesKHR executable_properties;
 static PFN_vkGetPipelineExecutableStatisticsKHR executable_statistics;
-static PFN_vkGetPipelineExecutableInternalRepresentationsKHR executable_representations;
 // Whether the device was created with the extension (the driver may not have it).
 static int capturing;
 
@@ -121,7 +120,6 @@ static VKAPI_ATTR VkResult VKAPI_CALL create_device(VkPhysicalDevice gpu, const 
     if (result == VK_SUCCESS) {
         executable_properties = (PFN_vkGetPipelineExecutablePropertiesKHR)next_device_proc(*device, "vkGetPipelineExecutablePropertiesKHR");
         executable_statistics = (PFN_vkGetPipelineExecutableStatisticsKHR)next_device_proc(*device, "vkGetPipelineExecutableStatisticsKHR");
-        executable_representations = (PFN_vkGetPipelineExecutableInternalRepresentationsKHR)next_device_proc(*device, "vkGetPipelineExecutableInternalRepresentationsKHR");
         capturing = executable_properties && executable_statistics;
         fprintf(stderr, TAG ": %s\n", capturing ? "capturing compute pipeline statistics" : "the extension's functions are missing");
     }
@@ -143,39 +141,6 @@ static size_t module_bytes(VkShaderModule module) {
         if (modules[i].module == module)
             return modules[i].bytes;
     return 0;
-}
-
-// Writes the executable's textual internal representations into SPARSEKV_LAYER_IR_DIR.
-static void dump_representations(VkDevice device, const VkPipelineExecutableInfoKHR *exe, unsigned pipeline) {
-    const char *dir = getenv("SPARSEKV_LAYER_IR_DIR");
-    uint32_t count = 0;
-    if (!dir || !executable_representations || executable_representations(device, exe, &count, NULL) != VK_SUCCESS)
-        return;
-    VkPipelineExecutableInternalRepresentationKHR *reps = calloc(count, sizeof *reps);
-    if (!reps)
-        return;
-    for (uint32_t i = 0; i < count; i++)
-        reps[i].sType = VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_INTERNAL_REPRESENTATION_KHR;
-    // First the sizes, then the data.
-    if (executable_representations(device, exe, &count, reps) == VK_SUCCESS) {
-        for (uint32_t i = 0; i < count; i++)
-            reps[i].pData = calloc(1, reps[i].dataSize + 1);
-        if (executable_representations(device, exe, &count, reps) == VK_SUCCESS)
-            for (uint32_t i = 0; i < count; i++) {
-                char path[4096];
-                snprintf(path, sizeof path, "%s/pipeline%u_exe%u_%u.txt", dir, pipeline, exe->executableIndex, i);
-                FILE *f = reps[i].pData ? fopen(path, "w") : NULL;
-                if (!f)
-                    continue;
-                fprintf(f, "# %s: %s\n", reps[i].name, reps[i].description);
-                fwrite(reps[i].pData, 1, reps[i].dataSize, f);
-                fclose(f);
-                fprintf(stderr, TAG ": pipeline %u: wrote %s (%s, %zu bytes)\n", pipeline, path, reps[i].name, reps[i].dataSize);
-            }
-        for (uint32_t i = 0; i < count; i++)
-            free(reps[i].pData);
-    }
-    free(reps);
 }
 
 static void print_value(const VkPipelineExecutableStatisticKHR *s) {
@@ -223,7 +188,6 @@ static void report(VkDevice device, VkPipeline pipeline, const VkComputePipeline
                 fprintf(stderr, "\n");
             }
             free(stats);
-            dump_representations(device, &exe, index);
         }
     free(props);
 }
@@ -239,8 +203,6 @@ static VKAPI_ATTR VkResult VKAPI_CALL create_pipelines(VkDevice device, VkPipeli
     for (uint32_t i = 0; i < count; i++) {
         ours[i] = infos[i];
         ours[i].flags |= VK_PIPELINE_CREATE_CAPTURE_STATISTICS_BIT_KHR;
-        if (getenv("SPARSEKV_LAYER_IR_DIR"))
-            ours[i].flags |= VK_PIPELINE_CREATE_CAPTURE_INTERNAL_REPRESENTATIONS_BIT_KHR;
     }
     VkResult result = next_create_pipelines(device, cache, count, ours, alloc, pipelines);
     if (result == VK_SUCCESS)
