@@ -37,8 +37,10 @@
 #                    SPIR-V) on the NVIDIA Vulkan driver at those shapes, each with the layer
 #                    scripts/vk_pipeline_stats.c (staged in .gpu/vk) printing the driver's
 #                    statistics of every compute pipeline (registers, shared memory); then
-#                    the same CUDA-core kernel on CUDA, and ncu's launch statistics and
-#                    occupancy of its split launch there; with VKTESTS=1 first the wgpu
+#                    the SPIR-V bench's dense row with the CUDA-core kernel (`Auto` picks
+#                    the sliced one there for dense calls), then the CUDA-core and the sliced
+#                    kernels on CUDA (VKNCU=1: and ncu's launch statistics and occupancy of
+#                    the former's dense split launch); with VKTESTS=1 first the wgpu
 #                    attention tests (both builds) on that driver. Needs the Vulkan loader
 #                    and glvnd, carried as .gl/*.deb (the device README's recipe: libvulkan1
 #                    libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2; the NVIDIA ICD's library is
@@ -174,14 +176,25 @@ if [ -n "${VULKAN:-}" ]; then
     env "${stats[@]}" SPARSEKV_BENCH_ONLY=$VULKAN $bin/wgpu_$b --bench 2>&1 | tee -a $OUT/vulkan.log \
       | grep -E "^\||ceiling|panicked|rror|LAYER.*(decode|capturing|has no|missing)" | cut -c1-600
   done
-  echo "-- the CUDA-core kernel on CUDA"
-  SPARSEKV_BENCH_KERNEL=simt SPARSEKV_BENCH_ONLY=$VULKAN $bin/bench_attention --bench 2>&1 \
-    | tee -a $OUT/vulkan.log | grep -E "^\| (dense|sparse)|panicked"
-  echo "-- ncu of its dense split launch"
-  SPARSEKV_BENCH_KERNEL=simt SPARSEKV_BENCH_ONLY=${VULKAN%%,*} SPARSEKV_BENCH_CALLS=4 ncu --clock-control none \
-    --kernel-name regex:decode_split_kernel --launch-skip 10 --launch-count 1 --section LaunchStats --section Occupancy \
-    $bin/bench_attention --bench > $OUT/ncu_simt.txt 2>&1
-  grep -E "decode_split|Registers|Shared Memory|Block Limit|Occupancy|Waves" $OUT/ncu_simt.txt | head -20
+  # The CUDA-core kernel's dense rows through SPIR-V (where `Auto` picks the sliced kernel
+  # for dense calls): an A/B in the same call.
+  if [ -e $bin/wgpu_bench_attention_spirv ]; then
+    echo "-- bench_attention_spirv, CUDA-core kernel"
+    SPARSEKV_BENCH_KERNEL=simt SPARSEKV_BENCH_ONLY=$VULKAN $bin/wgpu_bench_attention_spirv --bench 2>&1 \
+      | tee -a $OUT/vulkan.log | grep -E "^\| dense|panicked"
+  fi
+  for k in simt sliced; do
+    echo "-- the $k kernel on CUDA"
+    SPARSEKV_BENCH_KERNEL=$k SPARSEKV_BENCH_ONLY=$VULKAN $bin/bench_attention --bench 2>&1 \
+      | tee -a $OUT/vulkan.log | grep -E "^\| (dense|sparse)|panicked"
+  done
+  if [ "${VKNCU:-0}" = 1 ]; then
+    echo "-- ncu of the CUDA-core kernel's dense split launch"
+    SPARSEKV_BENCH_KERNEL=simt SPARSEKV_BENCH_ONLY=${VULKAN%%,*} SPARSEKV_BENCH_CALLS=4 ncu --clock-control none \
+      --kernel-name regex:decode_split_kernel --launch-skip 10 --launch-count 1 --section LaunchStats --section Occupancy \
+      $bin/bench_attention --bench > $OUT/ncu_simt.txt 2>&1
+    grep -E "decode_split|Registers|Shared Memory|Block Limit|Occupancy|Waves" $OUT/ncu_simt.txt | head -20
+  fi
 fi
 if [ -n "${NCUATT:-}" ]; then
   # Durations of the split and merge launches of the dense row (the first row of each shape:

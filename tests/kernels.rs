@@ -538,6 +538,38 @@ fn simt_attention_matches_oracle_f16() {
     attention_cases::<half::f16>(dense, false, DecodeKernel::Simt);
 }
 
+/// The sliced dense kernel against the oracle, explicitly chosen (`Auto` picks it only for
+/// dense calls off CUDA where planes are 32 units wide: on lavapipe this runs its
+/// shared-memory exchanges, on GPUs its plane shuffles). Shapes it does not take (head_dim
+/// not a multiple of 32, a compressed segment) must be its typed error.
+fn sliced_cases<F: TestFloat>(cases: usize) {
+    run_cases::<F>("sliced attention", case_count(cases), |client, rng| {
+        // One case in five asks for a compressed segment, which the kernel does not read.
+        let sparse = rng.random_bool(0.2);
+        let c = random_attention_case(rng, sparse);
+        let applies = !sparse && c.d.is_multiple_of(32);
+        match attention_case::<F>(client, rng, &c, sparse, DecodeKernel::Sliced) {
+            Ok(err) if applies && err < F::ATTENTION_TOL => Ok(()),
+            Ok(err) => Err(format!(
+                "rel err {err:e} (applies {applies}): {}",
+                c.describe()
+            )),
+            Err(e) if !applies && e.contains("sliced decode kernel does not apply") => Ok(()),
+            Err(e) => Err(format!("{e}: {}", c.describe())),
+        }
+    });
+}
+
+#[test]
+fn sliced_attention_matches_oracle_f32() {
+    sliced_cases::<f32>(20);
+}
+
+#[test]
+fn sliced_attention_matches_oracle_f16() {
+    sliced_cases::<half::f16>(15);
+}
+
 #[test]
 fn dense_attention_matches_oracle_f32() {
     attention_cases::<f32>(25, false, DecodeKernel::Auto);

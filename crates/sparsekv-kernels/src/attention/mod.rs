@@ -40,10 +40,17 @@
 //! above serves every other runtime and type (f32, wgpu, lavapipe) and
 //! [`DecodeKernel::Simt`].
 //!
+//! Dense calls on runtimes other than CUDA whose planes are 32 units wide run the kernel of the
+//! `sliced` module instead (same split contract and merge): one plane per cube, each unit a
+//! slice of every key and value row, the scores summed across the plane by a butterfly of
+//! shuffles, so nothing is staged in shared memory and no barrier waits on a tile's loads
+//! (those runtimes' compilers do not keep loads in flight across a barrier or a loop trip).
+//!
 //! [`prefill_attention`] is the prompt's causal self-attention of an exact prefill, flash-style
 //! on matrix units (module `prefill`).
 
 mod prefill;
+mod sliced;
 mod tensor_core;
 
 pub use prefill::{prefill_attention, prefill_attention_unsupported};
@@ -55,6 +62,7 @@ use crate::error::{KernelError, Result};
 use crate::reduce::cube_reduce;
 use crate::upload::upload_u32;
 use crate::{FloatElement, MmaApi, check_type_supported, has_mma, vector_size};
+use sliced::SlicedPlan;
 use sparsekv_format::{HeadDim, Sparsity, keep_count};
 use tensor_core::TilePlan;
 
@@ -1006,6 +1014,17 @@ fn decode_merge_kernel<F: Float, N: Size>(
     }
 }
 
+/// The split kernel a call runs, with its static parameters.
+#[derive(Debug, Clone, Copy)]
+enum Split {
+    /// The tensor-core kernel (its plan does not depend on the runtime).
+    TensorCore,
+    /// The CUDA-core kernel.
+    Simt(SplitPlan),
+    /// The sliced dense kernel (module `sliced`).
+    Sliced(SlicedPlan),
+}
+
 /// Shapes and per-sequence lengths of one decode-attention call.
 #[derive(Debug, Clone)]
 pub struct AttentionArgs<'a> {
@@ -1075,6 +1094,14 @@ pub enum DecodeKernel {
     /// f16 or bf16, head_dim a multiple of 16, at most 8 query heads per KV head, 16-byte
     /// aligned streams; anything else is an error.
     TensorCore,
+    /// The sliced dense kernel (module `sliced`): one plane per cube, each unit a slice of
+    /// every row, keys read like values and scores summed across the plane by a butterfly of
+    /// plane shuffles, so no shared staging or barrier sits between a tile's loads and their
+    /// use. `Auto` picks it for dense calls on runtimes other than CUDA whose planes are 32
+    /// units wide. Dense calls only, head_dim a multiple of 32, a power of two of at most 8
+    /// query heads per KV head; anything else is an error. Without plane operations
+    /// (lavapipe) it exchanges through shared memory (correct, not fast).
+    Sliced,
 }
 
 /// Decode attention: `out[b, h, :] = softmax(q[b, h] · K_b^T / sqrt(d)) · V_b`, where K_b and
@@ -1211,33 +1238,15 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         keep_v,
         sparse,
     };
-    let use_tc = match kernel {
-        DecodeKernel::Simt => false,
-        DecodeKernel::Auto => {
-            tensor_core_unsupported::<R, F>(client, &tc_plan, segment, window.stride).is_none()
-        }
-        DecodeKernel::TensorCore => {
-            match tensor_core_unsupported::<R, F>(client, &tc_plan, segment, window.stride) {
-                Some(why) => {
-                    return Err(KernelError::InvalidArguments(format!(
-                        "the tensor-core decode kernel does not apply: {why}"
-                    )));
-                }
-                None => true,
-            }
-        }
-    };
-    let simt_plan = if use_tc {
-        None
-    } else {
-        let vec = vector_size(es, hw.max_vector_size, d, &[window.stride]);
-        let use_plane = client
-            .features()
-            .plane
-            .contains(cubecl::features::Plane::Ops);
+    let vec = vector_size(es, hw.max_vector_size, d, &[window.stride]);
+    let use_plane = client
+        .features()
+        .plane
+        .contains(cubecl::features::Plane::Ops);
+    let is_cuda = R::name(client) == "cuda";
+    let simt_plan = || {
         // 16-bit values are unpacked by a bit cast on CUDA and through CubeCL's SPIR-V
         // compiler (feature `vulkan`), with integer operations through WGSL.
-        let is_cuda = R::name(client) == "cuda";
         let unpack = if es == 4 || is_cuda || compiles_to_spirv(client) {
             Unpack::Bitcast
         } else if F::name() == "bf16" {
@@ -1245,7 +1254,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         } else {
             Unpack::F16Bits
         };
-        Some(SplitPlan::new(
+        SplitPlan::new(
             d,
             group,
             keep_k,
@@ -1260,10 +1269,62 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             is_cuda,
             hw.max_shared_memory_size,
             hw.max_units_per_cube as usize,
-        )?)
+        )
+        .map(Split::Simt)
+    };
+    let sliced_plan = || {
+        if sparse {
+            return Err("it reads dense rows only (no compressed segment)".to_string());
+        }
+        // Plane exchanges where the planes are exactly as wide as the cube, shared memory
+        // elsewhere (lavapipe has no plane operations).
+        let lanes = sliced::LANES as u32;
+        let exact_planes = use_plane && hw.plane_size_min == lanes && hw.plane_size_max == lanes;
+        let plan = SlicedPlan::new(d, group, vec, exact_planes)?;
+        let shared = plan.shared_bytes();
+        if shared > hw.max_shared_memory_size || hw.max_units_per_cube < lanes {
+            return Err(format!(
+                "it needs {shared} bytes of shared memory and {lanes} units per cube; the device allows {} and {}",
+                hw.max_shared_memory_size, hw.max_units_per_cube
+            ));
+        }
+        Ok(Split::Sliced(plan))
+    };
+    let choice = match kernel {
+        DecodeKernel::Simt => simt_plan()?,
+        DecodeKernel::TensorCore => {
+            match tensor_core_unsupported::<R, F>(client, &tc_plan, segment, window.stride) {
+                Some(why) => {
+                    return Err(KernelError::InvalidArguments(format!(
+                        "the tensor-core decode kernel does not apply: {why}"
+                    )));
+                }
+                None => Split::TensorCore,
+            }
+        }
+        DecodeKernel::Sliced => sliced_plan().map_err(|why| {
+            KernelError::InvalidArguments(format!("the sliced decode kernel does not apply: {why}"))
+        })?,
+        DecodeKernel::Auto => {
+            if tensor_core_unsupported::<R, F>(client, &tc_plan, segment, window.stride).is_none() {
+                Split::TensorCore
+            } else if let (false, Ok(Split::Sliced(plan))) = (is_cuda, sliced_plan())
+                && plan.use_plane
+            {
+                // Dense rows on runtimes that do not keep loads in flight by themselves,
+                // where the planes are as wide as the kernel's cube.
+                Split::Sliced(plan)
+            } else {
+                simt_plan()?
+            }
+        }
     };
     // Tokens a cube walks per step: split lengths are whole multiples of it.
-    let tile = simt_plan.map_or(tensor_core::PLANES * tensor_core::TILE, |p| p.tile);
+    let tile = match choice {
+        Split::TensorCore => tensor_core::PLANES * tensor_core::TILE,
+        Split::Simt(plan) => plan.tile,
+        Split::Sliced(plan) => plan.tile,
+    };
     let max_total = (0..batch)
         .map(|s| (args.compressed_lens[s] + args.window_lens[s]) as usize)
         .max()
@@ -1277,7 +1338,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     // the dealt-out merge (H100, 16K) kept 2048 (196 us; 1188 cubes 219, 2640 208, 1584 and
     // 3168 288-309, not explained yet). The sparse kernel (bound by its expansion) and rows
     // of head_dim 64 (too little in flight per tile) keep the full count.
-    let target = if simt_plan.is_none() && !sparse && d >= 128 {
+    let target = if matches!(choice, Split::TensorCore) && !sparse && d >= 128 {
         DENSE_TC_CUBES
     } else {
         TARGET_CUBES
@@ -1297,11 +1358,12 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     );
     let rows = batch * q_heads;
     // One split per row on CUDA cores: the split kernel writes the output (no partials).
-    let simt_plan = simt_plan.map(|plan| SplitPlan {
-        direct: splits == 1,
-        ..plan
-    });
-    let direct = simt_plan.is_some_and(|plan| plan.direct);
+    let direct = splits == 1 && !matches!(choice, Split::TensorCore);
+    let choice = match choice {
+        Split::TensorCore => Split::TensorCore,
+        Split::Simt(plan) => Split::Simt(SplitPlan { direct, ..plan }),
+        Split::Sliced(plan) => Split::Sliced(SlicedPlan { direct, ..plan }),
+    };
     let (part_o, part_ml) = if direct {
         (
             crate::upload::placeholder(client, 1),
@@ -1351,8 +1413,8 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     // stay inside each stream because streams and tiles are chunk-aligned (checked by
     // `tensor_core_unsupported`).
     unsafe {
-        match simt_plan {
-            None => tensor_core::decode_split_tc_kernel::launch_unchecked::<F, R>(
+        match choice {
+            Split::TensorCore => tensor_core::decode_split_tc_kernel::launch_unchecked::<F, R>(
                 client,
                 count,
                 CubeDim::new_1d(tensor_core::UNITS as u32),
@@ -1376,7 +1438,7 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                 scale,
                 tc_plan,
             ),
-            Some(plan) => decode_split_kernel::launch_unchecked::<F, R>(
+            Split::Simt(plan) => decode_split_kernel::launch_unchecked::<F, R>(
                 client,
                 count,
                 CubeDim::new_1d(plan.units as u32),
@@ -1395,6 +1457,24 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                 bits_stride as u32,
                 kvs as u32,
                 vvs as u32,
+                window.stride as u32,
+                split_tokens as u32,
+                q_heads as u32,
+                scale,
+                plan,
+            ),
+            Split::Sliced(plan) => sliced::decode_sliced_kernel::launch_unchecked::<F, R>(
+                client,
+                count,
+                CubeDim::new_1d(sliced::LANES as u32),
+                plan.vec,
+                arr(q, es * plan.vec),
+                arr(window.k, es * plan.vec),
+                arr(window.v, es * plan.vec),
+                arr(&lens, 4),
+                arr(&part_o, 4),
+                arr(&part_ml, 4),
+                arr(out, es),
                 window.stride as u32,
                 split_tokens as u32,
                 q_heads as u32,
