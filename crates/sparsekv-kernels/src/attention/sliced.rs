@@ -116,9 +116,10 @@ impl SlicedPlan {
     }
 }
 
-/// Step 1: the unit's slice (`nv` vectors from vector `first` of each row) of `n` rows from
-/// vector `row0` of `src`, rows `vpr` vectors apart, into `dst` (row `u` at `u * nv`). Rows
-/// past `n` are left unset: the steps after this one never read them.
+/// Step 1: the unit's slice (`nv` vectors from vector `first` of each row) of the `tile` rows
+/// from vector `row0` of `src`, rows `vpr` vectors apart, into `dst` (row `u` at `u * nv`).
+/// Rows past the `n` the tile has repeat its last row, so that no load needs a branch (their
+/// probabilities are 0).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_slices<F: Float, N: Size>(
@@ -133,23 +134,21 @@ fn load_slices<F: Float, N: Size>(
 ) {
     #[unroll]
     for u in 0..tile {
-        if u < n {
-            #[unroll]
-            for v in 0..nv {
-                dst[u * nv + v] = src[row0 + u * vpr + first + v];
-            }
+        let row = row0 + min(u, n - 1) * vpr + first;
+        #[unroll]
+        for v in 0..nv {
+            dst[u * nv + v] = src[row + v];
         }
     }
 }
 
 /// Step 2, first half: `part[g * tile + u]` = the unit's share of `q_g . k_u` for every head
-/// `g` of the group and token `u < n` of the tile (0 past `n`), from its slices of the keys
-/// and of the scaled queries (`q[g * slice + c]`).
+/// `g` of the group and token `u` of the tile, from its slices of the keys and of the scaled
+/// queries (`q[g * slice + c]`).
 #[cube]
 fn partial_scores<F: Float, N: Size>(
     keys: &Array<Vector<F, N>>,
     q: &Array<f32>,
-    n: usize,
     part: &mut Array<f32>,
     #[comptime] plan: SlicedPlan,
 ) {
@@ -162,17 +161,15 @@ fn partial_scores<F: Float, N: Size>(
         for g in 0..group {
             s[g] = 0.0;
         }
-        if u < n {
+        #[unroll]
+        for v in 0..nv {
+            let x = keys[u * nv + v];
             #[unroll]
-            for v in 0..nv {
-                let x = keys[u * nv + v];
+            for e in 0..vec {
+                let xe = f32::cast_from(x[e]);
                 #[unroll]
-                for e in 0..vec {
-                    let xe = f32::cast_from(x[e]);
-                    #[unroll]
-                    for g in 0..group {
-                        s[g] += q[g * slice + v * vec + e] * xe;
-                    }
+                for g in 0..group {
+                    s[g] += q[g * slice + v * vec + e] * xe;
                 }
             }
         }
@@ -338,7 +335,7 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
         load_slices::<F, N>(v_rows, row0, first, n, &mut values, tile, nv, vpr);
 
         // Step 2: scores.
-        partial_scores::<F, N>(&keys, &q_r, n, &mut part, plan);
+        partial_scores::<F, N>(&keys, &q_r, &mut part, plan);
         // The butterfly's log2(LANES) = 5 steps, halving the sums each time.
         butterfly_step(
             &mut part,
@@ -380,9 +377,7 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
         let mut m_tile = f32::new(-3.0e38);
         #[unroll]
         for j in 0..held {
-            if my_token + j < n {
-                m_tile = max(m_tile, part[j]);
-            }
+            m_tile = max(m_tile, select(my_token + j < n, part[j], f32::new(-3.0e38)));
         }
         m_tile = lanes_reduce(m_tile, &mut exchange, head_lanes, true, use_plane);
         let m_new = max(m_run, m_tile);
@@ -410,24 +405,23 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
                 acc[g * slice + c] *= a;
             }
         }
+        // Rows past the tile's end repeat its last row with probability 0: no branch.
         #[unroll]
         for u in 0..tile {
-            if u < n {
-                let mut p = Array::<f32>::new(group);
+            let mut p = Array::<f32>::new(group);
+            #[unroll]
+            for g in 0..group {
+                p[g] = p_s[g * tile + u];
+            }
+            #[unroll]
+            for v in 0..nv {
+                let x = values[u * nv + v];
                 #[unroll]
-                for g in 0..group {
-                    p[g] = p_s[g * tile + u];
-                }
-                #[unroll]
-                for v in 0..nv {
-                    let x = values[u * nv + v];
+                for e in 0..vec {
+                    let xe = f32::cast_from(x[e]);
                     #[unroll]
-                    for e in 0..vec {
-                        let xe = f32::cast_from(x[e]);
-                        #[unroll]
-                        for g in 0..group {
-                            acc[g * slice + v * vec + e] += p[g] * xe;
-                        }
+                    for g in 0..group {
+                        acc[g * slice + v * vec + e] += p[g] * xe;
                     }
                 }
             }
