@@ -40,11 +40,12 @@
 //! above serves every other runtime and type (f32, wgpu, lavapipe) and
 //! [`DecodeKernel::Simt`].
 //!
-//! Dense calls on runtimes other than CUDA whose planes are 32 units wide run the kernel of the
-//! `sliced` module instead (same split contract and merge): one plane per cube, each unit a
-//! slice of every key and value row, the scores summed across the plane by a butterfly of
-//! shuffles, so nothing is staged in shared memory and no barrier waits on a tile's loads
-//! (those runtimes' compilers do not keep loads in flight across a barrier or a loop trip).
+//! Runtimes other than CUDA whose planes are 32 units wide run the kernel of the `sliced`
+//! module instead (same split contract and merge): one plane per cube, each unit a slice of
+//! every key and value row (compressed ones decoded by popcount), the scores summed across
+//! the plane by a butterfly of shuffles, so nothing is staged in shared memory and no barrier
+//! waits on a tile's loads (those runtimes' compilers do not keep loads in flight across a
+//! barrier or a loop trip).
 //!
 //! [`prefill_attention`] is the prompt's causal self-attention of an exact prefill, flash-style
 //! on matrix units (module `prefill`).
@@ -1094,13 +1095,13 @@ pub enum DecodeKernel {
     /// f16 or bf16, head_dim a multiple of 16, at most 8 query heads per KV head, 16-byte
     /// aligned streams; anything else is an error.
     TensorCore,
-    /// The sliced dense kernel (module `sliced`): one plane per cube, each unit a slice of
-    /// every row, keys read like values and scores summed across the plane by a butterfly of
-    /// plane shuffles, so no shared staging or barrier sits between a tile's loads and their
-    /// use. `Auto` picks it for dense calls on runtimes other than CUDA whose planes are 32
-    /// units wide. Dense calls only, head_dim a multiple of 32, a power of two of at most 8
-    /// query heads per KV head; anything else is an error. Without plane operations
-    /// (lavapipe) it exchanges through shared memory (correct, not fast).
+    /// The sliced kernel (module `sliced`): one plane per cube, each unit a slice of every
+    /// row (a compressed row's slice found by the popcount of the bits below it), keys read
+    /// like values and scores summed across the plane by a butterfly of plane shuffles, so no
+    /// shared staging or barrier sits between a tile's loads and their use. `Auto` picks it on
+    /// runtimes other than CUDA whose planes are 32 units wide. head_dim a multiple of 32, a
+    /// power of two of at most 8 query heads per KV head; anything else is an error. Without
+    /// plane operations (lavapipe) it exchanges through shared memory (correct, not fast).
     Sliced,
 }
 
@@ -1273,14 +1274,12 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         .map(Split::Simt)
     };
     let sliced_plan = || {
-        if sparse {
-            return Err("it reads dense rows only (no compressed segment)".to_string());
-        }
         // Plane exchanges where the planes are exactly as wide as the cube, shared memory
         // elsewhere (lavapipe has no plane operations).
         let lanes = sliced::LANES as u32;
         let exact_planes = use_plane && hw.plane_size_min == lanes && hw.plane_size_max == lanes;
-        let plan = SlicedPlan::new(d, group, vec, exact_planes)?;
+        let keep = sparse.then_some((keep_k, keep_v));
+        let plan = SlicedPlan::new(d, group, vec, keep, exact_planes)?;
         let shared = plan.shared_bytes();
         if shared > hw.max_shared_memory_size || hw.max_units_per_cube < lanes {
             return Err(format!(
@@ -1311,8 +1310,8 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             } else if let (false, Ok(Split::Sliced(plan))) = (is_cuda, sliced_plan())
                 && plan.use_plane
             {
-                // Dense rows on runtimes that do not keep loads in flight by themselves,
-                // where the planes are as wide as the kernel's cube.
+                // Runtimes that do not keep loads in flight by themselves, where the planes
+                // are as wide as the kernel's cube.
                 Split::Sliced(plan)
             } else {
                 simt_plan()?
@@ -1469,12 +1468,19 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                 CubeDim::new_1d(sliced::LANES as u32),
                 plan.vec,
                 arr(q, es * plan.vec),
+                arr(kb, 4),
+                arr(kv, es),
+                arr(vb, 4),
+                arr(vv, es),
                 arr(window.k, es * plan.vec),
                 arr(window.v, es * plan.vec),
                 arr(&lens, 4),
                 arr(&part_o, 4),
                 arr(&part_ml, 4),
                 arr(out, es),
+                bits_stride as u32,
+                kvs as u32,
+                vvs as u32,
                 window.stride as u32,
                 split_tokens as u32,
                 q_heads as u32,

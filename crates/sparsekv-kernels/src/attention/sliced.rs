@@ -1,7 +1,7 @@
-//! The dense split kernel for runtimes whose shader compilers do not keep the loads of
-//! successive loop trips in flight (every runtime but CUDA; measured on NVIDIA's Vulkan
-//! driver): keys are read the way values are, so a tile needs no shared staging and no barrier
-//! between its loads and their use.
+//! The split kernel for runtimes whose shader compilers do not keep the loads of successive
+//! loop trips in flight (every runtime but CUDA; measured on NVIDIA's Vulkan driver): keys are
+//! read the way values are, so a tile needs no shared staging and no barrier between its
+//! loads and their use. Sparse and dense from one source, like the CUDA-core kernel.
 //!
 //! Same split-K contract as the CUDA-core kernel of the parent module (one cube per sequence,
 //! KV head and split; partial outputs merged by the same merge kernel, or the output written
@@ -11,7 +11,12 @@
 //!
 //! 1. **Load** (`load_slices`): the unit's slices of the tile's key rows, then of its value
 //!    rows, into registers, every load issued before any is used (consecutive units read
-//!    consecutive bytes of a row: one coalesced access per row).
+//!    consecutive bytes of a row: one coalesced access per row). Compressed rows
+//!    (`load_tile_words`, `row_bits`, `decode_slice`): the tile's bitmap words are dealt across
+//!    the plane with one coalesced load per unit, each row's words scanned for their bit
+//!    counts; each unit then takes, by shuffle, the word holding its channels and the count of
+//!    the row's earlier words, and reads its kept values straight from the packed row at the
+//!    popcount of the bits below its channels, zero where a bit is clear.
 //! 2. **Scores** (`partial_scores`, `butterfly_step`): the dot products of the unit's key
 //!    slices with its slices of the group's queries (held in registers for the whole split),
 //!    `tile * group` partial sums, are summed across the plane by a transposing butterfly: at
@@ -55,6 +60,11 @@ pub(super) struct SlicedPlan {
     pub tile: usize,
     /// Elements per vector load (divides the slice).
     pub vec: usize,
+    /// Whether a compressed segment is read (the tokens before the dense window).
+    pub sparse: bool,
+    /// Kept values per compressed key row and per value row (0 without a segment).
+    pub keep_k: usize,
+    pub keep_v: usize,
     /// Whether the exchanges use plane operations (else shared memory).
     pub use_plane: bool,
     /// Whether the call has one split per row, so the kernel normalises its result and writes
@@ -64,11 +74,13 @@ pub(super) struct SlicedPlan {
 
 impl SlicedPlan {
     /// The plan for `head_dim` and `group` with loads of at most `vec` elements (a power of
-    /// two that divides `head_dim` and the stream stride), or why the kernel does not apply.
+    /// two that divides `head_dim` and the stream stride), compressed rows keeping `keep`
+    /// values of K and V (`None`: a dense call), or why the kernel does not apply.
     pub(super) fn new(
         head_dim: usize,
         group: usize,
         vec: usize,
+        keep: Option<(usize, usize)>,
         use_plane: bool,
     ) -> Result<Self, String> {
         if !head_dim.is_multiple_of(LANES) {
@@ -90,11 +102,15 @@ impl SlicedPlan {
         let tile = (PARTIAL_SUMS / group)
             .clamp(MIN_TILE, MAX_TILE)
             .max(LANES.div_ceil(group));
+        let (keep_k, keep_v) = keep.unwrap_or((0, 0));
         Ok(Self {
             head_dim,
             group,
             tile,
             vec,
+            sparse: keep.is_some(),
+            keep_k,
+            keep_v,
             use_plane,
             direct: false,
         })
@@ -105,6 +121,17 @@ impl SlicedPlan {
         self.head_dim / LANES
     }
 
+    /// Bitmap words per compressed row.
+    fn words(&self) -> usize {
+        self.head_dim / 32
+    }
+
+    /// Bitmap words of a tile of one matrix each unit loads (word `i` of the tile is held by
+    /// unit `i % LANES`, in its register `i / LANES`).
+    fn word_regs(&self) -> usize {
+        (self.tile * self.words()).div_ceil(LANES)
+    }
+
     /// Shared memory the kernel uses, in bytes (mirrors its allocations).
     pub(super) fn shared_bytes(&self) -> usize {
         let exchange = if self.use_plane {
@@ -112,7 +139,13 @@ impl SlicedPlan {
         } else {
             LANES * self.tile * self.group / 2
         };
-        4 * (exchange + self.tile * self.group + self.group)
+        // Without plane operations the tile's bitmap words (K and V) are shared, not dealt.
+        let words = if self.sparse && !self.use_plane {
+            2 * LANES * self.word_regs()
+        } else {
+            0
+        };
+        4 * (exchange + self.tile * self.group + self.group + words)
     }
 }
 
@@ -139,6 +172,127 @@ fn load_slices<F: Float, N: Size>(
         for v in 0..nv {
             dst[u * nv + v] = src[row + v];
         }
+    }
+}
+
+/// Step 1 for a compressed tile: its bitmap words of one matrix (K or V), `count` words from
+/// word `w0` of `bits`, dealt across the plane (word `i` in register `i / LANES` of unit
+/// `i % LANES`, 0 past `count`). With plane operations each unit also gets, in `before`, how
+/// many bits the words before its own in the same row set (a scan over the row's units);
+/// without them the words go to `shared` (`LANES` per register) for the rows to read.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_tile_words(
+    bits: &Array<u32>,
+    w0: usize,
+    count: usize,
+    held: &mut Array<u32>,
+    before: &mut Array<u32>,
+    shared: &mut SharedMemory<u32>,
+    #[comptime] plan: SlicedPlan,
+) {
+    let (regs, words) = comptime!((plan.word_regs(), plan.words()));
+    let lane = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..regs {
+        let i = r * LANES + lane;
+        let mut w = 0u32;
+        if i < count {
+            w = bits[w0 + i];
+        }
+        held[r] = w;
+    }
+    if comptime!(plan.use_plane) {
+        // An inclusive scan of the bit counts over each row's `words` units (rows start at
+        // multiples of `words`, which divides LANES), then minus the unit's own count.
+        #[unroll]
+        for r in 0..regs {
+            let own = held[r].count_ones();
+            let mut scan = own;
+            #[unroll]
+            for s in 0..comptime!(words.trailing_zeros() as usize) {
+                let delta = 1usize << s;
+                let other = plane_shuffle_up(scan, delta as u32);
+                scan += select(lane % words >= delta, other, 0u32);
+            }
+            before[r] = scan - own;
+        }
+    } else {
+        #[unroll]
+        for r in 0..regs {
+            shared[r * LANES + lane] = held[r];
+        }
+        sync_cube();
+    }
+}
+
+/// Step 1 for compressed row `u` of a tile: the bitmap word holding the unit's channels (word
+/// `my_word` of the row) and the number of bits the row's earlier words set, from the words
+/// [`load_tile_words`] dealt (plane shuffles) or shared.
+#[cube]
+fn row_bits(
+    held: &Array<u32>,
+    before: &Array<u32>,
+    shared: &SharedMemory<u32>,
+    u: usize,
+    my_word: usize,
+    #[comptime] plan: SlicedPlan,
+) -> Vector<u32, Const<2>> {
+    let words = comptime!(plan.words());
+    let i = u * words + my_word;
+    let mut out = Vector::<u32, Const<2>>::empty();
+    if comptime!(plan.use_plane) {
+        // The row's words sit in one register (a row never straddles two).
+        let r = u * words / LANES;
+        let src = (i % LANES) as u32;
+        out[0] = plane_shuffle(held[r], src);
+        out[1] = plane_shuffle(before[r], src);
+    } else {
+        out[0] = shared[i];
+        let mut count = 0u32;
+        #[unroll]
+        for j in 0..words {
+            count += select(j < my_word, shared[u * words + j].count_ones(), 0u32);
+        }
+        out[1] = count;
+    }
+    out
+}
+
+/// Step 1 for a compressed row: the unit's slice of it, decoded into `dst[u * nv ..]` (zero
+/// where the bitmap clears a channel). `word` is the row's bitmap word holding the unit's
+/// channels, `before` the values the row keeps before that word, `row_start` the row's first
+/// value in `vals`. The unit's first value is at the number of kept channels below its own
+/// ("popcount of the bits below"); each channel reads the next value (clamped to the array,
+/// so a cleared last channel reads in bounds) and keeps it if its bit is set.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn decode_slice<F: Float, N: Size>(
+    vals: &Array<F>,
+    row_start: usize,
+    word: u32,
+    before: u32,
+    dst: &mut Array<Vector<F, N>>,
+    u: usize,
+    #[comptime] plan: SlicedPlan,
+) {
+    let (vec, slice) = comptime!((plan.vec, plan.slice()));
+    let nv = comptime!(plan.slice() / plan.vec);
+    let shift = ((UNIT_POS as usize * slice) % 32) as u32;
+    let below = word & ((1u32 << shift) - 1u32);
+    let mine = word >> shift;
+    let last = vals.len() - 1;
+    let mut idx = row_start + (before + below.count_ones()) as usize;
+    #[unroll]
+    for v in 0..nv {
+        let mut x = Vector::<F, N>::empty();
+        #[unroll]
+        for e in 0..vec {
+            let kept = (mine >> ((v * vec + e) as u32)) & 1u32;
+            x[e] = select(kept == 1u32, vals[min(idx, last)], F::new(0.0));
+            idx += kept as usize;
+        }
+        dst[u * nv + v] = x;
     }
 }
 
@@ -255,12 +409,19 @@ fn lanes_reduce(
 #[allow(clippy::too_many_arguments)]
 pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
     q: &Array<Vector<F, N>>,
+    k_bits: &Array<u32>,
+    k_vals: &Array<F>,
+    v_bits: &Array<u32>,
+    v_vals: &Array<F>,
     k_rows: &Array<Vector<F, N>>,
     v_rows: &Array<Vector<F, N>>,
     lens: &Array<u32>,
     part_o: &mut Array<f32>,
     part_ml: &mut Array<f32>,
     out: &mut Array<F>,
+    bits_stride: u32,
+    k_vals_stride: u32,
+    v_vals_stride: u32,
     stream_stride: u32,
     split_tokens: u32,
     q_heads: u32,
@@ -286,10 +447,11 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
     let kv_heads = CUBE_COUNT_Y as usize;
     let splits = CUBE_COUNT_X as usize;
     let rows = CUBE_COUNT_Z as usize;
-    // lens: the compressed lengths of the rows (0: a dense call has no segment), their dense
-    // lengths, their sequences.
+    // lens: the compressed lengths of the rows (0 in a dense call), their dense lengths, their
+    // sequences. Tokens before `tc` are compressed, the rest come from the dense rows.
     let stream = lens[2 * rows + b] as usize * kv_heads + h;
-    let total = lens[rows + b] as usize;
+    let tc = lens[b] as usize;
+    let total = tc + lens[rows + b] as usize;
     let s0 = split * split_tokens as usize;
     let s1 = min(s0 + split_tokens as usize, total);
     let lane = UNIT_POS as usize;
@@ -323,6 +485,25 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
     let mut m_run = f32::new(-3.0e38);
     let mut l_run = 0.0f32;
 
+    // Compressed rows: the bitmap word holding this unit's channels, the streams' first bitmap
+    // word and values, the tile's dealt bitmap words and their row prefixes.
+    let (sparse, words, regs) = comptime!((plan.sparse, plan.words(), plan.word_regs()));
+    let my_word = lane * slice / 32;
+    let bits0 = stream * bits_stride as usize;
+    let k_vals0 = stream * k_vals_stride as usize;
+    let v_vals0 = stream * v_vals_stride as usize;
+    let shared_words = comptime!(if plan.sparse && !plan.use_plane {
+        LANES * plan.word_regs()
+    } else {
+        1
+    });
+    let mut k_shared = SharedMemory::<u32>::new(shared_words);
+    let mut v_shared = SharedMemory::<u32>::new(shared_words);
+    let mut k_held = Array::<u32>::new(regs);
+    let mut v_held = Array::<u32>::new(regs);
+    let mut k_before = Array::<u32>::new(regs);
+    let mut v_before = Array::<u32>::new(regs);
+
     let mut keys = Array::<Vector<F, N>>::new(comptime!(tile * nv));
     let mut values = Array::<Vector<F, N>>::new(comptime!(tile * nv));
     let mut part = Array::<f32>::new(sums);
@@ -330,9 +511,63 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
     while t0 < s1 {
         let n = min(tile, s1 - t0);
         // Step 1: load.
-        let row0 = stream0 + t0 * vpr;
-        load_slices::<F, N>(k_rows, row0, first, n, &mut keys, tile, nv, vpr);
-        load_slices::<F, N>(v_rows, row0, first, n, &mut values, tile, nv, vpr);
+        if comptime!(sparse) {
+            // Rows below `nc` are compressed, then dense rows up to `n`, then zero rows.
+            let mut nc = 0usize;
+            if t0 < tc {
+                nc = min(t0 + n, tc) - t0;
+            }
+            if nc > 0 {
+                let w0 = bits0 + t0 * words;
+                let count = nc * words;
+                load_tile_words(
+                    k_bits,
+                    w0,
+                    count,
+                    &mut k_held,
+                    &mut k_before,
+                    &mut k_shared,
+                    plan,
+                );
+                load_tile_words(
+                    v_bits,
+                    w0,
+                    count,
+                    &mut v_held,
+                    &mut v_before,
+                    &mut v_shared,
+                    plan,
+                );
+            }
+            #[unroll]
+            for u in 0..tile {
+                if u < nc {
+                    let kb = row_bits(&k_held, &k_before, &k_shared, u, my_word, plan);
+                    let vb = row_bits(&v_held, &v_before, &v_shared, u, my_word, plan);
+                    let row_k = k_vals0 + (t0 + u) * comptime!(plan.keep_k);
+                    let row_v = v_vals0 + (t0 + u) * comptime!(plan.keep_v);
+                    decode_slice::<F, N>(k_vals, row_k, kb[0], kb[1], &mut keys, u, plan);
+                    decode_slice::<F, N>(v_vals, row_v, vb[0], vb[1], &mut values, u, plan);
+                } else if u < n {
+                    let row = stream0 + (t0 + u - tc) * vpr + first;
+                    #[unroll]
+                    for v in 0..nv {
+                        keys[u * nv + v] = k_rows[row + v];
+                        values[u * nv + v] = v_rows[row + v];
+                    }
+                } else {
+                    #[unroll]
+                    for v in 0..nv {
+                        keys[u * nv + v] = Vector::new(F::new(0.0));
+                        values[u * nv + v] = Vector::new(F::new(0.0));
+                    }
+                }
+            }
+        } else {
+            let row0 = stream0 + t0 * vpr;
+            load_slices::<F, N>(k_rows, row0, first, n, &mut keys, tile, nv, vpr);
+            load_slices::<F, N>(v_rows, row0, first, n, &mut values, tile, nv, vpr);
+        }
 
         // Step 2: scores.
         partial_scores::<F, N>(&keys, &q_r, &mut part, plan);
@@ -405,7 +640,7 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
                 acc[g * slice + c] *= a;
             }
         }
-        // Rows past the tile's end repeat its last row with probability 0: no branch.
+        // Rows past the tile's end (its last row repeated, or zeros) have probability 0.
         #[unroll]
         for u in 0..tile {
             let mut p = Array::<f32>::new(group);
