@@ -245,8 +245,7 @@ impl Shape {
 }
 
 /// The split kernel of every row: `SPARSEKV_BENCH_KERNEL=simt`, `=tensor-core` or `=sliced`
-/// measures that kernel instead of the default (`Auto`); the sliced kernel reads dense rows
-/// only, so with it the bench has no sparse rows.
+/// measures that kernel instead of the default (`Auto`).
 fn bench_kernel() -> DecodeKernel {
     match std::env::var("SPARSEKV_BENCH_KERNEL").as_deref() {
         Ok("tensor-core") => DecodeKernel::TensorCore,
@@ -333,18 +332,14 @@ fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
         let q = random_handle::<F>(client, shape.batch * Q_HEADS * shape.head_dim, 999);
         let out = client.empty(shape.batch * Q_HEADS * shape.head_dim * elem);
         sync(client);
-        let kernels: &[Option<usize>] = if bench_kernel() == DecodeKernel::Sliced {
-            &[None]
-        } else {
-            &[None, Some(0), Some(1)]
-        };
+        let kernels = [None, Some(0), Some(1)];
         if shape.batch == 8 && !quick() && std::env::var_os("SPARSEKV_BENCH_ONLY").is_none() {
             let mut group = c.benchmark_group(format!("decode_attention/{}", F::name()));
             group
                 .sample_size(10)
                 .warm_up_time(Duration::from_millis(500))
                 .measurement_time(Duration::from_secs(2));
-            for &which in kernels {
+            for which in kernels {
                 let name = label(which).replace(' ', "_");
                 let id = format!(
                     "{name}/B{}/T{}/d{}",
@@ -365,7 +360,7 @@ fn bench_typed<F: FloatElement>(c: &mut Criterion, client: &ComputeClient<Rt>) {
             group.finish();
         }
         let mut dense_time = None;
-        for &which in kernels {
+        for which in kernels {
             let t =
                 median_call_times_in_batches(client, calls_per_batch_or(CALLS_PER_BATCH), |i| {
                     shape.run::<F>(client, &sets[i % sets.len()], &q, &out, which)

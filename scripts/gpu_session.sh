@@ -37,9 +37,8 @@
 #                    SPIR-V) on the NVIDIA Vulkan driver at those shapes, each with the layer
 #                    scripts/vk_pipeline_stats.c (staged in .gpu/vk) printing the driver's
 #                    statistics of every compute pipeline (registers, shared memory); then
-#                    the SPIR-V bench's dense row with the CUDA-core kernel (`Auto` picks
-#                    the sliced one there for dense calls), then the CUDA-core and the sliced
-#                    kernels on CUDA (VKNCU=1: and ncu's launch statistics and occupancy of
+#                    the SPIR-V bench with the CUDA-core kernel (`Auto` picks the sliced
+#                    one there), then the CUDA-core and the sliced kernels on CUDA (VKNCU=1: and ncu's launch statistics and occupancy of
 #                    the former's dense split launch); with VKTESTS=1 first the wgpu
 #                    attention tests (both builds) on that driver. Needs the Vulkan loader
 #                    and glvnd, carried as .gl/*.deb (the device README's recipe: libvulkan1
@@ -176,12 +175,12 @@ if [ -n "${VULKAN:-}" ]; then
     env "${stats[@]}" SPARSEKV_BENCH_ONLY=$VULKAN $bin/wgpu_$b --bench 2>&1 | tee -a $OUT/vulkan.log \
       | grep -E "^\||ceiling|panicked|rror|LAYER.*(decode|capturing|has no|missing)" | cut -c1-600
   done
-  # The CUDA-core kernel's dense rows through SPIR-V (where `Auto` picks the sliced kernel
-  # for dense calls): an A/B in the same call.
+  # The CUDA-core kernel through SPIR-V (where `Auto` picks the sliced kernel): an A/B in
+  # the same call.
   if [ -e $bin/wgpu_bench_attention_spirv ]; then
     echo "-- bench_attention_spirv, CUDA-core kernel"
     SPARSEKV_BENCH_KERNEL=simt SPARSEKV_BENCH_ONLY=$VULKAN $bin/wgpu_bench_attention_spirv --bench 2>&1 \
-      | tee -a $OUT/vulkan.log | grep -E "^\| dense|panicked"
+      | tee -a $OUT/vulkan.log | grep -E "^\| (dense|sparse)|panicked"
   fi
   for k in simt sliced; do
     echo "-- the $k kernel on CUDA"
