@@ -176,16 +176,22 @@ fn load_slices<F: Float, N: Size>(
 }
 
 /// Step 1 for a compressed tile: its bitmap words of one matrix (K or V), `count` words from
-/// word `w0` of `bits`, dealt across the plane: word `i` in register `i / LANES` of unit
-/// `i % LANES`, 0 past `count`. Loaded a tile ahead of their use (see the kernel body).
+/// word `w0` of `bits`, dealt across the plane (word `i` in register `i / LANES` of unit
+/// `i % LANES`, 0 past `count`). With plane operations each unit also gets, in `before`, how
+/// many bits the words before its own in the same row set (a scan over the row's units);
+/// without them the words go to `shared` (`LANES` per register) for the rows to read.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn load_tile_words(
     bits: &Array<u32>,
     w0: usize,
     count: usize,
-    dst: &mut Array<u32>,
-    #[comptime] regs: usize,
+    held: &mut Array<u32>,
+    before: &mut Array<u32>,
+    shared: &mut SharedMemory<u32>,
+    #[comptime] plan: SlicedPlan,
 ) {
+    let (regs, words) = comptime!((plan.word_regs(), plan.words()));
     let lane = UNIT_POS as usize;
     #[unroll]
     for r in 0..regs {
@@ -194,23 +200,8 @@ fn load_tile_words(
         if i < count {
             w = bits[w0 + i];
         }
-        dst[r] = w;
+        held[r] = w;
     }
-}
-
-/// Step 1 for a compressed tile, once its dealt bitmap words (`held`) are in: with plane
-/// operations each unit gets, in `before`, how many bits the words before its own in the same
-/// row set (a scan over the row's units); without them the words go to `shared` (`LANES` per
-/// register) for the rows to read.
-#[cube]
-fn share_tile_words(
-    held: &Array<u32>,
-    before: &mut Array<u32>,
-    shared: &mut SharedMemory<u32>,
-    #[comptime] plan: SlicedPlan,
-) {
-    let (regs, words) = comptime!((plan.word_regs(), plan.words()));
-    let lane = UNIT_POS as usize;
     if comptime!(plan.use_plane) {
         // An inclusive scan of the bit counts over each row's `words` units (rows start at
         // multiples of `words`, which divides LANES), then minus the unit's own count.
@@ -272,8 +263,8 @@ fn row_bits(
 /// where the bitmap clears a channel). `word` is the row's bitmap word holding the unit's
 /// channels, `before` the values the row keeps before that word, `row_start` the row's first
 /// value in `vals`. The unit's first value is at the number of kept channels below its own
-/// ("popcount of the bits below"); each channel reads the next value (clamped to the row's
-/// last, so a cleared last channel reads in bounds) and keeps it if its bit is set.
+/// ("popcount of the bits below"); each channel reads the next value (clamped to the array,
+/// so a cleared last channel reads in bounds) and keeps it if its bit is set.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn decode_slice<F: Float, N: Size>(
@@ -283,7 +274,6 @@ fn decode_slice<F: Float, N: Size>(
     before: u32,
     dst: &mut Array<Vector<F, N>>,
     u: usize,
-    #[comptime] keep: usize,
     #[comptime] plan: SlicedPlan,
 ) {
     let (vec, slice) = comptime!((plan.vec, plan.slice()));
@@ -291,7 +281,7 @@ fn decode_slice<F: Float, N: Size>(
     let shift = ((UNIT_POS as usize * slice) % 32) as u32;
     let below = word & ((1u32 << shift) - 1u32);
     let mine = word >> shift;
-    let last = row_start + comptime!(keep - 1);
+    let last = vals.len() - 1;
     let mut idx = row_start + (before + below.count_ones()) as usize;
     #[unroll]
     for v in 0..nv {
@@ -511,14 +501,6 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
     let mut v_shared = SharedMemory::<u32>::new(shared_words);
     let mut k_held = Array::<u32>::new(regs);
     let mut v_held = Array::<u32>::new(regs);
-    // The words of the split's first compressed tile; then, each tile, those of the next.
-    let mut k_next = Array::<u32>::new(regs);
-    let mut v_next = Array::<u32>::new(regs);
-    if comptime!(plan.sparse) && s0 < min(s1, tc) {
-        let count = (min(s0 + tile, min(s1, tc)) - s0) * words;
-        load_tile_words(k_bits, bits0 + s0 * words, count, &mut k_next, regs);
-        load_tile_words(v_bits, bits0 + s0 * words, count, &mut v_next, regs);
-    }
     let mut k_before = Array::<u32>::new(regs);
     let mut v_before = Array::<u32>::new(regs);
 
@@ -536,23 +518,26 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
                 nc = min(t0 + n, tc) - t0;
             }
             if nc > 0 {
-                #[unroll]
-                for r in 0..regs {
-                    k_held[r] = k_next[r];
-                    v_held[r] = v_next[r];
-                }
-                share_tile_words(&k_held, &mut k_before, &mut k_shared, plan);
-                share_tile_words(&v_held, &mut v_before, &mut v_shared, plan);
-            }
-            // The next tile's bitmap words, in flight while this tile is decoded and used, so
-            // that a tile waits on one round trip (its values) rather than two.
-            let t1 = t0 + tile;
-            let end = min(s1, tc);
-            if t1 < end {
-                let count = (min(t1 + tile, end) - t1) * words;
-                let w1 = bits0 + t1 * words;
-                load_tile_words(k_bits, w1, count, &mut k_next, regs);
-                load_tile_words(v_bits, w1, count, &mut v_next, regs);
+                let w0 = bits0 + t0 * words;
+                let count = nc * words;
+                load_tile_words(
+                    k_bits,
+                    w0,
+                    count,
+                    &mut k_held,
+                    &mut k_before,
+                    &mut k_shared,
+                    plan,
+                );
+                load_tile_words(
+                    v_bits,
+                    w0,
+                    count,
+                    &mut v_held,
+                    &mut v_before,
+                    &mut v_shared,
+                    plan,
+                );
             }
             #[unroll]
             for u in 0..tile {
@@ -561,9 +546,8 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
                     let vb = row_bits(&v_held, &v_before, &v_shared, u, my_word, plan);
                     let row_k = k_vals0 + (t0 + u) * comptime!(plan.keep_k);
                     let row_v = v_vals0 + (t0 + u) * comptime!(plan.keep_v);
-                    let (keep_k, keep_v) = comptime!((plan.keep_k, plan.keep_v));
-                    decode_slice::<F, N>(k_vals, row_k, kb[0], kb[1], &mut keys, u, keep_k, plan);
-                    decode_slice::<F, N>(v_vals, row_v, vb[0], vb[1], &mut values, u, keep_v, plan);
+                    decode_slice::<F, N>(k_vals, row_k, kb[0], kb[1], &mut keys, u, plan);
+                    decode_slice::<F, N>(v_vals, row_v, vb[0], vb[1], &mut values, u, plan);
                 } else if u < n {
                     let row = stream0 + (t0 + u - tc) * vpr + first;
                     #[unroll]
