@@ -43,6 +43,10 @@ pub(super) const LANES: usize = 32;
 /// tokens (one 16-row load per unit, the tile measured best on Vulkan for the CUDA-core
 /// kernel) and few enough registers to stay at the occupancy of that kernel.
 const PARTIAL_SUMS: usize = 2 * LANES;
+/// The same where compressed rows are read: half as many, since each compressed row's slice
+/// is read as one load per channel (16-bit values in 32-bit registers) rather than one vector,
+/// and at 16 tokens the kernel took 227 registers a unit on CUDA (12.5% occupancy, ncu).
+const PARTIAL_SUMS_SPARSE: usize = LANES;
 /// The fewest and most tokens per tile.
 const MIN_TILE: usize = 8;
 const MAX_TILE: usize = 32;
@@ -98,8 +102,13 @@ impl SlicedPlan {
         while !slice.is_multiple_of(vec) {
             vec /= 2;
         }
+        let sums = if keep.is_some() {
+            PARTIAL_SUMS_SPARSE
+        } else {
+            PARTIAL_SUMS
+        };
         // At least one finished score per unit after the butterfly.
-        let tile = (PARTIAL_SUMS / group)
+        let tile = (sums / group)
             .clamp(MIN_TILE, MAX_TILE)
             .max(LANES.div_ceil(group));
         let (keep_k, keep_v) = keep.unwrap_or((0, 0));
