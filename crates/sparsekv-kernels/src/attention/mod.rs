@@ -1022,7 +1022,7 @@ enum Split {
     TensorCore,
     /// The CUDA-core kernel.
     Simt(SplitPlan),
-    /// The sliced dense kernel (module `sliced`).
+    /// The sliced kernel (module `sliced`).
     Sliced(SlicedPlan),
 }
 
@@ -1307,7 +1307,8 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         DecodeKernel::Auto => {
             if tensor_core_unsupported::<R, F>(client, &tc_plan, segment, window.stride).is_none() {
                 Split::TensorCore
-            } else if let (false, Ok(Split::Sliced(plan))) = (is_cuda, sliced_plan())
+            } else if !is_cuda
+                && let Ok(Split::Sliced(plan)) = sliced_plan()
                 && plan.use_plane
             {
                 // Runtimes that do not keep loads in flight by themselves, where the planes
@@ -1356,7 +1357,8 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
         &[args.compressed_lens, args.window_lens, row_sequences].concat(),
     );
     let rows = batch * q_heads;
-    // One split per row on CUDA cores: the split kernel writes the output (no partials).
+    // One split per row (CUDA-core and sliced kernels): the split kernel writes the output
+    // (no partials, no merge).
     let direct = splits == 1 && !matches!(choice, Split::TensorCore);
     let choice = match choice {
         Split::TensorCore => Split::TensorCore,
@@ -1410,7 +1412,8 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     // checked above: tokens below each sequence's lengths, which fit the stream capacities,
     // and the partial buffers sized from `splits`. The tensor-core kernel's 16-byte chunks
     // stay inside each stream because streams and tiles are chunk-aligned (checked by
-    // `tensor_core_unsupported`).
+    // `tensor_core_unsupported`). The sliced kernel's reads of a compressed row's values are
+    // clamped to the values array (a cleared channel may point one past the row).
     unsafe {
         match choice {
             Split::TensorCore => tensor_core::decode_split_tc_kernel::launch_unchecked::<F, R>(

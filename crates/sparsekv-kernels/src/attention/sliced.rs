@@ -56,7 +56,8 @@ const MAX_GROUP: usize = 8;
 /// Static launch parameters of the sliced kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct SlicedPlan {
-    /// Elements per head (a multiple of [`LANES`]).
+    /// Elements per head: a multiple of [`LANES`] and a power of two (as `HeadDim` holds it),
+    /// so a row's bitmap words divide [`LANES`] and never straddle two of a unit's registers.
     pub head_dim: usize,
     /// Query heads per KV head (a power of two, at most [`MAX_GROUP`]).
     pub group: usize,
