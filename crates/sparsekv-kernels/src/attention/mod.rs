@@ -1408,6 +1408,37 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
     };
     let count = CubeCount::Static(splits as u32, kv_heads as u32, batch as u32);
     let scale = 1.0 / (d as f32).sqrt();
+    // The CUDA-core and sliced kernels take the same arguments but for the packed values'
+    // item size (the former reads 32-bit words, the latter single values).
+    macro_rules! launch_cube_kernel {
+        ($($kernel:ident)::+, $units:expr, $value_bytes:expr, $plan:expr) => {
+            $($kernel)::+::launch_unchecked::<F, R>(
+                client,
+                count,
+                CubeDim::new_1d($units as u32),
+                $plan.vec,
+                arr(q, es * $plan.vec),
+                arr(kb, 4),
+                arr(kv, $value_bytes),
+                arr(vb, 4),
+                arr(vv, $value_bytes),
+                arr(window.k, es * $plan.vec),
+                arr(window.v, es * $plan.vec),
+                arr(&lens, 4),
+                arr(&part_o, 4),
+                arr(&part_ml, 4),
+                arr(out, es),
+                bits_stride as u32,
+                kvs as u32,
+                vvs as u32,
+                window.stride as u32,
+                split_tokens as u32,
+                q_heads as u32,
+                scale,
+                $plan,
+            )
+        };
+    }
     // SAFETY: every index the kernels compute stays inside the buffers whose sizes were
     // checked above: tokens below each sequence's lengths, which fit the stream capacities,
     // and the partial buffers sized from `splits`. The tensor-core kernel's 16-byte chunks
@@ -1440,56 +1471,10 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                 scale,
                 tc_plan,
             ),
-            Split::Simt(plan) => decode_split_kernel::launch_unchecked::<F, R>(
-                client,
-                count,
-                CubeDim::new_1d(plan.units as u32),
-                plan.vec,
-                arr(q, es * plan.vec),
-                arr(kb, 4),
-                arr(kv, 4),
-                arr(vb, 4),
-                arr(vv, 4),
-                arr(window.k, es * plan.vec),
-                arr(window.v, es * plan.vec),
-                arr(&lens, 4),
-                arr(&part_o, 4),
-                arr(&part_ml, 4),
-                arr(out, es),
-                bits_stride as u32,
-                kvs as u32,
-                vvs as u32,
-                window.stride as u32,
-                split_tokens as u32,
-                q_heads as u32,
-                scale,
-                plan,
-            ),
-            Split::Sliced(plan) => sliced::decode_sliced_kernel::launch_unchecked::<F, R>(
-                client,
-                count,
-                CubeDim::new_1d(sliced::LANES as u32),
-                plan.vec,
-                arr(q, es * plan.vec),
-                arr(kb, 4),
-                arr(kv, es),
-                arr(vb, 4),
-                arr(vv, es),
-                arr(window.k, es * plan.vec),
-                arr(window.v, es * plan.vec),
-                arr(&lens, 4),
-                arr(&part_o, 4),
-                arr(&part_ml, 4),
-                arr(out, es),
-                bits_stride as u32,
-                kvs as u32,
-                vvs as u32,
-                window.stride as u32,
-                split_tokens as u32,
-                q_heads as u32,
-                scale,
-                plan,
-            ),
+            Split::Simt(plan) => launch_cube_kernel!(decode_split_kernel, plan.units, 4, plan),
+            Split::Sliced(plan) => {
+                launch_cube_kernel!(sliced::decode_sliced_kernel, sliced::LANES, es, plan)
+            }
         }
         if direct {
             return Ok(());
