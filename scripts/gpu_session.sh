@@ -38,13 +38,13 @@
 #                    scripts/vk_pipeline_stats.c (staged in .gpu/vk) printing the driver's
 #                    statistics of every compute pipeline (registers, shared memory); then
 #                    the SPIR-V bench with the CUDA-core kernel (`Auto` picks the sliced
-#                    one there), then the CUDA-core and the sliced kernels on CUDA (VKNCU=1: and ncu's launch statistics and occupancy of
-#                    the former's dense split launch); with VKTESTS=1 first the wgpu
-#                    attention tests (both builds) on that driver. Needs the Vulkan loader
-#                    and glvnd, carried as .gl/*.deb (the device README's recipe: libvulkan1
-#                    libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2; the NVIDIA ICD's library is
-#                    libGLX_nvidia.so.0, which needs glvnd: with libvulkan1 alone wgpu finds no
-#                    adapter)
+#                    one there), then the CUDA-core and the sliced kernels on CUDA (VKNCU=1:
+#                    and ncu's launch statistics and occupancy of the former's dense split
+#                    launch); with VKTESTS=1 first the wgpu attention tests (both builds) on
+#                    that driver. Needs the Vulkan loader and glvnd, carried as .gl/*.deb (the
+#                    device README's recipe: libvulkan1 libegl1 libglvnd0 libopengl0 libgl1
+#                    libglx0 libgles2; the NVIDIA ICD's library is libGLX_nvidia.so.0, which
+#                    needs glvnd: with libvulkan1 alone wgpu finds no adapter)
 #   NCUATT=BxT[,..]  ncu's duration, grid and DRAM throughput of the dense row's split and
 #                    merge launches of the attention bench at those shapes (CSV)
 #   NCU=1            ncu of one tensor-core split launch of the attention bench at B = 8,
@@ -164,8 +164,8 @@ if [ -n "${VULKAN:-}" ]; then
       $bin/wgpu_$t attention 2>&1 | tee -a $OUT/vulkan_tests.log | grep -E "^test result|FAILED|panicked|failed" | head -20
     done
   fi
-  # Through WGSL, then through CubeCL's SPIR-V compiler, each with the statistics layer; then
-  # the same CUDA-core kernel on CUDA (the kernel Vulkan runs), all at the same shapes.
+  # Through WGSL, then through CubeCL's SPIR-V compiler, each with the statistics layer (the
+  # A/Bs against the CUDA-core kernel and the runs on CUDA follow), all at the same shapes.
   stats=(VK_LAYER_PATH="$here/vk" VK_INSTANCE_LAYERS=VK_LAYER_SPARSEKV_pipeline_stats)
   [ -e "$here/vk/libsparsekv_pipeline_stats.so" ] || stats=()
   for b in bench_attention bench_attention_spirv; do

@@ -1271,7 +1271,6 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
             hw.max_shared_memory_size,
             hw.max_units_per_cube as usize,
         )
-        .map(Split::Simt)
     };
     let sliced_plan = || {
         // Plane exchanges where the planes are exactly as wide as the cube, shared memory
@@ -1287,10 +1286,10 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                 hw.max_shared_memory_size, hw.max_units_per_cube
             ));
         }
-        Ok(Split::Sliced(plan))
+        Ok(plan)
     };
     let choice = match kernel {
-        DecodeKernel::Simt => simt_plan()?,
+        DecodeKernel::Simt => Split::Simt(simt_plan()?),
         DecodeKernel::TensorCore => {
             match tensor_core_unsupported::<R, F>(client, &tc_plan, segment, window.stride) {
                 Some(why) => {
@@ -1301,21 +1300,21 @@ pub fn decode_attention_with<R: Runtime, F: FloatElement>(
                 None => Split::TensorCore,
             }
         }
-        DecodeKernel::Sliced => sliced_plan().map_err(|why| {
+        DecodeKernel::Sliced => Split::Sliced(sliced_plan().map_err(|why| {
             KernelError::InvalidArguments(format!("the sliced decode kernel does not apply: {why}"))
-        })?,
+        })?),
         DecodeKernel::Auto => {
             if tensor_core_unsupported::<R, F>(client, &tc_plan, segment, window.stride).is_none() {
                 Split::TensorCore
             } else if !is_cuda
-                && let Ok(Split::Sliced(plan)) = sliced_plan()
+                && let Ok(plan) = sliced_plan()
                 && plan.use_plane
             {
                 // Runtimes that do not keep loads in flight by themselves, where the planes
                 // are as wide as the kernel's cube.
                 Split::Sliced(plan)
             } else {
-                simt_plan()?
+                Split::Simt(simt_plan()?)
             }
         }
     };

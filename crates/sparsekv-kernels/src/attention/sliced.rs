@@ -271,8 +271,8 @@ fn row_bits(
 
 /// Step 1 for a compressed row: the unit's slice of it, decoded into `dst[u * nv ..]` (zero
 /// where the bitmap clears a channel). `word` is the row's bitmap word holding the unit's
-/// channels, `before` the values the row keeps before that word, `row_start` the row's first
-/// value in `vals`. The unit's first value is at the number of kept channels below its own
+/// channels (from bit `shift` on), `before` the values the row keeps before that word,
+/// `row_start` the row's first value in `vals`. The unit's first value is at the number of kept channels below its own
 /// ("popcount of the bits below"); each channel reads the next value (clamped to the array,
 /// so a cleared last channel reads in bounds) and keeps it if its bit is set.
 #[cube]
@@ -281,14 +281,14 @@ fn decode_slice<F: Float, N: Size>(
     vals: &Array<F>,
     row_start: usize,
     word: u32,
+    shift: u32,
     before: u32,
     dst: &mut Array<Vector<F, N>>,
     u: usize,
     #[comptime] plan: SlicedPlan,
 ) {
-    let (vec, slice) = comptime!((plan.vec, plan.slice()));
+    let vec = comptime!(plan.vec);
     let nv = comptime!(plan.slice() / plan.vec);
-    let shift = ((UNIT_POS as usize * slice) % 32) as u32;
     let below = word & ((1u32 << shift) - 1u32);
     let mine = word >> shift;
     let last = vals.len() - 1;
@@ -495,10 +495,12 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
     let mut m_run = f32::new(-3.0e38);
     let mut l_run = 0.0f32;
 
-    // Compressed rows: the bitmap word holding this unit's channels, the streams' first bitmap
-    // word and values, the tile's dealt bitmap words and their row prefixes.
+    // Compressed rows: the bitmap word holding this unit's channels and their first bit in
+    // it, the streams' first bitmap word and values, the tile's dealt bitmap words and their
+    // row prefixes.
     let (sparse, words, regs) = comptime!((plan.sparse, plan.words(), plan.word_regs()));
     let my_word = lane * slice / 32;
+    let my_shift = ((lane * slice) % 32) as u32;
     let bits0 = stream * bits_stride as usize;
     let k_vals0 = stream * k_vals_stride as usize;
     let v_vals0 = stream * v_vals_stride as usize;
@@ -556,8 +558,17 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
                     let vb = row_bits(&v_held, &v_before, &v_shared, u, my_word, plan);
                     let row_k = k_vals0 + (t0 + u) * comptime!(plan.keep_k);
                     let row_v = v_vals0 + (t0 + u) * comptime!(plan.keep_v);
-                    decode_slice::<F, N>(k_vals, row_k, kb[0], kb[1], &mut keys, u, plan);
-                    decode_slice::<F, N>(v_vals, row_v, vb[0], vb[1], &mut values, u, plan);
+                    decode_slice::<F, N>(k_vals, row_k, kb[0], my_shift, kb[1], &mut keys, u, plan);
+                    decode_slice::<F, N>(
+                        v_vals,
+                        row_v,
+                        vb[0],
+                        my_shift,
+                        vb[1],
+                        &mut values,
+                        u,
+                        plan,
+                    );
                 } else if u < n {
                     let row = stream0 + (t0 + u - tc) * vpr + first;
                     #[unroll]
