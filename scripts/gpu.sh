@@ -112,7 +112,7 @@ if [ $vulkan = 1 ]; then
 }
 JSON
 fi
-mkdir -p "$stage/scripts" && cp scripts/sdpa_baseline.py scripts/decode_baseline.py "$stage/scripts/"
+mkdir -p "$stage/scripts" && cp scripts/sdpa_baseline.py scripts/decode_baseline.py scripts/decode_floor.cu "$stage/scripts/"
 cp scripts/gpu_session.sh "$stage/session.sh"
 
 cat > "$stage/run.sh" <<'RUN'
