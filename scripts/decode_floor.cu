@@ -17,6 +17,8 @@
 //                as two funnel-shifted words and places them with two byte permutes
 //                (__byte_perm, PRMT) whose selectors come from a 16-entry table indexed by its
 //                4 bits: no per-channel work at all
+//   decode_shift the same placement from shifts, masks and selects only: what a decode can be
+//                built from in CubeCL 0.10, which has no byte permute and no funnel shift
 //
 // Both decodes produce each lane's 4 channels as two half2 words (zero where pruned), the form
 // an mma fragment or a shared-memory tile takes, and XOR them into the checksum: the least
@@ -111,6 +113,19 @@ __global__ void __launch_bounds__(256) decode(const uint32_t* __restrict__ bits,
         }
         o01 = h[0] | h[1] << 16;
         o23 = h[2] | h[3] << 16;
+      } else if (MODE == 2) {
+        // The same placement from shifts, masks and selects only (what CubeCL 0.10's IR
+        // has: no byte permute, no funnel shift).
+        uint32_t q = pos >> 1;
+        uint32_t a0 = v32[q], a1 = v32[q + 1], a2 = v32[q + 2];
+        bool odd = pos & 1;
+        uint32_t x = odd ? (a0 >> 16) | (a1 << 16) : a0;
+        uint32_t y = odd ? (a1 >> 16) | (a2 << 16) : a1;
+        bool b0 = nib & 1, b1 = nib & 2, b2 = nib & 4, b3 = nib & 8;
+        o01 = b0 ? (b1 ? x : (x & 0xffffu)) : (b1 ? (x << 16) : 0u);
+        uint32_t first = (uint32_t)b0 + (uint32_t)b1;  // channel 2's value among the four
+        uint32_t z = first == 0 ? x : (first == 1 ? (x >> 16) | (y << 16) : y);
+        o23 = b2 ? (b3 ? z : (z & 0xffffu)) : (b3 ? (z << 16) : 0u);
       } else {
         uint32_t q = pos >> 1;
         uint32_t a0 = v32[q], a1 = v32[q + 1], a2 = v32[q + 2];
@@ -232,15 +247,16 @@ int main(int argc, char** argv) {
     report("dense_read", dbest, dense_bytes);
   }
   int ok = 1;
-  for (int mode = 0; mode < 2; mode++) {
-    const char* name = mode == 0 ? "decode_walk" : "decode_prmt";
+  for (int mode = 0; mode < 3; mode++) {
+    const char* name = mode == 0 ? "decode_walk" : mode == 1 ? "decode_prmt" : "decode_shift";
     float best = 1e9;
     int best_blocks = 0;
     for (int per_sm : {4, 8, 16, 32}) {
       int blocks = prop.multiProcessorCount * per_sm;
       auto launch = [&] {
         if (mode == 0) decode<0><<<blocks, threads>>>(d_bits, d_vals, tiles, keep, d_out);
-        else decode<1><<<blocks, threads>>>(d_bits, d_vals, tiles, keep, d_out);
+        else if (mode == 1) decode<1><<<blocks, threads>>>(d_bits, d_vals, tiles, keep, d_out);
+        else decode<2><<<blocks, threads>>>(d_bits, d_vals, tiles, keep, d_out);
       };
       float ms = median_ms(launch);
       CHECK(cudaMemset(d_out, 0, max_blocks * threads * 4));

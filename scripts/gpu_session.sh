@@ -50,7 +50,7 @@
 #   FLOOR=1          scripts/decode_floor.cu (a hand-written CUDA C++ decode of the compressed
 #                    format, the measurement peer of the sparse bars) built with nvcc and run
 #                    at B = 8, T = 32K (K and V rows) for s = 0.7 and 0.5, then ncu's
-#                    instruction counts of its two decodes at s = 0.7
+#                    instruction counts of its three decodes at s = 0.7
 #   NCU=1            ncu of one tensor-core split launch of the attention bench at B = 8,
 #                    T = 32K (SKIP launches skipped first: 320 lands in the s = 0.7 row),
 #                    with source counters, exported as prof.ncu-rep and sass.csv
@@ -214,9 +214,9 @@ if [ "${FLOOR:-0}" = 1 ]; then
   echo "== decode floor (CUDA C++)"
   if nvcc -O3 -arch=sm_90 -o /tmp/decode_floor "$here/scripts/decode_floor.cu" > $OUT/floor_build.log 2>&1; then
     for keep in 38 64; do /tmp/decode_floor 4194304 $keep 2>&1 | tee -a $OUT/floor.log; done
-    # Launches per decode: 4 grids x (5 warm-up + 30 timed + 1 checked); 72 and 216 are the
-    # first launches of the walk and the permute decode at 16 cubes per SM.
-    for skip in 72 216; do
+    # Launches per decode: 4 grids x (5 warm-up + 30 timed + 1 checked); 72, 216 and 360 are
+    # the first launches of the walk, the permute and the shift decode at 16 cubes per SM.
+    for skip in 72 216 360; do
       ncu --clock-control none --kernel-name regex:decode --launch-skip $skip --launch-count 1 \
         --metrics gpu__time_duration.sum,smsp__inst_executed.sum,sm__inst_executed.avg.per_cycle_active,smsp__issue_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread \
         /tmp/decode_floor 4194304 38 > $OUT/floor_ncu_$skip.txt 2>&1
