@@ -15,19 +15,20 @@
 //                packed value if set (else 0), advance (our kernels' decode, hand-written)
 //   decode_prmt  the same lanes, but a lane loads the 4 packed values its channels can need
 //                as two funnel-shifted words and places them with two byte permutes
-//                (__byte_perm, PRMT) whose selectors come from a 16-entry table indexed by its
-//                4 bits: no per-channel work at all
+//                (PTX prmt) whose selectors come from a 16-entry table indexed by its 4 bits:
+//                no per-channel work at all
 //   decode_shift the same placement from shifts, masks and selects only: what a decode can be
 //                built from in CubeCL 0.10, which has no byte permute and no funnel shift
 //
-// Both decodes produce each lane's 4 channels as two half2 words (zero where pruned), the form
+// The decodes produce each lane's 4 channels as two half2 words (zero where pruned), the form
 // an mma fragment or a shared-memory tile takes, and XOR them into the checksum: the least
 // any attention kernel must do with a decoded row. A tile of 8 rows per warp: the tile's 32
 // bitmap words are read with one coalesced load, counted and scanned across each row's 4
 // lanes with shuffles, and each row's word and prefix handed to the lanes that need them.
 //
-// Prints the median time of 30 launches (CUDA events) and the bytes read per second.
-// The kernels also compile alone through NVRTC (no host code), to read their SASS.
+// Prints the median time of 30 launches (CUDA events) and the bytes read per second. The
+// kernels also compile alone through NVRTC (the host code is left out under
+// __CUDACC_RTC__), which is how their SASS was read on a machine without nvcc.
 #ifdef __CUDACC_RTC__
 typedef unsigned int uint32_t;
 typedef unsigned short uint16_t;
