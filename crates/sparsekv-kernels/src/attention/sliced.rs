@@ -142,6 +142,17 @@ impl SlicedPlan {
         (self.tile * self.words()).div_ceil(LANES)
     }
 
+    /// Words of the shared buffer holding one matrix's bitmap words of a tile (K and V have
+    /// one each): without plane operations the words are shared, not dealt, so the buffer
+    /// holds the tile's words; otherwise it is unused (one word, the least an allocation takes).
+    fn shared_words(&self) -> usize {
+        if self.sparse && !self.use_plane {
+            LANES * self.word_regs()
+        } else {
+            1
+        }
+    }
+
     /// Shared memory the kernel uses, in bytes (mirrors its allocations).
     pub(super) fn shared_bytes(&self) -> usize {
         let exchange = if self.use_plane {
@@ -149,13 +160,7 @@ impl SlicedPlan {
         } else {
             LANES * self.tile * self.group / 2
         };
-        // Without plane operations the tile's bitmap words (K and V) are shared, not dealt.
-        let words = if self.sparse && !self.use_plane {
-            2 * LANES * self.word_regs()
-        } else {
-            0
-        };
-        4 * (exchange + self.tile * self.group + self.group + words)
+        4 * (exchange + self.tile * self.group + self.group + 2 * self.shared_words())
     }
 }
 
@@ -272,9 +277,10 @@ fn row_bits(
 /// Step 1 for a compressed row: the unit's slice of it, decoded into `dst[u * nv ..]` (zero
 /// where the bitmap clears a channel). `word` is the row's bitmap word holding the unit's
 /// channels (from bit `shift` on), `before` the values the row keeps before that word,
-/// `row_start` the row's first value in `vals`. The unit's first value is at the number of kept channels below its own
-/// ("popcount of the bits below"); each channel reads the next value (clamped to the array,
-/// so a cleared last channel reads in bounds) and keeps it if its bit is set.
+/// `row_start` the row's first value in `vals`. The unit's first value is at the number of
+/// kept channels below its own ("popcount of the bits below"); each channel reads the next
+/// value (clamped to the array, so a cleared last channel reads in bounds) and keeps it if its
+/// bit is set.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn decode_slice<F: Float, N: Size>(
@@ -504,11 +510,7 @@ pub(super) fn decode_sliced_kernel<F: Float, N: Size>(
     let bits0 = stream * bits_stride as usize;
     let k_vals0 = stream * k_vals_stride as usize;
     let v_vals0 = stream * v_vals_stride as usize;
-    let shared_words = comptime!(if plan.sparse && !plan.use_plane {
-        LANES * plan.word_regs()
-    } else {
-        1
-    });
+    let shared_words = comptime!(plan.shared_words());
     let mut k_shared = SharedMemory::<u32>::new(shared_words);
     let mut v_shared = SharedMemory::<u32>::new(shared_words);
     let mut k_held = Array::<u32>::new(regs);
